@@ -1,0 +1,277 @@
+//! Dynamic batching for one model version, with Triton's semantics.
+//!
+//! Why a crate of its own: batching decides a model server's throughput, and its rules (batch size,
+//! preferred sizes, queue delay, bounded queues, timeouts, priorities, concurrent instances) are
+//! subtle enough to deserve tests that need no model and no network. The crate knows nothing of HTTP,
+//! gRPC or ONNX: a [`Job`] is anything with a row count, an [`Executor`] anything that turns a slice
+//! of jobs into one output per job.
+//!
+//! Shape: [`Batcher::submit`] puts a job on a bounded queue and awaits its result. A scheduler thread
+//! owns the queues and forms batches whenever an instance is idle; each instance is an OS thread that
+//! owns one executor (for ONNX Runtime, one session), so inference never runs on the async runtime.
+//! Results go straight from the instance to the waiting caller.
+
+mod instance;
+mod policy;
+mod scheduler;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+pub use policy::{BatchPolicy, PolicyError, QueuePolicy};
+
+/// A unit of work submitted by one caller: it contributes `rows()` rows to a batch.
+pub trait Job: Send + 'static {
+    /// Rows this job adds to a batch (its batch dimension).
+    fn rows(&self) -> usize;
+
+    /// Whether this job may share a batch with `first`, the batch's first job. Models batch only
+    /// requests whose non-batch dimensions agree, as Triton does.
+    fn can_batch_with(&self, first: &Self) -> bool {
+        let _ = first;
+        true
+    }
+}
+
+/// Runs batches. One value per instance; it lives on that instance's thread for its whole life.
+pub trait Executor: Send + 'static {
+    type Job: Job;
+    type Output: Send + 'static;
+    type Error: Clone + Send + std::fmt::Display + 'static;
+
+    /// Runs `jobs` as one batch and returns exactly one output per job, in the same order.
+    fn execute(&mut self, jobs: &[Self::Job]) -> Result<Vec<Self::Output>, Self::Error>;
+}
+
+/// Receives what happens inside the batcher, for metrics. Methods are called on the scheduler and
+/// instance threads, so they must be cheap.
+pub trait BatchObserver: Send + Sync + 'static {
+    /// A batch finished executing (successfully or not).
+    fn batch_executed(&self, jobs: usize, rows: usize, compute: Duration) {
+        let _ = (jobs, rows, compute);
+    }
+    /// Queue depth (jobs waiting) changed.
+    fn queue_depth(&self, depth: usize) {
+        let _ = depth;
+    }
+}
+
+/// An observer that records nothing.
+pub struct NoObserver;
+impl BatchObserver for NoObserver {}
+
+/// Per-submission scheduling options: Triton's `priority` and `timeout` request parameters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SubmitOptions {
+    /// Priority level, 1 is highest; `None` or 0 means the model's default level.
+    pub priority: Option<u32>,
+    /// How long the job may wait in the queue before it is rejected unexecuted.
+    pub timeout: Option<Duration>,
+}
+
+/// A job's output plus where its time went.
+#[derive(Debug)]
+pub struct Completed<O> {
+    pub output: O,
+    /// Time from submission until its batch started executing.
+    pub queue: Duration,
+    /// Time the batch took to execute.
+    pub compute: Duration,
+    /// Rows in the batch this job ran in.
+    pub batch_rows: usize,
+}
+
+/// Why a job produced no output.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BatchError<E> {
+    #[error("queue is full ({capacity} requests waiting at priority level {level})")]
+    QueueFull { level: u32, capacity: usize },
+    #[error("request timed out after waiting {waited:?} in the queue")]
+    TimedOut { waited: Duration },
+    #[error("priority {priority} is out of range: the model has priority levels 1..={levels}")]
+    InvalidPriority { priority: u32, levels: u32 },
+    #[error("request has {rows} rows but the model accepts at most {max} per batch")]
+    TooManyRows { rows: usize, max: usize },
+    #[error("request has no rows")]
+    NoRows,
+    #[error("the model is shutting down")]
+    Shutdown,
+    #[error("{0}")]
+    Executor(E),
+    #[error("the backend failed: {0}")]
+    Internal(String),
+}
+
+/// A job waiting in the queue, with the channel its result goes back on.
+struct Pending<X: Executor> {
+    job: X::Job,
+    rows: usize,
+    level: u32,
+    enqueued: Instant,
+    deadline: Option<Instant>,
+    reply: oneshot::Sender<Result<Completed<X::Output>, BatchError<X::Error>>>,
+}
+
+impl<X: Executor> Pending<X> {
+    /// The caller stopped waiting (client went away): the job must not run.
+    fn departed(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn fail(self, error: BatchError<X::Error>) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+/// Messages into the scheduler thread.
+enum Message<X: Executor> {
+    Enqueue(Pending<X>),
+    InstanceIdle(usize),
+    Shutdown,
+}
+
+/// State shared by the handle and the scheduler: per-level queue occupancy, checked at submit so a
+/// full queue rejects immediately.
+struct Shared {
+    queued: Vec<AtomicUsize>,
+}
+
+/// The handle to one model version's batching queue. Dropping it stops the scheduler; executions
+/// already running finish and deliver their results.
+pub struct Batcher<X: Executor> {
+    policy: Arc<BatchPolicy>,
+    shared: Arc<Shared>,
+    sender: crossbeam_channel::Sender<Message<X>>,
+}
+
+impl<X: Executor> Batcher<X> {
+    /// Starts the scheduler and one thread per executor. `name` labels the threads.
+    pub fn start(
+        name: &str,
+        policy: BatchPolicy,
+        executors: Vec<X>,
+        observer: Arc<dyn BatchObserver>,
+    ) -> std::io::Result<Self> {
+        assert!(!executors.is_empty(), "a batcher needs at least one executor");
+        let policy = Arc::new(policy);
+        let shared = Arc::new(Shared {
+            queued: (0..policy.priority_levels)
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+        });
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        let instances = executors
+            .into_iter()
+            .enumerate()
+            .map(|(index, executor)| {
+                instance::spawn(name, index, executor, sender.clone(), observer.clone())
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        scheduler::spawn(
+            name,
+            policy.clone(),
+            shared.clone(),
+            receiver,
+            instances,
+            observer,
+        )?;
+        Ok(Self {
+            policy,
+            shared,
+            sender,
+        })
+    }
+
+    /// The policy this batcher runs with.
+    pub fn policy(&self) -> &BatchPolicy {
+        &self.policy
+    }
+
+    /// Jobs waiting in the queue now, all priority levels together.
+    pub fn queue_depth(&self) -> usize {
+        self.shared
+            .queued
+            .iter()
+            .map(|q| q.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Queues `job` and waits for its output. Rejects at once, without queueing, when the job's
+    /// priority level is full. Dropping the returned future withdraws the job if it has not started.
+    pub async fn submit(
+        &self,
+        job: X::Job,
+        options: SubmitOptions,
+    ) -> Result<Completed<X::Output>, BatchError<X::Error>> {
+        let receiver = self.enqueue(job, options)?;
+        receiver.await.unwrap_or(Err(BatchError::Shutdown))
+    }
+
+    fn enqueue(
+        &self,
+        job: X::Job,
+        options: SubmitOptions,
+    ) -> Result<
+        oneshot::Receiver<Result<Completed<X::Output>, BatchError<X::Error>>>,
+        BatchError<X::Error>,
+    > {
+        let rows = job.rows();
+        if rows == 0 {
+            return Err(BatchError::NoRows);
+        }
+        if self.policy.max_batch_size > 0 && rows > self.policy.max_batch_size {
+            return Err(BatchError::TooManyRows {
+                rows,
+                max: self.policy.max_batch_size,
+            });
+        }
+        let level = self.policy.level_for(options.priority).map_err(|levels| {
+            BatchError::InvalidPriority {
+                priority: options.priority.unwrap_or(0),
+                levels,
+            }
+        })?;
+        let queue_policy = self.policy.queue_policy(level);
+        let counter = &self.shared.queued[level as usize - 1];
+        let capacity = queue_policy.max_queue_size;
+        if counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < capacity).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(BatchError::QueueFull { level, capacity });
+        }
+        let enqueued = Instant::now();
+        let deadline = queue_policy
+            .effective_timeout(options.timeout)
+            .map(|t| enqueued + t);
+        let (reply, receiver) = oneshot::channel();
+        let pending = Pending {
+            job,
+            rows,
+            level,
+            enqueued,
+            deadline,
+            reply,
+        };
+        if let Err(crossbeam_channel::SendError(message)) =
+            self.sender.send(Message::Enqueue(pending))
+        {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            if let Message::Enqueue(pending) = message {
+                pending.fail(BatchError::Shutdown);
+            }
+        }
+        Ok(receiver)
+    }
+}
+
+impl<X: Executor> Drop for Batcher<X> {
+    fn drop(&mut self) {
+        let _ = self.sender.send(Message::Shutdown);
+    }
+}

@@ -1,0 +1,433 @@
+//! Each of Triton's dynamic-batching rules, checked one at a time against a fake executor.
+
+mod fake;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fake::{FakeExecutor, FakeJob, Gate, Record, row_value};
+use futures::FutureExt;
+use marquee_batcher::{
+    BatchError, BatchObserver, BatchPolicy, Batcher, NoObserver, QueuePolicy, SubmitOptions,
+};
+
+type Fixture = (Arc<Batcher<FakeExecutor>>, Arc<Mutex<Record>>, Arc<Gate>);
+
+fn start_with(policy: BatchPolicy, instances: usize, gate: Arc<Gate>, work: Duration) -> Fixture {
+    policy.validate().expect("test policy is valid");
+    let record = Arc::new(Mutex::new(Record::default()));
+    let executors = (0..instances)
+        .map(|_| {
+            let mut e = FakeExecutor::new(&record, &gate);
+            e.work = work;
+            e
+        })
+        .collect();
+    let batcher = Batcher::start("test", policy, executors, Arc::new(NoObserver)).unwrap();
+    (Arc::new(batcher), record, gate)
+}
+
+fn start(policy: BatchPolicy, instances: usize, gate: Arc<Gate>) -> Fixture {
+    start_with(policy, instances, gate, Duration::ZERO)
+}
+
+fn job(id: u64, rows: usize) -> FakeJob {
+    FakeJob { id, rows, shape: 0 }
+}
+
+fn spawn_submit(
+    batcher: &Arc<Batcher<FakeExecutor>>,
+    job: FakeJob,
+    options: SubmitOptions,
+) -> tokio::task::JoinHandle<Result<marquee_batcher::Completed<Vec<u64>>, BatchError<String>>> {
+    let batcher = batcher.clone();
+    tokio::spawn(async move { batcher.submit(job, options).await })
+}
+
+/// Submits and waits until the job is queued, so jobs enter the queue in call order.
+async fn submit_queued(
+    batcher: &Arc<Batcher<FakeExecutor>>,
+    job: FakeJob,
+    options: SubmitOptions,
+) -> tokio::task::JoinHandle<Result<marquee_batcher::Completed<Vec<u64>>, BatchError<String>>> {
+    let before = batcher.queue_depth();
+    let handle = spawn_submit(batcher, job, options);
+    let start = Instant::now();
+    while batcher.queue_depth() == before {
+        assert!(start.elapsed() < Duration::from_secs(10), "job never queued");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    handle
+}
+
+/// Waits (bounded) until `f` holds for the record.
+async fn until(record: &Arc<Mutex<Record>>, f: impl Fn(&Record) -> bool) {
+    let start = Instant::now();
+    while !f(&record.lock().unwrap()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "condition never held"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn executed_ids(record: &Arc<Mutex<Record>>) -> Vec<u64> {
+    let record = record.lock().unwrap();
+    record.batches.iter().flatten().map(|j| j.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_job_gets_exactly_its_own_rows() {
+    let (batcher, record, _) = start(BatchPolicy::new(8, 1_000), 3, Gate::opened());
+    let handles: Vec<_> = (0..300u64)
+        .map(|id| spawn_submit(&batcher, job(id, 1 + (id % 4) as usize), Default::default()))
+        .collect();
+    for (id, handle) in handles.into_iter().enumerate() {
+        let done = handle.await.unwrap().unwrap();
+        let rows = 1 + id % 4;
+        let expected: Vec<u64> = (0..rows).map(|r| row_value(id as u64, r)).collect();
+        assert_eq!(done.output, expected, "job {id} got someone else's rows");
+        assert!(done.batch_rows <= 8 && done.batch_rows >= rows);
+    }
+    let record = record.lock().unwrap();
+    assert!(record.batches.iter().all(|b| b.iter().map(|j| j.rows).sum::<usize>() <= 8));
+    assert_eq!(record.batches.iter().map(Vec::len).sum::<usize>(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_rejects_at_once_and_loses_nothing_queued() {
+    let (batcher, record, gate) = start(BatchPolicy::new(1, 4), 1, Gate::closed());
+    let first = spawn_submit(&batcher, job(0, 1), Default::default());
+    until(&record, |r| r.running == 1).await;
+    let mut queued = Vec::new();
+    for id in 1..=4 {
+        queued.push(submit_queued(&batcher, job(id, 1), Default::default()).await);
+    }
+    let rejected = batcher
+        .submit(job(5, 1), Default::default())
+        .now_or_never()
+        .expect("a full queue answers without waiting");
+    assert_eq!(
+        rejected.unwrap_err(),
+        BatchError::QueueFull {
+            level: 1,
+            capacity: 4
+        }
+    );
+    gate.open();
+    first.await.unwrap().unwrap();
+    for handle in queued {
+        handle.await.unwrap().unwrap();
+    }
+    assert_eq!(executed_ids(&record), vec![0, 1, 2, 3, 4]);
+    assert_eq!(batcher.queue_depth(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_jobs_are_rejected_on_time_and_never_executed() {
+    let (batcher, record, gate) = start(BatchPolicy::new(1, 16), 1, Gate::closed());
+    let first = spawn_submit(&batcher, job(0, 1), Default::default());
+    until(&record, |r| r.running == 1).await;
+    let timeout = Duration::from_millis(20);
+    let started = Instant::now();
+    let expiring = spawn_submit(
+        &batcher,
+        job(1, 1),
+        SubmitOptions {
+            timeout: Some(timeout),
+            priority: None,
+        },
+    );
+    let patient = spawn_submit(&batcher, job(2, 1), Default::default());
+    // Rejected while the instance is still busy: the caller does not wait for a free instance.
+    match expiring.await.unwrap() {
+        Err(BatchError::TimedOut { waited }) => assert!(waited >= timeout),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() >= timeout);
+    gate.open();
+    first.await.unwrap().unwrap();
+    patient.await.unwrap().unwrap();
+    assert_eq!(executed_ids(&record), vec![0, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn departed_callers_are_dropped_before_execution() {
+    let (batcher, record, gate) = start(BatchPolicy::new(1, 16), 1, Gate::closed());
+    let first = spawn_submit(&batcher, job(0, 1), Default::default());
+    until(&record, |r| r.running == 1).await;
+    let departing = submit_queued(&batcher, job(1, 1), Default::default()).await;
+    let staying = submit_queued(&batcher, job(2, 1), Default::default()).await;
+    departing.abort();
+    assert!(departing.await.unwrap_err().is_cancelled());
+    gate.open();
+    first.await.unwrap().unwrap();
+    staying.await.unwrap().unwrap();
+    assert_eq!(executed_ids(&record), vec![0, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_levels_run_first() {
+    let mut policy = BatchPolicy::new(1, 16);
+    policy.priority_levels = 3;
+    policy.default_priority_level = 2;
+    let (batcher, record, gate) = start(policy, 1, Gate::closed());
+    let first = spawn_submit(&batcher, job(0, 1), Default::default());
+    until(&record, |r| r.running == 1).await;
+    let at = |p: u32| SubmitOptions {
+        priority: Some(p),
+        timeout: None,
+    };
+    let handles = vec![
+        submit_queued(&batcher, job(1, 1), at(3)).await,
+        submit_queued(&batcher, job(2, 1), Default::default()).await,
+        submit_queued(&batcher, job(3, 1), at(3)).await,
+        submit_queued(&batcher, job(4, 1), at(1)).await,
+    ];
+    gate.open();
+    first.await.unwrap().unwrap();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(executed_ids(&record), vec![0, 4, 2, 1, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_delay_gathers_a_batch_and_holds_a_lone_job() {
+    let mut policy = BatchPolicy::new(8, 64);
+    policy.max_queue_delay = Duration::from_millis(30);
+    let (batcher, record, _) = start(policy, 1, Gate::opened());
+    let lone = batcher.submit(job(0, 1), Default::default()).await.unwrap();
+    assert!(
+        lone.queue >= Duration::from_millis(30),
+        "a lone job waits the queue delay for company, waited {:?}",
+        lone.queue
+    );
+    let handles: Vec<_> = (1..=3)
+        .map(|id| spawn_submit(&batcher, job(id, 1), Default::default()))
+        .collect();
+    for h in handles {
+        assert_eq!(h.await.unwrap().unwrap().batch_rows, 3);
+    }
+    assert_eq!(record.lock().unwrap().batches.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_size_and_full_batches_go_without_the_delay() {
+    let long_delay = |preferred: Vec<usize>| {
+        let mut policy = BatchPolicy::new(8, 64);
+        policy.max_queue_delay = Duration::from_secs(30);
+        policy.preferred_batch_sizes = preferred;
+        policy
+    };
+    let started = Instant::now();
+    let (batcher, _, _) = start(long_delay(vec![4]), 1, Gate::opened());
+    let preferred: Vec<_> = (0..4)
+        .map(|id| spawn_submit(&batcher, job(id, 1), Default::default()))
+        .collect();
+    for h in preferred {
+        assert_eq!(h.await.unwrap().unwrap().batch_rows, 4);
+    }
+    let (batcher, _, _) = start(long_delay(vec![]), 1, Gate::opened());
+    let full: Vec<_> = (10..12)
+        .map(|id| spawn_submit(&batcher, job(id, 4), Default::default()))
+        .collect();
+    for h in full {
+        assert_eq!(h.await.unwrap().unwrap().batch_rows, 8);
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_execute_concurrently() {
+    let (batcher, record, _) = start_with(
+        BatchPolicy::new(1, 64),
+        3,
+        Gate::opened(),
+        Duration::from_millis(40),
+    );
+    let handles: Vec<_> = (0..6)
+        .map(|id| spawn_submit(&batcher, job(id, 1), Default::default()))
+        .collect();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(record.lock().unwrap().max_running, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_different_shapes_never_share_a_batch() {
+    let (batcher, record, gate) = start(BatchPolicy::new(8, 64), 1, Gate::closed());
+    let first = spawn_submit(&batcher, job(0, 1), Default::default());
+    until(&record, |r| r.running == 1).await;
+    let mut handles = Vec::new();
+    for id in 1..=6 {
+        let j = FakeJob {
+            id,
+            rows: 1,
+            shape: (id % 2) as u32,
+        };
+        handles.push(submit_queued(&batcher, j, Default::default()).await);
+    }
+    gate.open();
+    first.await.unwrap().unwrap();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    let record = record.lock().unwrap();
+    for batch in &record.batches {
+        assert!(batch.iter().all(|j| j.shape == batch[0].shape));
+    }
+    // Queued 1..=6 alternate shapes, so FIFO batching cannot merge any two of them.
+    assert_eq!(record.batches.len(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_batching_model_runs_each_job_alone() {
+    let (batcher, record, _) = start(BatchPolicy::new(0, 64), 1, Gate::opened());
+    let handles: Vec<_> = (0..20)
+        .map(|id| spawn_submit(&batcher, job(id, 3), Default::default()))
+        .collect();
+    for h in handles {
+        assert_eq!(h.await.unwrap().unwrap().output.len(), 3);
+    }
+    assert!(record.lock().unwrap().batches.iter().all(|b| b.len() == 1));
+}
+
+#[tokio::test]
+async fn bad_submissions_are_rejected_with_reasons() {
+    let (batcher, _, _) = start(BatchPolicy::new(4, 8), 1, Gate::opened());
+    assert_eq!(
+        batcher.submit(job(0, 5), Default::default()).await.unwrap_err(),
+        BatchError::TooManyRows { rows: 5, max: 4 }
+    );
+    assert_eq!(
+        batcher.submit(job(0, 0), Default::default()).await.unwrap_err(),
+        BatchError::NoRows
+    );
+    let options = SubmitOptions {
+        priority: Some(2),
+        timeout: None,
+    };
+    assert_eq!(
+        batcher.submit(job(0, 1), options).await.unwrap_err(),
+        BatchError::InvalidPriority {
+            priority: 2,
+            levels: 1
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executor_errors_and_panics_fail_the_batch_not_the_instance() {
+    let record = Arc::new(Mutex::new(Record::default()));
+    let gate = Gate::opened();
+    let mut failing = FakeExecutor::new(&record, &gate);
+    failing.panic_on = Some(7);
+    let batcher = Batcher::start(
+        "panics",
+        BatchPolicy::new(1, 8),
+        vec![failing],
+        Arc::new(NoObserver),
+    )
+    .unwrap();
+    match batcher.submit(job(7, 1), Default::default()).await {
+        Err(BatchError::Internal(message)) => assert!(message.contains("job 7")),
+        other => panic!("expected the panic as an error, got {other:?}"),
+    }
+    let after = batcher.submit(job(8, 1), Default::default()).await.unwrap();
+    assert_eq!(after.output, vec![row_value(8, 0)]);
+
+    let mut erroring = FakeExecutor::new(&record, &gate);
+    erroring.fail_with = Some("model exploded".into());
+    let batcher = Batcher::start(
+        "errors",
+        BatchPolicy::new(1, 8),
+        vec![erroring],
+        Arc::new(NoObserver),
+    )
+    .unwrap();
+    assert_eq!(
+        batcher.submit(job(1, 1), Default::default()).await.unwrap_err(),
+        BatchError::Executor("model exploded".into())
+    );
+}
+
+#[derive(Default)]
+struct CountingObserver {
+    batches: Mutex<Vec<(usize, usize)>>,
+    max_depth: Mutex<usize>,
+}
+
+impl BatchObserver for CountingObserver {
+    fn batch_executed(&self, jobs: usize, rows: usize, _compute: Duration) {
+        self.batches.lock().unwrap().push((jobs, rows));
+    }
+    fn queue_depth(&self, depth: usize) {
+        let mut max = self.max_depth.lock().unwrap();
+        *max = (*max).max(depth);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observer_sees_batches_and_queue_depth() {
+    let record = Arc::new(Mutex::new(Record::default()));
+    let gate = Gate::closed();
+    let observer = Arc::new(CountingObserver::default());
+    let batcher = Arc::new(
+        Batcher::start(
+            "observed",
+            BatchPolicy::new(4, 64),
+            vec![FakeExecutor::new(&record, &gate)],
+            observer.clone(),
+        )
+        .unwrap(),
+    );
+    let first = spawn_submit(&batcher, job(0, 1), Default::default());
+    until(&record, |r| r.running == 1).await;
+    let rest: Vec<_> = (1..=4)
+        .map(|id| spawn_submit(&batcher, job(id, 1), Default::default()))
+        .collect();
+    while batcher.queue_depth() < 4 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    gate.open();
+    first.await.unwrap().unwrap();
+    for h in rest {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(*observer.batches.lock().unwrap(), vec![(1, 1), (4, 4)]);
+    assert!(*observer.max_depth.lock().unwrap() >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_priority_level_has_its_own_bound() {
+    let mut policy = BatchPolicy::new(1, 8);
+    policy.priority_levels = 2;
+    policy
+        .priority_queue_policy
+        .insert(2, QueuePolicy::bounded(1));
+    let (batcher, record, gate) = start(policy, 1, Gate::closed());
+    let first = spawn_submit(&batcher, job(0, 1), Default::default());
+    until(&record, |r| r.running == 1).await;
+    let low = SubmitOptions {
+        priority: Some(2),
+        timeout: None,
+    };
+    let queued_low = submit_queued(&batcher, job(1, 1), low).await;
+    let rejected = batcher.submit(job(2, 1), low).now_or_never().unwrap();
+    assert_eq!(
+        rejected.unwrap_err(),
+        BatchError::QueueFull {
+            level: 2,
+            capacity: 1
+        }
+    );
+    let high = submit_queued(&batcher, job(3, 1), Default::default()).await;
+    gate.open();
+    for h in [first, queued_low, high] {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(executed_ids(&record), vec![0, 3, 1]);
+}
