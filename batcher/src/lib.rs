@@ -155,7 +155,10 @@ impl<X: Executor> Batcher<X> {
         executors: Vec<X>,
         observer: Arc<dyn BatchObserver>,
     ) -> std::io::Result<Self> {
-        assert!(!executors.is_empty(), "a batcher needs at least one executor");
+        assert!(
+            !executors.is_empty(),
+            "a batcher needs at least one executor"
+        );
         let policy = Arc::new(policy);
         let shared = Arc::new(Shared {
             queued: (0..policy.priority_levels)

@@ -9,6 +9,9 @@ use std::time::Duration;
 pub struct BatchPolicy {
     /// Most rows in one batch; 0 means the model does not batch: each job runs alone.
     pub max_batch_size: usize,
+    /// Whether jobs are combined into batches. Off is Triton's default scheduler: each job
+    /// executes alone, with up to `max_batch_size` rows of its own.
+    pub dynamic_batching: bool,
     /// Batch sizes worth executing at once, without waiting for the queue delay.
     pub preferred_batch_sizes: Vec<usize>,
     /// Longest the oldest queued job waits for others to join its batch.
@@ -75,6 +78,7 @@ impl BatchPolicy {
     pub fn new(max_batch_size: usize, max_queue_size: usize) -> Self {
         Self {
             max_batch_size,
+            dynamic_batching: true,
             preferred_batch_sizes: Vec::new(),
             max_queue_delay: Duration::ZERO,
             priority_levels: 1,

@@ -31,7 +31,9 @@ pub(crate) fn spawn<X: Executor>(
 ) -> std::io::Result<()> {
     let idle = (0..instances.len()).collect();
     let scheduler = Scheduler {
-        queues: (0..policy.priority_levels).map(|_| VecDeque::new()).collect(),
+        queues: (0..policy.priority_levels)
+            .map(|_| VecDeque::new())
+            .collect(),
         policy,
         shared,
         instances,
@@ -186,7 +188,7 @@ impl<X: Executor> Scheduler<X> {
         let Some(first) = candidates.next() else {
             return Decision::Empty;
         };
-        if policy.max_batch_size == 0 {
+        if policy.max_batch_size == 0 || !policy.dynamic_batching {
             return Decision::Dispatch(1);
         }
         let mut count = 1;
@@ -265,7 +267,8 @@ impl<X: Executor> Scheduler<X> {
             }
         }
         let instance = self.idle.pop().expect("dispatch needs an idle instance");
-        if let Err(crossbeam_channel::SendError(batch)) = self.instances[instance].batches.send(batch)
+        if let Err(crossbeam_channel::SendError(batch)) =
+            self.instances[instance].batches.send(batch)
         {
             // The instance thread is gone (it can only end by panicking outside the executor).
             for pending in batch {

@@ -59,9 +59,8 @@ fn run_case(case: &Case) -> (Vec<Vec<u64>>, Vec<Vec<FakeJob>>) {
         .build()
         .unwrap();
     let outputs = runtime.block_on(async {
-        let batcher = Arc::new(
-            Batcher::start("prop", policy, executors, Arc::new(NoObserver)).unwrap(),
-        );
+        let batcher =
+            Arc::new(Batcher::start("prop", policy, executors, Arc::new(NoObserver)).unwrap());
         let handles: Vec<_> = case
             .jobs
             .iter()

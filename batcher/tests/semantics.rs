@@ -54,7 +54,10 @@ async fn submit_queued(
     let handle = spawn_submit(batcher, job, options);
     let start = Instant::now();
     while batcher.queue_depth() == before {
-        assert!(start.elapsed() < Duration::from_secs(10), "job never queued");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "job never queued"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     handle
@@ -91,7 +94,12 @@ async fn each_job_gets_exactly_its_own_rows() {
         assert!(done.batch_rows <= 8 && done.batch_rows >= rows);
     }
     let record = record.lock().unwrap();
-    assert!(record.batches.iter().all(|b| b.iter().map(|j| j.rows).sum::<usize>() <= 8));
+    assert!(
+        record
+            .batches
+            .iter()
+            .all(|b| b.iter().map(|j| j.rows).sum::<usize>() <= 8)
+    );
     assert_eq!(record.batches.iter().map(Vec::len).sum::<usize>(), 300);
 }
 
@@ -295,15 +303,47 @@ async fn non_batching_model_runs_each_job_alone() {
     assert!(record.lock().unwrap().batches.iter().all(|b| b.len() == 1));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_dynamic_batching_jobs_run_alone_up_to_the_row_limit() {
+    let mut policy = BatchPolicy::new(4, 64);
+    policy.dynamic_batching = false;
+    let (batcher, record, gate) = start(policy, 1, Gate::closed());
+    let first = spawn_submit(&batcher, job(0, 4), Default::default());
+    until(&record, |r| r.running == 1).await;
+    let mut handles = Vec::new();
+    for id in 1..=3 {
+        handles.push(submit_queued(&batcher, job(id, 1), Default::default()).await);
+    }
+    gate.open();
+    first.await.unwrap().unwrap();
+    for h in handles {
+        assert_eq!(h.await.unwrap().unwrap().batch_rows, 1);
+    }
+    assert_eq!(record.lock().unwrap().batches.len(), 4);
+    assert_eq!(
+        batcher
+            .submit(job(9, 5), Default::default())
+            .await
+            .unwrap_err(),
+        BatchError::TooManyRows { rows: 5, max: 4 }
+    );
+}
+
 #[tokio::test]
 async fn bad_submissions_are_rejected_with_reasons() {
     let (batcher, _, _) = start(BatchPolicy::new(4, 8), 1, Gate::opened());
     assert_eq!(
-        batcher.submit(job(0, 5), Default::default()).await.unwrap_err(),
+        batcher
+            .submit(job(0, 5), Default::default())
+            .await
+            .unwrap_err(),
         BatchError::TooManyRows { rows: 5, max: 4 }
     );
     assert_eq!(
-        batcher.submit(job(0, 0), Default::default()).await.unwrap_err(),
+        batcher
+            .submit(job(0, 0), Default::default())
+            .await
+            .unwrap_err(),
         BatchError::NoRows
     );
     let options = SubmitOptions {
@@ -349,7 +389,10 @@ async fn executor_errors_and_panics_fail_the_batch_not_the_instance() {
     )
     .unwrap();
     assert_eq!(
-        batcher.submit(job(1, 1), Default::default()).await.unwrap_err(),
+        batcher
+            .submit(job(1, 1), Default::default())
+            .await
+            .unwrap_err(),
         BatchError::Executor("model exploded".into())
     );
 }

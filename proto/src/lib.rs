@@ -115,8 +115,20 @@ pub fn parse_config_json(json: &str) -> Result<ModelConfig, ConfigTextError> {
 /// Renders a configuration as Triton's HTTP API does: proto field names, enum names, default
 /// values included, 64-bit integers as JSON numbers.
 pub fn config_to_json(config: &ModelConfig) -> serde_json::Value {
-    let message = DynamicMessage::decode(model_config_descriptor(), config.encode_to_vec().as_slice())
-        .expect("a ModelConfig re-decodes with its own descriptor");
+    message_to_json(config, "inference.ModelConfig")
+}
+
+/// Renders statistics as Triton's HTTP statistics extension does (same conventions).
+pub fn statistics_to_json(stats: &inference::ModelStatisticsResponse) -> serde_json::Value {
+    message_to_json(stats, "inference.ModelStatisticsResponse")
+}
+
+fn message_to_json(message: &impl Message, type_name: &str) -> serde_json::Value {
+    let descriptor = DESCRIPTORS
+        .get_message_by_name(type_name)
+        .expect("message type is in the descriptor set");
+    let message = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .expect("a message re-decodes with its own descriptor");
     let options = SerializeOptions::new()
         .stringify_64_bit_integers(false)
         .use_enum_numbers(false)
@@ -159,7 +171,10 @@ mod tests {
         assert_eq!(config.name, "gbr");
         assert_eq!(config.max_batch_size, 64);
         assert_eq!(config.input[0].dims, vec![10]);
-        assert_eq!(config.input[0].data_type, inference::DataType::TypeFp32 as i32);
+        assert_eq!(
+            config.input[0].data_type,
+            inference::DataType::TypeFp32 as i32
+        );
         let Some(inference::model_config::SchedulingChoice::DynamicBatching(batching)) =
             &config.scheduling_choice
         else {
@@ -180,6 +195,28 @@ mod tests {
     }
 
     #[test]
+    fn statistics_render_with_numbers_and_string_versions() {
+        let stats = inference::ModelStatisticsResponse {
+            model_stats: vec![inference::ModelStatistics {
+                name: "m".into(),
+                version: "1".into(),
+                inference_count: 5,
+                inference_stats: Some(inference::InferStatistics {
+                    success: Some(inference::StatisticDuration { count: 5, ns: 1000 }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+        };
+        let json = statistics_to_json(&stats);
+        let m = &json["model_stats"][0];
+        assert_eq!(m["version"], "1");
+        assert_eq!(m["inference_count"], 5);
+        assert_eq!(m["inference_stats"]["success"]["ns"], 1000);
+        assert_eq!(m["batch_stats"], serde_json::json!([]));
+    }
+
+    #[test]
     fn unknown_fields_are_rejected_with_their_name() {
         let err = parse_config_text("name: \"m\"\nmax_batch: 4").unwrap_err();
         assert!(err.to_string().contains("max_batch"), "{err}");
@@ -192,7 +229,10 @@ mod tests {
         assert_eq!(json["max_batch_size"], 64);
         assert_eq!(json["input"][0]["data_type"], "TYPE_FP32");
         assert_eq!(json["input"][0]["dims"], serde_json::json!([10]));
-        assert_eq!(json["dynamic_batching"]["max_queue_delay_microseconds"], 500);
+        assert_eq!(
+            json["dynamic_batching"]["max_queue_delay_microseconds"],
+            500
+        );
         assert_eq!(json["instance_group"][0]["kind"], "KIND_CPU");
         assert!(json.get("sequence_batching").is_none());
         let back = parse_config_json(&json.to_string()).unwrap();

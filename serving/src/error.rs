@@ -1,0 +1,91 @@
+//! The serving error type and the one place where errors become HTTP statuses and gRPC codes, so
+//! REST and gRPC clients always get the same answer for the same mistake.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// Everything that can go wrong while serving a request or managing models.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ServingError {
+    /// The request is malformed or does not fit the model (name, shape, type, parameters).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// No such model or version.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request body is larger than the configured limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The server cannot take the request now (queue full, model not ready, shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The request waited longer than its timeout.
+    #[error("{0}")]
+    Timeout(String),
+    /// The request asks for something this server does not do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A model could not be loaded.
+    #[error("{0}")]
+    LoadFailed(String),
+    /// A fault inside the server or the backend.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServingError {
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            ServingError::InvalidInput(_)
+            | ServingError::Unsupported(_)
+            | ServingError::LoadFailed(_) => StatusCode::BAD_REQUEST,
+            ServingError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServingError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ServingError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServingError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ServingError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self {
+            ServingError::InvalidInput(_) | ServingError::LoadFailed(_) => {
+                tonic::Code::InvalidArgument
+            }
+            ServingError::NotFound(_) => tonic::Code::NotFound,
+            ServingError::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
+            ServingError::Unavailable(_) => tonic::Code::Unavailable,
+            ServingError::Timeout(_) => tonic::Code::DeadlineExceeded,
+            ServingError::Unsupported(_) => tonic::Code::Unimplemented,
+            ServingError::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
+    /// The reason label used in metrics for a failed request.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ServingError::InvalidInput(_) => "invalid_input",
+            ServingError::NotFound(_) => "not_found",
+            ServingError::PayloadTooLarge(_) => "too_large",
+            ServingError::Unavailable(_) => "unavailable",
+            ServingError::Timeout(_) => "timeout",
+            ServingError::Unsupported(_) => "unsupported",
+            ServingError::LoadFailed(_) => "load_failed",
+            ServingError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// REST errors carry Triton's body, `{"error": "<message>"}`, which tritonclient reads.
+impl IntoResponse for ServingError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.to_string() });
+        (self.http_status(), axum::Json(body)).into_response()
+    }
+}
+
+impl From<ServingError> for tonic::Status {
+    fn from(error: ServingError) -> Self {
+        tonic::Status::new(error.grpc_code(), error.to_string())
+    }
+}

@@ -1,0 +1,520 @@
+//! KServe v2 over gRPC (`inference.GRPCInferenceService`, tonic), with the Triton extensions its
+//! clients call. Translation only, as in `http.rs`: protobuf to [`InferRequest`], [`InferResponse`]
+//! to protobuf with `raw_output_contents` (as Triton answers), errors to status codes via
+//! [`ServingError`].
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+use marquee_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use marquee_proto::inference::infer_parameter::ParameterChoice;
+use marquee_proto::inference::model_repository_parameter::ParameterChoice as RepositoryChoice;
+use marquee_proto::inference::{self as pb, InferParameter, InferTensorContents};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ServingError;
+use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, parse_version};
+use crate::models::ModelManager;
+use crate::server::ServerInfo;
+use crate::tensor::{DataType, Tensor, TensorData};
+
+/// The gRPC service; cheap to clone.
+#[derive(Clone)]
+pub struct InferenceService {
+    models: Arc<ModelManager>,
+    info: Arc<ServerInfo>,
+}
+
+impl InferenceService {
+    pub fn new(models: Arc<ModelManager>, info: Arc<ServerInfo>) -> Self {
+        Self { models, info }
+    }
+
+    async fn model_infer(
+        &self,
+        request: pb::ModelInferRequest,
+    ) -> Result<pb::ModelInferResponse, ServingError> {
+        let model = self
+            .models
+            .get(&request.model_name, parse_version(&request.model_version)?)?;
+        let response = model.infer(decode_infer(request)?).await?;
+        Ok(encode_infer(response))
+    }
+}
+
+type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.models.all_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let r = request.into_inner();
+        let version = parse_version(&r.version)?;
+        Ok(Response::new(pb::ModelReadyResponse {
+            ready: self.models.get(&r.name, version).is_ok(),
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: self.info.name.to_string(),
+            version: self.info.version.to_string(),
+            extensions: self.info.extensions.iter().map(|e| e.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let r = request.into_inner();
+        let model = self.models.get(&r.name, parse_version(&r.version)?)?;
+        let spec = model.spec();
+        let describe = |tensors: &[crate::model::TensorSpec]| {
+            tensors
+                .iter()
+                .map(|t| pb::model_metadata_response::TensorMetadata {
+                    name: t.name.clone(),
+                    datatype: t.dtype.name().to_string(),
+                    shape: spec.client_shape(t),
+                })
+                .collect()
+        };
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: spec.name.clone(),
+            versions: self
+                .models
+                .versions(&r.name)
+                .iter()
+                .map(u64::to_string)
+                .collect(),
+            platform: spec.config.platform.clone(),
+            inputs: describe(&spec.inputs),
+            outputs: describe(&spec.outputs),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        Ok(Response::new(self.model_infer(request.into_inner()).await?))
+    }
+
+    type ModelStreamInferStream = ResponseStream;
+
+    /// Each request on the stream runs concurrently; responses come back as they finish, and an
+    /// error answers its own request without closing the stream.
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        let service = self.clone();
+        tokio::spawn(async move {
+            while let Some(next) = incoming.next().await {
+                let Ok(request) = next else { break };
+                let service = service.clone();
+                let sender = sender.clone();
+                tokio::spawn(async move {
+                    let id = request.id.clone();
+                    let reply = match service.model_infer(request).await {
+                        Ok(response) => pb::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(response),
+                        },
+                        Err(e) => pb::ModelStreamInferResponse {
+                            error_message: e.to_string(),
+                            infer_response: Some(pb::ModelInferResponse {
+                                id,
+                                ..Default::default()
+                            }),
+                        },
+                    };
+                    let _ = sender.send(Ok(reply)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = request.into_inner();
+        let model = self.models.get(&r.name, parse_version(&r.version)?)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(model.spec().config.clone()),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let r = request.into_inner();
+        let version = parse_version(&r.version)?;
+        let model_stats = if r.name.is_empty() {
+            self.models
+                .loaded()
+                .iter()
+                .map(|m| m.statistics())
+                .collect()
+        } else if version.is_some() {
+            vec![self.models.get(&r.name, version)?.statistics()]
+        } else {
+            self.models.get(&r.name, None)?;
+            self.models
+                .versions(&r.name)
+                .into_iter()
+                .filter_map(|v| self.models.get(&r.name, Some(v)).ok())
+                .map(|m| m.statistics())
+                .collect()
+        };
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let r = request.into_inner();
+        let models = self
+            .models
+            .index(r.ready)
+            .await?
+            .into_iter()
+            .map(|e| pb::repository_index_response::ModelIndex {
+                name: e.name,
+                version: e.version.map(|v| v.to_string()).unwrap_or_default(),
+                state: e.state.unwrap_or_default().to_string(),
+                reason: e.reason.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let r = request.into_inner();
+        let mut config = None;
+        for (key, value) in r.parameters {
+            match (key.as_str(), value.parameter_choice) {
+                ("config", Some(RepositoryChoice::StringParam(json))) => {
+                    config = Some(marquee_proto::parse_config_json(&json).map_err(|e| {
+                        ServingError::InvalidInput(format!("load parameter 'config': {e}"))
+                    })?);
+                }
+                (k, _) if k.starts_with("file:") => {
+                    return Err(ServingError::Unsupported(
+                        "loading model files from the request is not supported; put them in the repository".into(),
+                    )
+                    .into());
+                }
+                (k, _) => {
+                    return Err(ServingError::InvalidInput(format!(
+                        "unknown or mistyped load parameter '{k}'"
+                    ))
+                    .into());
+                }
+            }
+        }
+        self.models.load(&r.model_name, config).await?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        self.models.unload(&request.into_inner().model_name).await?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+}
+
+fn parameter_value(parameter: &InferParameter) -> Option<ParameterValue> {
+    Some(match parameter.parameter_choice.as_ref()? {
+        ParameterChoice::BoolParam(b) => ParameterValue::Bool(*b),
+        ParameterChoice::Int64Param(i) => ParameterValue::Int(*i),
+        ParameterChoice::StringParam(s) => ParameterValue::String(s.clone()),
+        ParameterChoice::DoubleParam(d) => ParameterValue::Double(*d),
+        ParameterChoice::Uint64Param(u) => ParameterValue::Uint(*u),
+    })
+}
+
+fn decode_infer(request: pb::ModelInferRequest) -> Result<InferRequest, ServingError> {
+    let mut infer = InferRequest {
+        id: request.id,
+        ..Default::default()
+    };
+    for (key, value) in &request.parameters {
+        if let Some(value) = parameter_value(value) {
+            infer.apply_parameter(key, &value)?;
+        }
+    }
+    let raw = request.raw_input_contents;
+    if !raw.is_empty() && raw.len() != request.inputs.len() {
+        return Err(ServingError::InvalidInput(format!(
+            "raw_input_contents has {} entries for {} inputs; give one per input, in order",
+            raw.len(),
+            request.inputs.len()
+        )));
+    }
+    let mut raw = raw.into_iter();
+    for input in request.inputs {
+        let dtype = DataType::from_name(&input.datatype).ok_or_else(|| {
+            ServingError::InvalidInput(format!(
+                "input '{}' has unknown datatype '{}'",
+                input.name, input.datatype
+            ))
+        })?;
+        if input.parameters.contains_key("shared_memory_region") {
+            return Err(ServingError::Unsupported(
+                "shared-memory tensors are not supported; send tensor data in the request".into(),
+            ));
+        }
+        let tensor = match (raw.next(), input.contents) {
+            (Some(_), Some(_)) => {
+                return Err(ServingError::InvalidInput(format!(
+                    "input '{}' has both contents and raw_input_contents; use one",
+                    input.name
+                )));
+            }
+            (Some(bytes), None) => Tensor::from_raw(input.name, dtype, input.shape, bytes)?,
+            (None, Some(contents)) => {
+                let data = typed_contents(&input.name, dtype, contents)?;
+                Tensor::new(input.name, dtype, input.shape, data)?
+            }
+            (None, None) => {
+                return Err(ServingError::InvalidInput(format!(
+                    "input '{}' has no data (neither contents nor raw_input_contents)",
+                    input.name
+                )));
+            }
+        };
+        infer.inputs.push(tensor);
+    }
+    for output in request.outputs {
+        let classification = match output
+            .parameters
+            .get("classification")
+            .and_then(parameter_value)
+        {
+            None => None,
+            Some(ParameterValue::Int(k)) if k > 0 => Some(k as usize),
+            Some(ParameterValue::Uint(k)) if k > 0 => Some(k as usize),
+            Some(_) => {
+                return Err(ServingError::InvalidInput(format!(
+                    "output '{}': parameter 'classification' must be a positive integer",
+                    output.name
+                )));
+            }
+        };
+        infer.outputs.push(RequestedOutput {
+            name: output.name,
+            classification,
+        });
+    }
+    Ok(infer)
+}
+
+/// Turns the typed `contents` fields into little-endian bytes; narrow integer types are range
+/// checked because the protocol carries them widened.
+fn typed_contents(
+    name: &str,
+    dtype: DataType,
+    c: InferTensorContents,
+) -> Result<TensorData, ServingError> {
+    let out_of_range = |v: i128| {
+        ServingError::InvalidInput(format!("input '{name}': value {v} does not fit {dtype}"))
+    };
+    macro_rules! narrow {
+        ($values:expr, $t:ty) => {{
+            let mut out = Vec::with_capacity($values.len() * std::mem::size_of::<$t>());
+            for v in $values {
+                let n = <$t>::try_from(v).map_err(|_| out_of_range(v as i128))?;
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            out
+        }};
+    }
+    macro_rules! wide {
+        ($values:expr) => {
+            $values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+    }
+    let bytes = match dtype {
+        DataType::Bool => c.bool_contents.iter().map(|&b| b as u8).collect(),
+        DataType::Int8 => narrow!(c.int_contents, i8),
+        DataType::Int16 => narrow!(c.int_contents, i16),
+        DataType::Int32 => wide!(c.int_contents),
+        DataType::Int64 => wide!(c.int64_contents),
+        DataType::Uint8 => narrow!(c.uint_contents, u8),
+        DataType::Uint16 => narrow!(c.uint_contents, u16),
+        DataType::Uint32 => wide!(c.uint_contents),
+        DataType::Uint64 => wide!(c.uint64_contents),
+        DataType::Fp32 => wide!(c.fp32_contents),
+        DataType::Fp64 => wide!(c.fp64_contents),
+        DataType::Bytes => return Ok(TensorData::Strings(c.bytes_contents)),
+        DataType::Fp16 | DataType::Bf16 => {
+            return Err(ServingError::InvalidInput(format!(
+                "input '{name}': {dtype} has no typed contents field; send it in raw_input_contents"
+            )));
+        }
+    };
+    Ok(TensorData::Fixed(Bytes::from(bytes)))
+}
+
+fn encode_infer(response: InferResponse) -> pb::ModelInferResponse {
+    let mut outputs = Vec::with_capacity(response.outputs.len());
+    let mut raw = Vec::with_capacity(response.outputs.len());
+    for tensor in response.outputs {
+        raw.push(tensor.to_raw());
+        outputs.push(pb::model_infer_response::InferOutputTensor {
+            name: tensor.name,
+            datatype: tensor.dtype.name().to_string(),
+            shape: tensor.shape,
+            parameters: HashMap::new(),
+            contents: None,
+        });
+    }
+    pb::ModelInferResponse {
+        model_name: response.model_name,
+        model_version: response.model_version.to_string(),
+        id: response.id,
+        parameters: HashMap::new(),
+        outputs,
+        raw_output_contents: raw,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(
+        name: &str,
+        datatype: &str,
+        shape: Vec<i64>,
+        contents: Option<InferTensorContents>,
+    ) -> pb::model_infer_request::InferInputTensor {
+        pb::model_infer_request::InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape,
+            parameters: HashMap::new(),
+            contents,
+        }
+    }
+
+    #[test]
+    fn typed_contents_become_little_endian_and_are_range_checked() {
+        let contents = InferTensorContents {
+            int_contents: vec![1, -2],
+            ..Default::default()
+        };
+        let request = pb::ModelInferRequest {
+            inputs: vec![input("a", "INT16", vec![2], Some(contents))],
+            ..Default::default()
+        };
+        let decoded = decode_infer(request).unwrap();
+        assert_eq!(
+            decoded.inputs[0].to_json_values().unwrap(),
+            vec![serde_json::json!(1), serde_json::json!(-2)]
+        );
+        let contents = InferTensorContents {
+            int_contents: vec![300],
+            ..Default::default()
+        };
+        let request = pb::ModelInferRequest {
+            inputs: vec![input("a", "INT8", vec![1], Some(contents))],
+            ..Default::default()
+        };
+        let err = decode_infer(request).unwrap_err();
+        assert!(
+            err.to_string().contains("value 300 does not fit INT8"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn raw_contents_must_match_the_inputs() {
+        let request = pb::ModelInferRequest {
+            inputs: vec![
+                input("a", "FP32", vec![1], None),
+                input("b", "FP32", vec![1], None),
+            ],
+            raw_input_contents: vec![Bytes::from_static(&[0; 4])],
+            ..Default::default()
+        };
+        let err = decode_infer(request).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("raw_input_contents has 1 entries for 2 inputs"),
+            "{err}"
+        );
+        let request = pb::ModelInferRequest {
+            inputs: vec![input("a", "FP16", vec![1], Some(Default::default()))],
+            ..Default::default()
+        };
+        let err = decode_infer(request).unwrap_err();
+        assert!(
+            err.to_string().contains("send it in raw_input_contents"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn schedule_parameters_come_from_infer_parameters() {
+        let mut parameters = HashMap::new();
+        parameters.insert(
+            "timeout".to_string(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(2000)),
+            },
+        );
+        let request = pb::ModelInferRequest {
+            parameters,
+            inputs: vec![input("a", "FP32", vec![1], None)],
+            raw_input_contents: vec![Bytes::from_static(&[0; 4])],
+            ..Default::default()
+        };
+        let decoded = decode_infer(request).unwrap();
+        assert_eq!(decoded.timeout, Some(std::time::Duration::from_millis(2)));
+    }
+}

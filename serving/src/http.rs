@@ -1,0 +1,724 @@
+//! KServe v2 over REST (axum), with Triton's extensions: binary tensor data, model configuration,
+//! statistics, repository index/load/unload, classification and schedule-policy parameters.
+//!
+//! This module only translates: JSON and binary bodies to [`InferRequest`], [`InferResponse`] back
+//! to JSON and binary, errors to `{"error": …}` with the status from [`ServingError`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ServingError;
+use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, parse_version};
+use crate::models::ModelManager;
+use crate::server::ServerInfo;
+use crate::tensor::{DataType, Tensor};
+
+/// The header that splits a binary-extension body into its JSON part and its tensor bytes.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+#[derive(Clone)]
+struct AppState {
+    models: Arc<ModelManager>,
+    info: Arc<ServerInfo>,
+    max_body: usize,
+}
+
+/// All v2 routes.
+pub fn router(models: Arc<ModelManager>, info: Arc<ServerInfo>, max_body: usize) -> Router {
+    let state = AppState {
+        models,
+        info,
+        max_body,
+    };
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/stats", get(all_statistics))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready),
+        )
+        .route("/v2/models/{model}/config", get(model_config))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(model_config),
+        )
+        .route("/v2/models/{model}/stats", get(model_statistics))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(model_statistics),
+        )
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(repository_load))
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(repository_unload),
+        )
+        .fallback(
+            |method: axum::http::Method, uri: axum::http::Uri| async move {
+                ServingError::NotFound(format!("no route for {method} {uri}"))
+            },
+        )
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(tower_http::decompression::RequestDecompressionLayer::new())
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+struct ModelPath {
+    model: String,
+    #[serde(default)]
+    version: String,
+}
+
+impl ModelPath {
+    fn version(&self) -> Result<Option<u64>, ServingError> {
+        parse_version(&self.version)
+    }
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(s): State<AppState>) -> StatusCode {
+    if s.models.all_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn server_metadata(State(s): State<AppState>) -> Json<Value> {
+    Json(serde_json::json!({
+        "name": s.info.name,
+        "version": s.info.version,
+        "extensions": s.info.extensions,
+    }))
+}
+
+#[derive(Serialize)]
+struct TensorMetadata<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: Vec<i64>,
+}
+
+async fn model_metadata(
+    State(s): State<AppState>,
+    Path(p): Path<ModelPath>,
+) -> Result<Response, ServingError> {
+    let model = s.models.get(&p.model, p.version()?)?;
+    let spec = model.spec();
+    let describe = |tensors: &'_ [crate::model::TensorSpec]| -> Vec<Value> {
+        tensors
+            .iter()
+            .map(|t| {
+                serde_json::to_value(TensorMetadata {
+                    name: &t.name,
+                    datatype: t.dtype.name(),
+                    shape: spec.client_shape(t),
+                })
+                .expect("metadata serializes")
+            })
+            .collect()
+    };
+    let versions: Vec<String> = s
+        .models
+        .versions(&p.model)
+        .iter()
+        .map(u64::to_string)
+        .collect();
+    Ok(Json(serde_json::json!({
+        "name": spec.name,
+        "versions": versions,
+        "platform": spec.config.platform,
+        "inputs": describe(&spec.inputs),
+        "outputs": describe(&spec.outputs),
+    }))
+    .into_response())
+}
+
+async fn model_ready(
+    State(s): State<AppState>,
+    Path(p): Path<ModelPath>,
+) -> Result<StatusCode, ServingError> {
+    s.models.get(&p.model, p.version()?)?;
+    Ok(StatusCode::OK)
+}
+
+async fn model_config(
+    State(s): State<AppState>,
+    Path(p): Path<ModelPath>,
+) -> Result<Json<Value>, ServingError> {
+    let model = s.models.get(&p.model, p.version()?)?;
+    Ok(Json(marquee_proto::config_to_json(&model.spec().config)))
+}
+
+async fn all_statistics(State(s): State<AppState>) -> Json<Value> {
+    let stats = s.models.loaded().iter().map(|m| m.statistics()).collect();
+    Json(marquee_proto::statistics_to_json(
+        &marquee_proto::inference::ModelStatisticsResponse { model_stats: stats },
+    ))
+}
+
+async fn model_statistics(
+    State(s): State<AppState>,
+    Path(p): Path<ModelPath>,
+) -> Result<Json<Value>, ServingError> {
+    let stats = match p.version()? {
+        Some(v) => vec![s.models.get(&p.model, Some(v))?.statistics()],
+        None => {
+            let versions = s.models.versions(&p.model);
+            if versions.is_empty() {
+                s.models.get(&p.model, None)?;
+            }
+            versions
+                .into_iter()
+                .map(|v| s.models.get(&p.model, Some(v)).map(|m| m.statistics()))
+                .collect::<Result<_, _>>()?
+        }
+    };
+    Ok(Json(marquee_proto::statistics_to_json(
+        &marquee_proto::inference::ModelStatisticsResponse { model_stats: stats },
+    )))
+}
+
+#[derive(Deserialize, Default)]
+struct IndexRequest {
+    #[serde(default)]
+    ready: bool,
+}
+
+async fn repository_index(
+    State(s): State<AppState>,
+    body: Bytes,
+) -> Result<Json<Value>, ServingError> {
+    let request: IndexRequest = if body.is_empty() {
+        IndexRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let entries = s.models.index(request.ready).await?;
+    Ok(Json(Value::Array(
+        entries
+            .into_iter()
+            .map(|e| {
+                let mut entry = serde_json::Map::new();
+                entry.insert("name".into(), e.name.into());
+                if let Some(v) = e.version {
+                    entry.insert("version".into(), v.to_string().into());
+                }
+                if let Some(state) = e.state {
+                    entry.insert("state".into(), state.into());
+                }
+                if let Some(reason) = e.reason {
+                    entry.insert("reason".into(), reason.into());
+                }
+                Value::Object(entry)
+            })
+            .collect(),
+    )))
+}
+
+#[derive(Deserialize, Default)]
+struct RepositoryRequest {
+    #[serde(default)]
+    parameters: HashMap<String, Value>,
+}
+
+async fn repository_load(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ServingError> {
+    let request: RepositoryRequest = if body.is_empty() {
+        RepositoryRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let mut config = None;
+    for (key, value) in &request.parameters {
+        match (key.as_str(), value) {
+            ("config", Value::String(json)) => {
+                config = Some(marquee_proto::parse_config_json(json).map_err(|e| {
+                    ServingError::InvalidInput(format!("load parameter 'config': {e}"))
+                })?);
+            }
+            ("config", _) => {
+                return Err(ServingError::InvalidInput(
+                    "load parameter 'config' must be a string holding the configuration as JSON"
+                        .into(),
+                ));
+            }
+            (k, _) if k.starts_with("file:") => {
+                return Err(ServingError::Unsupported(
+                    "loading model files from the request is not supported; put them in the repository".into(),
+                ));
+            }
+            (k, _) => {
+                return Err(ServingError::InvalidInput(format!(
+                    "unknown load parameter '{k}'"
+                )));
+            }
+        }
+    }
+    s.models.load(&model, config).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn repository_unload(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ServingError> {
+    s.models.unload(&model).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ServingError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ServingError::InvalidInput(format!("invalid JSON body: {e}")))
+}
+
+// ---- inference -------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct InferRequestJson {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    parameters: HashMap<String, Value>,
+    inputs: Vec<InputJson>,
+    #[serde(default)]
+    outputs: Vec<OutputRequestJson>,
+}
+
+#[derive(Deserialize)]
+struct InputJson {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: HashMap<String, Value>,
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct OutputRequestJson {
+    name: String,
+    #[serde(default)]
+    parameters: HashMap<String, Value>,
+}
+
+#[derive(Serialize)]
+struct InferResponseJson<'a> {
+    #[serde(skip_serializing_if = "str::is_empty")]
+    id: &'a str,
+    model_name: &'a str,
+    model_version: String,
+    outputs: Vec<OutputJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct OutputJson<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [i64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinaryParameters>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<crate::tensor::JsonData<'a>>,
+}
+
+#[derive(Serialize)]
+struct BinaryParameters {
+    binary_data_size: usize,
+}
+
+async fn infer(
+    State(s): State<AppState>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ServingError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ServingError::PayloadTooLarge(format!(
+            "request body is larger than the server's limit of {} bytes (--max-request-bytes)",
+            s.max_body
+        )),
+        _ => ServingError::InvalidInput(format!("cannot read the request body: {e}")),
+    })?;
+    let model = s.models.get(&p.model, p.version()?)?;
+    let (request, binary_outputs) = decode_infer(&headers, body)?;
+    let response = model.infer(request).await?;
+    encode_infer(&response, &binary_outputs)
+}
+
+/// Which outputs the client wants as binary data: per-output flags and the request's default.
+#[derive(Debug)]
+struct BinaryOutputs {
+    default: bool,
+    per_output: HashMap<String, bool>,
+}
+
+impl BinaryOutputs {
+    fn is_binary(&self, name: &str) -> bool {
+        self.per_output.get(name).copied().unwrap_or(self.default)
+    }
+}
+
+fn decode_infer(
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(InferRequest, BinaryOutputs), ServingError> {
+    let header_length = headers
+        .get(HEADER_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ServingError::InvalidInput(
+                        "Inference-Header-Content-Length must be a whole number".into(),
+                    )
+                })
+        })
+        .transpose()?;
+    let (json, mut binary) = match header_length {
+        Some(0) => {
+            return Err(ServingError::Unsupported(
+                "requests without a JSON header (Inference-Header-Content-Length: 0) are not supported; send the JSON header".into(),
+            ));
+        }
+        Some(n) if n > body.len() => {
+            return Err(ServingError::InvalidInput(format!(
+                "Inference-Header-Content-Length is {n} but the body has only {} bytes",
+                body.len()
+            )));
+        }
+        Some(n) => (body.slice(..n), body.slice(n..)),
+        None => (body, Bytes::new()),
+    };
+    let parsed: InferRequestJson = parse_json(&json)?;
+    let mut request = InferRequest {
+        id: parsed.id,
+        ..Default::default()
+    };
+    let mut binary_default = false;
+    for (key, value) in &parsed.parameters {
+        if key == "binary_data_output" {
+            binary_default = value.as_bool().ok_or_else(|| {
+                ServingError::InvalidInput(
+                    "parameter 'binary_data_output' must be a boolean".into(),
+                )
+            })?;
+        } else {
+            request.apply_parameter(key, &parameter(key, value)?)?;
+        }
+    }
+    for input in parsed.inputs {
+        let dtype = DataType::from_name(&input.datatype).ok_or_else(|| {
+            ServingError::InvalidInput(format!(
+                "input '{}' has unknown datatype '{}'",
+                input.name, input.datatype
+            ))
+        })?;
+        if input.parameters.contains_key("shared_memory_region") {
+            return Err(ServingError::Unsupported(
+                "shared-memory tensors are not supported; send tensor data in the request".into(),
+            ));
+        }
+        let tensor = match input.parameters.get("binary_data_size") {
+            Some(size) => {
+                let size = size.as_u64().ok_or_else(|| {
+                    ServingError::InvalidInput(format!(
+                        "input '{}': binary_data_size must be a whole number",
+                        input.name
+                    ))
+                })? as usize;
+                if size > binary.len() {
+                    return Err(ServingError::InvalidInput(format!(
+                        "input '{}' declares {size} bytes of binary data but only {} remain in the body",
+                        input.name,
+                        binary.len()
+                    )));
+                }
+                let raw = binary.split_to(size);
+                Tensor::from_raw(input.name, dtype, input.shape, raw)?
+            }
+            None => {
+                let data = input.data.as_ref().ok_or_else(|| {
+                    ServingError::InvalidInput(format!(
+                        "input '{}' has neither 'data' nor a binary_data_size parameter",
+                        input.name
+                    ))
+                })?;
+                Tensor::from_json(input.name, dtype, input.shape, data)?
+            }
+        };
+        request.inputs.push(tensor);
+    }
+    if !binary.is_empty() {
+        return Err(ServingError::InvalidInput(format!(
+            "{} bytes of binary data follow the inputs but no input claims them (check binary_data_size)",
+            binary.len()
+        )));
+    }
+    let mut per_output = HashMap::new();
+    for output in parsed.outputs {
+        let mut classification = None;
+        for (key, value) in &output.parameters {
+            match key.as_str() {
+                "binary_data" => {
+                    let b = value.as_bool().ok_or_else(|| {
+                        ServingError::InvalidInput(format!(
+                            "output '{}': parameter 'binary_data' must be a boolean",
+                            output.name
+                        ))
+                    })?;
+                    per_output.insert(output.name.clone(), b);
+                }
+                "classification" => {
+                    classification = Some(value.as_u64().filter(|&k| k > 0).ok_or_else(|| {
+                        ServingError::InvalidInput(format!(
+                            "output '{}': parameter 'classification' must be a positive integer",
+                            output.name
+                        ))
+                    })? as usize);
+                }
+                "shared_memory_region" => {
+                    return Err(ServingError::Unsupported(
+                        "shared-memory outputs are not supported".into(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        request.outputs.push(RequestedOutput {
+            name: output.name,
+            classification,
+        });
+    }
+    Ok((
+        request,
+        BinaryOutputs {
+            default: binary_default,
+            per_output,
+        },
+    ))
+}
+
+fn parameter(key: &str, value: &Value) -> Result<ParameterValue, ServingError> {
+    Ok(match value {
+        Value::Bool(b) => ParameterValue::Bool(*b),
+        Value::String(s) => ParameterValue::String(s.clone()),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                ParameterValue::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                ParameterValue::Uint(u)
+            } else {
+                ParameterValue::Double(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        other => {
+            return Err(ServingError::InvalidInput(format!(
+                "parameter '{key}' must be a string, number or boolean, got {other}"
+            )));
+        }
+    })
+}
+
+fn encode_infer(
+    response: &InferResponse,
+    binary: &BinaryOutputs,
+) -> Result<Response, ServingError> {
+    let mut raw_parts = Vec::new();
+    let mut outputs = Vec::with_capacity(response.outputs.len());
+    for tensor in &response.outputs {
+        if binary.is_binary(&tensor.name) {
+            let raw = tensor.to_raw();
+            outputs.push(OutputJson {
+                name: &tensor.name,
+                datatype: tensor.dtype.name(),
+                shape: &tensor.shape,
+                parameters: Some(BinaryParameters {
+                    binary_data_size: raw.len(),
+                }),
+                data: None,
+            });
+            raw_parts.push(raw);
+        } else {
+            outputs.push(OutputJson {
+                name: &tensor.name,
+                datatype: tensor.dtype.name(),
+                shape: &tensor.shape,
+                parameters: None,
+                data: Some(tensor.json_data()),
+            });
+        }
+    }
+    let json = serde_json::to_vec(&InferResponseJson {
+        id: &response.id,
+        model_name: &response.model_name,
+        model_version: response.model_version.to_string(),
+        outputs,
+    })
+    .map_err(|e| ServingError::InvalidInput(format!("cannot encode the response as JSON: {e}")))?;
+    if raw_parts.is_empty() {
+        return Ok((
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            json,
+        )
+            .into_response());
+    }
+    let header_length = json.len();
+    let mut body = json;
+    body.reserve(raw_parts.iter().map(Bytes::len).sum());
+    for part in &raw_parts {
+        body.extend_from_slice(part);
+    }
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (
+                header::HeaderName::from_static(HEADER_LENGTH),
+                HeaderValue::from(header_length),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(length: Option<usize>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(n) = length {
+            h.insert(HEADER_LENGTH, HeaderValue::from(n));
+        }
+        h
+    }
+
+    #[test]
+    fn binary_inputs_are_taken_in_order_and_outputs_flagged() {
+        let json = br#"{"id":"r1","parameters":{"binary_data_output":true,"priority":1},
+            "inputs":[{"name":"a","shape":[1,2],"datatype":"INT32","parameters":{"binary_data_size":8}},
+                      {"name":"b","shape":[2],"datatype":"FP32","data":[1.5,2.5]}],
+            "outputs":[{"name":"y","parameters":{"binary_data":false}},{"name":"z","parameters":{"classification":3}}]}"#;
+        let mut body = json.to_vec();
+        body.extend_from_slice(&7i32.to_le_bytes());
+        body.extend_from_slice(&(-3i32).to_le_bytes());
+        let (request, binary) = decode_infer(&headers(Some(json.len())), body.into()).unwrap();
+        assert_eq!(request.id, "r1");
+        assert_eq!(request.priority, Some(1));
+        assert_eq!(
+            request.inputs[0].to_json_values().unwrap(),
+            vec![Value::from(7), Value::from(-3)]
+        );
+        assert_eq!(request.inputs[1].shape, vec![2]);
+        assert!(!binary.is_binary("y"));
+        assert!(binary.is_binary("z"));
+        assert_eq!(request.outputs[1].classification, Some(3));
+    }
+
+    #[test]
+    fn binary_size_mismatches_are_reported() {
+        let json = br#"{"inputs":[{"name":"a","shape":[2],"datatype":"INT32","parameters":{"binary_data_size":8}}]}"#;
+        let mut body = json.to_vec();
+        body.extend_from_slice(&[0u8; 4]);
+        let err = decode_infer(&headers(Some(json.len())), body.into()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("declares 8 bytes of binary data but only 4 remain"),
+            "{err}"
+        );
+        let mut body = json.to_vec();
+        body.extend_from_slice(&[0u8; 12]);
+        let err = decode_infer(&headers(Some(json.len())), body.into()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("4 bytes of binary data follow the inputs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_requests_name_the_problem() {
+        let cases: [(&[u8], &str); 4] = [
+            (
+                br#"{"inputs":[{"name":"a","shape":[1],"datatype":"FLOAT","data":[1]}]}"#,
+                "unknown datatype 'FLOAT'",
+            ),
+            (
+                br#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32"}]}"#,
+                "neither 'data' nor a binary_data_size",
+            ),
+            (br#"{"inputs":"#, "invalid JSON body"),
+            (
+                br#"{"inputs":[],"outputs":[{"name":"y","parameters":{"classification":-1}}]}"#,
+                "must be a positive integer",
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = decode_infer(&headers(None), Bytes::from_static(body)).unwrap_err();
+            assert!(
+                err.to_string().contains(expected),
+                "{err} should mention {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn binary_response_puts_json_length_in_the_header() {
+        let tensor =
+            Tensor::from_json("y", DataType::Fp32, vec![2], &serde_json::json!([1.0, 2.0]))
+                .unwrap();
+        let response = InferResponse {
+            model_name: "m".into(),
+            model_version: 2,
+            id: String::new(),
+            outputs: vec![tensor],
+        };
+        let binary = BinaryOutputs {
+            default: true,
+            per_output: HashMap::new(),
+        };
+        let encoded = encode_infer(&response, &binary).unwrap();
+        let length: usize = encoded.headers()[HEADER_LENGTH]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            encoded.headers()[header::CONTENT_TYPE],
+            "application/octet-stream"
+        );
+        assert!(length > 0);
+    }
+}

@@ -1,0 +1,24 @@
+//! Marquee's serving core: KServe v2 over REST and gRPC in front of dynamically batched ONNX
+//! Runtime models. A request reads top to bottom through:
+//!
+//! `http` / `grpc` (transport) → [`infer::InferRequest`] → [`models::ModelManager::get`] →
+//! [`model::LoadedModel::infer`] (validation) → `marquee_batcher` → [`backend::onnx`] →
+//! [`infer::InferResponse`] → transport.
+//!
+//! ARCHITECTURE.md at the repository root is the map.
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod infer;
+pub mod metrics;
+pub mod model;
+pub mod models;
+pub mod server;
+pub mod tensor;
+
+pub use config::ServeConfig;
+pub use error::ServingError;
+pub use server::{Server, StartError};

@@ -1,0 +1,63 @@
+//! The `marquee` binary: parses the command line and wires the library crates together.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use marquee_serving::{ServeConfig, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "marquee",
+    version,
+    about = "Marquee: ML model serving for the movie-ticket platform"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a Triton model repository over KServe v2 REST (8000), gRPC (8001) and metrics (8002).
+    Serve(ServeConfig),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MARQUEE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve(config) => serve(config).await,
+        }
+    })
+}
+
+async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let server = Server::start(&config)
+        .await
+        .context("marquee serve could not start")?;
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing requests in flight");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,214 @@
+//! Prometheus metrics, served as text on their own port (8002 by default, as Triton does).
+//!
+//! Series are labelled by model and version. Each loaded version resolves its label values once
+//! into a [`ModelMetrics`], so the request path only touches atomics.
+
+use std::time::Duration;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// The server's metric families.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    inferences: IntCounterVec,
+    executions: IntCounterVec,
+    request_duration: HistogramVec,
+    queue_duration: HistogramVec,
+    compute_duration: HistogramVec,
+    batch_size: HistogramVec,
+    queue_depth: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let labels = &["model", "version"];
+        let latency_buckets =
+            prometheus::exponential_buckets(50e-6, 2.0, 18).expect("valid buckets");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let requests = counter(
+            "marquee_requests_total",
+            "Inference requests by outcome: success, or the reason they failed",
+            &["model", "version", "outcome"],
+        );
+        let inferences = counter(
+            "marquee_inferences_total",
+            "Rows inferred (a request with a batch of 8 counts 8)",
+            labels,
+        );
+        let executions = counter(
+            "marquee_executions_total",
+            "Model executions (batches run)",
+            labels,
+        );
+        let request_duration = histogram(
+            "marquee_request_duration_seconds",
+            "End-to-end time of successful requests inside the model, queue included",
+            latency_buckets.clone(),
+        );
+        let queue_duration = histogram(
+            "marquee_queue_duration_seconds",
+            "Time requests waited in the batching queue",
+            latency_buckets.clone(),
+        );
+        let compute_duration = histogram(
+            "marquee_compute_duration_seconds",
+            "Time a batch took to execute (inputs, inference, outputs)",
+            latency_buckets,
+        );
+        let batch_size = histogram(
+            "marquee_batch_size",
+            "Rows per executed batch",
+            prometheus::exponential_buckets(1.0, 2.0, 12).expect("valid buckets"),
+        );
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "marquee_queue_depth",
+                "Requests waiting in the batching queue",
+            ),
+            labels,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(queue_depth.clone()))
+            .expect("unique metric");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        Self {
+            registry,
+            requests,
+            inferences,
+            executions,
+            request_duration,
+            queue_duration,
+            compute_duration,
+            batch_size,
+            queue_depth,
+        }
+    }
+
+    /// Handles for one model version's series.
+    pub fn for_model(&self, model: &str, version: u64) -> ModelMetrics {
+        let version = version.to_string();
+        let labels = [model, version.as_str()];
+        ModelMetrics {
+            model: model.to_string(),
+            version: version.clone(),
+            requests: self.requests.clone(),
+            succeeded: self
+                .requests
+                .with_label_values(&[model, &version, "success"]),
+            inferences: self.inferences.with_label_values(&labels),
+            executions: self.executions.with_label_values(&labels),
+            request_duration: self.request_duration.with_label_values(&labels),
+            queue_duration: self.queue_duration.with_label_values(&labels),
+            compute_duration: self.compute_duration.with_label_values(&labels),
+            batch_size: self.batch_size.with_label_values(&labels),
+            queue_depth: self.queue_depth.with_label_values(&labels),
+        }
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One model version's series.
+pub struct ModelMetrics {
+    model: String,
+    version: String,
+    requests: IntCounterVec,
+    succeeded: IntCounter,
+    inferences: IntCounter,
+    executions: IntCounter,
+    request_duration: Histogram,
+    queue_duration: Histogram,
+    compute_duration: Histogram,
+    batch_size: Histogram,
+    queue_depth: IntGauge,
+}
+
+impl ModelMetrics {
+    pub fn request_succeeded(&self, total: Duration, queue: Duration) {
+        self.succeeded.inc();
+        self.request_duration.observe(total.as_secs_f64());
+        self.queue_duration.observe(queue.as_secs_f64());
+    }
+
+    pub fn request_failed(&self, reason: &str) {
+        self.requests
+            .with_label_values(&[&self.model, &self.version, reason])
+            .inc();
+    }
+
+    pub fn batch_executed(&self, rows: usize, compute: Duration) {
+        self.executions.inc();
+        self.inferences.inc_by(rows as u64);
+        self.batch_size.observe(rows as f64);
+        self.compute_duration.observe(compute.as_secs_f64());
+    }
+
+    pub fn queue_depth(&self, depth: usize) {
+        self.queue_depth.set(depth as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_series_appear_with_labels() {
+        let metrics = Metrics::new();
+        let m = metrics.for_model("gbr", 1);
+        m.request_succeeded(Duration::from_millis(2), Duration::from_micros(300));
+        m.request_failed("timeout");
+        m.batch_executed(8, Duration::from_millis(1));
+        m.queue_depth(3);
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"marquee_requests_total{model="gbr",outcome="success",version="1"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"marquee_requests_total{model="gbr",outcome="timeout",version="1"} 1"#)
+        );
+        assert!(text.contains(r#"marquee_inferences_total{model="gbr",version="1"} 8"#));
+        assert!(text.contains(r#"marquee_executions_total{model="gbr",version="1"} 1"#));
+        assert!(text.contains(r#"marquee_queue_depth{model="gbr",version="1"} 3"#));
+        assert!(text.contains("marquee_batch_size_bucket"));
+        assert!(text.contains("marquee_queue_duration_seconds_bucket"));
+        assert!(text.contains("process_resident_memory_bytes"));
+    }
+}

@@ -1,0 +1,819 @@
+//! From a Triton model configuration and the ONNX graph to the typed `ModelSpec` serving runs on.
+//!
+//! Completion follows Triton's ONNX auto-complete: what the configuration leaves out (inputs,
+//! outputs, dims, `max_batch_size` for graphs whose first dimension is free) is filled from the
+//! graph; what it states is checked against the graph. Fields Marquee does not act on produce a
+//! warning and are otherwise ignored; fields that would change results if ignored are refused.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use marquee_batcher::{BatchPolicy, QueuePolicy};
+use marquee_proto::ModelConfig;
+use marquee_proto::inference::model_config::SchedulingChoice;
+use marquee_proto::inference::model_instance_group::Kind;
+use marquee_proto::inference::model_queue_policy::TimeoutAction;
+use marquee_proto::inference::{
+    self, ModelDynamicBatching, ModelInput, ModelInstanceGroup, ModelOutput, ModelQueuePolicy,
+};
+
+use crate::backend::GraphTensor;
+use crate::tensor::DataType;
+
+/// The platform and backend names Triton uses for ONNX models.
+pub const ONNX_PLATFORM: &str = "onnxruntime_onnx";
+pub const ONNX_BACKEND: &str = "onnxruntime";
+pub const DEFAULT_MODEL_FILENAME: &str = "model.onnx";
+
+/// Server-wide defaults that apply where a model configuration says nothing.
+#[derive(Debug, Clone)]
+pub struct ModelDefaults {
+    /// `max_batch_size` given to a graph that can batch when its configuration sets none.
+    pub max_batch_size: i32,
+    /// Queue bound used when a configuration leaves `max_queue_size` at 0 (Triton: unbounded).
+    pub max_queue_size: usize,
+    /// ONNX Runtime intra-op threads when the configuration has no `intra_op_thread_count`.
+    pub intra_op_threads: usize,
+}
+
+/// One input or output as clients must send or will receive it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DataType,
+    /// Dimensions without the batch dimension; -1 accepts any size.
+    pub dims: Vec<i64>,
+}
+
+/// Where an instance runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Gpu(i32),
+}
+
+/// Everything serving needs to run one model version.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub name: String,
+    pub version: u64,
+    /// 0 means the model does not batch: requests carry full shapes.
+    pub max_batch_size: usize,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub batching: BatchPolicy,
+    /// One entry per instance to start.
+    pub instances: Vec<Device>,
+    pub intra_op_threads: usize,
+    pub inter_op_threads: usize,
+    /// The completed configuration, as `/v2/models/{m}/config` reports it.
+    pub config: ModelConfig,
+}
+
+impl ModelSpec {
+    pub fn input(&self, name: &str) -> Option<(usize, &TensorSpec)> {
+        self.inputs.iter().enumerate().find(|(_, t)| t.name == name)
+    }
+
+    pub fn output(&self, name: &str) -> Option<(usize, &TensorSpec)> {
+        self.outputs
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.name == name)
+    }
+
+    /// The shape clients see: dims with a leading -1 when the model batches.
+    pub fn client_shape(&self, tensor: &TensorSpec) -> Vec<i64> {
+        if self.max_batch_size > 0 {
+            std::iter::once(-1)
+                .chain(tensor.dims.iter().copied())
+                .collect()
+        } else {
+            tensor.dims.clone()
+        }
+    }
+}
+
+/// The file that holds a version's model.
+pub fn model_filename(config: &ModelConfig) -> &str {
+    if config.default_model_filename.is_empty() {
+        DEFAULT_MODEL_FILENAME
+    } else {
+        &config.default_model_filename
+    }
+}
+
+/// Checks what can be checked before the artifact is read: backend, scheduling, name.
+pub fn check_config(name: &str, config: &ModelConfig) -> Result<(), String> {
+    if !config.name.is_empty() && config.name != name {
+        return Err(format!(
+            "configuration name '{}' does not match the model folder '{name}'",
+            config.name
+        ));
+    }
+    let platform_ok = matches!(config.platform.as_str(), "" | ONNX_PLATFORM);
+    let backend_ok = matches!(config.backend.as_str(), "" | ONNX_BACKEND);
+    if !platform_ok || !backend_ok {
+        return Err(format!(
+            "platform '{}' / backend '{}' is not served: Marquee serves ONNX models (platform '{ONNX_PLATFORM}', backend '{ONNX_BACKEND}')",
+            config.platform, config.backend
+        ));
+    }
+    match &config.scheduling_choice {
+        Some(SchedulingChoice::SequenceBatching(_)) => {
+            return Err("sequence batching (stateful models) is not supported".into());
+        }
+        Some(SchedulingChoice::EnsembleScheduling(_)) => {
+            return Err("ensemble models are not supported".into());
+        }
+        _ => {}
+    }
+    if config
+        .model_transaction_policy
+        .as_ref()
+        .is_some_and(|p| p.decoupled)
+    {
+        return Err("decoupled models (several responses per request) are not supported".into());
+    }
+    if config.max_batch_size < 0 {
+        return Err(format!(
+            "max_batch_size {} is negative",
+            config.max_batch_size
+        ));
+    }
+    Ok(())
+}
+
+/// The versions to serve among those present, by the configuration's version policy
+/// (Triton's default: the latest one).
+pub fn select_versions(config: &ModelConfig, present: &[u64]) -> Vec<u64> {
+    use inference::model_version_policy::PolicyChoice;
+    match config
+        .version_policy
+        .as_ref()
+        .and_then(|p| p.policy_choice.as_ref())
+    {
+        Some(PolicyChoice::All(_)) => present.to_vec(),
+        Some(PolicyChoice::Specific(s)) => present
+            .iter()
+            .copied()
+            .filter(|v| s.versions.contains(&(*v as i64)))
+            .collect(),
+        Some(PolicyChoice::Latest(l)) => {
+            let n = (l.num_versions.max(1)) as usize;
+            present[present.len().saturating_sub(n)..].to_vec()
+        }
+        None => present.last().copied().into_iter().collect(),
+    }
+}
+
+/// Completes `config` from the graph and builds the spec. Returns warnings about fields that are
+/// ignored.
+pub fn build_spec(
+    name: &str,
+    version: u64,
+    mut config: ModelConfig,
+    graph_inputs: &[GraphTensor],
+    graph_outputs: &[GraphTensor],
+    defaults: &ModelDefaults,
+) -> Result<(ModelSpec, Vec<String>), String> {
+    check_config(name, &config)?;
+    let mut warnings = ignored_fields(&config);
+    config.name = name.to_string();
+    config.platform = ONNX_PLATFORM.to_string();
+    config.backend = ONNX_BACKEND.to_string();
+    if config.default_model_filename.is_empty() {
+        config.default_model_filename = DEFAULT_MODEL_FILENAME.to_string();
+    }
+
+    let graph_can_batch = graph_inputs
+        .iter()
+        .chain(graph_outputs)
+        .all(|t| t.shape.first() == Some(&-1));
+    if config.max_batch_size == 0
+        && config.input.is_empty()
+        && config.output.is_empty()
+        && graph_can_batch
+        && defaults.max_batch_size > 0
+    {
+        config.max_batch_size = defaults.max_batch_size;
+        if config.scheduling_choice.is_none() {
+            config.scheduling_choice = Some(SchedulingChoice::DynamicBatching(
+                ModelDynamicBatching::default(),
+            ));
+        }
+    }
+    let batched = config.max_batch_size > 0;
+    if batched && !graph_can_batch {
+        let fixed = graph_inputs
+            .iter()
+            .chain(graph_outputs)
+            .find(|t| t.shape.first() != Some(&-1))
+            .map(|t| t.name.clone())
+            .unwrap_or_default();
+        return Err(format!(
+            "max_batch_size is {} but the graph's '{fixed}' has no free first dimension to batch on; set max_batch_size: 0",
+            config.max_batch_size
+        ));
+    }
+
+    let inputs = complete_tensors(&mut config.input, graph_inputs, batched, "input", true)?;
+    let outputs = complete_outputs(&mut config.output, graph_outputs, batched)?;
+
+    if config.instance_group.is_empty() {
+        config.instance_group.push(ModelInstanceGroup {
+            name: name.to_string(),
+            kind: default_kind() as i32,
+            count: 1,
+            ..Default::default()
+        });
+    }
+    let mut instances = Vec::new();
+    for group in &mut config.instance_group {
+        if group.name.is_empty() {
+            group.name = name.to_string();
+        }
+        if group.count == 0 {
+            group.count = 1;
+        }
+        if group.count < 0 {
+            return Err(format!("instance_group count {} is negative", group.count));
+        }
+        let kind = Kind::try_from(group.kind).unwrap_or(Kind::Auto);
+        let kind = if kind == Kind::Auto {
+            default_kind()
+        } else {
+            kind
+        };
+        group.kind = kind as i32;
+        match kind {
+            Kind::Cpu => instances.extend((0..group.count).map(|_| Device::Cpu)),
+            Kind::Gpu => {
+                if group.gpus.is_empty() {
+                    group.gpus.push(0);
+                }
+                for &gpu in &group.gpus {
+                    instances.extend((0..group.count).map(|_| Device::Gpu(gpu)));
+                }
+            }
+            Kind::Model | Kind::Auto => {
+                return Err(
+                    "instance_group kind KIND_MODEL is not supported; use KIND_CPU or KIND_GPU"
+                        .into(),
+                );
+            }
+        }
+    }
+
+    let thread_parameter = |key: &str| -> Result<Option<usize>, String> {
+        config
+            .parameters
+            .get(key)
+            .map(|p| {
+                p.string_value.trim().parse().map_err(|_| {
+                    format!(
+                        "parameter {key} must be a whole number, got '{}'",
+                        p.string_value
+                    )
+                })
+            })
+            .transpose()
+    };
+    let intra_op_threads =
+        thread_parameter("intra_op_thread_count")?.unwrap_or(defaults.intra_op_threads);
+    let inter_op_threads = thread_parameter("inter_op_thread_count")?.unwrap_or(0);
+    for key in config.parameters.keys() {
+        if key != "intra_op_thread_count" && key != "inter_op_thread_count" {
+            warnings.push(format!("parameter '{key}' is ignored"));
+        }
+    }
+
+    let batching = batch_policy(&config, defaults, &mut warnings)?;
+    let spec = ModelSpec {
+        name: name.to_string(),
+        version,
+        max_batch_size: config.max_batch_size as usize,
+        inputs,
+        outputs,
+        batching,
+        instances,
+        intra_op_threads,
+        inter_op_threads,
+        config,
+    };
+    Ok((spec, warnings))
+}
+
+fn default_kind() -> Kind {
+    if cfg!(feature = "cuda") {
+        Kind::Gpu
+    } else {
+        Kind::Cpu
+    }
+}
+
+/// Graph dims as clients see them: the batch dimension removed when the model batches.
+fn client_dims(graph: &GraphTensor, batched: bool) -> Vec<i64> {
+    let dims = if batched {
+        &graph.shape[1..]
+    } else {
+        &graph.shape[..]
+    };
+    dims.iter().map(|&d| if d < 0 { -1 } else { d }).collect()
+}
+
+fn graph_dtype(graph: &GraphTensor, role: &str) -> Result<DataType, String> {
+    graph.dtype.ok_or_else(|| {
+        format!(
+            "{role} '{}' is not a tensor type the protocol can carry (maps and sequences are not served)",
+            graph.name
+        )
+    })
+}
+
+/// Fills or checks configured inputs against the graph. Every graph input must end up declared.
+fn complete_tensors(
+    declared: &mut Vec<ModelInput>,
+    graph: &[GraphTensor],
+    batched: bool,
+    role: &str,
+    all_required: bool,
+) -> Result<Vec<TensorSpec>, String> {
+    if declared.is_empty() {
+        for g in graph {
+            declared.push(ModelInput {
+                name: g.name.clone(),
+                data_type: config_data_type(graph_dtype(g, role)?) as i32,
+                dims: client_dims(g, batched),
+                ..Default::default()
+            });
+        }
+    }
+    let mut specs = Vec::with_capacity(declared.len());
+    for input in declared.iter_mut() {
+        let g = graph.iter().find(|g| g.name == input.name).ok_or_else(|| {
+            format!(
+                "{role} '{}' is not in the model; the graph has {}",
+                input.name,
+                names(graph)
+            )
+        })?;
+        let dtype = check_tensor(
+            role,
+            &input.name,
+            input.data_type,
+            &mut input.dims,
+            g,
+            batched,
+        )?;
+        specs.push(TensorSpec {
+            name: input.name.clone(),
+            dtype,
+            dims: input.dims.clone(),
+        });
+    }
+    if all_required {
+        if let Some(missing) = graph
+            .iter()
+            .find(|g| !declared.iter().any(|d| d.name == g.name))
+        {
+            return Err(format!(
+                "the model needs {role} '{}' but the configuration does not declare it",
+                missing.name
+            ));
+        }
+    }
+    Ok(specs)
+}
+
+/// Fills or checks configured outputs; a configuration may declare a subset of the graph's.
+fn complete_outputs(
+    declared: &mut Vec<ModelOutput>,
+    graph: &[GraphTensor],
+    batched: bool,
+) -> Result<Vec<TensorSpec>, String> {
+    if declared.is_empty() {
+        for g in graph {
+            declared.push(ModelOutput {
+                name: g.name.clone(),
+                data_type: config_data_type(graph_dtype(g, "output")?) as i32,
+                dims: client_dims(g, batched),
+                ..Default::default()
+            });
+        }
+    }
+    let mut specs = Vec::with_capacity(declared.len());
+    for output in declared.iter_mut() {
+        let g = graph
+            .iter()
+            .find(|g| g.name == output.name)
+            .ok_or_else(|| {
+                format!(
+                    "output '{}' is not in the model; the graph has {}",
+                    output.name,
+                    names(graph)
+                )
+            })?;
+        let dtype = check_tensor(
+            "output",
+            &output.name,
+            output.data_type,
+            &mut output.dims,
+            g,
+            batched,
+        )?;
+        specs.push(TensorSpec {
+            name: output.name.clone(),
+            dtype,
+            dims: output.dims.clone(),
+        });
+    }
+    Ok(specs)
+}
+
+/// Checks one declared tensor against the graph; fills dims when the configuration gives none.
+fn check_tensor(
+    role: &str,
+    name: &str,
+    data_type: i32,
+    dims: &mut Vec<i64>,
+    graph: &GraphTensor,
+    batched: bool,
+) -> Result<DataType, String> {
+    let graph_type = graph_dtype(graph, role)?;
+    let declared = if data_type == inference::DataType::TypeInvalid as i32 {
+        graph_type
+    } else {
+        data_type_from_config(data_type)
+            .ok_or_else(|| format!("{role} '{name}' has an unknown data_type {data_type}"))?
+    };
+    if declared != graph_type {
+        return Err(format!(
+            "{role} '{name}' is declared {} but the model has {}",
+            config_type_name(declared),
+            config_type_name(graph_type)
+        ));
+    }
+    let graph_dims = client_dims(graph, batched);
+    if dims.is_empty() {
+        dims.clone_from(&graph_dims);
+    }
+    let compatible = dims.len() == graph_dims.len()
+        && dims
+            .iter()
+            .zip(&graph_dims)
+            .all(|(&d, &g)| g == -1 || d == g);
+    if !compatible {
+        return Err(format!(
+            "{role} '{name}' is declared with dims {dims:?} but the model has {graph_dims:?}{}",
+            if batched {
+                " (batch dimension excluded)"
+            } else {
+                ""
+            }
+        ));
+    }
+    Ok(declared)
+}
+
+fn names(graph: &[GraphTensor]) -> String {
+    let list: Vec<String> = graph.iter().map(|g| format!("'{}'", g.name)).collect();
+    list.join(", ")
+}
+
+fn batch_policy(
+    config: &ModelConfig,
+    defaults: &ModelDefaults,
+    warnings: &mut Vec<String>,
+) -> Result<BatchPolicy, String> {
+    let max_batch_size = config.max_batch_size as usize;
+    let Some(SchedulingChoice::DynamicBatching(dynamic)) = &config.scheduling_choice else {
+        // Triton's default scheduler: each request executes alone.
+        let mut policy = BatchPolicy::new(max_batch_size, defaults.max_queue_size);
+        policy.dynamic_batching = false;
+        return Ok(policy);
+    };
+    let mut policy = BatchPolicy::new(max_batch_size, defaults.max_queue_size);
+    policy.dynamic_batching = max_batch_size > 0;
+    policy.preferred_batch_sizes = dynamic
+        .preferred_batch_size
+        .iter()
+        .map(|&s| usize::try_from(s).map_err(|_| format!("preferred_batch_size {s} is negative")))
+        .collect::<Result<_, _>>()?;
+    policy.max_queue_delay = Duration::from_micros(dynamic.max_queue_delay_microseconds);
+    policy.priority_levels = u32::try_from(dynamic.priority_levels.max(1))
+        .map_err(|_| format!("priority_levels {} is too large", dynamic.priority_levels))?;
+    policy.default_priority_level = if dynamic.default_priority_level == 0 {
+        policy.priority_levels
+    } else {
+        u32::try_from(dynamic.default_priority_level).map_err(|_| {
+            format!(
+                "default_priority_level {} is too large",
+                dynamic.default_priority_level
+            )
+        })?
+    };
+    if let Some(queue) = &dynamic.default_queue_policy {
+        policy.default_queue_policy = queue_policy(queue, defaults, warnings);
+    }
+    policy.priority_queue_policy = dynamic
+        .priority_queue_policy
+        .iter()
+        .map(|(&level, queue)| {
+            let level =
+                u32::try_from(level).map_err(|_| format!("priority level {level} is too large"))?;
+            Ok((level, queue_policy(queue, defaults, warnings)))
+        })
+        .collect::<Result<HashMap<_, _>, String>>()?;
+    if dynamic.preserve_ordering {
+        warnings.push(
+            "dynamic_batching.preserve_ordering is ignored: each response goes to its own caller"
+                .into(),
+        );
+    }
+    policy
+        .validate()
+        .map_err(|e| format!("dynamic_batching: {e}"))?;
+    Ok(policy)
+}
+
+fn queue_policy(
+    queue: &ModelQueuePolicy,
+    defaults: &ModelDefaults,
+    warnings: &mut Vec<String>,
+) -> QueuePolicy {
+    if queue.timeout_action == TimeoutAction::Delay as i32 {
+        warnings.push(
+            "queue policy timeout_action DELAY is not supported; timed-out requests are rejected"
+                .into(),
+        );
+    }
+    QueuePolicy {
+        max_queue_size: if queue.max_queue_size == 0 {
+            defaults.max_queue_size
+        } else {
+            queue.max_queue_size as usize
+        },
+        default_timeout: (queue.default_timeout_microseconds > 0)
+            .then(|| Duration::from_micros(queue.default_timeout_microseconds)),
+        allow_timeout_override: queue.allow_timeout_override,
+    }
+}
+
+/// Fields that are parsed but not acted on, named so users know.
+fn ignored_fields(config: &ModelConfig) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let mut ignored = |set: bool, what: &str| {
+        if set {
+            warnings.push(format!("{what} is not supported and is ignored"));
+        }
+    };
+    ignored(config.optimization.is_some(), "optimization");
+    ignored(!config.model_warmup.is_empty(), "model_warmup");
+    ignored(
+        config.response_cache.is_some_and(|c| c.enable),
+        "response_cache",
+    );
+    ignored(!config.batch_input.is_empty(), "batch_input");
+    ignored(!config.batch_output.is_empty(), "batch_output");
+    ignored(!config.cc_model_filenames.is_empty(), "cc_model_filenames");
+    ignored(!config.metric_tags.is_empty(), "metric_tags");
+    ignored(config.model_operations.is_some(), "model_operations");
+    ignored(
+        config.model_repository_agents.is_some(),
+        "model_repository_agents",
+    );
+    ignored(config.model_metrics.is_some(), "model_metrics");
+    ignored(!config.runtime.is_empty(), "runtime");
+    ignored(
+        config.input.iter().any(|i| i.reshape.is_some())
+            || config.output.iter().any(|o| o.reshape.is_some()),
+        "reshape",
+    );
+    ignored(
+        config.input.iter().any(|i| i.optional),
+        "optional inputs (every input is required)",
+    );
+    ignored(
+        config.input.iter().any(|i| i.allow_ragged_batch),
+        "allow_ragged_batch",
+    );
+    ignored(
+        config
+            .instance_group
+            .iter()
+            .any(|g| g.rate_limiter.is_some()),
+        "instance_group rate_limiter",
+    );
+    ignored(
+        config.output.iter().any(|o| !o.label_filename.is_empty()),
+        "label_filename",
+    );
+    warnings
+}
+
+pub fn data_type_from_config(value: i32) -> Option<DataType> {
+    use inference::DataType as C;
+    Some(match C::try_from(value).ok()? {
+        C::TypeBool => DataType::Bool,
+        C::TypeUint8 => DataType::Uint8,
+        C::TypeUint16 => DataType::Uint16,
+        C::TypeUint32 => DataType::Uint32,
+        C::TypeUint64 => DataType::Uint64,
+        C::TypeInt8 => DataType::Int8,
+        C::TypeInt16 => DataType::Int16,
+        C::TypeInt32 => DataType::Int32,
+        C::TypeInt64 => DataType::Int64,
+        C::TypeFp16 => DataType::Fp16,
+        C::TypeFp32 => DataType::Fp32,
+        C::TypeFp64 => DataType::Fp64,
+        C::TypeString => DataType::Bytes,
+        C::TypeBf16 => DataType::Bf16,
+        C::TypeInvalid => return None,
+    })
+}
+
+pub fn config_data_type(dtype: DataType) -> inference::DataType {
+    use inference::DataType as C;
+    match dtype {
+        DataType::Bool => C::TypeBool,
+        DataType::Uint8 => C::TypeUint8,
+        DataType::Uint16 => C::TypeUint16,
+        DataType::Uint32 => C::TypeUint32,
+        DataType::Uint64 => C::TypeUint64,
+        DataType::Int8 => C::TypeInt8,
+        DataType::Int16 => C::TypeInt16,
+        DataType::Int32 => C::TypeInt32,
+        DataType::Int64 => C::TypeInt64,
+        DataType::Fp16 => C::TypeFp16,
+        DataType::Fp32 => C::TypeFp32,
+        DataType::Fp64 => C::TypeFp64,
+        DataType::Bytes => C::TypeString,
+        DataType::Bf16 => C::TypeBf16,
+    }
+}
+
+fn config_type_name(dtype: DataType) -> &'static str {
+    config_data_type(dtype).as_str_name()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> ModelDefaults {
+        ModelDefaults {
+            max_batch_size: 4,
+            max_queue_size: 100,
+            intra_op_threads: 0,
+        }
+    }
+
+    fn graph(name: &str, dtype: DataType, shape: &[i64]) -> GraphTensor {
+        GraphTensor {
+            name: name.into(),
+            dtype: Some(dtype),
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn no_config_completes_like_triton_autocomplete() {
+        let inputs = [graph("X", DataType::Fp32, &[-1, 10])];
+        let outputs = [graph("y", DataType::Fp32, &[-1, 1])];
+        let (spec, warnings) = build_spec(
+            "m",
+            1,
+            ModelConfig::default(),
+            &inputs,
+            &outputs,
+            &defaults(),
+        )
+        .unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(spec.max_batch_size, 4);
+        assert!(spec.batching.dynamic_batching);
+        assert_eq!(spec.inputs[0].dims, vec![10]);
+        assert_eq!(spec.client_shape(&spec.inputs[0]), vec![-1, 10]);
+        assert_eq!(spec.instances, vec![Device::Cpu]);
+        assert_eq!(spec.config.platform, ONNX_PLATFORM);
+        assert_eq!(spec.batching.default_queue_policy.max_queue_size, 100);
+    }
+
+    #[test]
+    fn fixed_first_dimension_means_no_batching() {
+        let inputs = [graph("X", DataType::Int64, &[1, 3])];
+        let outputs = [graph("y", DataType::Fp32, &[1])];
+        let (spec, _) = build_spec(
+            "m",
+            1,
+            ModelConfig::default(),
+            &inputs,
+            &outputs,
+            &defaults(),
+        )
+        .unwrap();
+        assert_eq!(spec.max_batch_size, 0);
+        assert_eq!(spec.inputs[0].dims, vec![1, 3]);
+        assert!(!spec.batching.dynamic_batching);
+    }
+
+    #[test]
+    fn declared_tensors_are_checked_against_the_graph() {
+        let inputs = [graph("X", DataType::Fp32, &[-1, 10])];
+        let outputs = [graph("y", DataType::Fp32, &[-1, 1])];
+        let mut config = marquee_proto::parse_config_text(
+            "max_batch_size: 8\ninput [ { name: \"X\", data_type: TYPE_FP64, dims: [ 10 ] } ]",
+        )
+        .unwrap();
+        let err = build_spec("m", 1, config.clone(), &inputs, &outputs, &defaults()).unwrap_err();
+        assert!(
+            err.contains("declared TYPE_FP64 but the model has TYPE_FP32"),
+            "{err}"
+        );
+        config.input[0].data_type = inference::DataType::TypeFp32 as i32;
+        config.input[0].dims = vec![9];
+        let err = build_spec("m", 1, config.clone(), &inputs, &outputs, &defaults()).unwrap_err();
+        assert!(err.contains("dims [9] but the model has [10]"), "{err}");
+        config.input[0].name = "Z".into();
+        let err = build_spec("m", 1, config, &inputs, &outputs, &defaults()).unwrap_err();
+        assert!(
+            err.contains("input 'Z' is not in the model; the graph has 'X'"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn batching_config_becomes_the_batch_policy() {
+        let inputs = [graph("X", DataType::Fp32, &[-1, 10])];
+        let outputs = [graph("y", DataType::Fp32, &[-1, 1])];
+        let config = marquee_proto::parse_config_text(
+            r#"
+            max_batch_size: 32
+            dynamic_batching {
+              preferred_batch_size: [ 8, 16 ]
+              max_queue_delay_microseconds: 250
+              priority_levels: 2
+              default_queue_policy { default_timeout_microseconds: 5000 allow_timeout_override: true }
+              priority_queue_policy { key: 1 value { max_queue_size: 7 } }
+              preserve_ordering: true
+            }
+            instance_group [ { count: 2 kind: KIND_CPU } ]
+            parameters { key: "intra_op_thread_count" value { string_value: "1" } }
+            optimization { graph { level: 1 } }
+            "#,
+        )
+        .unwrap();
+        let (spec, warnings) = build_spec("m", 3, config, &inputs, &outputs, &defaults()).unwrap();
+        let b = &spec.batching;
+        assert_eq!(b.max_batch_size, 32);
+        assert_eq!(b.preferred_batch_sizes, vec![8, 16]);
+        assert_eq!(b.max_queue_delay, Duration::from_micros(250));
+        assert_eq!(b.priority_levels, 2);
+        assert_eq!(b.default_priority_level, 2);
+        assert_eq!(
+            b.default_queue_policy.default_timeout,
+            Some(Duration::from_millis(5))
+        );
+        assert_eq!(b.default_queue_policy.max_queue_size, 100);
+        assert_eq!(b.priority_queue_policy[&1].max_queue_size, 7);
+        assert_eq!(spec.instances, vec![Device::Cpu, Device::Cpu]);
+        assert_eq!(spec.intra_op_threads, 1);
+        assert!(warnings.iter().any(|w| w.contains("optimization")));
+        assert!(warnings.iter().any(|w| w.contains("preserve_ordering")));
+    }
+
+    #[test]
+    fn unsupported_schedulers_and_backends_are_refused() {
+        let seq = marquee_proto::parse_config_text("sequence_batching { }").unwrap();
+        assert!(
+            check_config("m", &seq)
+                .unwrap_err()
+                .contains("sequence batching")
+        );
+        let tf = marquee_proto::parse_config_text("platform: \"tensorflow_savedmodel\"").unwrap();
+        assert!(check_config("m", &tf).unwrap_err().contains("ONNX"));
+        let named = marquee_proto::parse_config_text("name: \"other\"").unwrap();
+        assert!(
+            check_config("m", &named)
+                .unwrap_err()
+                .contains("does not match")
+        );
+    }
+
+    #[test]
+    fn version_policies_pick_versions() {
+        let present = [1, 2, 5];
+        let latest2 =
+            marquee_proto::parse_config_text("version_policy { latest { num_versions: 2 } }")
+                .unwrap();
+        assert_eq!(select_versions(&latest2, &present), vec![2, 5]);
+        let all = marquee_proto::parse_config_text("version_policy { all { } }").unwrap();
+        assert_eq!(select_versions(&all, &present), vec![1, 2, 5]);
+        let specific =
+            marquee_proto::parse_config_text("version_policy { specific { versions: [1, 4] } }")
+                .unwrap();
+        assert_eq!(select_versions(&specific, &present), vec![1]);
+        assert_eq!(select_versions(&ModelConfig::default(), &present), vec![5]);
+    }
+}

@@ -1,0 +1,213 @@
+//! Starts the three listeners (REST, gRPC, metrics) over one model manager, and stops them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::get;
+use marquee_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use marquee_registry::ModelRepository;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::backend::onnx::OnnxRuntime;
+use crate::config::ServeConfig;
+use crate::error::ServingError;
+use crate::grpc::InferenceService;
+use crate::metrics::Metrics;
+use crate::models::ModelManager;
+
+/// What `/v2` and gRPC `ServerMetadata` report.
+pub struct ServerInfo {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub extensions: &'static [&'static str],
+}
+
+impl ServerInfo {
+    pub fn marquee() -> Self {
+        Self {
+            name: "marquee",
+            version: env!("CARGO_PKG_VERSION"),
+            extensions: &[
+                "classification",
+                "model_repository",
+                "schedule_policy",
+                "model_configuration",
+                "binary_tensor_data",
+                "parameters",
+                "statistics",
+            ],
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Runtime(String),
+    #[error("model repository: {0}")]
+    Repository(#[from] marquee_registry::RegistryError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Models(ServingError),
+}
+
+/// A running server.
+pub struct Server {
+    http_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    models: Arc<ModelManager>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Server {
+    /// Loads the repository's models and starts listening. Models that fail to load are reported
+    /// and leave the server not ready; the others serve.
+    pub async fn start(config: &ServeConfig) -> Result<Self, StartError> {
+        let library = locate_onnxruntime(config.ort_library.as_deref())?;
+        let runtime =
+            OnnxRuntime::load(&library).map_err(|e| StartError::Runtime(e.to_string()))?;
+        let repository = ModelRepository::open(&config.model_repository)?;
+        let metrics = Arc::new(Metrics::new());
+        let models = Arc::new(ModelManager::new(
+            repository,
+            runtime,
+            config.model_defaults(),
+            metrics.clone(),
+        ));
+        let failures = models.load_all().await.map_err(StartError::Models)?;
+        for (name, error) in &failures {
+            tracing::error!(model = %name, %error, "model not loaded; the server is not ready");
+        }
+        let info = Arc::new(ServerInfo::marquee());
+        let bind = |port: u16| async move {
+            let addr = SocketAddr::new(config.host, port);
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let http_listener = bind(config.http_port).await?;
+        let grpc_listener = bind(config.grpc_port).await?;
+        let metrics_listener = bind(config.metrics_port).await?;
+        let local = |l: &TcpListener| l.local_addr().expect("bound socket has an address");
+        let (http_addr, grpc_addr, metrics_addr) = (
+            local(&http_listener),
+            local(&grpc_listener),
+            local(&metrics_listener),
+        );
+
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let http = crate::http::router(models.clone(), info.clone(), config.max_request_bytes);
+        tasks.spawn(serve_http(http_listener, http, stopped.clone()));
+        let metrics_router = Router::new().route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { metrics.render() }
+            }),
+        );
+        tasks.spawn(serve_http(
+            metrics_listener,
+            metrics_router,
+            stopped.clone(),
+        ));
+        let grpc = GrpcInferenceServiceServer::new(InferenceService::new(models.clone(), info))
+            .max_decoding_message_size(config.max_request_bytes)
+            .max_encoding_message_size(usize::MAX);
+        let mut grpc_stopped = stopped;
+        tasks.spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            let result = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(grpc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = grpc_stopped.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        });
+        tracing::info!(%http_addr, %grpc_addr, %metrics_addr, "marquee is serving");
+        Ok(Self {
+            http_addr,
+            grpc_addr,
+            metrics_addr,
+            models,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    pub fn models(&self) -> &Arc<ModelManager> {
+        &self.models
+    }
+
+    /// Stops accepting requests, lets those in flight finish, and returns when all listeners
+    /// have closed.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn serve_http(listener: TcpListener, router: Router, mut stopped: watch::Receiver<bool>) {
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// The ONNX Runtime library: the one given, else the one deploy/setup.sh installed into
+/// `.marquee/lib` of this checkout (found from the executable's or the working directory's path).
+pub fn locate_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf, StartError> {
+    if let Some(path) = explicit {
+        return if path.is_file() {
+            Ok(path.to_path_buf())
+        } else {
+            Err(StartError::Runtime(format!(
+                "ONNX Runtime library {} does not exist (from --ort-library or ORT_DYLIB_PATH)",
+                path.display()
+            )))
+        };
+    }
+    let starts = [std::env::current_exe().ok(), std::env::current_dir().ok()];
+    starts
+        .iter()
+        .flatten()
+        .flat_map(|start| start.ancestors())
+        .map(|dir| dir.join(".marquee/lib/libonnxruntime.so"))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            StartError::Runtime(
+                "ONNX Runtime library not found: run deploy/setup.sh (it installs .marquee/lib/libonnxruntime.so), or point ORT_DYLIB_PATH / --ort-library at libonnxruntime.so".into(),
+            )
+        })
+}
