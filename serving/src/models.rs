@@ -133,16 +133,21 @@ impl ModelManager {
             let config = config.clone();
             let model_name = name.to_string();
             let model = tokio::task::spawn_blocking(move || {
-                let (inputs, outputs) = runtime
-                    .signature(&bytes)
-                    .map_err(|e| load_failed(&model_name, e.to_string()))?;
+                let failed = |e: String| load_failed(&model_name, e);
+                let sessions = spec::session_configs(&model_name, &config, &defaults)
+                    .map_err(failed)?
+                    .iter()
+                    .map(|session| runtime.session(&bytes, session))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| failed(e.to_string()))?;
+                let (inputs, outputs) = sessions[0].signature();
                 let (spec, warnings) =
                     spec::build_spec(&model_name, version, config, &inputs, &outputs, &defaults)
-                        .map_err(|e| load_failed(&model_name, e))?;
+                        .map_err(failed)?;
                 for warning in warnings {
                     tracing::warn!(model = model_name, version, "{warning}");
                 }
-                LoadedModel::start(spec, &bytes, &runtime, metrics)
+                LoadedModel::start(spec, sessions, metrics)
             })
             .await
             .map_err(|e| ServingError::Internal(format!("model loading task failed: {e}")))??;

@@ -124,7 +124,9 @@ impl Server {
         ));
         let grpc = GrpcInferenceServiceServer::new(InferenceService::new(models.clone(), info))
             .max_decoding_message_size(config.max_request_bytes)
-            .max_encoding_message_size(usize::MAX);
+            .max_encoding_message_size(usize::MAX)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip);
         let mut grpc_stopped = stopped;
         tasks.spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);

@@ -39,21 +39,24 @@ pub struct GraphTensor {
     pub shape: Vec<i64>,
 }
 
-/// What one instance needs to know to run the model.
-#[derive(Debug, Clone)]
-pub struct InstanceConfig {
-    /// Input names in the order jobs carry them.
-    pub inputs: Vec<String>,
-    /// Output names in the order jobs get them back.
-    pub outputs: Vec<String>,
-    /// Whether the first dimension of inputs and outputs is the batch.
-    pub batched: bool,
+/// Where and how a session runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionConfig {
     /// CUDA device to run on; `None` for CPU.
     pub gpu: Option<i32>,
     /// ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose.
     pub intra_op_threads: usize,
     /// ONNX Runtime inter-op threads; 0 lets ONNX Runtime choose.
     pub inter_op_threads: usize,
+}
+
+/// Which tensors an instance exchanges with jobs, in the order jobs carry them.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    /// Whether the first dimension of inputs and outputs is the batch.
+    pub batched: bool,
 }
 
 /// Where a batch's compute time went, as Triton's statistics split it.

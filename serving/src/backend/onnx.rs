@@ -13,7 +13,9 @@ use half::{bf16, f16};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 
-use super::{BackendError, ComputeRecorder, ComputeTimes, GraphTensor, InferJob, InstanceConfig};
+use super::{
+    BackendError, Binding, ComputeRecorder, ComputeTimes, GraphTensor, InferJob, SessionConfig,
+};
 use crate::tensor::{DataType, Tensor, TensorData};
 
 /// The process-wide ONNX Runtime environment (one per process, as ONNX Runtime requires).
@@ -22,9 +24,34 @@ pub struct OnnxRuntime {
     environment: ort::environment::Environment,
 }
 
+/// The environment of this process, once started; ONNX Runtime allows one per process.
+static PROCESS_RUNTIME: std::sync::Mutex<Option<(std::path::PathBuf, OnnxRuntime)>> =
+    std::sync::Mutex::new(None);
+
 impl OnnxRuntime {
-    /// Loads `libonnxruntime.so` from `library` and starts the environment.
+    /// Loads `libonnxruntime.so` from `library` and starts the environment; later calls in the
+    /// same process share it (and must name the same library).
     pub fn load(library: &Path) -> Result<Self, BackendError> {
+        let mut process = PROCESS_RUNTIME
+            .lock()
+            .map_err(|_| BackendError::Runtime("ONNX Runtime start-up panicked earlier".into()))?;
+        if let Some((loaded, runtime)) = process.as_ref() {
+            return if loaded == library {
+                Ok(runtime.clone())
+            } else {
+                Err(BackendError::Runtime(format!(
+                    "ONNX Runtime is already loaded from {} in this process; cannot also load {}",
+                    loaded.display(),
+                    library.display()
+                )))
+            };
+        }
+        let runtime = Self::start(library)?;
+        *process = Some((library.to_path_buf(), runtime.clone()));
+        Ok(runtime)
+    }
+
+    fn start(library: &Path) -> Result<Self, BackendError> {
         let builder = ort::init_from(library).map_err(|e| {
             BackendError::Runtime(format!(
                 "cannot load ONNX Runtime from {}: {e}",
@@ -38,46 +65,16 @@ impl OnnxRuntime {
         Ok(Self { environment })
     }
 
-    /// The graph's inputs and outputs, for Triton-style auto-complete and validation.
-    pub fn signature(
+    /// Creates a session for one instance, on its device with its threads. The first session of
+    /// a model also tells its signature, so a model is read once per instance, never more.
+    pub fn session(
         &self,
         model: &[u8],
-    ) -> Result<(Vec<GraphTensor>, Vec<GraphTensor>), BackendError> {
-        let session = Session::builder(&self.environment)
-            .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
-            .and_then(|mut b| b.commit_from_memory(model))
-            .map_err(|e| {
-                BackendError::Model(format!(
-                    "ONNX Runtime cannot load the model: {}",
-                    e.to_string().trim()
-                ))
-            })?;
-        let describe = |outlets: &[ort::value::Outlet]| {
-            outlets
-                .iter()
-                .map(|o| GraphTensor {
-                    name: o.name().to_string(),
-                    dtype: o.dtype().tensor_type().and_then(data_type),
-                    shape: o
-                        .dtype()
-                        .tensor_shape()
-                        .map(|s| s.to_vec())
-                        .unwrap_or_default(),
-                })
-                .collect()
+        config: &SessionConfig,
+    ) -> Result<OnnxSession, BackendError> {
+        let failed = |e: String| {
+            BackendError::Model(format!("ONNX Runtime cannot load the model: {}", e.trim()))
         };
-        Ok((describe(session.inputs()), describe(session.outputs())))
-    }
-
-    /// Creates one instance: a session of its own, configured for its device and threads.
-    pub fn instance(
-        &self,
-        model: &[u8],
-        config: &InstanceConfig,
-        recorder: Arc<dyn ComputeRecorder>,
-    ) -> Result<OnnxInstance, BackendError> {
-        let failed =
-            |e: String| BackendError::Model(format!("cannot create a session: {}", e.trim()));
         let mut builder = Session::builder(&self.environment).map_err(|e| failed(e.to_string()))?;
         if config.intra_op_threads > 0 {
             builder = builder
@@ -95,28 +92,60 @@ impl OnnxRuntime {
         let session = builder
             .commit_from_memory(model)
             .map_err(|e| failed(e.to_string()))?;
-        let session_inputs: Vec<String> = session
-            .inputs()
-            .iter()
-            .map(|i| i.name().to_string())
-            .collect();
-        let input_slots = session_inputs
-            .iter()
-            .map(|name| {
-                config.inputs.iter().position(|n| n == name).ok_or_else(|| {
+        Ok(OnnxSession { session })
+    }
+}
+
+/// A session not yet bound to a model specification.
+pub struct OnnxSession {
+    session: Session,
+}
+
+impl OnnxSession {
+    /// The graph's inputs and outputs, for Triton-style auto-complete and validation.
+    pub fn signature(&self) -> (Vec<GraphTensor>, Vec<GraphTensor>) {
+        let describe = |outlets: &[ort::value::Outlet]| {
+            outlets
+                .iter()
+                .map(|o| GraphTensor {
+                    name: o.name().to_string(),
+                    dtype: o.dtype().tensor_type().and_then(data_type),
+                    shape: o
+                        .dtype()
+                        .tensor_shape()
+                        .map(|s| s.to_vec())
+                        .unwrap_or_default(),
+                })
+                .collect()
+        };
+        (
+            describe(self.session.inputs()),
+            describe(self.session.outputs()),
+        )
+    }
+
+    /// Binds the session to the tensors the specification names, making it an instance.
+    pub fn bind(
+        self,
+        binding: &Binding,
+        recorder: Arc<dyn ComputeRecorder>,
+    ) -> Result<OnnxInstance, BackendError> {
+        let session = self.session;
+        let input_slots =
+            session
+                .inputs()
+                .iter()
+                .map(|input| {
+                    binding.inputs.iter().position(|n| n == input.name()).ok_or_else(|| {
                     BackendError::Model(format!(
-                        "the model needs input '{name}' but the configuration does not declare it"
+                        "the model needs input '{}' but the configuration does not declare it",
+                        input.name()
                     ))
                 })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let session_outputs: Vec<String> = session
-            .outputs()
-            .iter()
-            .map(|o| o.name().to_string())
-            .collect();
-        for name in &config.outputs {
-            if !session_outputs.contains(name) {
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+        for name in &binding.outputs {
+            if !session.outputs().iter().any(|o| o.name() == name) {
                 return Err(BackendError::Model(format!(
                     "the configuration declares output '{name}' but the model has no such output"
                 )));
@@ -125,8 +154,8 @@ impl OnnxRuntime {
         Ok(OnnxInstance {
             session,
             input_slots,
-            outputs: config.outputs.clone(),
-            batched: config.batched,
+            outputs: binding.outputs.clone(),
+            batched: binding.batched,
             recorder,
         })
     }

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use marquee_batcher::{BatchError, Batcher, SubmitOptions};
 use marquee_proto::inference;
 
-use crate::backend::onnx::{OnnxInstance, OnnxRuntime};
-use crate::backend::{BackendError, InferJob, InstanceConfig};
+use crate::backend::onnx::{OnnxInstance, OnnxSession};
+use crate::backend::{BackendError, Binding, InferJob};
 use crate::error::ServingError;
 use crate::infer::{InferRequest, InferResponse, RequestedOutput};
 use crate::metrics::ModelMetrics;
 use crate::tensor::{DataType, Tensor, TensorData};
-pub use spec::{Device, ModelDefaults, ModelSpec, TensorSpec};
+pub use spec::{ModelDefaults, ModelSpec, TensorSpec};
 use stats::ModelStats;
 
 /// One model version, ready to serve.
@@ -29,31 +29,21 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Creates the instances (one ONNX Runtime session each) and starts the batcher. Blocking.
+    /// Binds one session per instance to the spec and starts the batcher.
     pub fn start(
         spec: ModelSpec,
-        model: &[u8],
-        runtime: &OnnxRuntime,
+        sessions: Vec<OnnxSession>,
         metrics: ModelMetrics,
     ) -> Result<Self, ServingError> {
         let stats = Arc::new(ModelStats::new(metrics));
-        let instances = spec
-            .instances
-            .iter()
-            .map(|device| {
-                let config = InstanceConfig {
-                    inputs: spec.inputs.iter().map(|t| t.name.clone()).collect(),
-                    outputs: spec.outputs.iter().map(|t| t.name.clone()).collect(),
-                    batched: spec.max_batch_size > 0,
-                    gpu: match device {
-                        Device::Cpu => None,
-                        Device::Gpu(id) => Some(*id),
-                    },
-                    intra_op_threads: spec.intra_op_threads,
-                    inter_op_threads: spec.inter_op_threads,
-                };
-                runtime.instance(model, &config, stats.clone())
-            })
+        let binding = Binding {
+            inputs: spec.inputs.iter().map(|t| t.name.clone()).collect(),
+            outputs: spec.outputs.iter().map(|t| t.name.clone()).collect(),
+            batched: spec.max_batch_size > 0,
+        };
+        let instances = sessions
+            .into_iter()
+            .map(|session| session.bind(&binding, stats.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| {
                 ServingError::LoadFailed(format!(

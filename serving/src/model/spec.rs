@@ -17,7 +17,7 @@ use marquee_proto::inference::{
     self, ModelDynamicBatching, ModelInput, ModelInstanceGroup, ModelOutput, ModelQueuePolicy,
 };
 
-use crate::backend::GraphTensor;
+use crate::backend::{GraphTensor, SessionConfig};
 use crate::tensor::DataType;
 
 /// The platform and backend names Triton uses for ONNX models.
@@ -45,13 +45,6 @@ pub struct TensorSpec {
     pub dims: Vec<i64>,
 }
 
-/// Where an instance runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Gpu(i32),
-}
-
 /// Everything serving needs to run one model version.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
@@ -63,9 +56,7 @@ pub struct ModelSpec {
     pub outputs: Vec<TensorSpec>,
     pub batching: BatchPolicy,
     /// One entry per instance to start.
-    pub instances: Vec<Device>,
-    pub intra_op_threads: usize,
-    pub inter_op_threads: usize,
+    pub instances: Vec<SessionConfig>,
     /// The completed configuration, as `/v2/models/{m}/config` reports it.
     pub config: ModelConfig,
 }
@@ -220,9 +211,69 @@ pub fn build_spec(
     let inputs = complete_tensors(&mut config.input, graph_inputs, batched, "input", true)?;
     let outputs = complete_outputs(&mut config.output, graph_outputs, batched)?;
 
+    let instances = complete_instances(name, &mut config, defaults)?;
+    for key in config.parameters.keys() {
+        if key != INTRA_OP_THREADS && key != INTER_OP_THREADS {
+            warnings.push(format!("parameter '{key}' is ignored"));
+        }
+    }
+    let batching = batch_policy(&config, defaults, &mut warnings)?;
+    let spec = ModelSpec {
+        name: name.to_string(),
+        version,
+        max_batch_size: config.max_batch_size as usize,
+        inputs,
+        outputs,
+        batching,
+        instances,
+        config,
+    };
+    Ok((spec, warnings))
+}
+
+/// The model parameters (Triton's ONNX Runtime backend names) that set thread counts.
+const INTRA_OP_THREADS: &str = "intra_op_thread_count";
+const INTER_OP_THREADS: &str = "inter_op_thread_count";
+
+/// The sessions to create for a model, one per instance, from its `instance_group` and thread
+/// parameters. Needs no artifact, so sessions can be made before the graph is inspected.
+pub fn session_configs(
+    name: &str,
+    config: &ModelConfig,
+    defaults: &ModelDefaults,
+) -> Result<Vec<SessionConfig>, String> {
+    complete_instances(name, &mut config.clone(), defaults)
+}
+
+/// Fills the defaults of `instance_group` in place and returns one session per instance.
+fn complete_instances(
+    name: &str,
+    config: &mut ModelConfig,
+    defaults: &ModelDefaults,
+) -> Result<Vec<SessionConfig>, String> {
+    let thread_parameter = |key: &str| -> Result<Option<usize>, String> {
+        config
+            .parameters
+            .get(key)
+            .map(|p| {
+                p.string_value.trim().parse().map_err(|_| {
+                    format!(
+                        "parameter {key} must be a whole number, got '{}'",
+                        p.string_value
+                    )
+                })
+            })
+            .transpose()
+    };
+    let intra_op_threads = thread_parameter(INTRA_OP_THREADS)?.unwrap_or(defaults.intra_op_threads);
+    let inter_op_threads = thread_parameter(INTER_OP_THREADS)?.unwrap_or(0);
+    let session = |gpu: Option<i32>| SessionConfig {
+        gpu,
+        intra_op_threads,
+        inter_op_threads,
+    };
     if config.instance_group.is_empty() {
         config.instance_group.push(ModelInstanceGroup {
-            name: name.to_string(),
             kind: default_kind() as i32,
             count: 1,
             ..Default::default()
@@ -247,13 +298,13 @@ pub fn build_spec(
         };
         group.kind = kind as i32;
         match kind {
-            Kind::Cpu => instances.extend((0..group.count).map(|_| Device::Cpu)),
+            Kind::Cpu => instances.extend((0..group.count).map(|_| session(None))),
             Kind::Gpu => {
                 if group.gpus.is_empty() {
                     group.gpus.push(0);
                 }
                 for &gpu in &group.gpus {
-                    instances.extend((0..group.count).map(|_| Device::Gpu(gpu)));
+                    instances.extend((0..group.count).map(|_| session(Some(gpu))));
                 }
             }
             Kind::Model | Kind::Auto => {
@@ -264,44 +315,7 @@ pub fn build_spec(
             }
         }
     }
-
-    let thread_parameter = |key: &str| -> Result<Option<usize>, String> {
-        config
-            .parameters
-            .get(key)
-            .map(|p| {
-                p.string_value.trim().parse().map_err(|_| {
-                    format!(
-                        "parameter {key} must be a whole number, got '{}'",
-                        p.string_value
-                    )
-                })
-            })
-            .transpose()
-    };
-    let intra_op_threads =
-        thread_parameter("intra_op_thread_count")?.unwrap_or(defaults.intra_op_threads);
-    let inter_op_threads = thread_parameter("inter_op_thread_count")?.unwrap_or(0);
-    for key in config.parameters.keys() {
-        if key != "intra_op_thread_count" && key != "inter_op_thread_count" {
-            warnings.push(format!("parameter '{key}' is ignored"));
-        }
-    }
-
-    let batching = batch_policy(&config, defaults, &mut warnings)?;
-    let spec = ModelSpec {
-        name: name.to_string(),
-        version,
-        max_batch_size: config.max_batch_size as usize,
-        inputs,
-        outputs,
-        batching,
-        instances,
-        intra_op_threads,
-        inter_op_threads,
-        config,
-    };
-    Ok((spec, warnings))
+    Ok(instances)
 }
 
 fn default_kind() -> Kind {
@@ -695,7 +709,8 @@ mod tests {
         assert!(spec.batching.dynamic_batching);
         assert_eq!(spec.inputs[0].dims, vec![10]);
         assert_eq!(spec.client_shape(&spec.inputs[0]), vec![-1, 10]);
-        assert_eq!(spec.instances, vec![Device::Cpu]);
+        assert_eq!(spec.instances.len(), 1);
+        assert_eq!(spec.instances[0].gpu, None);
         assert_eq!(spec.config.platform, ONNX_PLATFORM);
         assert_eq!(spec.batching.default_queue_policy.max_queue_size, 100);
     }
@@ -777,8 +792,12 @@ mod tests {
         );
         assert_eq!(b.default_queue_policy.max_queue_size, 100);
         assert_eq!(b.priority_queue_policy[&1].max_queue_size, 7);
-        assert_eq!(spec.instances, vec![Device::Cpu, Device::Cpu]);
-        assert_eq!(spec.intra_op_threads, 1);
+        let cpu_one_thread = SessionConfig {
+            gpu: None,
+            intra_op_threads: 1,
+            inter_op_threads: 0,
+        };
+        assert_eq!(spec.instances, vec![cpu_one_thread.clone(), cpu_one_thread]);
         assert!(warnings.iter().any(|w| w.contains("optimization")));
         assert!(warnings.iter().any(|w| w.contains("preserve_ordering")));
     }

@@ -1,0 +1,201 @@
+//! Test harness shared by the end-to-end tests: finds the fixtures that tests/run.sh builds,
+//! assembles model repositories from them, and starts a real `marquee serve` on free loopback
+//! ports inside the test process.
+
+use std::path::{Path, PathBuf};
+
+use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use marquee_serving::{ServeConfig, Server};
+use tonic::transport::Channel;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// `.marquee/fixtures`, built by tests/fixtures/make_fixtures.py.
+pub fn fixtures() -> PathBuf {
+    let dir = root().join(".marquee/fixtures");
+    assert!(
+        dir.join("reference.json").is_file(),
+        "test fixtures are missing: run tests/run.sh (or deploy/setup.sh --test && .marquee/venv/bin/python tests/fixtures/make_fixtures.py)"
+    );
+    dir
+}
+
+/// Outputs Python onnxruntime computed for the real models (see make_fixtures.py).
+pub fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("reference.json"))
+        .expect("reference.json is readable");
+    serde_json::from_str(&text).expect("reference.json is JSON")
+}
+
+/// A throwaway model repository assembled from fixture models.
+pub struct Repository {
+    dir: tempfile::TempDir,
+}
+
+impl Repository {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Adds fixture model `source` as `name`, version 1, with `config` as its config.pbtxt
+    /// (`None` keeps the fixture's own configuration, if it has one).
+    pub fn add(self, name: &str, source: &str, config: Option<&str>) -> Self {
+        self.add_version(name, source, 1, config)
+    }
+
+    pub fn add_version(self, name: &str, source: &str, version: u64, config: Option<&str>) -> Self {
+        let from = fixtures().join("models").join(source);
+        let to = self.dir.path().join(name);
+        std::fs::create_dir_all(to.join(version.to_string())).expect("model folder");
+        std::fs::copy(
+            from.join("1/model.onnx"),
+            to.join(format!("{version}/model.onnx")),
+        )
+        .expect("model copied");
+        match config {
+            Some(text) => std::fs::write(to.join("config.pbtxt"), text).expect("config written"),
+            None if from.join("config.pbtxt").is_file() => {
+                let text = std::fs::read_to_string(from.join("config.pbtxt")).expect("config read");
+                std::fs::write(
+                    to.join("config.pbtxt"),
+                    text.replace(&format!("name: \"{source}\""), &format!("name: \"{name}\"")),
+                )
+                .expect("config written");
+            }
+            None => {}
+        }
+        self
+    }
+
+    /// Writes a file into the repository (for broken models and the like).
+    pub fn write(self, path: &str, contents: &[u8]) -> Self {
+        let full = self.dir.path().join(path);
+        std::fs::create_dir_all(full.parent().expect("file has a folder")).expect("folder");
+        std::fs::write(full, contents).expect("file written");
+        self
+    }
+}
+
+impl Default for Repository {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A server running in this process on free loopback ports.
+pub struct TestServer {
+    server: Server,
+    pub http: String,
+    pub grpc: String,
+    pub metrics: String,
+    pub client: reqwest::Client,
+}
+
+impl TestServer {
+    pub async fn start(repository: &Repository) -> Self {
+        Self::start_with(repository, |_| {}).await
+    }
+
+    pub async fn start_with(
+        repository: &Repository,
+        adjust: impl FnOnce(&mut ServeConfig),
+    ) -> Self {
+        let mut config = ServeConfig {
+            model_repository: repository.path().to_string_lossy().into_owned(),
+            host: [127, 0, 0, 1].into(),
+            http_port: 0,
+            grpc_port: 0,
+            metrics_port: 0,
+            ..Default::default()
+        };
+        adjust(&mut config);
+        let server = Server::start(&config).await.expect("server starts");
+        Self {
+            http: format!("http://{}", server.http_addr()),
+            grpc: format!("http://{}", server.grpc_addr()),
+            metrics: format!("http://{}/metrics", server.metrics_addr()),
+            server,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn grpc_client(&self) -> GrpcInferenceServiceClient<Channel> {
+        GrpcInferenceServiceClient::connect(self.grpc.clone())
+            .await
+            .expect("gRPC connects")
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.http))
+            .send()
+            .await
+            .expect("GET answered");
+        split(response).await
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.http))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST answered");
+        split(response).await
+    }
+
+    pub async fn stop(self) {
+        self.server.shutdown().await;
+    }
+}
+
+async fn split(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("body read");
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        })
+    };
+    (status, json)
+}
+
+/// Little-endian bytes of f32 values.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// f32 values from little-endian bytes.
+pub fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect()
+}
+
+/// Asserts two float sequences agree within `tolerance` (absolute), naming the first difference.
+pub fn assert_close(got: &[f64], want: &[f64], tolerance: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length differs");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tolerance,
+            "{what}: element {i} is {g}, Python onnxruntime gives {w} (tolerance {tolerance})"
+        );
+    }
+}
