@@ -36,9 +36,8 @@ pub enum ServingError {
 impl ServingError {
     pub fn http_status(&self) -> StatusCode {
         match self {
-            ServingError::InvalidInput(_)
-            | ServingError::Unsupported(_)
-            | ServingError::LoadFailed(_) => StatusCode::BAD_REQUEST,
+            ServingError::InvalidInput(_) | ServingError::LoadFailed(_) => StatusCode::BAD_REQUEST,
+            ServingError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
             ServingError::NotFound(_) => StatusCode::NOT_FOUND,
             ServingError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServingError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -132,6 +132,9 @@ impl Server {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
             let result = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
+                .layer(tower::util::MapResponseLayer::new(
+                    oversized_is_resource_exhausted,
+                ))
                 .add_service(grpc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = grpc_stopped.wait_for(|s| *s).await;
@@ -174,6 +177,25 @@ impl Server {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// tonic reports a request over the size limit as OUT_OF_RANGE; gRPC's own servers (and this
+/// server's REST side, with 413) call it RESOURCE_EXHAUSTED, which is what clients handle.
+fn oversized_is_resource_exhausted<B>(
+    mut response: axum::http::Response<B>,
+) -> axum::http::Response<B> {
+    let headers = response.headers_mut();
+    let out_of_range = headers.get("grpc-status").is_some_and(|s| s == "11");
+    let oversized = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| {
+            m.contains("message%20length%20too%20large") || m.contains("message length too large")
+        });
+    if out_of_range && oversized {
+        headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 async fn serve_http(listener: TcpListener, router: Router, mut stopped: watch::Receiver<bool>) {

@@ -97,6 +97,8 @@ impl Default for Repository {
 /// A server running in this process on free loopback ports.
 pub struct TestServer {
     server: Server,
+    /// Kept so the repository outlives the server that reads it.
+    repository: Repository,
     pub http: String,
     pub grpc: String,
     pub metrics: String,
@@ -104,14 +106,11 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub async fn start(repository: &Repository) -> Self {
+    pub async fn start(repository: Repository) -> Self {
         Self::start_with(repository, |_| {}).await
     }
 
-    pub async fn start_with(
-        repository: &Repository,
-        adjust: impl FnOnce(&mut ServeConfig),
-    ) -> Self {
+    pub async fn start_with(repository: Repository, adjust: impl FnOnce(&mut ServeConfig)) -> Self {
         let mut config = ServeConfig {
             model_repository: repository.path().to_string_lossy().into_owned(),
             host: [127, 0, 0, 1].into(),
@@ -127,8 +126,13 @@ impl TestServer {
             grpc: format!("http://{}", server.grpc_addr()),
             metrics: format!("http://{}/metrics", server.metrics_addr()),
             server,
+            repository,
             client: reqwest::Client::new(),
         }
+    }
+
+    pub fn repository(&self) -> &Repository {
+        &self.repository
     }
 
     pub async fn grpc_client(&self) -> GrpcInferenceServiceClient<Channel> {

@@ -39,7 +39,7 @@ fn json_request(case: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_json_answers_match_python_onnxruntime() {
-    let server = TestServer::start(&repository()).await;
+    let server = TestServer::start(repository()).await;
     let reference = reference();
     for (model, tolerance) in [("gbr", 1e-6), ("iforest", 1e-6), ("minilm", 1e-4)] {
         let case = &reference[model];
@@ -68,7 +68,7 @@ async fn rest_json_answers_match_python_onnxruntime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_raw_answers_match_python_onnxruntime() {
-    let server = TestServer::start(&repository()).await;
+    let server = TestServer::start(repository()).await;
     let mut client = server.grpc_client().await;
     let reference = reference();
     for (model, tolerance) in [("gbr", 1e-6), ("iforest", 1e-6), ("minilm", 1e-4)] {
@@ -146,7 +146,7 @@ async fn grpc_raw_answers_match_python_onnxruntime() {
 /// phrasings of "action movie tonight" are close, the refund request is far (FACTS.md: 0.80, 0.05).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minilm_embeddings_separate_meanings() {
-    let server = TestServer::start(&repository()).await;
+    let server = TestServer::start(repository()).await;
     let case = &reference()["minilm"];
     let (status, body) = server
         .post("/v2/models/minilm/infer", json_request(case))
