@@ -26,8 +26,8 @@ MIRROR=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | 
 echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR trixie main" > "$APT/sources.list"
 opts=(-o Dir::Etc::sourcelist="$APT/sources.list" -o Dir::Etc::sourceparts=/dev/null
       -o Dir::State::Lists="$APT/lists" -o Dir::Cache="$APT/cache" -o Debug::NoLocking=1)
-apt-get "${opts[@]}" -qq update
-(cd "$APT/debs" && apt-get "${opts[@]}" -qq download libc6 libstdc++6 libgcc-s1)
+apt-get "${opts[@]}" -o APT::Sandbox::User=root -qq update
+(cd "$APT/debs" && apt-get "${opts[@]}" -o APT::Sandbox::User=root -qq download libc6 libstdc++6 libgcc-s1)
 rm -rf "$DIR/sysroot" && mkdir -p "$DIR/sysroot"
 for deb in "$APT"/debs/*.deb; do dpkg-deb -x "$deb" "$DIR/sysroot"; done
 

@@ -1,0 +1,54 @@
+"""Starts the real `marquee serve` (release build) on free loopback ports over the fixture
+repository, once per test session, and hands its addresses to the tests."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / ".marquee" / "fixtures"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, http, grpc, metrics):
+        self.http, self.grpc, self.metrics = http, grpc, metrics
+
+
+@pytest.fixture(scope="session")
+def server():
+    binary = ROOT / "target" / "release" / "marquee"
+    assert binary.exists(), "build first: cargo build --release -p marquee-serving"
+    assert (FIXTURES / "models").is_dir(), "fixtures missing: run tests/fixtures/make_fixtures.py"
+    ports = [free_port() for _ in range(3)]
+    log = open(ROOT / ".marquee" / "pytest-server.log", "w")
+    process = subprocess.Popen(
+        [str(binary), "serve", "--model-repository", str(FIXTURES / "models"), "--host", "127.0.0.1",
+         "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MARQUEE_LOG": "warn"},
+    )
+    deadline = time.time() + 120
+    while True:
+        assert process.poll() is None, f"marquee serve exited; see {log.name}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        assert time.time() < deadline, "marquee serve did not become ready"
+        time.sleep(0.2)
+    yield Server(f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}")
+    process.terminate()
+    assert process.wait(timeout=30) == 0, "marquee serve should shut down cleanly on SIGTERM"
+    log.close()
