@@ -105,6 +105,9 @@ pub enum BatchError<E> {
     Internal(String),
 }
 
+/// What a submission resolves to.
+pub type Outcome<X> = Result<Completed<<X as Executor>::Output>, BatchError<<X as Executor>::Error>>;
+
 /// A job waiting in the queue, with the channel its result goes back on.
 struct Pending<X: Executor> {
     job: X::Job,
@@ -112,7 +115,7 @@ struct Pending<X: Executor> {
     level: u32,
     enqueued: Instant,
     deadline: Option<Instant>,
-    reply: oneshot::Sender<Result<Completed<X::Output>, BatchError<X::Error>>>,
+    reply: oneshot::Sender<Outcome<X>>,
 }
 
 impl<X: Executor> Pending<X> {
@@ -204,11 +207,7 @@ impl<X: Executor> Batcher<X> {
 
     /// Queues `job` and waits for its output. Rejects at once, without queueing, when the job's
     /// priority level is full. Dropping the returned future withdraws the job if it has not started.
-    pub async fn submit(
-        &self,
-        job: X::Job,
-        options: SubmitOptions,
-    ) -> Result<Completed<X::Output>, BatchError<X::Error>> {
+    pub async fn submit(&self, job: X::Job, options: SubmitOptions) -> Outcome<X> {
         let receiver = self.enqueue(job, options)?;
         receiver.await.unwrap_or(Err(BatchError::Shutdown))
     }
@@ -217,10 +216,7 @@ impl<X: Executor> Batcher<X> {
         &self,
         job: X::Job,
         options: SubmitOptions,
-    ) -> Result<
-        oneshot::Receiver<Result<Completed<X::Output>, BatchError<X::Error>>>,
-        BatchError<X::Error>,
-    > {
+    ) -> Result<oneshot::Receiver<Outcome<X>>, BatchError<X::Error>> {
         let rows = job.rows();
         if rows == 0 {
             return Err(BatchError::NoRows);

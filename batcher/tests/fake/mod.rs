@@ -103,10 +103,10 @@ impl Executor for FakeExecutor {
         record.running -= 1;
         record.batches.push(jobs.to_vec());
         drop(record);
-        if let Some(id) = self.panic_on {
-            if jobs.iter().any(|j| j.id == id) {
-                panic!("job {id} makes the executor panic");
-            }
+        if let Some(id) = self.panic_on
+            && jobs.iter().any(|j| j.id == id)
+        {
+            panic!("job {id} makes the executor panic");
         }
         if let Some(message) = &self.fail_with {
             return Err(message.clone());

@@ -280,7 +280,7 @@ fn classify(tensor: &Tensor, k: usize, batched: bool) -> Result<Tensor, ServingE
     } else {
         1
     };
-    let per_item = if items == 0 { 0 } else { values.len() / items };
+    let per_item = values.len() / items;
     let k = k.min(per_item);
     let mut classes = Vec::with_capacity(items * k);
     for item in values.chunks(per_item.max(1)).take(items) {

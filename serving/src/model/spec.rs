@@ -208,7 +208,7 @@ pub fn build_spec(
         ));
     }
 
-    let inputs = complete_tensors(&mut config.input, graph_inputs, batched, "input", true)?;
+    let inputs = complete_inputs(&mut config.input, graph_inputs, batched)?;
     let outputs = complete_outputs(&mut config.output, graph_outputs, batched)?;
 
     let instances = complete_instances(name, &mut config, defaults)?;
@@ -346,18 +346,16 @@ fn graph_dtype(graph: &GraphTensor, role: &str) -> Result<DataType, String> {
 }
 
 /// Fills or checks configured inputs against the graph. Every graph input must end up declared.
-fn complete_tensors(
+fn complete_inputs(
     declared: &mut Vec<ModelInput>,
     graph: &[GraphTensor],
     batched: bool,
-    role: &str,
-    all_required: bool,
 ) -> Result<Vec<TensorSpec>, String> {
     if declared.is_empty() {
         for g in graph {
             declared.push(ModelInput {
                 name: g.name.clone(),
-                data_type: config_data_type(graph_dtype(g, role)?) as i32,
+                data_type: config_data_type(graph_dtype(g, "input")?) as i32,
                 dims: client_dims(g, batched),
                 ..Default::default()
             });
@@ -367,13 +365,13 @@ fn complete_tensors(
     for input in declared.iter_mut() {
         let g = graph.iter().find(|g| g.name == input.name).ok_or_else(|| {
             format!(
-                "{role} '{}' is not in the model; the graph has {}",
+                "input '{}' is not in the model; the graph has {}",
                 input.name,
                 names(graph)
             )
         })?;
         let dtype = check_tensor(
-            role,
+            "input",
             &input.name,
             input.data_type,
             &mut input.dims,
@@ -386,16 +384,14 @@ fn complete_tensors(
             dims: input.dims.clone(),
         });
     }
-    if all_required {
-        if let Some(missing) = graph
-            .iter()
-            .find(|g| !declared.iter().any(|d| d.name == g.name))
-        {
-            return Err(format!(
-                "the model needs {role} '{}' but the configuration does not declare it",
-                missing.name
-            ));
-        }
+    if let Some(missing) = graph
+        .iter()
+        .find(|g| !declared.iter().any(|d| d.name == g.name))
+    {
+        return Err(format!(
+            "the model needs input '{}' but the configuration does not declare it",
+            missing.name
+        ));
     }
     Ok(specs)
 }
