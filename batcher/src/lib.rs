@@ -106,7 +106,8 @@ pub enum BatchError<E> {
 }
 
 /// What a submission resolves to.
-pub type Outcome<X> = Result<Completed<<X as Executor>::Output>, BatchError<<X as Executor>::Error>>;
+pub type Outcome<X> =
+    Result<Completed<<X as Executor>::Output>, BatchError<<X as Executor>::Error>>;
 
 /// A job waiting in the queue, with the channel its result goes back on.
 struct Pending<X: Executor> {

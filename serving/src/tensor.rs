@@ -123,10 +123,14 @@ impl Tensor {
         })?;
         match (&data, dtype.size()) {
             (TensorData::Fixed(bytes), Some(size)) => {
-                if bytes.len() != count * size {
+                let needed = count.checked_mul(size).ok_or_else(|| {
+                    ServingError::InvalidInput(format!(
+                        "tensor '{name}' shape {shape:?} is too large"
+                    ))
+                })?;
+                if bytes.len() != needed {
                     return Err(ServingError::InvalidInput(format!(
-                        "tensor '{name}' of shape {shape:?} and type {dtype} needs {} bytes, got {}",
-                        count * size,
+                        "tensor '{name}' of shape {shape:?} and type {dtype} needs {needed} bytes, got {}",
                         bytes.len()
                     )));
                 }

@@ -497,3 +497,20 @@ async fn classification_returns_top_classes() {
     );
     server.stop().await;
 }
+
+/// On a machine without CUDA, a KIND_GPU model is refused with the reason (it never silently runs
+/// on the CPU); the server says so in the repository index and is not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_instances_without_cuda_are_refused_with_the_reason() {
+    let config = "max_batch_size: 8\ninstance_group [ { kind: KIND_GPU, gpus: [ 0 ] } ]\n";
+    let server = TestServer::start(Repository::new().add("gbr_gpu", "gbr", Some(config))).await;
+    assert_eq!(server.get("/v2/health/ready").await.0, 503);
+    let (_, index) = server.post("/v2/repository/index", json!({})).await;
+    let reason = index[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("no CUDA support")
+            || reason.contains("CUDA execution provider unavailable"),
+        "{reason}"
+    );
+    server.stop().await;
+}
