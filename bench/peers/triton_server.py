@@ -51,7 +51,6 @@ def bind(triton, spec, queue_delay_us, batching):
         inputs=[Tensor(name=t.name, dtype=t.dtype, shape=t.dims) for t in spec.inputs],
         outputs=[Tensor(name=t.name, dtype=t.dtype, shape=t.dims) for t in spec.outputs],
         config=ModelConfig(max_batch_size=spec.max_batch_size, batcher=batcher),
-        strict=True,
     )
 
 

@@ -17,7 +17,9 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ServingError;
-use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, parse_version};
+use crate::infer::{
+    InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype, parse_version,
+};
 use crate::models::ModelManager;
 use crate::server::ServerInfo;
 use crate::tensor::{DataType, Tensor, TensorData};
@@ -294,17 +296,11 @@ fn decode_infer(request: pb::ModelInferRequest) -> Result<InferRequest, ServingE
     }
     let mut raw = raw.into_iter();
     for input in request.inputs {
-        let dtype = DataType::from_name(&input.datatype).ok_or_else(|| {
-            ServingError::InvalidInput(format!(
-                "input '{}' has unknown datatype '{}'",
-                input.name, input.datatype
-            ))
-        })?;
-        if input.parameters.contains_key("shared_memory_region") {
-            return Err(ServingError::Unsupported(
-                "shared-memory tensors are not supported; send tensor data in the request".into(),
-            ));
-        }
+        let dtype = input_datatype(
+            &input.name,
+            &input.datatype,
+            input.parameters.contains_key("shared_memory_region"),
+        )?;
         let tensor = match (raw.next(), input.contents) {
             (Some(_), Some(_)) => {
                 return Err(ServingError::InvalidInput(format!(

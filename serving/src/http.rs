@@ -18,10 +18,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ServingError;
-use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, parse_version};
+use crate::infer::{
+    InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype, parse_version,
+};
 use crate::models::ModelManager;
 use crate::server::ServerInfo;
-use crate::tensor::{DataType, Tensor};
+use crate::tensor::Tensor;
 
 /// The header that splits a binary-extension body into its JSON part and its tensor bytes.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -433,17 +435,11 @@ fn decode_infer(
         }
     }
     for input in parsed.inputs {
-        let dtype = DataType::from_name(&input.datatype).ok_or_else(|| {
-            ServingError::InvalidInput(format!(
-                "input '{}' has unknown datatype '{}'",
-                input.name, input.datatype
-            ))
-        })?;
-        if input.parameters.contains_key("shared_memory_region") {
-            return Err(ServingError::Unsupported(
-                "shared-memory tensors are not supported; send tensor data in the request".into(),
-            ));
-        }
+        let dtype = input_datatype(
+            &input.name,
+            &input.datatype,
+            input.parameters.contains_key("shared_memory_region"),
+        )?;
         let tensor = match input.parameters.get("binary_data_size") {
             Some(size) => {
                 let size = size.as_u64().ok_or_else(|| {
@@ -696,9 +692,13 @@ mod tests {
 
     #[test]
     fn binary_response_puts_json_length_in_the_header() {
-        let tensor =
-            Tensor::from_json("y", DataType::Fp32, vec![2], &serde_json::json!([1.0, 2.0]))
-                .unwrap();
+        let tensor = Tensor::from_json(
+            "y",
+            crate::tensor::DataType::Fp32,
+            vec![2],
+            &serde_json::json!([1.0, 2.0]),
+        )
+        .unwrap();
         let response = InferResponse {
             model_name: "m".into(),
             model_version: 2,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::error::ServingError;
-use crate::tensor::Tensor;
+use crate::tensor::{DataType, Tensor};
 
 /// One inference request, as the model layer takes it.
 #[derive(Debug, Default)]
@@ -106,6 +106,22 @@ impl InferRequest {
         }
         Ok(())
     }
+}
+
+/// The datatype of an input as a transport received it; shared-memory inputs are refused.
+pub fn input_datatype(
+    name: &str,
+    datatype: &str,
+    shared_memory: bool,
+) -> Result<DataType, ServingError> {
+    if shared_memory {
+        return Err(ServingError::Unsupported(
+            "shared-memory tensors are not supported; send tensor data in the request".into(),
+        ));
+    }
+    DataType::from_name(datatype).ok_or_else(|| {
+        ServingError::InvalidInput(format!("input '{name}' has unknown datatype '{datatype}'"))
+    })
 }
 
 /// Parses a model version as the protocol carries it (a string; empty means "let the server choose").

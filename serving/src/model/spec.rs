@@ -208,8 +208,8 @@ pub fn build_spec(
         ));
     }
 
-    let inputs = complete_inputs(&mut config.input, graph_inputs, batched)?;
-    let outputs = complete_outputs(&mut config.output, graph_outputs, batched)?;
+    let inputs = complete_tensors("input", &mut config.input, graph_inputs, batched)?;
+    let outputs = complete_tensors("output", &mut config.output, graph_outputs, batched)?;
 
     let instances = complete_instances(name, &mut config, defaults)?;
     for key in config.parameters.keys() {
@@ -345,98 +345,94 @@ fn graph_dtype(graph: &GraphTensor, role: &str) -> Result<DataType, String> {
     })
 }
 
-/// Fills or checks configured inputs against the graph. Every graph input must end up declared.
-fn complete_inputs(
-    declared: &mut Vec<ModelInput>,
+/// What input and output declarations share, so one function completes and checks both.
+trait Declared: Default {
+    fn new(name: &str, data_type: inference::DataType, dims: Vec<i64>) -> Self;
+    fn name(&self) -> &str;
+    fn data_type(&self) -> i32;
+    fn dims_mut(&mut self) -> &mut Vec<i64>;
+}
+
+impl Declared for ModelInput {
+    fn new(name: &str, data_type: inference::DataType, dims: Vec<i64>) -> Self {
+        Self {
+            name: name.to_string(),
+            data_type: data_type as i32,
+            dims,
+            ..Default::default()
+        }
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn data_type(&self) -> i32 {
+        self.data_type
+    }
+    fn dims_mut(&mut self) -> &mut Vec<i64> {
+        &mut self.dims
+    }
+}
+
+impl Declared for ModelOutput {
+    fn new(name: &str, data_type: inference::DataType, dims: Vec<i64>) -> Self {
+        Self {
+            name: name.to_string(),
+            data_type: data_type as i32,
+            dims,
+            ..Default::default()
+        }
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn data_type(&self) -> i32 {
+        self.data_type
+    }
+    fn dims_mut(&mut self) -> &mut Vec<i64> {
+        &mut self.dims
+    }
+}
+
+/// Fills the declarations from the graph when there are none, else checks each against the graph.
+/// Inputs must all be declared; outputs may be a subset.
+fn complete_tensors<T: Declared>(
+    role: &str,
+    declared: &mut Vec<T>,
     graph: &[GraphTensor],
     batched: bool,
 ) -> Result<Vec<TensorSpec>, String> {
     if declared.is_empty() {
         for g in graph {
-            declared.push(ModelInput {
-                name: g.name.clone(),
-                data_type: config_data_type(graph_dtype(g, "input")?) as i32,
-                dims: client_dims(g, batched),
-                ..Default::default()
-            });
+            let dtype = config_data_type(graph_dtype(g, role)?);
+            declared.push(T::new(&g.name, dtype, client_dims(g, batched)));
         }
     }
     let mut specs = Vec::with_capacity(declared.len());
-    for input in declared.iter_mut() {
-        let g = graph.iter().find(|g| g.name == input.name).ok_or_else(|| {
+    for tensor in declared.iter_mut() {
+        let name = tensor.name().to_string();
+        let g = graph.iter().find(|g| g.name == name).ok_or_else(|| {
             format!(
-                "input '{}' is not in the model; the graph has {}",
-                input.name,
+                "{role} '{name}' is not in the model; the graph has {}",
                 names(graph)
             )
         })?;
-        let dtype = check_tensor(
-            "input",
-            &input.name,
-            input.data_type,
-            &mut input.dims,
-            g,
-            batched,
-        )?;
+        let data_type = tensor.data_type();
+        let dtype = check_tensor(role, &name, data_type, tensor.dims_mut(), g, batched)?;
         specs.push(TensorSpec {
-            name: input.name.clone(),
+            name,
             dtype,
-            dims: input.dims.clone(),
+            dims: tensor.dims_mut().clone(),
         });
     }
-    if let Some(missing) = graph
-        .iter()
-        .find(|g| !declared.iter().any(|d| d.name == g.name))
+    if role == "input"
+        && let Some(missing) = graph
+            .iter()
+            .find(|g| !declared.iter().any(|d| d.name() == g.name))
     {
         return Err(format!(
             "the model needs input '{}' but the configuration does not declare it",
             missing.name
         ));
-    }
-    Ok(specs)
-}
-
-/// Fills or checks configured outputs; a configuration may declare a subset of the graph's.
-fn complete_outputs(
-    declared: &mut Vec<ModelOutput>,
-    graph: &[GraphTensor],
-    batched: bool,
-) -> Result<Vec<TensorSpec>, String> {
-    if declared.is_empty() {
-        for g in graph {
-            declared.push(ModelOutput {
-                name: g.name.clone(),
-                data_type: config_data_type(graph_dtype(g, "output")?) as i32,
-                dims: client_dims(g, batched),
-                ..Default::default()
-            });
-        }
-    }
-    let mut specs = Vec::with_capacity(declared.len());
-    for output in declared.iter_mut() {
-        let g = graph
-            .iter()
-            .find(|g| g.name == output.name)
-            .ok_or_else(|| {
-                format!(
-                    "output '{}' is not in the model; the graph has {}",
-                    output.name,
-                    names(graph)
-                )
-            })?;
-        let dtype = check_tensor(
-            "output",
-            &output.name,
-            output.data_type,
-            &mut output.dims,
-            g,
-            batched,
-        )?;
-        specs.push(TensorSpec {
-            name: output.name.clone(),
-            dtype,
-            dims: output.dims.clone(),
-        });
     }
     Ok(specs)
 }
