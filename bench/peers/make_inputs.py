@@ -11,6 +11,7 @@ with a matching --shape for each such input (e.g. --shape input_ids:16).
 """
 import argparse
 import json
+import math
 import pathlib
 import random
 
@@ -24,9 +25,7 @@ CLS, SEP = 101, 102
 
 def tensor_values(tensor, seq_len, rng):
     shape = [seq_len if d == -1 else d for d in tensor.dims]
-    count = 1
-    for d in shape:
-        count *= d
+    count = math.prod(shape)
     if tensor.name == "input_ids":  # one sentence: [CLS] words [SEP]
         return [CLS] + [rng.randrange(1000, VOCAB_SIZE) for _ in range(count - 2)] + [SEP]
     if tensor.name == "attention_mask":

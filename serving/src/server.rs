@@ -125,13 +125,13 @@ impl Server {
         let grpc = GrpcInferenceServiceServer::new(InferenceService::new(models.clone(), info))
             .max_decoding_message_size(config.max_request_bytes)
             .max_encoding_message_size(usize::MAX)
-            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-            .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         let mut grpc_stopped = stopped;
         tasks.spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            // Small writes (headers, data, trailers) must not wait for the client's delayed ACK.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
             let result = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .layer(tower::util::MapResponseLayer::new(
                     oversized_is_resource_exhausted,
                 ))
@@ -199,6 +199,12 @@ fn oversized_is_resource_exhausted<B>(
 }
 
 async fn serve_http(listener: TcpListener, router: Router, mut stopped: watch::Receiver<bool>) {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             let _ = stopped.wait_for(|s| *s).await;
