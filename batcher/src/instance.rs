@@ -1,54 +1,36 @@
-//! Instance threads: each owns one executor and runs the batches the scheduler hands it, so
-//! inference never blocks the async runtime and N instances execute concurrently.
+//! Instance threads: each owns one executor, takes its next batch from the shared queue when
+//! idle, and runs it, so N instances execute concurrently and inference never blocks the async
+//! runtime.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
-
-use crate::{BatchError, BatchObserver, Completed, Executor, Message, Pending};
-
-/// The scheduler's end of an instance: where it sends batches.
-pub(crate) struct InstanceHandle<X: Executor> {
-    pub(crate) batches: Sender<Vec<Pending<X>>>,
-}
+use crate::queue::Shared;
+use crate::{BatchError, Completed, Executor, Pending};
 
 pub(crate) fn spawn<X: Executor>(
     name: &str,
     index: usize,
-    executor: X,
-    scheduler: Sender<Message<X>>,
-    observer: Arc<dyn BatchObserver>,
-) -> std::io::Result<InstanceHandle<X>> {
-    let (batches, receiver) = crossbeam_channel::bounded(1);
+    mut executor: X,
+    shared: Arc<Shared<X>>,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name(format!("{name}-i{index}"))
-        .spawn(move || run(index, executor, receiver, scheduler, observer))?;
-    Ok(InstanceHandle { batches })
+        .spawn(move || {
+            while let Some(batch) = shared.next_batch() {
+                execute(&mut executor, batch, &shared);
+            }
+        })?;
+    Ok(())
 }
 
-fn run<X: Executor>(
-    index: usize,
-    mut executor: X,
-    batches: Receiver<Vec<Pending<X>>>,
-    scheduler: Sender<Message<X>>,
-    observer: Arc<dyn BatchObserver>,
-) {
-    while let Ok(batch) = batches.recv() {
-        execute(&mut executor, batch, observer.as_ref());
-        if scheduler.send(Message::InstanceIdle(index)).is_err() {
-            break;
-        }
-    }
-}
-
-fn execute<X: Executor>(executor: &mut X, batch: Vec<Pending<X>>, observer: &dyn BatchObserver) {
+fn execute<X: Executor>(executor: &mut X, batch: Vec<Pending<X>>, shared: &Shared<X>) {
     let started = Instant::now();
     let mut jobs = Vec::with_capacity(batch.len());
     let mut waiting = Vec::with_capacity(batch.len());
     for pending in batch {
-        // A client that left while the batch was being handed over costs no compute.
+        // A caller that left since the batch was formed costs no compute.
         if pending.departed() {
             continue;
         }
@@ -61,7 +43,7 @@ fn execute<X: Executor>(executor: &mut X, batch: Vec<Pending<X>>, observer: &dyn
     let rows: usize = jobs.iter().map(crate::Job::rows).sum();
     let result = catch_unwind(AssertUnwindSafe(|| executor.execute(&jobs)));
     let compute = started.elapsed();
-    observer.batch_executed(jobs.len(), rows, compute);
+    shared.observer().batch_executed(jobs.len(), rows, compute);
     match result {
         Ok(Ok(outputs)) if outputs.len() == waiting.len() => {
             for ((reply, queue), output) in waiting.into_iter().zip(outputs) {

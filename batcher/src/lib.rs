@@ -6,20 +6,22 @@
 //! gRPC or ONNX: a [`Job`] is anything with a row count, an [`Executor`] anything that turns a slice
 //! of jobs into one output per job.
 //!
-//! Shape: [`Batcher::submit`] puts a job on a bounded queue and awaits its result. A scheduler thread
-//! owns the queues and forms batches whenever an instance is idle; each instance is an OS thread that
-//! owns one executor (for ONNX Runtime, one session), so inference never runs on the async runtime.
-//! Results go straight from the instance to the waiting caller.
+//! Shape: [`Batcher::submit`] puts a job on a bounded queue and awaits its result. Each instance
+//! is an OS thread that owns one executor (for ONNX Runtime, one session); when idle it takes the
+//! next batch from the shared queue itself, by Triton's formation rules (see `queue.rs`), so a job
+//! queued while every instance is busy costs no thread wake-up at all, and inference never runs on
+//! the async runtime. Results go straight from the instance to the waiting caller.
 
 mod instance;
 mod policy;
-mod scheduler;
+mod queue;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+
+use crate::queue::Shared;
 
 pub use policy::{BatchPolicy, PolicyError, QueuePolicy};
 
@@ -120,9 +122,13 @@ struct Pending<X: Executor> {
 }
 
 impl<X: Executor> Pending<X> {
-    /// The caller stopped waiting (client went away): the job must not run.
+    /// The caller stopped waiting (client went away, or its deadline passed): the job must not run.
     fn departed(&self) -> bool {
         self.reply.is_closed()
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
     }
 
     fn fail(self, error: BatchError<X::Error>) {
@@ -130,29 +136,14 @@ impl<X: Executor> Pending<X> {
     }
 }
 
-/// Messages into the scheduler thread.
-enum Message<X: Executor> {
-    Enqueue(Pending<X>),
-    InstanceIdle(usize),
-    Shutdown,
-}
-
-/// State shared by the handle and the scheduler: per-level queue occupancy, checked at submit so a
-/// full queue rejects immediately.
-struct Shared {
-    queued: Vec<AtomicUsize>,
-}
-
-/// The handle to one model version's batching queue. Dropping it stops the scheduler; executions
-/// already running finish and deliver their results.
+/// The handle to one model version's batching queue. Dropping it stops the instances once they
+/// finish what they are running; jobs still queued are answered with [`BatchError::Shutdown`].
 pub struct Batcher<X: Executor> {
-    policy: Arc<BatchPolicy>,
-    shared: Arc<Shared>,
-    sender: crossbeam_channel::Sender<Message<X>>,
+    shared: Arc<Shared<X>>,
 }
 
 impl<X: Executor> Batcher<X> {
-    /// Starts the scheduler and one thread per executor. `name` labels the threads.
+    /// Starts one thread per executor. `name` labels the threads.
     pub fn start(
         name: &str,
         policy: BatchPolicy,
@@ -163,115 +154,87 @@ impl<X: Executor> Batcher<X> {
             !executors.is_empty(),
             "a batcher needs at least one executor"
         );
-        let policy = Arc::new(policy);
-        let shared = Arc::new(Shared {
-            queued: (0..policy.priority_levels)
-                .map(|_| AtomicUsize::new(0))
-                .collect(),
-        });
-        let (sender, receiver) = crossbeam_channel::unbounded();
-        let instances = executors
-            .into_iter()
-            .enumerate()
-            .map(|(index, executor)| {
-                instance::spawn(name, index, executor, sender.clone(), observer.clone())
-            })
-            .collect::<std::io::Result<Vec<_>>>()?;
-        scheduler::spawn(
-            name,
-            policy.clone(),
-            shared.clone(),
-            receiver,
-            instances,
-            observer,
-        )?;
-        Ok(Self {
-            policy,
-            shared,
-            sender,
-        })
+        let shared = Arc::new(Shared::new(policy, observer));
+        for (index, executor) in executors.into_iter().enumerate() {
+            instance::spawn(name, index, executor, shared.clone())?;
+        }
+        Ok(Self { shared })
     }
 
     /// The policy this batcher runs with.
     pub fn policy(&self) -> &BatchPolicy {
-        &self.policy
+        &self.shared.policy
     }
 
     /// Jobs waiting in the queue now, all priority levels together.
     pub fn queue_depth(&self) -> usize {
-        self.shared
-            .queued
-            .iter()
-            .map(|q| q.load(Ordering::Relaxed))
-            .sum()
+        self.shared.depth()
     }
 
     /// Queues `job` and waits for its output. Rejects at once, without queueing, when the job's
     /// priority level is full. Dropping the returned future withdraws the job if it has not started.
     pub async fn submit(&self, job: X::Job, options: SubmitOptions) -> Outcome<X> {
-        let receiver = self.enqueue(job, options)?;
-        receiver.await.unwrap_or(Err(BatchError::Shutdown))
+        let (receiver, deadline, enqueued) = self.enqueue(job, options)?;
+        let answer = match deadline {
+            // The deadline is kept here, not by the instances, so it fires while they are all busy.
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), receiver).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    return Err(BatchError::TimedOut {
+                        waited: enqueued.elapsed(),
+                    });
+                }
+            },
+            None => receiver.await,
+        };
+        answer.unwrap_or(Err(BatchError::Shutdown))
     }
 
+    #[allow(clippy::type_complexity)]
     fn enqueue(
         &self,
         job: X::Job,
         options: SubmitOptions,
-    ) -> Result<oneshot::Receiver<Outcome<X>>, BatchError<X::Error>> {
+    ) -> Result<(oneshot::Receiver<Outcome<X>>, Option<Instant>, Instant), BatchError<X::Error>>
+    {
+        let policy = &self.shared.policy;
         let rows = job.rows();
         if rows == 0 {
             return Err(BatchError::NoRows);
         }
-        if self.policy.max_batch_size > 0 && rows > self.policy.max_batch_size {
+        if policy.max_batch_size > 0 && rows > policy.max_batch_size {
             return Err(BatchError::TooManyRows {
                 rows,
-                max: self.policy.max_batch_size,
+                max: policy.max_batch_size,
             });
         }
-        let level = self.policy.level_for(options.priority).map_err(|levels| {
-            BatchError::InvalidPriority {
-                priority: options.priority.unwrap_or(0),
-                levels,
-            }
-        })?;
-        let queue_policy = self.policy.queue_policy(level);
-        let counter = &self.shared.queued[level as usize - 1];
-        let capacity = queue_policy.max_queue_size;
-        if counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < capacity).then_some(n + 1)
-            })
-            .is_err()
-        {
-            return Err(BatchError::QueueFull { level, capacity });
-        }
+        let level =
+            policy
+                .level_for(options.priority)
+                .map_err(|levels| BatchError::InvalidPriority {
+                    priority: options.priority.unwrap_or(0),
+                    levels,
+                })?;
         let enqueued = Instant::now();
-        let deadline = queue_policy
+        let deadline = policy
+            .queue_policy(level)
             .effective_timeout(options.timeout)
             .map(|t| enqueued + t);
         let (reply, receiver) = oneshot::channel();
-        let pending = Pending {
+        self.shared.push(Pending {
             job,
             rows,
             level,
             enqueued,
             deadline,
             reply,
-        };
-        if let Err(crossbeam_channel::SendError(message)) =
-            self.sender.send(Message::Enqueue(pending))
-        {
-            counter.fetch_sub(1, Ordering::AcqRel);
-            if let Message::Enqueue(pending) = message {
-                pending.fail(BatchError::Shutdown);
-            }
-        }
-        Ok(receiver)
+        })?;
+        Ok((receiver, deadline, enqueued))
     }
 }
 
 impl<X: Executor> Drop for Batcher<X> {
     fn drop(&mut self) {
-        let _ = self.sender.send(Message::Shutdown);
+        self.shared.shut_down();
     }
 }

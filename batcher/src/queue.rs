@@ -1,0 +1,249 @@
+//! The queue every instance pulls batches from, and the rules that decide when a batch is ready.
+//!
+//! Formation follows Triton's dynamic batcher. An idle instance takes queued jobs in priority order
+//! (FIFO within a level) while they fit in `max_batch_size` rows and can share a batch with the
+//! first one. The batch goes at once if it cannot grow (it is full, or the next job does not fit),
+//! if a prefix of it has a preferred size (the largest such prefix goes), if there is no queue
+//! delay, or once its oldest job has waited `max_queue_delay`. Otherwise the instance waits for
+//! more jobs or for the delay to run out. Without dynamic batching each job runs alone. Jobs whose
+//! callers left, or whose deadline passed, are dropped unexecuted.
+//!
+//! The queue is a mutex and a condition variable rather than a scheduler thread: a job queued while
+//! every instance is busy wakes no thread, and a free instance forms its next batch itself. The
+//! deadline of a waiting job is kept by its caller's future (see `Batcher::submit`), so timeouts
+//! fire on time even when no instance is free; instances only skip such jobs.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::{BatchError, BatchObserver, BatchPolicy, Executor, Job, Pending};
+
+/// State shared by the batcher handle and its instances.
+pub(crate) struct Shared<X: Executor> {
+    pub(crate) policy: BatchPolicy,
+    observer: Arc<dyn BatchObserver>,
+    state: Mutex<State<X>>,
+    /// Signalled when jobs arrive or the batcher shuts down; idle instances wait on it.
+    arrived: Condvar,
+}
+
+struct State<X: Executor> {
+    /// One FIFO per priority level, index 0 = level 1.
+    queues: Vec<VecDeque<Pending<X>>>,
+    /// Instances waiting on `arrived`.
+    waiting: usize,
+    shut_down: bool,
+}
+
+/// What batch formation decided.
+enum Decision {
+    /// Take the first `n` live queued jobs (in priority order) now.
+    Take(usize),
+    /// Nothing is ready; look again at this instant, or when a job arrives.
+    WaitUntil(Instant),
+    /// The queues are empty.
+    Empty,
+}
+
+impl<X: Executor> Shared<X> {
+    pub(crate) fn new(policy: BatchPolicy, observer: Arc<dyn BatchObserver>) -> Self {
+        Self {
+            state: Mutex::new(State {
+                queues: (0..policy.priority_levels)
+                    .map(|_| VecDeque::new())
+                    .collect(),
+                waiting: 0,
+                shut_down: false,
+            }),
+            arrived: Condvar::new(),
+            policy,
+            observer,
+        }
+    }
+
+    pub(crate) fn observer(&self) -> &dyn BatchObserver {
+        self.observer.as_ref()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<X>> {
+        // A panic while holding the lock can only come from an observer; the queue stays usable.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn depth(&self) -> usize {
+        self.lock().queues.iter().map(VecDeque::len).sum()
+    }
+
+    /// Queues a job, or rejects it at once when its level is full or the batcher is stopping.
+    pub(crate) fn push(&self, pending: Pending<X>) -> Result<(), BatchError<X::Error>> {
+        let mut state = self.lock();
+        if state.shut_down {
+            return Err(BatchError::Shutdown);
+        }
+        let level = pending.level;
+        let capacity = self.policy.queue_policy(level).max_queue_size;
+        let queue = &mut state.queues[level as usize - 1];
+        if queue.len() >= capacity {
+            // Jobs whose callers left hold no place.
+            queue.retain(|p| !p.departed());
+            if queue.len() >= capacity {
+                return Err(BatchError::QueueFull { level, capacity });
+            }
+        }
+        queue.push_back(pending);
+        let wake = state.waiting > 0;
+        let depth = state.queues.iter().map(VecDeque::len).sum();
+        drop(state);
+        // Notified after unlocking, so the woken instance does not block on the lock at once.
+        if wake {
+            self.arrived.notify_one();
+        }
+        self.observer.queue_depth(depth);
+        Ok(())
+    }
+
+    /// Answers every queued job with `Shutdown` and releases the instances.
+    pub(crate) fn shut_down(&self) {
+        let mut state = self.lock();
+        state.shut_down = true;
+        let queued: Vec<Pending<X>> = state.queues.iter_mut().flat_map(|q| q.drain(..)).collect();
+        drop(state);
+        self.arrived.notify_all();
+        for pending in queued {
+            pending.fail(BatchError::Shutdown);
+        }
+        self.observer.queue_depth(0);
+    }
+
+    /// Blocks until a batch is ready and returns it; `None` once the batcher shuts down.
+    pub(crate) fn next_batch(&self) -> Option<Vec<Pending<X>>> {
+        let mut state = self.lock();
+        loop {
+            if state.shut_down {
+                return None;
+            }
+            let now = Instant::now();
+            match decide(&self.policy, &mut state.queues, now) {
+                Decision::Take(n) => {
+                    let batch = take(&mut state.queues, n, now);
+                    let depth = state.queues.iter().map(VecDeque::len).sum();
+                    drop(state);
+                    self.observer.queue_depth(depth);
+                    return Some(batch);
+                }
+                Decision::WaitUntil(at) => {
+                    state.waiting += 1;
+                    let timeout = at.saturating_duration_since(now);
+                    state = self
+                        .arrived
+                        .wait_timeout(state, timeout)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0;
+                    state.waiting -= 1;
+                }
+                Decision::Empty => {
+                    state.waiting += 1;
+                    state = self
+                        .arrived
+                        .wait(state)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    state.waiting -= 1;
+                }
+            }
+        }
+    }
+}
+
+/// A job that must not run: its caller left or its deadline passed.
+fn gone<X: Executor>(pending: &Pending<X>, now: Instant) -> bool {
+    pending.departed() || pending.expired(now)
+}
+
+/// Removes a dead job from the queue for good, telling a caller still waiting that it timed out.
+fn dismiss<X: Executor>(pending: Pending<X>, now: Instant) {
+    if pending.expired(now) {
+        let waited = now - pending.enqueued;
+        pending.fail(BatchError::TimedOut { waited });
+    }
+}
+
+/// Looks at the queue heads and decides whether a batch is ready.
+fn decide<X: Executor>(
+    policy: &BatchPolicy,
+    queues: &mut [VecDeque<Pending<X>>],
+    now: Instant,
+) -> Decision {
+    for queue in queues.iter_mut() {
+        while queue.front().is_some_and(|p| gone(p, now)) {
+            dismiss(queue.pop_front().expect("front exists"), now);
+        }
+    }
+    let mut candidates = queues.iter().flatten().filter(|p| !gone(p, now));
+    let Some(first) = candidates.next() else {
+        return Decision::Empty;
+    };
+    if policy.max_batch_size == 0 || !policy.dynamic_batching {
+        return Decision::Take(1);
+    }
+    let mut count = 1;
+    let mut rows = first.rows;
+    let mut oldest = first.enqueued;
+    let mut preferred_prefix = policy
+        .preferred_batch_sizes
+        .contains(&rows)
+        .then_some(count);
+    let mut cannot_grow = rows >= policy.max_batch_size;
+    for pending in candidates {
+        if cannot_grow {
+            break;
+        }
+        if rows + pending.rows > policy.max_batch_size || !pending.job.can_batch_with(&first.job) {
+            cannot_grow = true;
+            break;
+        }
+        count += 1;
+        rows += pending.rows;
+        oldest = oldest.min(pending.enqueued);
+        if policy.preferred_batch_sizes.contains(&rows) {
+            preferred_prefix = Some(count);
+        }
+        cannot_grow = rows >= policy.max_batch_size;
+    }
+    let delay_over = now >= oldest + policy.max_queue_delay;
+    if cannot_grow || policy.max_queue_delay.is_zero() || delay_over {
+        Decision::Take(count)
+    } else if let Some(prefix) = preferred_prefix {
+        Decision::Take(prefix)
+    } else {
+        Decision::WaitUntil(oldest + policy.max_queue_delay)
+    }
+}
+
+/// Removes the first `n` live jobs (priority order) from the queues, dropping dead ones met on
+/// the way.
+fn take<X: Executor>(
+    queues: &mut [VecDeque<Pending<X>>],
+    n: usize,
+    now: Instant,
+) -> Vec<Pending<X>> {
+    let mut batch = Vec::with_capacity(n);
+    for queue in queues.iter_mut() {
+        while batch.len() < n {
+            let Some(pending) = queue.pop_front() else {
+                break;
+            };
+            if gone(&pending, now) {
+                dismiss(pending, now);
+            } else {
+                batch.push(pending);
+            }
+        }
+        if batch.len() == n {
+            break;
+        }
+    }
+    batch
+}
