@@ -119,8 +119,13 @@ def perf(server, model, protocol, concurrency, inputs, window_ms):
         command += [f"--shape={name}:{SEQ_LEN}" for name in ("input_ids", "attention_mask", "token_type_ids")]
     if protocol == "http":
         command += ["--input-tensor-format", spec["http_format"], "--output-tensor-format", spec["http_format"]]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=window_ms * 12 / 1000 + 120)
     row = {"server": server, "model": model, "protocol": protocol, "concurrency": concurrency}
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=window_ms * 12 / 1000 + 120)
+    except subprocess.TimeoutExpired:
+        alive = ready(spec["http"], f"/v2/models/{model}/ready")
+        row["error"] = [f"perf_analyzer did not finish; the server {'still answers' if alive else 'does not answer'}"]
+        return row
     if result.returncode != 0:
         row["error"] = (result.stdout + result.stderr).strip().splitlines()[-1:] or ["failed"]
         return row

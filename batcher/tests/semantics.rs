@@ -103,6 +103,35 @@ async fn each_job_gets_exactly_its_own_rows() {
     assert_eq!(record.batches.iter().map(Vec::len).sum::<usize>(), 300);
 }
 
+/// Many callers, several instances, no delay: every job completes (no lost wake-up leaves one
+/// waiting) and is executed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_load_loses_no_job() {
+    for (instances, delay_us) in [(1, 0), (3, 0), (2, 50)] {
+        let mut policy = BatchPolicy::new(16, 100_000);
+        policy.max_queue_delay = Duration::from_micros(delay_us);
+        let (batcher, record, _) = start(policy, instances, Gate::opened());
+        let callers = (0..64u64).map(|caller| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move {
+                for n in 0..300u64 {
+                    let id = caller * 1_000 + n;
+                    let done = batcher.submit(job(id, 1), Default::default()).await.unwrap();
+                    assert_eq!(done.output, vec![row_value(id, 0)]);
+                }
+            })
+        });
+        let all = futures::future::join_all(callers);
+        let finished = tokio::time::timeout(Duration::from_secs(60), all).await;
+        for caller in finished.expect("every job completes: none is stuck in the queue") {
+            caller.unwrap();
+        }
+        let executed = executed_ids(&record);
+        assert_eq!(executed.len(), 64 * 300);
+        assert_eq!(executed.iter().collect::<std::collections::HashSet<_>>().len(), 64 * 300);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_rejects_at_once_and_loses_nothing_queued() {
     let (batcher, record, gate) = start(BatchPolicy::new(1, 4), 1, Gate::closed());
