@@ -76,7 +76,10 @@ def start(server, models, env_extra=None):
     else:
         command = [str(PEERS / "venv-mlserver" / "bin" / "python"), str(ROOT / "bench" / "peers" / "mlserver_server.py"), *models]
     log = open(OUT / f"{server}.log", "w")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # A process group of its own (to stop its children too) but the client's session: in another
+    # session Linux's autogroup scheduling splits the CPU between server and client by session,
+    # which starves perf_analyzer's own threads and can stall its measurement.
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
     port = SERVERS[server]["http"]
     deadline = time.time() + 300
     while True:

@@ -95,13 +95,14 @@ impl<X: Executor> Shared<X> {
         }
         queue.push_back(pending);
         let wake = state.waiting > 0;
-        let depth = state.queues.iter().map(VecDeque::len).sum();
+        // Reported under the lock, so reports reach the observer in the order the queue changed.
+        self.observer
+            .queue_depth(state.queues.iter().map(VecDeque::len).sum());
         drop(state);
         // Notified after unlocking, so the woken instance does not block on the lock at once.
         if wake {
             self.arrived.notify_one();
         }
-        self.observer.queue_depth(depth);
         Ok(())
     }
 
@@ -110,12 +111,12 @@ impl<X: Executor> Shared<X> {
         let mut state = self.lock();
         state.shut_down = true;
         let queued: Vec<Pending<X>> = state.queues.iter_mut().flat_map(|q| q.drain(..)).collect();
+        self.observer.queue_depth(0);
         drop(state);
         self.arrived.notify_all();
         for pending in queued {
             pending.fail(BatchError::Shutdown);
         }
-        self.observer.queue_depth(0);
     }
 
     /// Blocks until a batch is ready and returns it; `None` once the batcher shuts down.
@@ -129,9 +130,8 @@ impl<X: Executor> Shared<X> {
             match decide(&self.policy, &mut state.queues, now) {
                 Decision::Take(n) => {
                     let batch = take(&mut state.queues, n, now);
-                    let depth = state.queues.iter().map(VecDeque::len).sum();
-                    drop(state);
-                    self.observer.queue_depth(depth);
+                    self.observer
+                        .queue_depth(state.queues.iter().map(VecDeque::len).sum());
                     return Some(batch);
                 }
                 Decision::WaitUntil(at) => {

@@ -116,7 +116,10 @@ async fn sustained_load_loses_no_job() {
             tokio::spawn(async move {
                 for n in 0..300u64 {
                     let id = caller * 1_000 + n;
-                    let done = batcher.submit(job(id, 1), Default::default()).await.unwrap();
+                    let done = batcher
+                        .submit(job(id, 1), Default::default())
+                        .await
+                        .unwrap();
                     assert_eq!(done.output, vec![row_value(id, 0)]);
                 }
             })
@@ -128,7 +131,13 @@ async fn sustained_load_loses_no_job() {
         }
         let executed = executed_ids(&record);
         assert_eq!(executed.len(), 64 * 300);
-        assert_eq!(executed.iter().collect::<std::collections::HashSet<_>>().len(), 64 * 300);
+        assert_eq!(
+            executed
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            64 * 300
+        );
     }
 }
 

@@ -23,7 +23,7 @@ use stats::ModelStats;
 
 /// One model version, ready to serve.
 pub struct LoadedModel {
-    spec: Arc<ModelSpec>,
+    spec: ModelSpec,
     batcher: Batcher<OnnxInstance>,
     stats: Arc<ModelStats>,
 }
@@ -60,7 +60,7 @@ impl LoadedModel {
         )
         .map_err(|e| ServingError::Internal(format!("cannot start model threads: {e}")))?;
         Ok(Self {
-            spec: Arc::new(spec),
+            spec,
             batcher,
             stats,
         })
@@ -152,7 +152,7 @@ impl LoadedModel {
 
     /// Checks the inputs against the spec and orders them as the spec lists them.
     fn job(&self, inputs: Vec<Tensor>) -> Result<InferJob, ServingError> {
-        let spec = &*self.spec;
+        let spec = &self.spec;
         let invalid = |message: String| ServingError::InvalidInput(message);
         let mut slots: Vec<Option<Tensor>> = vec![None; spec.inputs.len()];
         let mut rows: Option<(usize, String)> = None;
