@@ -48,8 +48,8 @@ pub trait Executor: Send + 'static {
     fn execute(&mut self, jobs: &[Self::Job]) -> Result<Vec<Self::Output>, Self::Error>;
 }
 
-/// Receives what happens inside the batcher, for metrics. Methods are called on the scheduler and
-/// instance threads, so they must be cheap.
+/// Receives what happens inside the batcher, for metrics. Methods are called on instance threads
+/// and by submitters, `queue_depth` while the queue is locked, so they must be cheap.
 pub trait BatchObserver: Send + Sync + 'static {
     /// A batch finished executing (successfully or not).
     fn batch_executed(&self, jobs: usize, rows: usize, compute: Duration) {

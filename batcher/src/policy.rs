@@ -1,5 +1,5 @@
 //! The knobs of dynamic batching, with Triton's names and meanings, validated once at start-up so
-//! the scheduler can trust them.
+//! batch formation can trust them.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -250,14 +250,14 @@ async fn errors_carry_matching_status_codes() {
     let (c, _) = code(client.model_infer(gbr_request(2000)).await);
     assert_eq!(c, Code::ResourceExhausted, "a message over the size limit");
 
-    let unimplemented = client
+    let unknown_version = client
         .model_config(pb::ModelConfigRequest {
             name: "gbr".into(),
             version: "2".into(),
         })
         .await
         .unwrap_err();
-    assert_eq!(unimplemented.code(), Code::NotFound);
+    assert_eq!(unknown_version.code(), Code::NotFound);
     // Still serving.
     client.model_infer(gbr_request(1)).await.unwrap();
     server.stop().await;

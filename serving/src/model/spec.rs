@@ -353,45 +353,32 @@ trait Declared: Default {
     fn dims_mut(&mut self) -> &mut Vec<i64>;
 }
 
-impl Declared for ModelInput {
-    fn new(name: &str, data_type: inference::DataType, dims: Vec<i64>) -> Self {
-        Self {
-            name: name.to_string(),
-            data_type: data_type as i32,
-            dims,
-            ..Default::default()
+/// `ModelInput` and `ModelOutput` carry the same three fields under the same names.
+macro_rules! declared {
+    ($message:ty) => {
+        impl Declared for $message {
+            fn new(name: &str, data_type: inference::DataType, dims: Vec<i64>) -> Self {
+                Self {
+                    name: name.to_string(),
+                    data_type: data_type as i32,
+                    dims,
+                    ..Default::default()
+                }
+            }
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn data_type(&self) -> i32 {
+                self.data_type
+            }
+            fn dims_mut(&mut self) -> &mut Vec<i64> {
+                &mut self.dims
+            }
         }
-    }
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn data_type(&self) -> i32 {
-        self.data_type
-    }
-    fn dims_mut(&mut self) -> &mut Vec<i64> {
-        &mut self.dims
-    }
+    };
 }
-
-impl Declared for ModelOutput {
-    fn new(name: &str, data_type: inference::DataType, dims: Vec<i64>) -> Self {
-        Self {
-            name: name.to_string(),
-            data_type: data_type as i32,
-            dims,
-            ..Default::default()
-        }
-    }
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn data_type(&self) -> i32 {
-        self.data_type
-    }
-    fn dims_mut(&mut self) -> &mut Vec<i64> {
-        &mut self.dims
-    }
-}
+declared!(ModelInput);
+declared!(ModelOutput);
 
 /// Fills the declarations from the graph when there are none, else checks each against the graph.
 /// Inputs must all be declared; outputs may be a subset.
