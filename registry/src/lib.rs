@@ -2,12 +2,21 @@
 //! bytes and never touches a filesystem or bucket itself, so a local folder, S3 and GCS are one
 //! code path (`object_store`).
 //!
-//! Today the source is a Triton model repository (`{root}/{model}/config.pbtxt`,
-//! `{root}/{model}/{version}/model.onnx`); the versioned registry with manifests and aliases
-//! (DESIGN.md, issue 3) will live here too.
+//! Two sources: a plain Triton model repository (`triton.rs`, read-only), and the Marquee
+//! registry (`registry.rs`): immutable versions with manifests (`manifest.rs`) and per-model
+//! aliases and stages kept as a revision log (`refs.rs`). `cli.rs` is the `marquee registry`
+//! command that data scientists use.
 
+mod location;
+pub mod manifest;
+pub mod onnx;
+pub mod refs;
+mod registry;
 mod triton;
 
+pub use manifest::Manifest;
+pub use refs::{Refs, Stage};
+pub use registry::{FileCheck, Progress, PushFile, Quiet, Registry, now, sha256_hex};
 pub use triton::{ModelRepository, ModelSource};
 
 /// Why a model or repository could not be read.
@@ -15,7 +24,7 @@ pub use triton::{ModelRepository, ModelSource};
 pub enum RegistryError {
     #[error("invalid repository location '{location}': {reason}")]
     InvalidLocation { location: String, reason: String },
-    #[error("model '{0}' is not in the repository")]
+    #[error("model '{0}' is not found")]
     ModelNotFound(String),
     #[error("model '{model}': {reason}")]
     InvalidConfig { model: String, reason: String },
@@ -25,6 +34,43 @@ pub enum RegistryError {
         version: u64,
         file: String,
     },
+    #[error("model '{model}' has no version or alias '{version}' (versions: {available:?})")]
+    VersionNotFound {
+        model: String,
+        version: String,
+        available: Vec<u64>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    /// Lost a race with another writer; nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
+    /// The change breaks a rule (stage order, approval, gates, archived versions).
+    #[error("{0}")]
+    Refused(String),
+    /// Stored data does not match its manifest, or cannot be read.
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Io(String),
     #[error("object store: {0}")]
     Store(#[from] object_store::Error),
+}
+
+impl RegistryError {
+    /// The process exit code the CLI uses, so scripts can tell failures apart.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RegistryError::ModelNotFound(_) | RegistryError::VersionNotFound { .. } => 3,
+            RegistryError::Conflict(_) => 4,
+            RegistryError::Refused(_) => 5,
+            RegistryError::Corrupt(_) => 6,
+            RegistryError::Invalid(_)
+            | RegistryError::InvalidLocation { .. }
+            | RegistryError::InvalidConfig { .. } => 2,
+            RegistryError::ArtifactMissing { .. }
+            | RegistryError::Io(_)
+            | RegistryError::Store(_) => 1,
+        }
+    }
 }

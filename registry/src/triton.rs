@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use marquee_proto::ModelConfig;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
@@ -30,31 +29,12 @@ pub struct ModelRepository {
 }
 
 impl ModelRepository {
-    /// Opens a repository from a local path or a URL (`file:///…`; cloud schemes as the build
-    /// enables them).
+    /// Opens a repository from a local path or a URL (`file://`, `s3://`, `gs://`).
     pub fn open(location: &str) -> Result<Self, RegistryError> {
-        let invalid = |reason: String| RegistryError::InvalidLocation {
-            location: location.to_string(),
-            reason,
-        };
-        let (store, root): (Arc<dyn ObjectStore>, Path) = if location.contains("://") {
-            let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
-            let (store, root) =
-                object_store::parse_url(&url).map_err(|e| invalid(e.to_string()))?;
-            (Arc::from(store), root)
-        } else {
-            let dir = std::fs::canonicalize(location)
-                .map_err(|e| invalid(format!("{e} (is the path right?)")))?;
-            if !dir.is_dir() {
-                return Err(invalid("not a directory".into()));
-            }
-            let store =
-                LocalFileSystem::new_with_prefix(&dir).map_err(|e| invalid(e.to_string()))?;
-            (Arc::new(store), Path::default())
-        };
+        let opened = crate::location::open(location, false)?;
         Ok(Self {
-            store,
-            root,
+            store: opened.store,
+            root: opened.root,
             location: location.to_string(),
         })
     }
