@@ -115,15 +115,20 @@ pub fn parse_config_json(json: &str) -> Result<ModelConfig, ConfigTextError> {
 /// Renders a configuration as Triton's HTTP API does: proto field names, enum names, default
 /// values included, 64-bit integers as JSON numbers.
 pub fn config_to_json(config: &ModelConfig) -> serde_json::Value {
-    message_to_json(config, "inference.ModelConfig")
+    message_to_json(config, "inference.ModelConfig", false)
+}
+
+/// The same JSON without fields left at their defaults: what a person wrote, for manifests.
+pub fn config_to_compact_json(config: &ModelConfig) -> serde_json::Value {
+    message_to_json(config, "inference.ModelConfig", true)
 }
 
 /// Renders statistics as Triton's HTTP statistics extension does (same conventions).
 pub fn statistics_to_json(stats: &inference::ModelStatisticsResponse) -> serde_json::Value {
-    message_to_json(stats, "inference.ModelStatisticsResponse")
+    message_to_json(stats, "inference.ModelStatisticsResponse", false)
 }
 
-fn message_to_json(message: &impl Message, type_name: &str) -> serde_json::Value {
+fn message_to_json(message: &impl Message, type_name: &str, skip_defaults: bool) -> serde_json::Value {
     let descriptor = DESCRIPTORS
         .get_message_by_name(type_name)
         .expect("message type is in the descriptor set");
@@ -133,7 +138,7 @@ fn message_to_json(message: &impl Message, type_name: &str) -> serde_json::Value
         .stringify_64_bit_integers(false)
         .use_enum_numbers(false)
         .use_proto_field_name(true)
-        .skip_default_fields(false);
+        .skip_default_fields(skip_defaults);
     message
         .serialize_with_options(serde_json::value::Serializer, &options)
         .expect("a protobuf message always serializes to JSON")
@@ -237,5 +242,8 @@ mod tests {
         assert!(json.get("sequence_batching").is_none());
         let back = parse_config_json(&json.to_string()).unwrap();
         assert_eq!(back, config);
+        let compact = config_to_compact_json(&config);
+        assert!(compact.get("batch_input").is_none(), "defaults are left out");
+        assert_eq!(parse_config_json(&compact.to_string()).unwrap(), config);
     }
 }

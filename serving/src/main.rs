@@ -17,8 +17,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a Triton model repository over KServe v2 REST (8000), gRPC (8001) and metrics (8002).
+    /// Serve models over KServe v2 REST (8000), gRPC (8001) and metrics (8002).
     Serve(ServeConfig),
+    /// Push, inspect and promote models in the model registry.
+    Registry(marquee_registry::cli::RegistryArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,6 +35,13 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Serve(config) => serve(config).await,
+            Command::Registry(args) => {
+                if let Err(e) = marquee_registry::cli::run(args).await {
+                    eprintln!("error: {e}");
+                    std::process::exit(e.exit_code());
+                }
+                Ok(())
+            }
         }
     })
 }
