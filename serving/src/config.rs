@@ -11,10 +11,24 @@ use crate::model::ModelDefaults;
 /// How to run the server.
 #[derive(Debug, Clone, clap::Args, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["model_repository", "registry"])))]
 pub struct ServeConfig {
-    /// Triton model repository: a local folder or an object-store URL (file://…).
+    /// Triton model repository, served as it is: a folder or a URL (file://, s3://, gs://).
     #[arg(long, env = "MARQUEE_MODEL_REPOSITORY")]
-    pub model_repository: String,
+    pub model_repository: Option<String>,
+
+    /// Marquee registry: serves what the aliases point at (production answers requests that name
+    /// no version), reloading as they move.
+    #[arg(long, env = "MARQUEE_REGISTRY")]
+    pub registry: Option<String>,
+
+    /// How often to look for registry changes, in seconds (one listing per model).
+    #[arg(long, default_value_t = 5.0)]
+    pub registry_poll_seconds: f64,
+
+    /// Also serve this registry version whatever the aliases say: MODEL:VERSION (repeatable).
+    #[arg(long = "pin")]
+    pub pins: Vec<String>,
 
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
@@ -59,7 +73,10 @@ pub struct ServeConfig {
 impl Default for ServeConfig {
     fn default() -> Self {
         Self {
-            model_repository: String::new(),
+            model_repository: None,
+            registry: None,
+            registry_poll_seconds: 5.0,
+            pins: Vec::new(),
             host: IpAddr::from([0, 0, 0, 0]),
             http_port: 8000,
             grpc_port: 8001,

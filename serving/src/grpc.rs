@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ServingError;
 use crate::infer::{
-    InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype, parse_version,
+    InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype,
 };
 use crate::models::ModelManager;
 use crate::server::ServerInfo;
@@ -42,7 +42,7 @@ impl InferenceService {
     ) -> Result<pb::ModelInferResponse, ServingError> {
         let model = self
             .models
-            .get(&request.model_name, parse_version(&request.model_version)?)?;
+            .get(&request.model_name, &request.model_version)?;
         let response = model.infer(decode_infer(request)?).await?;
         Ok(encode_infer(response))
     }
@@ -74,9 +74,8 @@ impl GrpcInferenceService for InferenceService {
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = request.into_inner();
-        let version = parse_version(&r.version)?;
         Ok(Response::new(pb::ModelReadyResponse {
-            ready: self.models.get(&r.name, version).is_ok(),
+            ready: self.models.get(&r.name, &r.version).is_ok(),
         }))
     }
 
@@ -96,7 +95,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = request.into_inner();
-        let model = self.models.get(&r.name, parse_version(&r.version)?)?;
+        let model = self.models.get(&r.name, &r.version)?;
         let spec = model.spec();
         let describe = |tensors: &[crate::model::TensorSpec]| {
             tensors
@@ -174,7 +173,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = request.into_inner();
-        let model = self.models.get(&r.name, parse_version(&r.version)?)?;
+        let model = self.models.get(&r.name, &r.version)?;
         Ok(Response::new(pb::ModelConfigResponse {
             config: Some(model.spec().config.clone()),
         }))
@@ -185,21 +184,20 @@ impl GrpcInferenceService for InferenceService {
         request: Request<pb::ModelStatisticsRequest>,
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let r = request.into_inner();
-        let version = parse_version(&r.version)?;
         let model_stats = if r.name.is_empty() {
             self.models
                 .loaded()
                 .iter()
                 .map(|m| m.statistics())
                 .collect()
-        } else if version.is_some() {
-            vec![self.models.get(&r.name, version)?.statistics()]
+        } else if !r.version.is_empty() {
+            vec![self.models.get(&r.name, &r.version)?.statistics()]
         } else {
-            self.models.get(&r.name, None)?;
+            self.models.get(&r.name, "")?;
             self.models
                 .versions(&r.name)
                 .into_iter()
-                .filter_map(|v| self.models.get(&r.name, Some(v)).ok())
+                .filter_map(|v| self.models.get(&r.name, &v.to_string()).ok())
                 .map(|m| m.statistics())
                 .collect()
         };

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::error::ServingError;
 use crate::infer::{
-    InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype, parse_version,
+    InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype,
 };
 use crate::models::ModelManager;
 use crate::server::ServerInfo;
@@ -89,12 +89,6 @@ struct ModelPath {
     version: String,
 }
 
-impl ModelPath {
-    fn version(&self) -> Result<Option<u64>, ServingError> {
-        parse_version(&self.version)
-    }
-}
-
 async fn live() -> StatusCode {
     StatusCode::OK
 }
@@ -126,7 +120,7 @@ async fn model_metadata(
     State(s): State<AppState>,
     Path(p): Path<ModelPath>,
 ) -> Result<Response, ServingError> {
-    let model = s.models.get(&p.model, p.version()?)?;
+    let model = s.models.get(&p.model, &p.version)?;
     let spec = model.spec();
     let describe = |tensors: &'_ [crate::model::TensorSpec]| -> Vec<Value> {
         tensors
@@ -161,7 +155,7 @@ async fn model_ready(
     State(s): State<AppState>,
     Path(p): Path<ModelPath>,
 ) -> Result<StatusCode, ServingError> {
-    s.models.get(&p.model, p.version()?)?;
+    s.models.get(&p.model, &p.version)?;
     Ok(StatusCode::OK)
 }
 
@@ -169,7 +163,7 @@ async fn model_config(
     State(s): State<AppState>,
     Path(p): Path<ModelPath>,
 ) -> Result<Json<Value>, ServingError> {
-    let model = s.models.get(&p.model, p.version()?)?;
+    let model = s.models.get(&p.model, &p.version)?;
     Ok(Json(marquee_proto::config_to_json(&model.spec().config)))
 }
 
@@ -184,18 +178,15 @@ async fn model_statistics(
     State(s): State<AppState>,
     Path(p): Path<ModelPath>,
 ) -> Result<Json<Value>, ServingError> {
-    let stats = match p.version()? {
-        Some(v) => vec![s.models.get(&p.model, Some(v))?.statistics()],
-        None => {
-            let versions = s.models.versions(&p.model);
-            if versions.is_empty() {
-                s.models.get(&p.model, None)?;
-            }
-            versions
-                .into_iter()
-                .map(|v| s.models.get(&p.model, Some(v)).map(|m| m.statistics()))
-                .collect::<Result<_, _>>()?
-        }
+    let stats = if p.version.is_empty() {
+        s.models.get(&p.model, "")?;
+        s.models
+            .versions(&p.model)
+            .into_iter()
+            .map(|v| s.models.get(&p.model, &v.to_string()).map(|m| m.statistics()))
+            .collect::<Result<_, _>>()?
+    } else {
+        vec![s.models.get(&p.model, &p.version)?.statistics()]
     };
     Ok(Json(marquee_proto::statistics_to_json(
         &marquee_proto::inference::ModelStatisticsResponse { model_stats: stats },
@@ -366,7 +357,7 @@ async fn infer(
         )),
         _ => ServingError::InvalidInput(format!("cannot read the request body: {e}")),
     })?;
-    let model = s.models.get(&p.model, p.version()?)?;
+    let model = s.models.get(&p.model, &p.version)?;
     let (request, binary_outputs) = decode_infer(&headers, body)?;
     let response = model.infer(request).await?;
     encode_infer(&response, &binary_outputs)

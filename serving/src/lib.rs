@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod models;
 pub mod server;
+pub mod source;
 pub mod tensor;
 
 pub use config::ServeConfig;

@@ -1,18 +1,24 @@
-//! The set of loaded models: loads them from the repository, swaps them in and out, and resolves
-//! `(name, version)` for every request. A reload builds the new versions first and swaps the
-//! whole model at once; requests already holding the old version finish on it.
+//! The set of loaded models: loads them from the model source, swaps them in and out, and
+//! resolves `(name, version or alias)` for every request.
+//!
+//! A (re)load plans the versions to serve, builds and warms up the ones not already loaded (a
+//! version number never changes content, so loaded ones are reused), then swaps the whole model at
+//! once; requests holding an old version finish on it. From the registry, a version that fails
+//! (bad file, checksum mismatch, failing warm-up) is refused and reported while the others serve,
+//! and the previous production version stays loaded for rollback until production moves again.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use marquee_proto::ModelConfig;
-use marquee_registry::{ModelRepository, RegistryError};
 
 use crate::backend::onnx::OnnxRuntime;
 use crate::error::ServingError;
+use crate::infer::parse_version;
 use crate::metrics::Metrics;
 use crate::model::LoadedModel;
 use crate::model::spec::{self, ModelDefaults};
+use crate::source::{ModelSource, PlannedVersion, load_failed};
 
 /// What the repository index reports for a model or version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,14 +30,29 @@ pub struct IndexEntry {
     pub reason: Option<String>,
 }
 
+/// A model being served.
+#[derive(Clone, Default)]
+struct Served {
+    versions: BTreeMap<u64, Arc<LoadedModel>>,
+    aliases: BTreeMap<String, u64>,
+    /// The version for requests that name none; `None`: the highest.
+    default: Option<u64>,
+    /// The previous production version, kept loaded for rollback.
+    rollback: Option<u64>,
+    /// Versions the source asked for that could not be loaded, with the reason.
+    refused: BTreeMap<u64, String>,
+    /// The source's references revision this state was built from.
+    revision: u64,
+}
+
 enum ModelState {
-    Ready(BTreeMap<u64, Arc<LoadedModel>>),
+    Ready(Served),
     Unavailable(String),
 }
 
 /// Owns every loaded model version.
 pub struct ModelManager {
-    repository: ModelRepository,
+    source: ModelSource,
     runtime: OnnxRuntime,
     defaults: ModelDefaults,
     metrics: Arc<Metrics>,
@@ -41,14 +62,9 @@ pub struct ModelManager {
 }
 
 impl ModelManager {
-    pub fn new(
-        repository: ModelRepository,
-        runtime: OnnxRuntime,
-        defaults: ModelDefaults,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(source: ModelSource, runtime: OnnxRuntime, defaults: ModelDefaults, metrics: Arc<Metrics>) -> Self {
         Self {
-            repository,
+            source,
             runtime,
             defaults,
             metrics,
@@ -57,45 +73,73 @@ impl ModelManager {
         }
     }
 
-    /// Loads every model in the repository; failures are recorded, logged and returned.
+    /// Loads every model of the source; failures are recorded, logged and returned.
     pub async fn load_all(&self) -> Result<Vec<(String, ServingError)>, ServingError> {
-        let names = self
-            .repository
-            .model_names()
-            .await
-            .map_err(registry_error)?;
         let mut failures = Vec::new();
-        for name in names {
-            if let Err(e) = self.load(&name, None).await {
-                failures.push((name, e));
+        for name in self.source.names().await? {
+            match self.load(&name, None).await {
+                Ok(()) => {}
+                // A registry model with nothing aliased or pinned is simply not served.
+                Err(ServingError::NotFound(_)) if self.source.is_registry() => {}
+                Err(e) => failures.push((name, e)),
             }
         }
         Ok(failures)
     }
 
-    /// Loads (or reloads) a model: every version its policy selects. On failure the previous
-    /// versions, if any, keep serving.
-    pub async fn load(
-        &self,
-        name: &str,
-        config_override: Option<ModelConfig>,
-    ) -> Result<(), ServingError> {
+    /// Picks up what changed in the source since the last look: new models, and models whose
+    /// references moved. Cheap when nothing changed (one listing per model).
+    pub async fn refresh(&self) -> Result<(), ServingError> {
+        for name in self.source.names().await? {
+            let revision = match self.models.read().expect("model table lock").get(&name) {
+                Some(ModelState::Ready(served)) => Some(served.revision),
+                Some(ModelState::Unavailable(reason)) if reason == "unloaded" => continue,
+                _ => None,
+            };
+            let changed = match revision {
+                Some(revision) => self.source.changed_since(&name, revision).await?,
+                None => true,
+            };
+            if changed {
+                match self.load(&name, None).await {
+                    Ok(()) | Err(ServingError::NotFound(_)) => {}
+                    Err(e) => tracing::warn!(model = name, error = %e, "refresh could not load the model"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads (or reloads) a model: every version the source plans. On failure the versions
+    /// already serving keep serving.
+    pub async fn load(&self, name: &str, config_override: Option<ModelConfig>) -> Result<(), ServingError> {
         let _one_at_a_time = self.changes.lock().await;
-        match self.build(name, config_override).await {
-            Ok(versions) => {
-                let numbers: Vec<u64> = versions.keys().copied().collect();
+        let current = match self.models.read().expect("model table lock").get(name) {
+            Some(ModelState::Ready(served)) => Some(served.clone()),
+            _ => None,
+        };
+        match self.build(name, current.as_ref(), config_override.as_ref()).await {
+            Ok(served) => {
+                let versions: Vec<u64> = served.versions.keys().copied().collect();
+                for (version, reason) in &served.refused {
+                    tracing::error!(model = name, version, %reason, "version refused; the others keep serving");
+                }
+                tracing::info!(model = name, ?versions, default = ?served.default, "model loaded");
                 self.models
                     .write()
                     .expect("model table lock")
-                    .insert(name.to_string(), ModelState::Ready(versions));
-                tracing::info!(model = name, versions = ?numbers, "model loaded");
+                    .insert(name.to_string(), ModelState::Ready(served));
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(model = name, error = %e, "model failed to load");
-                let mut models = self.models.write().expect("model table lock");
-                if !matches!(models.get(name), Some(ModelState::Ready(_))) {
-                    models.insert(name.to_string(), ModelState::Unavailable(e.to_string()));
+                if !matches!(e, ServingError::NotFound(_)) || current.is_some() {
+                    tracing::error!(model = name, error = %e, "model failed to load");
+                }
+                if current.is_none() && !matches!(e, ServingError::NotFound(_)) {
+                    self.models
+                        .write()
+                        .expect("model table lock")
+                        .insert(name.to_string(), ModelState::Unavailable(e.to_string()));
                 }
                 Err(e)
             }
@@ -105,55 +149,90 @@ impl ModelManager {
     async fn build(
         &self,
         name: &str,
-        config_override: Option<ModelConfig>,
-    ) -> Result<BTreeMap<u64, Arc<LoadedModel>>, ServingError> {
-        let source = self.repository.model(name).await.map_err(registry_error)?;
-        let config = config_override.or(source.config).unwrap_or_default();
-        spec::check_config(name, &config).map_err(|e| load_failed(name, e))?;
-        let versions = spec::select_versions(&config, &source.versions);
-        if versions.is_empty() {
-            return Err(load_failed(
-                name,
-                format!(
-                    "no version to serve (version folders present: {:?})",
-                    source.versions
-                ),
-            ));
-        }
-        let mut loaded = BTreeMap::new();
-        for version in versions {
-            let bytes = self
-                .repository
-                .artifact(name, version, spec::model_filename(&config))
-                .await
-                .map_err(registry_error)?;
-            let runtime = self.runtime.clone();
-            let defaults = self.defaults.clone();
-            let metrics = self.metrics.for_model(name, version);
-            let config = config.clone();
-            let model_name = name.to_string();
-            let model = tokio::task::spawn_blocking(move || {
-                let failed = |e: String| load_failed(&model_name, e);
-                let sessions = spec::session_configs(&model_name, &config, &defaults)
-                    .map_err(failed)?
-                    .iter()
-                    .map(|session| runtime.session(&bytes, session))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| failed(e.to_string()))?;
-                let (inputs, outputs) = sessions[0].signature();
-                let (spec, warnings) =
-                    spec::build_spec(&model_name, version, config, &inputs, &outputs, &defaults)
-                        .map_err(failed)?;
-                for warning in warnings {
-                    tracing::warn!(model = model_name, version, "{warning}");
+        current: Option<&Served>,
+        config_override: Option<&ModelConfig>,
+    ) -> Result<Served, ServingError> {
+        let previous_production = current.and_then(|c| c.aliases.get("production").copied());
+        let keep: Vec<u64> = previous_production
+            .into_iter()
+            .chain(current.and_then(|c| c.rollback))
+            .collect();
+        let plan = self.source.plan(name, &keep, config_override).await?;
+        let new_production = plan.aliases.get("production").copied();
+        let rollback = if previous_production.is_some() && previous_production != new_production {
+            previous_production
+        } else {
+            current.and_then(|c| c.rollback).filter(|r| Some(*r) != new_production)
+        };
+        let wanted = |v: u64| plan.aliases.values().any(|a| *a == v) || Some(v) == rollback || !self.source.is_registry();
+        let mut served = Served {
+            aliases: plan.aliases.clone(),
+            rollback,
+            revision: plan.revision,
+            ..Default::default()
+        };
+        for planned in plan.versions.iter().filter(|p| wanted(p.version) || p.pinned) {
+            let reuse = config_override
+                .is_none()
+                .then(|| current.and_then(|c| c.versions.get(&planned.version).cloned()))
+                .flatten();
+            let loaded = match reuse {
+                Some(model) => Ok(model),
+                None => self.build_version(name, planned).await.map(Arc::new),
+            };
+            match loaded {
+                Ok(model) => {
+                    served.versions.insert(planned.version, model);
                 }
-                LoadedModel::start(spec, sessions, metrics)
-            })
-            .await
-            .map_err(|e| ServingError::Internal(format!("model loading task failed: {e}")))??;
-            loaded.insert(version, Arc::new(model));
+                Err(e) if self.source.is_registry() => {
+                    served.refused.insert(planned.version, e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(loaded)
+        if served.versions.is_empty() {
+            let reasons: Vec<String> = served.refused.values().cloned().collect();
+            return Err(load_failed(name, format!("no version could be loaded: {}", reasons.join("; "))));
+        }
+        served.default = plan
+            .default
+            .filter(|v| served.versions.contains_key(v))
+            .or_else(|| current.and_then(|c| c.default).filter(|v| served.versions.contains_key(v)));
+        Ok(served)
+    }
+
+    /// Fetches, builds and warms up one version.
+    async fn build_version(&self, name: &str, planned: &PlannedVersion) -> Result<LoadedModel, ServingError> {
+        let bytes = self.source.artifact(name, planned).await?;
+        let runtime = self.runtime.clone();
+        let defaults = self.defaults.clone();
+        let metrics = self.metrics.for_model(name, planned.version);
+        let config = planned.config.clone();
+        let model_name = name.to_string();
+        let version = planned.version;
+        let model = tokio::task::spawn_blocking(move || {
+            let failed = |e: String| load_failed(&model_name, format!("version {version}: {e}"));
+            let sessions = spec::session_configs(&model_name, &config, &defaults)
+                .map_err(failed)?
+                .iter()
+                .map(|session| runtime.session(&bytes, session))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| failed(e.to_string()))?;
+            let (inputs, outputs) = sessions[0].signature();
+            let (spec, warnings) =
+                spec::build_spec(&model_name, version, config, &inputs, &outputs, &defaults).map_err(failed)?;
+            for warning in warnings {
+                tracing::warn!(model = model_name, version, "{warning}");
+            }
+            LoadedModel::start(spec, sessions, metrics)
+        })
+        .await
+        .map_err(|e| ServingError::Internal(format!("model loading task failed: {e}")))??;
+        model
+            .warm_up()
+            .await
+            .map_err(|e| load_failed(name, format!("version {version} failed its warm-up: {e}")))?;
+        Ok(model)
     }
 
     /// Unloads a model; requests in flight finish on it.
@@ -166,46 +245,46 @@ impl ModelManager {
                 tracing::info!(model = name, "model unloaded");
                 Ok(())
             }
-            _ => Err(ServingError::NotFound(format!(
-                "model '{name}' is not loaded"
-            ))),
+            _ => Err(ServingError::NotFound(format!("model '{name}' is not loaded"))),
         }
     }
 
-    /// The version to serve for `name`: the one asked for, or the highest ready one.
-    pub fn get(&self, name: &str, version: Option<u64>) -> Result<Arc<LoadedModel>, ServingError> {
+    /// The version `reference` names: a number, an alias, or nothing (the model's default:
+    /// production from the registry, else the highest version).
+    pub fn get(&self, name: &str, reference: &str) -> Result<Arc<LoadedModel>, ServingError> {
         let models = self.models.read().expect("model table lock");
-        let versions = match models.get(name) {
-            Some(ModelState::Ready(versions)) => versions,
+        let served = match models.get(name) {
+            Some(ModelState::Ready(served)) => served,
             Some(ModelState::Unavailable(reason)) => {
                 return Err(ServingError::Unavailable(format!(
                     "model '{name}' is not available: {reason}"
                 )));
             }
-            None => {
-                return Err(ServingError::NotFound(format!(
-                    "model '{name}' is not found"
-                )));
-            }
+            None => return Err(ServingError::NotFound(format!("model '{name}' is not found"))),
         };
-        let found = match version {
-            Some(v) => versions.get(&v),
-            None => versions.values().next_back(),
+        let version = if reference.is_empty() {
+            served.default.or_else(|| served.versions.keys().next_back().copied())
+        } else if let Some(&version) = served.aliases.get(reference) {
+            Some(version)
+        } else {
+            parse_version(reference)?
         };
-        found.cloned().ok_or_else(|| {
-            let have: Vec<String> = versions.keys().map(u64::to_string).collect();
-            ServingError::NotFound(format!(
-                "model '{name}' version {} is not found (ready versions: {})",
-                version.map(|v| v.to_string()).unwrap_or_default(),
-                have.join(", ")
-            ))
-        })
+        version
+            .and_then(|v| served.versions.get(&v))
+            .cloned()
+            .ok_or_else(|| {
+                let have: Vec<String> = served.versions.keys().map(u64::to_string).collect();
+                ServingError::NotFound(format!(
+                    "model '{name}' version {reference} is not found (ready versions: {})",
+                    have.join(", ")
+                ))
+            })
     }
 
     /// Ready versions of a model, ascending.
     pub fn versions(&self, name: &str) -> Vec<u64> {
         match self.models.read().expect("model table lock").get(name) {
-            Some(ModelState::Ready(versions)) => versions.keys().copied().collect(),
+            Some(ModelState::Ready(served)) => served.versions.keys().copied().collect(),
             _ => Vec::new(),
         }
     }
@@ -217,7 +296,7 @@ impl ModelManager {
             .expect("model table lock")
             .values()
             .filter_map(|state| match state {
-                ModelState::Ready(versions) => Some(versions.values().cloned()),
+                ModelState::Ready(served) => Some(served.versions.values().cloned()),
                 ModelState::Unavailable(_) => None,
             })
             .flatten()
@@ -227,34 +306,34 @@ impl ModelManager {
     /// True when no model has failed to load (Triton's strict readiness); unloaded models do
     /// not count against readiness.
     pub fn all_ready(&self) -> bool {
-        self.models
-            .read()
-            .expect("model table lock")
-            .values()
-            .all(|s| {
-                matches!(s, ModelState::Ready(_))
-                    || matches!(s, ModelState::Unavailable(r) if r == "unloaded")
-            })
+        self.models.read().expect("model table lock").values().all(|s| match s {
+            ModelState::Ready(_) => true,
+            ModelState::Unavailable(reason) => reason == "unloaded",
+        })
     }
 
-    /// The repository index: every model in the repository with the state of its versions.
+    /// The repository index: every model of the source with the state of its versions.
     pub async fn index(&self, ready_only: bool) -> Result<Vec<IndexEntry>, ServingError> {
-        let names = self
-            .repository
-            .model_names()
-            .await
-            .map_err(registry_error)?;
+        let names = self.source.names().await?;
         let models = self.models.read().expect("model table lock");
         let mut entries = Vec::new();
         for name in names {
             match models.get(&name) {
-                Some(ModelState::Ready(versions)) => {
-                    entries.extend(versions.keys().map(|&v| IndexEntry {
+                Some(ModelState::Ready(served)) => {
+                    entries.extend(served.versions.keys().map(|&v| IndexEntry {
                         name: name.clone(),
                         version: Some(v),
                         state: Some("READY"),
                         reason: None,
                     }));
+                    if !ready_only {
+                        entries.extend(served.refused.iter().map(|(&v, reason)| IndexEntry {
+                            name: name.clone(),
+                            version: Some(v),
+                            state: Some("UNAVAILABLE"),
+                            reason: Some(reason.clone()),
+                        }));
+                    }
                 }
                 Some(ModelState::Unavailable(reason)) if !ready_only => entries.push(IndexEntry {
                     name,
@@ -272,21 +351,5 @@ impl ModelManager {
             }
         }
         Ok(entries)
-    }
-}
-
-fn load_failed(name: &str, reason: impl std::fmt::Display) -> ServingError {
-    ServingError::LoadFailed(format!("failed to load model '{name}': {reason}"))
-}
-
-fn registry_error(error: RegistryError) -> ServingError {
-    match error {
-        RegistryError::ModelNotFound(name) => {
-            ServingError::NotFound(format!("model '{name}' is not in the model repository"))
-        }
-        e @ (RegistryError::InvalidConfig { .. } | RegistryError::ArtifactMissing { .. }) => {
-            ServingError::LoadFailed(e.to_string())
-        }
-        e => ServingError::Internal(e.to_string()),
     }
 }

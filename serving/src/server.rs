@@ -7,7 +7,10 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::get;
 use marquee_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use marquee_registry::ModelRepository;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use marquee_registry::{ModelRepository, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -18,6 +21,7 @@ use crate::error::ServingError;
 use crate::grpc::InferenceService;
 use crate::metrics::Metrics;
 use crate::models::ModelManager;
+use crate::source::ModelSource;
 
 /// What `/v2` and gRPC `ServerMetadata` report.
 pub struct ServerInfo {
@@ -48,6 +52,8 @@ impl ServerInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
     Runtime(String),
     #[error("model repository: {0}")]
     Repository(#[from] marquee_registry::RegistryError),
@@ -77,10 +83,11 @@ impl Server {
         let library = locate_onnxruntime(config.ort_library.as_deref())?;
         let runtime =
             OnnxRuntime::load(&library).map_err(|e| StartError::Runtime(e.to_string()))?;
-        let repository = ModelRepository::open(&config.model_repository)?;
+        let source = model_source(config)?;
+        let polls = source.is_registry();
         let metrics = Arc::new(Metrics::new());
         let models = Arc::new(ModelManager::new(
-            repository,
+            source,
             runtime,
             config.model_defaults(),
             metrics.clone(),
@@ -144,6 +151,10 @@ impl Server {
                 tracing::error!(error = %e, "gRPC server stopped");
             }
         });
+        if polls {
+            let interval = Duration::from_secs_f64(config.registry_poll_seconds.max(0.05));
+            tasks.spawn(poll_registry(models.clone(), interval, stop.subscribe()));
+        }
         tracing::info!(%http_addr, %grpc_addr, %metrics_addr, "marquee is serving");
         Ok(Self {
             http_addr,
@@ -176,6 +187,42 @@ impl Server {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+fn model_source(config: &ServeConfig) -> Result<ModelSource, StartError> {
+    match (&config.model_repository, &config.registry) {
+        (Some(repository), None) => Ok(ModelSource::Repository(ModelRepository::open(repository)?)),
+        (None, Some(registry)) => {
+            let mut pinned: BTreeMap<String, std::collections::BTreeSet<u64>> = BTreeMap::new();
+            for pin in &config.pins {
+                let (model, version) = pin
+                    .split_once(':')
+                    .and_then(|(m, v)| Some((m, v.parse::<u64>().ok()?)))
+                    .ok_or_else(|| StartError::Config(format!("--pin '{pin}' must look like MODEL:VERSION")))?;
+                pinned.entry(model.to_string()).or_default().insert(version);
+            }
+            Ok(ModelSource::Registry {
+                registry: Registry::open(registry)?,
+                pinned,
+            })
+        }
+        _ => Err(StartError::Config(
+            "give exactly one of --model-repository or --registry".into(),
+        )),
+    }
+}
+
+/// Follows the registry: every `interval`, loads what changed (new models, moved aliases).
+async fn poll_registry(models: Arc<ModelManager>, interval: Duration, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = models.refresh().await {
+            tracing::warn!(error = %e, "cannot read the registry; serving what is loaded");
+        }
     }
 }
 

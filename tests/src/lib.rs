@@ -112,7 +112,7 @@ impl TestServer {
 
     pub async fn start_with(repository: Repository, adjust: impl FnOnce(&mut ServeConfig)) -> Self {
         let mut config = ServeConfig {
-            model_repository: repository.path().to_string_lossy().into_owned(),
+            model_repository: Some(repository.path().to_string_lossy().into_owned()),
             host: [127, 0, 0, 1].into(),
             http_port: 0,
             grpc_port: 0,

@@ -74,6 +74,31 @@ impl LoadedModel {
         self.stats.snapshot(&self.spec.name, self.spec.version)
     }
 
+    /// Runs one batch of zeros (empty strings for BYTES) through the model before it takes
+    /// traffic, so a version that cannot answer is refused and the first caller pays no warm-up.
+    pub async fn warm_up(&self) -> Result<(), ServingError> {
+        let inputs = self
+            .spec
+            .inputs
+            .iter()
+            .map(|input| {
+                let shape: Vec<i64> = self.spec.client_shape(input).iter().map(|&d| d.max(1)).collect();
+                let count = crate::tensor::element_count(&shape).unwrap_or(0);
+                let data = match input.dtype.size() {
+                    Some(size) => TensorData::Fixed(vec![0u8; count * size].into()),
+                    None => TensorData::Strings(vec![bytes::Bytes::new(); count]),
+                };
+                Tensor::new(input.name.clone(), input.dtype, shape, data)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let request = InferRequest {
+            id: "warm-up".into(),
+            inputs,
+            ..Default::default()
+        };
+        self.run(request).await.map(|_| ())
+    }
+
     /// Runs one request through validation, the batcher and the backend.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, ServingError> {
         let started = Instant::now();

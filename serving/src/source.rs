@@ -1,0 +1,178 @@
+//! Where the model manager gets its models: a plain Triton model repository, or the Marquee
+//! registry. Both answer the same two questions: which versions of a model to serve (with their
+//! configurations), and the bytes of one version's artifact.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use marquee_proto::ModelConfig;
+use marquee_registry::{ModelRepository, Registry, RegistryError};
+
+use crate::error::ServingError;
+use crate::model::spec;
+
+/// A model source.
+pub enum ModelSource {
+    /// A Triton repository folder, served as it is (`--model-repository`).
+    Repository(ModelRepository),
+    /// The registry (`--registry`): what the aliases point at, plus pinned versions.
+    Registry {
+        registry: Registry,
+        /// Versions to serve whatever the aliases say, by model.
+        pinned: BTreeMap<String, BTreeSet<u64>>,
+    },
+}
+
+/// What to serve of one model.
+pub struct Plan {
+    pub versions: Vec<PlannedVersion>,
+    /// Alias -> version (registry only).
+    pub aliases: BTreeMap<String, u64>,
+    /// The version for requests that name none; `None`: the highest loaded.
+    pub default: Option<u64>,
+    /// The references revision the plan was made from (registry only; 0 otherwise).
+    pub revision: u64,
+}
+
+/// One version to serve.
+pub struct PlannedVersion {
+    pub version: u64,
+    pub config: ModelConfig,
+    /// Served because it is pinned, whatever the aliases say.
+    pub pinned: bool,
+}
+
+impl ModelSource {
+    pub fn is_registry(&self) -> bool {
+        matches!(self, ModelSource::Registry { .. })
+    }
+
+    /// Names of the models the source holds.
+    pub async fn names(&self) -> Result<Vec<String>, ServingError> {
+        match self {
+            ModelSource::Repository(repository) => repository.model_names().await,
+            ModelSource::Registry { registry, .. } => registry.models().await,
+        }
+        .map_err(source_error)
+    }
+
+    /// The versions of `name` to serve. `keep` are versions serving wants to keep (the previous
+    /// production version, for rollback); `config_override` replaces every version's
+    /// configuration (Triton's load API).
+    pub async fn plan(
+        &self,
+        name: &str,
+        keep: &[u64],
+        config_override: Option<&ModelConfig>,
+    ) -> Result<Plan, ServingError> {
+        match self {
+            ModelSource::Repository(repository) => {
+                let source = repository.model(name).await.map_err(source_error)?;
+                let config = config_override.cloned().or(source.config).unwrap_or_default();
+                spec::check_config(name, &config).map_err(|e| load_failed(name, e))?;
+                let versions = spec::select_versions(&config, &source.versions);
+                if versions.is_empty() {
+                    return Err(load_failed(
+                        name,
+                        format!("no version to serve (version folders present: {:?})", source.versions),
+                    ));
+                }
+                Ok(Plan {
+                    versions: versions
+                        .into_iter()
+                        .map(|version| PlannedVersion {
+                            version,
+                            config: config.clone(),
+                            pinned: false,
+                        })
+                        .collect(),
+                    aliases: BTreeMap::new(),
+                    default: None,
+                    revision: 0,
+                })
+            }
+            ModelSource::Registry { registry, pinned } => {
+                let refs = registry.refs(name).await.map_err(source_error)?;
+                let mut wanted: BTreeSet<u64> = refs.aliases.values().copied().collect();
+                wanted.extend(pinned.get(name).into_iter().flatten());
+                wanted.extend(keep);
+                wanted.retain(|v| !refs.archived.contains(v));
+                if wanted.is_empty() {
+                    return Err(ServingError::NotFound(format!(
+                        "model '{name}' has no alias and no pinned version in the registry; promote or alias a version to serve it"
+                    )));
+                }
+                let mut versions = Vec::with_capacity(wanted.len());
+                for version in wanted {
+                    let manifest = registry.manifest(name, version).await.map_err(source_error)?;
+                    let config = match config_override {
+                        Some(config) => config.clone(),
+                        None if manifest.config.is_null() => ModelConfig::default(),
+                        None => marquee_proto::parse_config_json(&manifest.config.to_string())
+                            .map_err(|e| load_failed(name, format!("version {version}: manifest config: {e}")))?,
+                    };
+                    let pinned = pinned.get(name).is_some_and(|p| p.contains(&version));
+                    versions.push(PlannedVersion {
+                        version,
+                        config,
+                        pinned,
+                    });
+                }
+                Ok(Plan {
+                    versions,
+                    default: refs.aliases.get("production").copied(),
+                    aliases: refs.aliases,
+                    revision: refs.revision,
+                })
+            }
+        }
+    }
+
+    /// The artifact of one version; from the registry, checked against its manifest's sha256.
+    pub async fn artifact(&self, name: &str, planned: &PlannedVersion) -> Result<Bytes, ServingError> {
+        let filename = spec::model_filename(&planned.config);
+        match self {
+            ModelSource::Repository(repository) => repository
+                .artifact(name, planned.version, filename)
+                .await
+                .map_err(source_error),
+            ModelSource::Registry { registry, .. } => {
+                let manifest = registry.manifest(name, planned.version).await.map_err(source_error)?;
+                let entry = manifest.files.iter().find(|f| f.path == filename).ok_or_else(|| {
+                    load_failed(name, format!("version {} has no file '{filename}'", planned.version))
+                })?;
+                registry.file(&manifest, entry).await.map_err(source_error)
+            }
+        }
+    }
+
+    /// Whether the model's references changed after `revision` (always false for a repository,
+    /// whose changes are picked up by an explicit load).
+    pub async fn changed_since(&self, name: &str, revision: u64) -> Result<bool, ServingError> {
+        match self {
+            ModelSource::Repository(_) => Ok(false),
+            ModelSource::Registry { registry, .. } => Ok(registry
+                .refs_after(name, revision)
+                .await
+                .map_err(source_error)?
+                .is_some()),
+        }
+    }
+}
+
+pub fn load_failed(name: &str, reason: impl std::fmt::Display) -> ServingError {
+    ServingError::LoadFailed(format!("failed to load model '{name}': {reason}"))
+}
+
+fn source_error(error: RegistryError) -> ServingError {
+    match error {
+        RegistryError::ModelNotFound(name) => {
+            ServingError::NotFound(format!("model '{name}' is not in the model source"))
+        }
+        e @ RegistryError::VersionNotFound { .. } => ServingError::NotFound(e.to_string()),
+        e @ (RegistryError::InvalidConfig { .. }
+        | RegistryError::ArtifactMissing { .. }
+        | RegistryError::Corrupt(_)) => ServingError::LoadFailed(e.to_string()),
+        e => ServingError::Internal(e.to_string()),
+    }
+}
