@@ -266,6 +266,11 @@ impl ModelManager {
             served.default.or_else(|| served.versions.keys().next_back().copied())
         } else if let Some(&version) = served.aliases.get(reference) {
             Some(version)
+        } else if self.source.is_registry() && reference.parse::<u64>().is_err() {
+            return Err(ServingError::NotFound(format!(
+                "model '{name}' has no alias '{reference}' (aliases: {})",
+                served.aliases.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
         } else {
             parse_version(reference)?
         };

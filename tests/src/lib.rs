@@ -98,7 +98,7 @@ impl Default for Repository {
 pub struct TestServer {
     server: Server,
     /// Kept so the repository outlives the server that reads it.
-    repository: Repository,
+    _repository: Option<Repository>,
     pub http: String,
     pub grpc: String,
     pub metrics: String,
@@ -113,26 +113,42 @@ impl TestServer {
     pub async fn start_with(repository: Repository, adjust: impl FnOnce(&mut ServeConfig)) -> Self {
         let mut config = ServeConfig {
             model_repository: Some(repository.path().to_string_lossy().into_owned()),
+            ..Self::loopback()
+        };
+        adjust(&mut config);
+        Self::launch(config, Some(repository)).await
+    }
+
+    /// A server following the registry at `registry`, looking for changes every 100 ms.
+    pub async fn start_registry(registry: &Path) -> Self {
+        let config = ServeConfig {
+            registry: Some(registry.to_string_lossy().into_owned()),
+            registry_poll_seconds: 0.1,
+            ..Self::loopback()
+        };
+        Self::launch(config, None).await
+    }
+
+    fn loopback() -> ServeConfig {
+        ServeConfig {
             host: [127, 0, 0, 1].into(),
             http_port: 0,
             grpc_port: 0,
             metrics_port: 0,
             ..Default::default()
-        };
-        adjust(&mut config);
+        }
+    }
+
+    async fn launch(config: ServeConfig, repository: Option<Repository>) -> Self {
         let server = Server::start(&config).await.expect("server starts");
         Self {
             http: format!("http://{}", server.http_addr()),
             grpc: format!("http://{}", server.grpc_addr()),
             metrics: format!("http://{}/metrics", server.metrics_addr()),
             server,
-            repository,
+            _repository: repository,
             client: reqwest::Client::new(),
         }
-    }
-
-    pub fn repository(&self) -> &Repository {
-        &self.repository
     }
 
     pub async fn grpc_client(&self) -> GrpcInferenceServiceClient<Channel> {
