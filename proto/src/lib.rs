@@ -128,7 +128,11 @@ pub fn statistics_to_json(stats: &inference::ModelStatisticsResponse) -> serde_j
     message_to_json(stats, "inference.ModelStatisticsResponse", false)
 }
 
-fn message_to_json(message: &impl Message, type_name: &str, skip_defaults: bool) -> serde_json::Value {
+fn message_to_json(
+    message: &impl Message,
+    type_name: &str,
+    skip_defaults: bool,
+) -> serde_json::Value {
     let descriptor = DESCRIPTORS
         .get_message_by_name(type_name)
         .expect("message type is in the descriptor set");
@@ -243,7 +247,10 @@ mod tests {
         let back = parse_config_json(&json.to_string()).unwrap();
         assert_eq!(back, config);
         let compact = config_to_compact_json(&config);
-        assert!(compact.get("batch_input").is_none(), "defaults are left out");
+        assert!(
+            compact.get("batch_input").is_none(),
+            "defaults are left out"
+        );
         assert_eq!(parse_config_json(&compact.to_string()).unwrap(), config);
     }
 }

@@ -19,8 +19,17 @@ use crate::{Manifest, ModelRepository, Progress, PushFile, Registry, RegistryErr
 #[derive(Debug, Args)]
 pub struct RegistryArgs {
     /// Registry location: a folder, file://…, s3://bucket/prefix or gs://bucket/prefix.
-    #[arg(long, env = "MARQUEE_REGISTRY", global = true, default_value = "registry")]
+    #[arg(
+        long,
+        env = "MARQUEE_REGISTRY",
+        global = true,
+        default_value = "registry"
+    )]
     pub registry: String,
+    /// Object-store option, `key=value` with object_store's keys (e.g. aws_endpoint=http://…,
+    /// aws_allow_http=true); the environment (AWS_*, GOOGLE_*) is read too (repeatable).
+    #[arg(long = "registry-option", global = true)]
+    pub registry_options: Vec<String>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -41,9 +50,16 @@ pub enum Command {
     /// List models, or the versions of one model.
     List { model: Option<String> },
     /// Show a version (number or alias; default: the latest).
-    Show { model: String, reference: Option<String> },
+    Show {
+        model: String,
+        reference: Option<String>,
+    },
     /// Download a version's files into a folder, verifying each.
-    Pull { model: String, reference: String, dir: PathBuf },
+    Pull {
+        model: String,
+        reference: String,
+        dir: PathBuf,
+    },
     /// Compare the manifests and metrics of two versions.
     Diff { model: String, a: String, b: String },
     /// Set or remove an alias.
@@ -73,7 +89,11 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum AliasCommand {
     /// Point an alias at a version.
-    Set { model: String, alias: String, version: u64 },
+    Set {
+        model: String,
+        alias: String,
+        version: u64,
+    },
     /// Remove an alias.
     Rm { model: String, alias: String },
 }
@@ -114,7 +134,8 @@ pub struct PushArgs {
 
 /// Runs one command, printing its result.
 pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
-    let registry = Registry::open(&args.registry)?;
+    let options = parse_options(&args.registry_options)?;
+    let registry = Registry::open_with(&args.registry, &options)?;
     let out = Output { json: args.json };
     let progress = BarProgress::new(!args.json && std::io::stderr().is_terminal());
     let (by, reason) = (args.by.as_str(), args.reason.as_str());
@@ -122,7 +143,12 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
         Command::Push(push) => {
             let manifest = push_version(&registry, push, by, &progress).await?;
             out.print(&manifest_json(&manifest, None), || {
-                format!("{} version {} pushed ({})", manifest.name, manifest.version, files_summary(&manifest))
+                format!(
+                    "{} version {} pushed ({})",
+                    manifest.name,
+                    manifest.version,
+                    files_summary(&manifest)
+                )
             });
         }
         Command::List { model: None } => {
@@ -141,7 +167,10 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
                             vec![
                                 r["model"].as_str().unwrap_or_default().to_string(),
                                 versions.to_string(),
-                                r["versions"].as_array().and_then(|v| v.last()).map_or(String::new(), Value::to_string),
+                                r["versions"]
+                                    .as_array()
+                                    .and_then(|v| v.last())
+                                    .map_or(String::new(), Value::to_string),
                                 aliases_text(&r["aliases"]),
                             ]
                         })
@@ -167,7 +196,9 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
                             vec![
                                 r["version"].to_string(),
                                 r["stage"].as_str().unwrap_or_default().to_string(),
-                                r["aliases"].as_array().map_or(String::new(), |a| join_strings(a)),
+                                r["aliases"]
+                                    .as_array()
+                                    .map_or(String::new(), |a| join_strings(a)),
                                 r["created_at"].as_str().unwrap_or_default().to_string(),
                                 r["created_by"].as_str().unwrap_or_default().to_string(),
                                 metrics_text(&r["metrics"]),
@@ -189,18 +220,34 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
             let manifest = registry.manifest(&model, version).await?;
             let refs = registry.refs(&model).await?;
             let shown = manifest_json(&manifest, Some(&refs));
-            out.print(&shown, || serde_json::to_string_pretty(&shown).expect("JSON prints"));
+            out.print(&shown, || {
+                serde_json::to_string_pretty(&shown).expect("JSON prints")
+            });
         }
-        Command::Pull { model, reference, dir } => {
+        Command::Pull {
+            model,
+            reference,
+            dir,
+        } => {
             let version = registry.resolve(&model, &reference).await?;
             let manifest = registry.pull(&model, version, &dir, &progress).await?;
             out.print(&manifest_json(&manifest, None), || {
-                format!("{model} version {version} pulled into {} ({}), checksums verified", dir.display(), files_summary(&manifest))
+                format!(
+                    "{model} version {version} pulled into {} ({}), checksums verified",
+                    dir.display(),
+                    files_summary(&manifest)
+                )
             });
         }
         Command::Diff { model, a, b } => {
-            let (va, vb) = (registry.resolve(&model, &a).await?, registry.resolve(&model, &b).await?);
-            let (ma, mb) = (registry.manifest(&model, va).await?, registry.manifest(&model, vb).await?);
+            let (va, vb) = (
+                registry.resolve(&model, &a).await?,
+                registry.resolve(&model, &b).await?,
+            );
+            let (ma, mb) = (
+                registry.manifest(&model, va).await?,
+                registry.manifest(&model, vb).await?,
+            );
             let differences = diff(&ma, &mb);
             out.print(&json!({"model": model, "a": va, "b": vb, "differences": differences}), || {
                 if differences.is_empty() {
@@ -223,21 +270,46 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
                 }
             });
         }
-        Command::Alias(AliasCommand::Set { model, alias, version }) => {
-            let refs = registry.set_alias(&model, &alias, version, by, reason).await?;
-            out.print(&refs_json(&refs), || format!("{model}: {alias} -> v{version} (revision {})", refs.revision));
+        Command::Alias(AliasCommand::Set {
+            model,
+            alias,
+            version,
+        }) => {
+            let refs = registry
+                .set_alias(&model, &alias, version, by, reason)
+                .await?;
+            out.print(&refs_json(&refs), || {
+                format!(
+                    "{model}: {alias} -> v{version} (revision {})",
+                    refs.revision
+                )
+            });
         }
         Command::Alias(AliasCommand::Rm { model, alias }) => {
             let refs = registry.remove_alias(&model, &alias, by, reason).await?;
-            out.print(&refs_json(&refs), || format!("{model}: alias {alias} removed (revision {})", refs.revision));
+            out.print(&refs_json(&refs), || {
+                format!(
+                    "{model}: alias {alias} removed (revision {})",
+                    refs.revision
+                )
+            });
         }
-        Command::Promote { model, version, to, approved_by } => {
+        Command::Promote {
+            model,
+            version,
+            to,
+            approved_by,
+        } => {
             let stage = Stage::parse(&to).map_err(RegistryError::Invalid)?;
             let refs = registry
                 .promote(&model, version, stage, approved_by.as_deref(), by, reason)
                 .await?;
             out.print(&refs_json(&refs), || {
-                format!("{model} v{version} is now in {} (revision {})", stage.name(), refs.revision)
+                format!(
+                    "{model} v{version} is now in {} (revision {})",
+                    stage.name(),
+                    refs.revision
+                )
             });
         }
         Command::History { model } => {
@@ -245,7 +317,9 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
             let rows: Vec<Value> = history.iter().map(refs_json).collect();
             out.print(&Value::Array(rows), || {
                 table(
-                    &["REVISION", "AT", "BY", "ACTION", "ALIAS", "VERSION", "PREVIOUS", "REASON"],
+                    &[
+                        "REVISION", "AT", "BY", "ACTION", "ALIAS", "VERSION", "PREVIOUS", "REASON",
+                    ],
                     history
                         .iter()
                         .filter_map(|r| {
@@ -272,22 +346,29 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
                 .iter()
                 .map(|c| json!({"path": c.path, "expected": c.expected, "actual": c.actual, "ok": c.ok()}))
                 .collect();
-            out.print(&json!({"model": model, "version": version, "files": rows}), || {
-                table(
-                    &["FILE", "STATUS", "SHA256"],
-                    checks
-                        .iter()
-                        .map(|c| {
-                            let status = match &c.actual {
-                                None => "MISSING",
-                                Some(_) if c.ok() => "ok",
-                                Some(_) => "MISMATCH",
-                            };
-                            vec![c.path.clone(), status.to_string(), c.actual.clone().unwrap_or_default()]
-                        })
-                        .collect(),
-                )
-            });
+            out.print(
+                &json!({"model": model, "version": version, "files": rows}),
+                || {
+                    table(
+                        &["FILE", "STATUS", "SHA256"],
+                        checks
+                            .iter()
+                            .map(|c| {
+                                let status = match &c.actual {
+                                    None => "MISSING",
+                                    Some(_) if c.ok() => "ok",
+                                    Some(_) => "MISMATCH",
+                                };
+                                vec![
+                                    c.path.clone(),
+                                    status.to_string(),
+                                    c.actual.clone().unwrap_or_default(),
+                                ]
+                            })
+                            .collect(),
+                    )
+                },
+            );
             let bad = checks.iter().filter(|c| !c.ok()).count();
             if bad > 0 {
                 return Err(RegistryError::Corrupt(format!(
@@ -298,7 +379,9 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
         }
         Command::Archive { model, version } => {
             let refs = registry.archive(&model, version, by, reason).await?;
-            out.print(&refs_json(&refs), || format!("{model} v{version} archived (revision {})", refs.revision));
+            out.print(&refs_json(&refs), || {
+                format!("{model} v{version} archived (revision {})", refs.revision)
+            });
         }
         Command::ImportTriton { dir } => {
             let imported = import_triton(&registry, &dir, by, &progress).await?;
@@ -307,7 +390,13 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
                     &["MODEL", "TRITON VERSION", "REGISTRY VERSION"],
                     imported
                         .iter()
-                        .map(|i| vec![short(&i["model"]), i["triton_version"].to_string(), i["version"].to_string()])
+                        .map(|i| {
+                            vec![
+                                short(&i["model"]),
+                                i["triton_version"].to_string(),
+                                i["version"].to_string(),
+                            ]
+                        })
                         .collect(),
                 )
             });
@@ -324,7 +413,10 @@ struct Output {
 impl Output {
     fn print(&self, value: &Value, text: impl FnOnce() -> String) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(value).expect("JSON prints"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(value).expect("JSON prints")
+            );
         } else {
             println!("{}", text());
         }
@@ -341,9 +433,11 @@ impl BarProgress {
         let bar = visible.then(|| {
             let bar = indicatif::ProgressBar::hidden();
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             bar
         });
@@ -372,6 +466,14 @@ impl Progress for BarProgress {
     }
 }
 
+/// `key=value` pairs, as object-store options.
+pub fn parse_options(options: &[String]) -> Result<Vec<(String, String)>, RegistryError> {
+    options
+        .iter()
+        .map(|o| key_value("option", o).map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
 fn key_value<'a>(what: &str, text: &'a str) -> Result<(&'a str, &'a str), RegistryError> {
     text.split_once('=')
         .filter(|(k, _)| !k.is_empty())
@@ -379,7 +481,8 @@ fn key_value<'a>(what: &str, text: &'a str) -> Result<(&'a str, &'a str), Regist
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, RegistryError> {
-    std::fs::read(path).map_err(|e| RegistryError::Io(format!("cannot read {}: {e}", path.display())))
+    std::fs::read(path)
+        .map_err(|e| RegistryError::Io(format!("cannot read {}: {e}", path.display())))
 }
 
 /// A Triton configuration from a config.pbtxt or its JSON form, as manifest JSON.
@@ -395,7 +498,12 @@ fn config_file(path: &Path) -> Result<Value, RegistryError> {
     Ok(marquee_proto::config_to_compact_json(&config))
 }
 
-async fn push_version(registry: &Registry, push: PushArgs, by: &str, progress: &dyn Progress) -> Result<Manifest, RegistryError> {
+async fn push_version(
+    registry: &Registry,
+    push: PushArgs,
+    by: &str,
+    progress: &dyn Progress,
+) -> Result<Manifest, RegistryError> {
     let contents = Bytes::from(read(&push.file)?);
     let file_name = push
         .file
@@ -419,7 +527,15 @@ async fn push_version(registry: &Registry, push: PushArgs, by: &str, progress: &
             .map_err(|e| RegistryError::Invalid(format!("{}: {e}", path.display())))?,
         None => serde_json::Map::new(),
     };
-    for reserved in ["schema_version", "name", "version", "files", "created_at", "created_by", "framework"] {
+    for reserved in [
+        "schema_version",
+        "name",
+        "version",
+        "files",
+        "created_at",
+        "created_by",
+        "framework",
+    ] {
         if fields.remove(reserved).is_some() {
             return Err(RegistryError::Invalid(format!(
                 "the manifest file sets '{reserved}', which the registry fills itself"
@@ -441,7 +557,10 @@ async fn push_version(registry: &Registry, push: PushArgs, by: &str, progress: &
         }
         let signature = crate::onnx::signature(&contents)
             .map_err(|e| RegistryError::Invalid(format!("{}: {e}", push.file.display())))?;
-        fields.insert("signature".into(), serde_json::to_value(signature).expect("signature serializes"));
+        fields.insert(
+            "signature".into(),
+            serde_json::to_value(signature).expect("signature serializes"),
+        );
     }
     let mut manifest: Manifest = serde_json::from_value(Value::Object(fields))
         .map_err(|e| RegistryError::Invalid(format!("manifest: {e}")))?;
@@ -454,13 +573,15 @@ async fn push_version(registry: &Registry, push: PushArgs, by: &str, progress: &
     }
     for metric in &push.metrics {
         let (name, value) = key_value("metric", metric)?;
-        let value = value
-            .parse()
-            .map_err(|_| RegistryError::Invalid(format!("metric '{metric}': '{value}' is not a number")))?;
+        let value = value.parse().map_err(|_| {
+            RegistryError::Invalid(format!("metric '{metric}': '{value}' is not a number"))
+        })?;
         manifest.metrics.insert(name.to_string(), value);
     }
     for gate in &push.gates {
-        manifest.gates.push(Gate::parse(gate).map_err(RegistryError::Invalid)?);
+        manifest
+            .gates
+            .push(Gate::parse(gate).map_err(RegistryError::Invalid)?);
     }
     for tag in &push.tags {
         let (k, v) = key_value("tag", tag)?;
@@ -482,11 +603,24 @@ async fn push_version(registry: &Registry, push: PushArgs, by: &str, progress: &
         manifest.description = push.description;
     }
     registry
-        .push(&push.model, vec![PushFile { path: file_name, contents }], manifest, progress)
+        .push(
+            &push.model,
+            vec![PushFile {
+                path: file_name,
+                contents,
+            }],
+            manifest,
+            progress,
+        )
         .await
 }
 
-async fn import_triton(registry: &Registry, dir: &str, by: &str, progress: &dyn Progress) -> Result<Vec<Value>, RegistryError> {
+async fn import_triton(
+    registry: &Registry,
+    dir: &str,
+    by: &str,
+    progress: &dyn Progress,
+) -> Result<Vec<Value>, RegistryError> {
     let repository = ModelRepository::open(dir)?;
     let root = Path::new(dir);
     let mut imported = Vec::new();
@@ -516,8 +650,9 @@ async fn import_triton(registry: &Registry, dir: &str, by: &str, progress: &dyn 
             let artifact = files.iter().find(|f| f.path == filename).ok_or_else(|| {
                 RegistryError::Invalid(format!("{name}/{triton_version}: no {filename} to import"))
             })?;
-            let signature = crate::onnx::signature(&artifact.contents)
-                .map_err(|e| RegistryError::Invalid(format!("{name}/{triton_version}/{filename}: {e}")))?;
+            let signature = crate::onnx::signature(&artifact.contents).map_err(|e| {
+                RegistryError::Invalid(format!("{name}/{triton_version}/{filename}: {e}"))
+            })?;
             let mut tags = BTreeMap::new();
             tags.insert("triton_version".to_string(), triton_version.to_string());
             let manifest = Manifest {
@@ -539,7 +674,9 @@ async fn import_triton(registry: &Registry, dir: &str, by: &str, progress: &dyn 
                 drift_baseline: Value::Null,
             };
             let pushed = registry.push(&name, files, manifest, progress).await?;
-            imported.push(json!({"model": name, "triton_version": triton_version, "version": pushed.version}));
+            imported.push(
+                json!({"model": name, "triton_version": triton_version, "version": pushed.version}),
+            );
         }
     }
     Ok(imported)
@@ -550,7 +687,8 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>, RegistryError> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(current) = pending.pop() {
-        let entries = std::fs::read_dir(&current).map_err(|e| RegistryError::Io(format!("{}: {e}", current.display())))?;
+        let entries = std::fs::read_dir(&current)
+            .map_err(|e| RegistryError::Io(format!("{}: {e}", current.display())))?;
         for entry in entries {
             let path = entry.map_err(|e| RegistryError::Io(e.to_string()))?.path();
             if path.is_dir() {
@@ -599,14 +737,26 @@ fn diff(a: &Manifest, b: &Manifest) -> Vec<Value> {
             out.push(json!({"field": field, "a": x, "b": y, "change": change}));
         }
     };
-    let files = |m: &Manifest| json!(m.files.iter().map(|f| (f.path.clone(), f.sha256.clone())).collect::<BTreeMap<_, _>>());
+    let files = |m: &Manifest| {
+        json!(
+            m.files
+                .iter()
+                .map(|f| (f.path.clone(), f.sha256.clone()))
+                .collect::<BTreeMap<_, _>>()
+        )
+    };
     compare("files", files(a), files(b));
     compare("framework", json!(a.framework), json!(b.framework));
     compare("signature", json!(a.signature), json!(b.signature));
     compare("config", a.config.clone(), b.config.clone());
-    let names: std::collections::BTreeSet<&String> = a.metrics.keys().chain(b.metrics.keys()).collect();
+    let names: std::collections::BTreeSet<&String> =
+        a.metrics.keys().chain(b.metrics.keys()).collect();
     for name in names {
-        compare(&format!("metrics.{name}"), json!(a.metrics.get(name)), json!(b.metrics.get(name)));
+        compare(
+            &format!("metrics.{name}"),
+            json!(a.metrics.get(name)),
+            json!(b.metrics.get(name)),
+        );
     }
     compare("gates", json!(a.gates), json!(b.gates));
     compare("tags", json!(a.tags), json!(b.tags));
@@ -643,20 +793,34 @@ fn files_summary(manifest: &Manifest) -> String {
 }
 
 fn join_strings(values: &[Value]) -> String {
-    values.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(",")
+    values
+        .iter()
+        .filter_map(Value::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn aliases_text(aliases: &Value) -> String {
     aliases
         .as_object()
-        .map(|m| m.iter().map(|(k, v)| format!("{k}=v{v}")).collect::<Vec<_>>().join(" "))
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}=v{v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_default()
 }
 
 fn metrics_text(metrics: &Value) -> String {
     metrics
         .as_object()
-        .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "))
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_default()
 }
 

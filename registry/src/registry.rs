@@ -99,7 +99,12 @@ fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {
 impl Registry {
     /// Opens (and for a local folder, creates) a registry.
     pub fn open(location: &str) -> Result<Self, RegistryError> {
-        let opened = location::open(location, true)?;
+        Self::open_with(location, &[])
+    }
+
+    /// Opens a registry with object-store options (`aws_endpoint=…`, …) beside the environment.
+    pub fn open_with(location: &str, options: &[(String, String)]) -> Result<Self, RegistryError> {
+        let opened = location::open(location, true, options)?;
         Ok(Self {
             store: opened.store,
             root: opened.root,

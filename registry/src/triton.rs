@@ -31,7 +31,12 @@ pub struct ModelRepository {
 impl ModelRepository {
     /// Opens a repository from a local path or a URL (`file://`, `s3://`, `gs://`).
     pub fn open(location: &str) -> Result<Self, RegistryError> {
-        let opened = crate::location::open(location, false)?;
+        Self::open_with(location, &[])
+    }
+
+    /// Opens a repository with object-store options beside the environment.
+    pub fn open_with(location: &str, options: &[(String, String)]) -> Result<Self, RegistryError> {
+        let opened = crate::location::open(location, false, options)?;
         Ok(Self {
             store: opened.store,
             root: opened.root,

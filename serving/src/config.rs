@@ -22,6 +22,11 @@ pub struct ServeConfig {
     #[arg(long, env = "MARQUEE_REGISTRY")]
     pub registry: Option<String>,
 
+    /// Object-store option for the registry or repository, `key=value` with object_store's keys
+    /// (e.g. aws_endpoint=http://…); the environment (AWS_*, GOOGLE_*) is read too (repeatable).
+    #[arg(long = "store-option")]
+    pub store_options: Vec<String>,
+
     /// How often to look for registry changes, in seconds (one listing per model).
     #[arg(long, default_value_t = 5.0)]
     pub registry_poll_seconds: f64,
@@ -75,6 +80,7 @@ impl Default for ServeConfig {
         Self {
             model_repository: None,
             registry: None,
+            store_options: Vec::new(),
             registry_poll_seconds: 5.0,
             pins: Vec::new(),
             host: IpAddr::from([0, 0, 0, 0]),

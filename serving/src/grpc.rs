@@ -17,9 +17,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ServingError;
-use crate::infer::{
-    InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype,
-};
+use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype};
 use crate::models::ModelManager;
 use crate::server::ServerInfo;
 use crate::tensor::{DataType, Tensor, TensorData};

@@ -18,9 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ServingError;
-use crate::infer::{
-    InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype,
-};
+use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype};
 use crate::models::ModelManager;
 use crate::server::ServerInfo;
 use crate::tensor::Tensor;
@@ -183,7 +181,11 @@ async fn model_statistics(
         s.models
             .versions(&p.model)
             .into_iter()
-            .map(|v| s.models.get(&p.model, &v.to_string()).map(|m| m.statistics()))
+            .map(|v| {
+                s.models
+                    .get(&p.model, &v.to_string())
+                    .map(|m| m.statistics())
+            })
             .collect::<Result<_, _>>()?
     } else {
         vec![s.models.get(&p.model, &p.version)?.statistics()]

@@ -62,7 +62,12 @@ pub struct ModelManager {
 }
 
 impl ModelManager {
-    pub fn new(source: ModelSource, runtime: OnnxRuntime, defaults: ModelDefaults, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        source: ModelSource,
+        runtime: OnnxRuntime,
+        defaults: ModelDefaults,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             source,
             runtime,
@@ -103,7 +108,9 @@ impl ModelManager {
             if changed {
                 match self.load(&name, None).await {
                     Ok(()) | Err(ServingError::NotFound(_)) => {}
-                    Err(e) => tracing::warn!(model = name, error = %e, "refresh could not load the model"),
+                    Err(e) => {
+                        tracing::warn!(model = name, error = %e, "refresh could not load the model")
+                    }
                 }
             }
         }
@@ -112,13 +119,20 @@ impl ModelManager {
 
     /// Loads (or reloads) a model: every version the source plans. On failure the versions
     /// already serving keep serving.
-    pub async fn load(&self, name: &str, config_override: Option<ModelConfig>) -> Result<(), ServingError> {
+    pub async fn load(
+        &self,
+        name: &str,
+        config_override: Option<ModelConfig>,
+    ) -> Result<(), ServingError> {
         let _one_at_a_time = self.changes.lock().await;
         let current = match self.models.read().expect("model table lock").get(name) {
             Some(ModelState::Ready(served)) => Some(served.clone()),
             _ => None,
         };
-        match self.build(name, current.as_ref(), config_override.as_ref()).await {
+        match self
+            .build(name, current.as_ref(), config_override.as_ref())
+            .await
+        {
             Ok(served) => {
                 let versions: Vec<u64> = served.versions.keys().copied().collect();
                 for (version, reason) in &served.refused {
@@ -162,16 +176,26 @@ impl ModelManager {
         let rollback = if previous_production.is_some() && previous_production != new_production {
             previous_production
         } else {
-            current.and_then(|c| c.rollback).filter(|r| Some(*r) != new_production)
+            current
+                .and_then(|c| c.rollback)
+                .filter(|r| Some(*r) != new_production)
         };
-        let wanted = |v: u64| plan.aliases.values().any(|a| *a == v) || Some(v) == rollback || !self.source.is_registry();
+        let wanted = |v: u64| {
+            plan.aliases.values().any(|a| *a == v)
+                || Some(v) == rollback
+                || !self.source.is_registry()
+        };
         let mut served = Served {
             aliases: plan.aliases.clone(),
             rollback,
             revision: plan.revision,
             ..Default::default()
         };
-        for planned in plan.versions.iter().filter(|p| wanted(p.version) || p.pinned) {
+        for planned in plan
+            .versions
+            .iter()
+            .filter(|p| wanted(p.version) || p.pinned)
+        {
             let reuse = config_override
                 .is_none()
                 .then(|| current.and_then(|c| c.versions.get(&planned.version).cloned()))
@@ -192,17 +216,28 @@ impl ModelManager {
         }
         if served.versions.is_empty() {
             let reasons: Vec<String> = served.refused.values().cloned().collect();
-            return Err(load_failed(name, format!("no version could be loaded: {}", reasons.join("; "))));
+            return Err(load_failed(
+                name,
+                format!("no version could be loaded: {}", reasons.join("; ")),
+            ));
         }
         served.default = plan
             .default
             .filter(|v| served.versions.contains_key(v))
-            .or_else(|| current.and_then(|c| c.default).filter(|v| served.versions.contains_key(v)));
+            .or_else(|| {
+                current
+                    .and_then(|c| c.default)
+                    .filter(|v| served.versions.contains_key(v))
+            });
         Ok(served)
     }
 
     /// Fetches, builds and warms up one version.
-    async fn build_version(&self, name: &str, planned: &PlannedVersion) -> Result<LoadedModel, ServingError> {
+    async fn build_version(
+        &self,
+        name: &str,
+        planned: &PlannedVersion,
+    ) -> Result<LoadedModel, ServingError> {
         let bytes = self.source.artifact(name, planned).await?;
         let runtime = self.runtime.clone();
         let defaults = self.defaults.clone();
@@ -220,7 +255,8 @@ impl ModelManager {
                 .map_err(|e| failed(e.to_string()))?;
             let (inputs, outputs) = sessions[0].signature();
             let (spec, warnings) =
-                spec::build_spec(&model_name, version, config, &inputs, &outputs, &defaults).map_err(failed)?;
+                spec::build_spec(&model_name, version, config, &inputs, &outputs, &defaults)
+                    .map_err(failed)?;
             for warning in warnings {
                 tracing::warn!(model = model_name, version, "{warning}");
             }
@@ -245,7 +281,9 @@ impl ModelManager {
                 tracing::info!(model = name, "model unloaded");
                 Ok(())
             }
-            _ => Err(ServingError::NotFound(format!("model '{name}' is not loaded"))),
+            _ => Err(ServingError::NotFound(format!(
+                "model '{name}' is not loaded"
+            ))),
         }
     }
 
@@ -260,16 +298,27 @@ impl ModelManager {
                     "model '{name}' is not available: {reason}"
                 )));
             }
-            None => return Err(ServingError::NotFound(format!("model '{name}' is not found"))),
+            None => {
+                return Err(ServingError::NotFound(format!(
+                    "model '{name}' is not found"
+                )));
+            }
         };
         let version = if reference.is_empty() {
-            served.default.or_else(|| served.versions.keys().next_back().copied())
+            served
+                .default
+                .or_else(|| served.versions.keys().next_back().copied())
         } else if let Some(&version) = served.aliases.get(reference) {
             Some(version)
         } else if self.source.is_registry() && reference.parse::<u64>().is_err() {
             return Err(ServingError::NotFound(format!(
                 "model '{name}' has no alias '{reference}' (aliases: {})",
-                served.aliases.keys().cloned().collect::<Vec<_>>().join(", ")
+                served
+                    .aliases
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         } else {
             parse_version(reference)?
@@ -311,10 +360,14 @@ impl ModelManager {
     /// True when no model has failed to load (Triton's strict readiness); unloaded models do
     /// not count against readiness.
     pub fn all_ready(&self) -> bool {
-        self.models.read().expect("model table lock").values().all(|s| match s {
-            ModelState::Ready(_) => true,
-            ModelState::Unavailable(reason) => reason == "unloaded",
-        })
+        self.models
+            .read()
+            .expect("model table lock")
+            .values()
+            .all(|s| match s {
+                ModelState::Ready(_) => true,
+                ModelState::Unavailable(reason) => reason == "unloaded",
+            })
     }
 
     /// The repository index: every model of the source with the state of its versions.

@@ -191,19 +191,25 @@ impl Server {
 }
 
 fn model_source(config: &ServeConfig) -> Result<ModelSource, StartError> {
+    let options = marquee_registry::cli::parse_options(&config.store_options)
+        .map_err(|e| StartError::Config(format!("--store-option: {e}")))?;
     match (&config.model_repository, &config.registry) {
-        (Some(repository), None) => Ok(ModelSource::Repository(ModelRepository::open(repository)?)),
+        (Some(repository), None) => Ok(ModelSource::Repository(ModelRepository::open_with(
+            repository, &options,
+        )?)),
         (None, Some(registry)) => {
             let mut pinned: BTreeMap<String, std::collections::BTreeSet<u64>> = BTreeMap::new();
             for pin in &config.pins {
                 let (model, version) = pin
                     .split_once(':')
                     .and_then(|(m, v)| Some((m, v.parse::<u64>().ok()?)))
-                    .ok_or_else(|| StartError::Config(format!("--pin '{pin}' must look like MODEL:VERSION")))?;
+                    .ok_or_else(|| {
+                        StartError::Config(format!("--pin '{pin}' must look like MODEL:VERSION"))
+                    })?;
                 pinned.entry(model.to_string()).or_default().insert(version);
             }
             Ok(ModelSource::Registry {
-                registry: Registry::open(registry)?,
+                registry: Registry::open_with(registry, &options)?,
                 pinned,
             })
         }
@@ -214,7 +220,11 @@ fn model_source(config: &ServeConfig) -> Result<ModelSource, StartError> {
 }
 
 /// Follows the registry: every `interval`, loads what changed (new models, moved aliases).
-async fn poll_registry(models: Arc<ModelManager>, interval: Duration, mut stopped: watch::Receiver<bool>) {
+async fn poll_registry(
+    models: Arc<ModelManager>,
+    interval: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

@@ -68,13 +68,19 @@ impl ModelSource {
         match self {
             ModelSource::Repository(repository) => {
                 let source = repository.model(name).await.map_err(source_error)?;
-                let config = config_override.cloned().or(source.config).unwrap_or_default();
+                let config = config_override
+                    .cloned()
+                    .or(source.config)
+                    .unwrap_or_default();
                 spec::check_config(name, &config).map_err(|e| load_failed(name, e))?;
                 let versions = spec::select_versions(&config, &source.versions);
                 if versions.is_empty() {
                     return Err(load_failed(
                         name,
-                        format!("no version to serve (version folders present: {:?})", source.versions),
+                        format!(
+                            "no version to serve (version folders present: {:?})",
+                            source.versions
+                        ),
                     ));
                 }
                 Ok(Plan {
@@ -104,12 +110,20 @@ impl ModelSource {
                 }
                 let mut versions = Vec::with_capacity(wanted.len());
                 for version in wanted {
-                    let manifest = registry.manifest(name, version).await.map_err(source_error)?;
+                    let manifest = registry
+                        .manifest(name, version)
+                        .await
+                        .map_err(source_error)?;
                     let config = match config_override {
                         Some(config) => config.clone(),
                         None if manifest.config.is_null() => ModelConfig::default(),
                         None => marquee_proto::parse_config_json(&manifest.config.to_string())
-                            .map_err(|e| load_failed(name, format!("version {version}: manifest config: {e}")))?,
+                            .map_err(|e| {
+                                load_failed(
+                                    name,
+                                    format!("version {version}: manifest config: {e}"),
+                                )
+                            })?,
                     };
                     let pinned = pinned.get(name).is_some_and(|p| p.contains(&version));
                     versions.push(PlannedVersion {
@@ -129,7 +143,11 @@ impl ModelSource {
     }
 
     /// The artifact of one version; from the registry, checked against its manifest's sha256.
-    pub async fn artifact(&self, name: &str, planned: &PlannedVersion) -> Result<Bytes, ServingError> {
+    pub async fn artifact(
+        &self,
+        name: &str,
+        planned: &PlannedVersion,
+    ) -> Result<Bytes, ServingError> {
         let filename = spec::model_filename(&planned.config);
         match self {
             ModelSource::Repository(repository) => repository
@@ -137,10 +155,20 @@ impl ModelSource {
                 .await
                 .map_err(source_error),
             ModelSource::Registry { registry, .. } => {
-                let manifest = registry.manifest(name, planned.version).await.map_err(source_error)?;
-                let entry = manifest.files.iter().find(|f| f.path == filename).ok_or_else(|| {
-                    load_failed(name, format!("version {} has no file '{filename}'", planned.version))
-                })?;
+                let manifest = registry
+                    .manifest(name, planned.version)
+                    .await
+                    .map_err(source_error)?;
+                let entry = manifest
+                    .files
+                    .iter()
+                    .find(|f| f.path == filename)
+                    .ok_or_else(|| {
+                        load_failed(
+                            name,
+                            format!("version {} has no file '{filename}'", planned.version),
+                        )
+                    })?;
                 registry.file(&manifest, entry).await.map_err(source_error)
             }
         }

@@ -129,6 +129,13 @@ impl TestServer {
         Self::launch(config, None).await
     }
 
+    /// A server configured by `adjust` from loopback defaults, with no repository of its own.
+    pub async fn start_with_config(adjust: impl FnOnce(&mut ServeConfig)) -> Self {
+        let mut config = Self::loopback();
+        adjust(&mut config);
+        Self::launch(config, None).await
+    }
+
     fn loopback() -> ServeConfig {
         ServeConfig {
             host: [127, 0, 0, 1].into(),
@@ -194,6 +201,175 @@ async fn split(response: reqwest::Response) -> (u16, serde_json::Value) {
         })
     };
     (status, json)
+}
+
+/// A real S3-compatible server (moto, installed by deploy/setup.sh --test) on a free loopback
+/// port, with one bucket; stopped when dropped.
+pub struct S3Server {
+    process: std::process::Child,
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl S3Server {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let binary = root().join(".marquee/venv/bin/moto_server");
+        assert!(
+            binary.is_file(),
+            "moto_server is missing: run deploy/setup.sh --test"
+        );
+        let process = std::process::Command::new(binary)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto_server starts");
+        let server = Self {
+            process,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            bucket: "registry".into(),
+        };
+        let client = reqwest::Client::new();
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(r) = client
+                .put(format!("{}/{}", server.endpoint, server.bucket))
+                .send()
+                .await
+            {
+                assert!(
+                    r.status().is_success(),
+                    "bucket creation failed: {}",
+                    r.status()
+                );
+                break;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "moto_server did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        server
+    }
+
+    /// `s3://bucket/prefix` for this server.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+
+    /// The object-store options that reach this server.
+    pub fn options(&self) -> Vec<(String, String)> {
+        [
+            ("aws_endpoint", self.endpoint.as_str()),
+            ("aws_allow_http", "true"),
+            ("aws_region", "us-east-1"),
+            ("aws_access_key_id", "test"),
+            ("aws_secret_access_key", "test"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// A store that holds every write of a registry refs revision until two are waiting, so two
+/// changes are made from the same revision: a real race, every time, on any store.
+#[derive(Debug)]
+pub struct RacingStore {
+    inner: std::sync::Arc<dyn object_store::ObjectStore>,
+    gate: tokio::sync::Barrier,
+}
+
+impl RacingStore {
+    pub fn new(inner: std::sync::Arc<dyn object_store::ObjectStore>) -> Self {
+        Self {
+            inner,
+            gate: tokio::sync::Barrier::new(2),
+        }
+    }
+}
+
+impl std::fmt::Display for RacingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RacingStore({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for RacingStore {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        if location.as_ref().contains("/refs/") {
+            self.gate.wait().await;
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    fn list_with_offset(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+        offset: &object_store::path::Path,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
 }
 
 /// Little-endian bytes of f32 values.

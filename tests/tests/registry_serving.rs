@@ -35,18 +35,33 @@ fn manifest() -> Manifest {
 }
 
 async fn push(registry: &Registry, model: &str, fixture: &str) -> u64 {
-    let bytes = std::fs::read(fixtures().join("models").join(fixture).join("1/model.onnx")).unwrap();
+    let bytes =
+        std::fs::read(fixtures().join("models").join(fixture).join("1/model.onnx")).unwrap();
     let file = PushFile {
         path: "model.onnx".into(),
         contents: Bytes::from(bytes),
     };
-    registry.push(model, vec![file], manifest(), &Quiet).await.unwrap().version
+    registry
+        .push(model, vec![file], manifest(), &Quiet)
+        .await
+        .unwrap()
+        .version
 }
 
 async fn to_production(registry: &Registry, model: &str, version: u64) {
-    registry.promote(model, version, Stage::Staging, None, "tests", "").await.unwrap();
     registry
-        .promote(model, version, Stage::Production, Some("reviewer"), "tests", "")
+        .promote(model, version, Stage::Staging, None, "tests", "")
+        .await
+        .unwrap();
+    registry
+        .promote(
+            model,
+            version,
+            Stage::Production,
+            Some("reviewer"),
+            "tests",
+            "",
+        )
         .await
         .unwrap();
 }
@@ -69,14 +84,26 @@ fn request(version: &str) -> pb::ModelInferRequest {
 
 /// The answer and the version that gave it.
 async fn ask(server: &TestServer, version: &str) -> (String, f32) {
-    let response = server.grpc_client().await.model_infer(request(version)).await.unwrap().into_inner();
-    (response.model_version, f32_values(&response.raw_output_contents[0])[0])
+    let response = server
+        .grpc_client()
+        .await
+        .model_infer(request(version))
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        response.model_version,
+        f32_values(&response.raw_output_contents[0])[0],
+    )
 }
 
 async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let started = Instant::now();
     while !check().await {
-        assert!(started.elapsed() < Duration::from_secs(30), "{what} never happened");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what} never happened"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -89,7 +116,10 @@ async fn promotion_swaps_under_load_with_no_failed_and_no_mixed_answer() {
     to_production(&registry, "pricing", v1).await;
     let server = TestServer::start_registry(dir.path()).await;
     let (version, y1) = ask(&server, "").await;
-    assert_eq!(version, "1", "production answers requests that name no version");
+    assert_eq!(
+        version, "1",
+        "production answers requests that name no version"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..8)
@@ -97,14 +127,18 @@ async fn promotion_swaps_under_load_with_no_failed_and_no_mixed_answer() {
             let stop = stop.clone();
             let url = server.grpc.clone();
             tokio::spawn(async move {
-                let mut client = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(url).await.unwrap();
+                let mut client =
+                    pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(url)
+                        .await
+                        .unwrap();
                 let mut answers = Vec::new();
                 let mut failures = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     match client.model_infer(request("")).await {
                         Ok(r) => {
                             let r = r.into_inner();
-                            answers.push((r.model_version, f32_values(&r.raw_output_contents[0])[0]));
+                            answers
+                                .push((r.model_version, f32_values(&r.raw_output_contents[0])[0]));
                         }
                         Err(status) => failures.push(status.to_string()),
                     }
@@ -117,16 +151,25 @@ async fn promotion_swaps_under_load_with_no_failed_and_no_mixed_answer() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let v2 = push(&registry, "pricing", "gbr_alt").await;
     to_production(&registry, "pricing", v2).await;
-    until("the swap to version 2", async || ask(&server, "").await.0 == "2").await;
+    until("the swap to version 2", async || {
+        ask(&server, "").await.0 == "2"
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let (_, y2) = ask(&server, "2").await;
-    assert_ne!(y1, y2, "the two versions must answer differently for this test to see mixing");
+    assert_ne!(
+        y1, y2,
+        "the two versions must answer differently for this test to see mixing"
+    );
 
     let (mut total, mut by_version) = (0, [0usize; 2]);
     for client in clients {
         let (answers, failures) = client.await.unwrap();
-        assert!(failures.is_empty(), "failed requests during the swap: {failures:?}");
+        assert!(
+            failures.is_empty(),
+            "failed requests during the swap: {failures:?}"
+        );
         for (version, y) in answers {
             total += 1;
             match version.as_str() {
@@ -142,14 +185,21 @@ async fn promotion_swaps_under_load_with_no_failed_and_no_mixed_answer() {
             }
         }
     }
-    assert!(by_version[0] > 0 && by_version[1] > 0, "both versions served during the run: {by_version:?}");
+    assert!(
+        by_version[0] > 0 && by_version[1] > 0,
+        "both versions served during the run: {by_version:?}"
+    );
     assert!(total > 100, "the load was sustained ({total} requests)");
 
     // The previous production version stays warm for rollback, and answers by number.
     let (_, metadata) = server.get("/v2/models/pricing").await;
     assert_eq!(metadata["versions"], json!(["1", "2"]));
     assert_eq!(ask(&server, "1").await, ("1".to_string(), y1));
-    assert_eq!(ask(&server, "production").await.0, "2", "aliases name versions too");
+    assert_eq!(
+        ask(&server, "production").await.0,
+        "2",
+        "aliases name versions too"
+    );
     server.stop().await;
 }
 
@@ -164,32 +214,79 @@ async fn broken_versions_are_refused_and_the_old_one_keeps_serving() {
 
     // A version whose artifact changed on the store after it was pushed.
     let v2 = push(&registry, "pricing", "gbr_alt").await;
-    std::fs::write(dir.path().join(format!("pricing/{v2}/model.onnx")), b"tampered").unwrap();
+    std::fs::write(
+        dir.path().join(format!("pricing/{v2}/model.onnx")),
+        b"tampered",
+    )
+    .unwrap();
     to_production(&registry, "pricing", v2).await;
     until("version 2 refused", async || {
         let (_, index) = server.post("/v2/repository/index", json!({})).await;
-        index.as_array().unwrap().iter().any(|e| e["version"] == "2" && e["state"] == "UNAVAILABLE")
+        index
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["version"] == "2" && e["state"] == "UNAVAILABLE")
     })
     .await;
     let (_, index) = server.post("/v2/repository/index", json!({})).await;
-    let refused = index.as_array().unwrap().iter().find(|e| e["version"] == "2").unwrap();
-    assert!(refused["reason"].as_str().unwrap().contains("the manifest says"), "{refused}");
-    assert_eq!(ask(&server, "").await, ("1".to_string(), y1), "version 1 keeps answering");
-    assert_eq!(server.get("/v2/health/ready").await.0, 200, "a refused version does not take the server down");
+    let refused = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["version"] == "2")
+        .unwrap();
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the manifest says"),
+        "{refused}"
+    );
+    assert_eq!(
+        ask(&server, "").await,
+        ("1".to_string(), y1),
+        "version 1 keeps answering"
+    );
+    assert_eq!(
+        server.get("/v2/health/ready").await.0,
+        200,
+        "a refused version does not take the server down"
+    );
 
     // A file that is not a model at all, behind another alias.
     let v3 = registry
-        .push("pricing", vec![PushFile { path: "model.onnx".into(), contents: Bytes::from_static(b"not onnx") }], manifest(), &Quiet)
+        .push(
+            "pricing",
+            vec![PushFile {
+                path: "model.onnx".into(),
+                contents: Bytes::from_static(b"not onnx"),
+            }],
+            manifest(),
+            &Quiet,
+        )
         .await
         .unwrap()
         .version;
-    registry.set_alias("pricing", "canary", v3, "tests", "").await.unwrap();
+    registry
+        .set_alias("pricing", "canary", v3, "tests", "")
+        .await
+        .unwrap();
     until("version 3 refused", async || {
         let (_, index) = server.post("/v2/repository/index", json!({})).await;
-        index.as_array().unwrap().iter().any(|e| e["version"] == "3" && e["state"] == "UNAVAILABLE")
+        index
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["version"] == "3" && e["state"] == "UNAVAILABLE")
     })
     .await;
-    let (status, answer) = server.post("/v2/models/pricing/versions/canary/infer", json!({"inputs": []})).await;
+    let (status, answer) = server
+        .post(
+            "/v2/models/pricing/versions/canary/infer",
+            json!({"inputs": []}),
+        )
+        .await;
     assert_eq!(status, 404, "{answer}");
     assert_eq!(ask(&server, "").await.0, "1");
     server.stop().await;
@@ -201,15 +298,44 @@ async fn models_appear_when_aliased_and_pinned_versions_stay() {
     let registry = Registry::open(dir.path().to_str().unwrap()).unwrap();
     push(&registry, "pricing", "gbr").await;
     let server = TestServer::start_registry(dir.path()).await;
-    assert_eq!(server.get("/v2/health/ready").await.0, 200, "an unaliased model is not served, not an error");
+    assert_eq!(
+        server.get("/v2/health/ready").await.0,
+        200,
+        "an unaliased model is not served, not an error"
+    );
     assert_eq!(server.get("/v2/models/pricing").await.0, 404);
-    registry.set_alias("pricing", "shadow", 1, "tests", "").await.unwrap();
-    until("the aliased model to load", async || server.get("/v2/models/pricing/ready").await.0 == 200).await;
+    registry
+        .set_alias("pricing", "shadow", 1, "tests", "")
+        .await
+        .unwrap();
+    until("the aliased model to load", async || {
+        server.get("/v2/models/pricing/ready").await.0 == 200
+    })
+    .await;
     let (_, metadata) = server.get("/v2/models/pricing/versions/shadow").await;
     assert_eq!(metadata["versions"], json!(["1"]));
-    registry.remove_alias("pricing", "shadow", "tests", "").await.unwrap();
-    registry.set_alias("pricing", "other", 1, "tests", "").await.unwrap();
-    until("the alias move", async || server.get("/v2/models/pricing/versions/other/ready").await.0 == 200).await;
-    assert_eq!(server.get("/v2/models/pricing/versions/shadow/ready").await.0, 404);
+    registry
+        .remove_alias("pricing", "shadow", "tests", "")
+        .await
+        .unwrap();
+    registry
+        .set_alias("pricing", "other", 1, "tests", "")
+        .await
+        .unwrap();
+    until("the alias move", async || {
+        server
+            .get("/v2/models/pricing/versions/other/ready")
+            .await
+            .0
+            == 200
+    })
+    .await;
+    assert_eq!(
+        server
+            .get("/v2/models/pricing/versions/shadow/ready")
+            .await
+            .0,
+        404
+    );
     server.stop().await;
 }

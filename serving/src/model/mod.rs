@@ -82,7 +82,12 @@ impl LoadedModel {
             .inputs
             .iter()
             .map(|input| {
-                let shape: Vec<i64> = self.spec.client_shape(input).iter().map(|&d| d.max(1)).collect();
+                let shape: Vec<i64> = self
+                    .spec
+                    .client_shape(input)
+                    .iter()
+                    .map(|&d| d.max(1))
+                    .collect();
                 let count = crate::tensor::element_count(&shape).unwrap_or(0);
                 let data = match input.dtype.size() {
                     Some(size) => TensorData::Fixed(vec![0u8; count * size].into()),
