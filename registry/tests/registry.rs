@@ -255,3 +255,39 @@ async fn stages_move_one_step_and_production_needs_approval_and_gates() {
         5
     );
 }
+
+/// The JSON Schema in registry/schema describes exactly what the registry writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn written_manifests_follow_the_published_schema() {
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("../schema/manifest.schema.json")).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let registry = Registry::open("memory://").unwrap();
+    let mut manifest = draft(&[("rmse", 0.1)], &["rmse<=0.2"]);
+    manifest.tags.insert("team".into(), "pricing".into());
+    manifest.lineage.dataset_uri = "s3://data/x.parquet".into();
+    manifest.signature = marquee_registry::onnx::Signature {
+        inputs: vec![marquee_registry::onnx::TensorSignature {
+            name: "X".into(),
+            datatype: "FP32".into(),
+            shape: vec![-1, 10],
+        }],
+        outputs: vec![],
+    };
+    let pushed = registry
+        .push("m", file(b"bytes"), manifest, &Quiet)
+        .await
+        .unwrap();
+    let written = serde_json::to_value(&pushed).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(&written)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut broken = written.clone();
+    broken.as_object_mut().unwrap().remove("files");
+    assert!(!validator.is_valid(&broken), "the schema requires files");
+    broken = written;
+    broken["files"][0]["sha256"] = "not hex".into();
+    assert!(!validator.is_valid(&broken), "the schema checks checksums");
+}

@@ -76,6 +76,7 @@ impl LoadedModel {
 
     /// Runs one batch of zeros (empty strings for BYTES) through the model before it takes
     /// traffic, so a version that cannot answer is refused and the first caller pays no warm-up.
+    /// The warm-up batch is not counted in the version's statistics.
     pub async fn warm_up(&self) -> Result<(), ServingError> {
         let inputs = self
             .spec
@@ -101,6 +102,7 @@ impl LoadedModel {
             inputs,
             ..Default::default()
         };
+        let _unrecorded = self.stats.unrecorded();
         self.run(request).await.map(|_| ())
     }
 

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use marquee_proto::inference;
@@ -56,6 +56,18 @@ pub struct ModelStats {
     compute_output: DurationStat,
     batch_sizes: Mutex<BTreeMap<u64, BatchSizeStat>>,
     metrics: ModelMetrics,
+    /// Off while the version warms up: warm-up batches are not traffic and must not show in
+    /// the counts clients and perf_analyzer read.
+    recording: AtomicBool,
+}
+
+/// Keeps a version's statistics from recording executions until dropped.
+pub struct Unrecorded<'a>(&'a ModelStats);
+
+impl Drop for Unrecorded<'_> {
+    fn drop(&mut self) {
+        self.0.recording.store(true, Ordering::Relaxed);
+    }
 }
 
 impl ModelStats {
@@ -72,7 +84,14 @@ impl ModelStats {
             compute_output: DurationStat::default(),
             batch_sizes: Mutex::new(BTreeMap::new()),
             metrics,
+            recording: AtomicBool::new(true),
         }
+    }
+
+    /// Stops recording executions until the returned guard is dropped (used by warm-up).
+    pub fn unrecorded(&self) -> Unrecorded<'_> {
+        self.recording.store(false, Ordering::Relaxed);
+        Unrecorded(self)
     }
 
     pub fn metrics(&self) -> &ModelMetrics {
@@ -145,6 +164,9 @@ impl ComputeRecorder for ModelStats {
     /// Batch-level compute times; per-request compute statistics count each job in the batch, as
     /// Triton does.
     fn record(&self, jobs: usize, rows: usize, times: ComputeTimes) {
+        if !self.recording.load(Ordering::Relaxed) {
+            return;
+        }
         let jobs = jobs as u64;
         self.execution_count.fetch_add(1, Ordering::Relaxed);
         self.inference_count
