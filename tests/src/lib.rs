@@ -26,6 +26,22 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// The `marquee` binary of this build (tests/run.sh builds every target before testing).
+pub fn marquee_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let binary = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps")
+        .join("marquee");
+    assert!(
+        binary.is_file(),
+        "{} is missing: build it first (cargo build --release -p marquee-serving)",
+        binary.display()
+    );
+    binary
+}
+
 /// Outputs Python onnxruntime computed for the real models (see make_fixtures.py).
 pub fn reference() -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures().join("reference.json"))

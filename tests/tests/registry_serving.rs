@@ -339,3 +339,50 @@ async fn models_appear_when_aliased_and_pinned_versions_stay() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_repository_extension_works_on_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::open(dir.path().to_str().unwrap()).unwrap();
+    let v1 = push(&registry, "pricing", "gbr").await;
+    to_production(&registry, "pricing", v1).await;
+    push(&registry, "fraud", "iforest").await;
+    let server = TestServer::start_registry(dir.path()).await;
+
+    let (_, index) = server.post("/v2/repository/index", json!({})).await;
+    assert_eq!(
+        index,
+        json!([{"name": "fraud"}, {"name": "pricing", "state": "READY", "version": "1"}]),
+        "every registry model is listed; only served ones have a state"
+    );
+
+    let (status, body) = server
+        .post("/v2/repository/models/pricing/unload", json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = server.get("/v2/models/pricing/ready").await;
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (503, "model 'pricing' is not available: unloaded"),
+        "an unloaded model stays unloaded while the registry is polled"
+    );
+
+    let (status, body) = server
+        .post("/v2/repository/models/fraud/load", json!({}))
+        .await;
+    assert_eq!(status, 404);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("promote or alias a version"),
+        "{body}"
+    );
+    let (status, body) = server
+        .post("/v2/repository/models/pricing/load", json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ask(&server, "").await.0, "1", "production serves again");
+    server.stop().await;
+}
