@@ -101,7 +101,8 @@ pub enum AliasCommand {
 #[derive(Debug, Args)]
 pub struct PushArgs {
     pub model: String,
-    /// The artifact: model.onnx (signature read from it) or model.pt (TorchScript).
+    /// The artifact: an ONNX file (signature read from it) or a TorchScript file (.pt); stored
+    /// as model.onnx / model.pt, the names serving looks for.
     pub file: PathBuf,
     /// A metric, `name=value` (repeatable).
     #[arg(long = "metric")]
@@ -505,12 +506,6 @@ async fn push_version(
     progress: &dyn Progress,
 ) -> Result<Manifest, RegistryError> {
     let contents = Bytes::from(read(&push.file)?);
-    let file_name = push
-        .file
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| RegistryError::Invalid(format!("{} has no file name", push.file.display())))?
-        .to_string();
     let framework = match push.file.extension().and_then(|e| e.to_str()) {
         Some("onnx") => "onnx",
         Some("pt") | Some("pth") => "torchscript",
@@ -602,6 +597,19 @@ async fn push_version(
     if !push.description.is_empty() {
         manifest.description = push.description;
     }
+    // Stored under the name serving looks for (Triton's default, or the config's own), whatever
+    // the local file is called.
+    let file_name = manifest
+        .config
+        .get("default_model_filename")
+        .and_then(Value::as_str)
+        .filter(|name| !name.is_empty())
+        .unwrap_or(if framework == "onnx" {
+            "model.onnx"
+        } else {
+            "model.pt"
+        })
+        .to_string();
     registry
         .push(
             &push.model,

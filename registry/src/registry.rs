@@ -10,9 +10,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use std::io::{Read, Write};
+
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use object_store::{
+    GetResultPayload, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart,
+};
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{FileEntry, Manifest};
@@ -23,6 +27,8 @@ use crate::{RegistryError, location};
 const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
 /// Part size for multipart uploads (S3 needs at least 5 MiB per part).
 const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Parts transferred at once, each way.
+const PARTS_IN_FLIGHT: usize = 4;
 
 /// Progress of a transfer, in bytes; lets the CLI draw a bar without the library knowing how.
 pub trait Progress: Send + Sync {
@@ -71,7 +77,28 @@ pub struct Registry {
 
 /// Lower-case hex SHA-256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
+    hex(&Sha256::digest(bytes))
+}
+
+fn missing(manifest: &Manifest, entry: &FileEntry) -> RegistryError {
+    RegistryError::Corrupt(format!(
+        "{} v{}: file '{}' is missing",
+        manifest.name, manifest.version, entry.path
+    ))
+}
+
+fn mismatch(manifest: &Manifest, entry: &FileEntry, actual: &str) -> RegistryError {
+    RegistryError::Corrupt(format!(
+        "{} v{}: file '{}' has sha256 {actual}, the manifest says {}",
+        manifest.name, manifest.version, entry.path, entry.sha256
+    ))
+}
+
+fn io_error(path: &std::path::Path, e: std::io::Error) -> RegistryError {
+    RegistryError::Io(format!("{}: {e}", path.display()))
+}
+
+fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -342,7 +369,7 @@ impl Registry {
             let upload = self.store.put_multipart(path).await?;
             let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
             for chunk in contents.chunks(PART_SIZE) {
-                writer.wait_for_capacity(4).await?;
+                writer.wait_for_capacity(PARTS_IN_FLIGHT).await?;
                 writer.write(chunk);
                 progress.advance(chunk.len() as u64);
             }
@@ -361,22 +388,51 @@ impl Registry {
         let path = self.version_path(&manifest.name, manifest.version, &entry.path);
         let bytes = match self.store.get(&path).await {
             Ok(result) => result.bytes().await?,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(RegistryError::Corrupt(format!(
-                    "{} v{}: file '{}' is missing",
-                    manifest.name, manifest.version, entry.path
-                )));
-            }
+            Err(object_store::Error::NotFound { .. }) => return Err(missing(manifest, entry)),
             Err(e) => return Err(e.into()),
         };
         let actual = sha256_hex(&bytes);
         if actual != entry.sha256 {
-            return Err(RegistryError::Corrupt(format!(
-                "{} v{}: file '{}' has sha256 {actual}, the manifest says {}",
-                manifest.name, manifest.version, entry.path, entry.sha256
-            )));
+            return Err(mismatch(manifest, entry, &actual));
         }
         Ok(bytes)
+    }
+
+    /// Reads an object piece by piece into `sink`, so memory stays bounded for any file size:
+    /// one streamed GET from a remote store, large direct reads from a local file (object_store's
+    /// own local stream reads 8 KiB at a time). Returns the sha256 of what was read, or `None`
+    /// when the object does not exist. For the CLI's transfers: local reads block the thread.
+    async fn read_parts(
+        &self,
+        path: &Path,
+        mut sink: impl FnMut(&[u8]) -> Result<(), RegistryError>,
+    ) -> Result<Option<String>, RegistryError> {
+        let result = match self.store.get(path).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut hasher = Sha256::new();
+        match result.payload {
+            GetResultPayload::File(mut file, local) => {
+                let mut buffer = vec![0; PART_SIZE];
+                loop {
+                    let read = file.read(&mut buffer).map_err(|e| io_error(&local, e))?;
+                    if read == 0 {
+                        break;
+                    }
+                    hasher.update(&buffer[..read]);
+                    sink(&buffer[..read])?;
+                }
+            }
+            GetResultPayload::Stream(mut stream) => {
+                while let Some(chunk) = stream.try_next().await? {
+                    hasher.update(&chunk);
+                    sink(&chunk)?;
+                }
+            }
+        }
+        Ok(Some(hex(&hasher.finalize())))
     }
 
     /// Downloads every file of a version into `dir` (and the manifest), verifying each.
@@ -390,20 +446,37 @@ impl Registry {
         let manifest = self.manifest(model, version).await?;
         for entry in &manifest.files {
             progress.start(&entry.path, entry.size);
-            let bytes = self.file(&manifest, entry).await?;
-            progress.advance(bytes.len() as u64);
             let target = dir.join(&entry.path);
             if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| RegistryError::Io(format!("{}: {e}", parent.display())))?;
+                std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
             }
-            std::fs::write(&target, &bytes)
-                .map_err(|e| RegistryError::Io(format!("{}: {e}", target.display())))?;
+            // Written beside the target and renamed once the checksum matches, so a failed pull
+            // never leaves a file that looks complete.
+            let partial = dir.join(format!("{}.partial", entry.path));
+            let mut file = std::fs::File::create(&partial).map_err(|e| io_error(&partial, e))?;
+            let path = self.version_path(model, version, &entry.path);
+            let actual = self
+                .read_parts(&path, |part| {
+                    progress.advance(part.len() as u64);
+                    file.write_all(part).map_err(|e| io_error(&partial, e))
+                })
+                .await;
+            drop(file);
+            let checked = match actual {
+                Ok(Some(actual)) if actual == entry.sha256 => Ok(()),
+                Ok(Some(actual)) => Err(mismatch(&manifest, entry, &actual)),
+                Ok(None) => Err(missing(&manifest, entry)),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = checked {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+            std::fs::rename(&partial, &target).map_err(|e| io_error(&target, e))?;
             progress.finish();
         }
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
-        std::fs::write(dir.join("manifest.json"), json)
-            .map_err(|e| RegistryError::Io(format!("{}: {e}", dir.display())))?;
+        std::fs::write(dir.join("manifest.json"), json).map_err(|e| io_error(dir, e))?;
         Ok(manifest)
     }
 
@@ -413,11 +486,7 @@ impl Registry {
         let mut checks = Vec::with_capacity(manifest.files.len());
         for entry in &manifest.files {
             let path = self.version_path(model, version, &entry.path);
-            let actual = match self.store.get(&path).await {
-                Ok(result) => Some(sha256_hex(&result.bytes().await?)),
-                Err(object_store::Error::NotFound { .. }) => None,
-                Err(e) => return Err(e.into()),
-            };
+            let actual = self.read_parts(&path, |_| Ok(())).await?;
             checks.push(FileCheck {
                 path: entry.path.clone(),
                 expected: entry.sha256.clone(),

@@ -4,17 +4,10 @@
 //! tests/tests/registry_s3.rs.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::stream::BoxStream;
 use marquee_registry::manifest::{Gate, Lineage, SCHEMA_VERSION};
 use marquee_registry::{Manifest, PushFile, Quiet, Registry, RegistryError, Stage, sha256_hex};
-use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult,
-};
 
 fn draft(metrics: &[(&str, f64)], gates: &[&str]) -> Manifest {
     Manifest {

@@ -295,6 +295,11 @@ fn failures_have_exit_codes_and_say_what_to_do() {
     let into = tempfile::tempdir().unwrap();
     let pull = cli(&["pull", "fraud", "1", path(into.path())]);
     assert_eq!(pull.code, 6, "a corrupted pull is refused: {}", pull.stderr);
+    let left: Vec<_> = std::fs::read_dir(into.path()).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "a refused pull leaves no file behind: {left:?}"
+    );
 
     let bad_location = registry("ftp://example.com/x", &[], &["list"]);
     assert_eq!(bad_location.code, 2, "{}", bad_location.stderr);
@@ -371,4 +376,73 @@ async fn the_cli_works_on_s3() {
         std::fs::read(into.path().join("model.onnx")).unwrap(),
         std::fs::read(&gbr).unwrap()
     );
+}
+
+/// The whole data-scientist loop: one command to push, two to promote, and serving picks the
+/// version up without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_picks_up_what_the_cli_promotes() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = path(dir.path()).to_string();
+    let cli = |args: &[&str]| registry(&location, &[], args);
+    // Any local file name: the registry stores it as model.onnx.
+    let artifact = dir.path().join("pricing-2026-11.onnx");
+    std::fs::copy(model_file("gbr"), &artifact).unwrap();
+    let server = marquee_tests::TestServer::start_registry(dir.path()).await;
+
+    let config = dir.path().join("config.pbtxt");
+    std::fs::write(&config, "max_batch_size: 32\ndynamic_batching { }\n").unwrap();
+    let pushed = cli(&[
+        "push",
+        "pricing",
+        path(&artifact),
+        "--config",
+        path(&config),
+    ]);
+    assert_eq!(pushed.code, 0, "{}", pushed.stderr);
+    assert_eq!(cli(&["promote", "pricing", "1", "--to", "staging"]).code, 0);
+    let promoted = cli(&[
+        "promote",
+        "pricing",
+        "1",
+        "--to",
+        "production",
+        "--approved-by",
+        "bob",
+    ]);
+    assert_eq!(promoted.code, 0, "{}", promoted.stderr);
+
+    let started = std::time::Instant::now();
+    while server.get("/v2/models/pricing/ready").await.0 != 200 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "serving never loaded the promoted version"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let reference = &marquee_tests::reference()["gbr"];
+    let mut input = reference["inputs"]["X"].clone();
+    input["name"] = "X".into();
+    let (status, answer) = server
+        .post(
+            "/v2/models/pricing/infer",
+            serde_json::json!({"inputs": [input]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["model_version"], "1");
+    let got: Vec<f64> = answer["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    let want: Vec<f64> = reference["outputs"]["variable"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    marquee_tests::assert_close(&got, &want, 1e-5, "gbr pushed and promoted by the CLI");
+    server.stop().await;
 }
