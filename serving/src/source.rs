@@ -53,7 +53,7 @@ impl ModelSource {
             ModelSource::Repository(repository) => repository.model_names().await,
             ModelSource::Registry { registry, .. } => registry.models().await,
         }
-        .map_err(source_error)
+        .map_err(|e| self.error(e))
     }
 
     /// The versions of `name` to serve. `keep` are versions serving wants to keep (the previous
@@ -67,7 +67,7 @@ impl ModelSource {
     ) -> Result<Plan, ServingError> {
         match self {
             ModelSource::Repository(repository) => {
-                let source = repository.model(name).await.map_err(source_error)?;
+                let source = repository.model(name).await.map_err(|e| self.error(e))?;
                 let config = config_override
                     .cloned()
                     .or(source.config)
@@ -98,7 +98,7 @@ impl ModelSource {
                 })
             }
             ModelSource::Registry { registry, pinned } => {
-                let refs = registry.refs(name).await.map_err(source_error)?;
+                let refs = registry.refs(name).await.map_err(|e| self.error(e))?;
                 let mut wanted: BTreeSet<u64> = refs.aliases.values().copied().collect();
                 wanted.extend(pinned.get(name).into_iter().flatten());
                 wanted.extend(keep);
@@ -113,7 +113,7 @@ impl ModelSource {
                     let manifest = registry
                         .manifest(name, version)
                         .await
-                        .map_err(source_error)?;
+                        .map_err(|e| self.error(e))?;
                     let config = match config_override {
                         Some(config) => config.clone(),
                         None if manifest.config.is_null() => ModelConfig::default(),
@@ -153,12 +153,12 @@ impl ModelSource {
             ModelSource::Repository(repository) => repository
                 .artifact(name, planned.version, filename)
                 .await
-                .map_err(source_error),
+                .map_err(|e| self.error(e)),
             ModelSource::Registry { registry, .. } => {
                 let manifest = registry
                     .manifest(name, planned.version)
                     .await
-                    .map_err(source_error)?;
+                    .map_err(|e| self.error(e))?;
                 let entry = manifest
                     .files
                     .iter()
@@ -169,7 +169,7 @@ impl ModelSource {
                             format!("version {} has no file '{filename}'", planned.version),
                         )
                     })?;
-                registry.file(&manifest, entry).await.map_err(source_error)
+                registry.file(&manifest, entry).await.map_err(|e| self.error(e))
             }
         }
     }
@@ -182,7 +182,7 @@ impl ModelSource {
             ModelSource::Registry { registry, .. } => Ok(registry
                 .refs_after(name, revision)
                 .await
-                .map_err(source_error)?
+                .map_err(|e| self.error(e))?
                 .is_some()),
         }
     }
@@ -192,15 +192,23 @@ pub fn load_failed(name: &str, reason: impl std::fmt::Display) -> ServingError {
     ServingError::LoadFailed(format!("failed to load model '{name}': {reason}"))
 }
 
-fn source_error(error: RegistryError) -> ServingError {
-    match error {
-        RegistryError::ModelNotFound(name) => {
-            ServingError::NotFound(format!("model '{name}' is not in the model source"))
+impl ModelSource {
+    /// A store error as the serving error a client or the log should see.
+    fn error(&self, error: RegistryError) -> ServingError {
+        let place = match self {
+            ModelSource::Repository(_) => "the model repository",
+            ModelSource::Registry { .. } => "the registry",
+        };
+        match error {
+            RegistryError::ModelNotFound(name) => {
+                ServingError::NotFound(format!("model '{name}' is not in {place}"))
+            }
+            e @ RegistryError::VersionNotFound { .. } => ServingError::NotFound(e.to_string()),
+            e @ (RegistryError::InvalidConfig { .. }
+            | RegistryError::ArtifactMissing { .. }
+            | RegistryError::Corrupt(_)) => ServingError::LoadFailed(e.to_string()),
+            e => ServingError::Internal(e.to_string()),
         }
-        e @ RegistryError::VersionNotFound { .. } => ServingError::NotFound(e.to_string()),
-        e @ (RegistryError::InvalidConfig { .. }
-        | RegistryError::ArtifactMissing { .. }
-        | RegistryError::Corrupt(_)) => ServingError::LoadFailed(e.to_string()),
-        e => ServingError::Internal(e.to_string()),
     }
 }
+
