@@ -3,7 +3,8 @@
 # packages that are missing). Running it again is fast and changes nothing.
 #
 #   deploy/setup.sh          ONNX Runtime library + example models (what `marquee serve` needs)
-#   deploy/setup.sh --test   also the test tools: tritonclient, pytest, tokenizer, perf_analyzer
+#   deploy/setup.sh --test   also the test tools: tritonclient, pytest, tokenizer, perf_analyzer,
+#                            moto (S3), redis-server
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HOME_DIR="$ROOT/.marquee"
@@ -19,10 +20,12 @@ command -v "$PYTHON" >/dev/null || need_debs+=(python3)
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_debs+=(python3-venv)
 command -v cc >/dev/null || need_debs+=(build-essential)
 command -v dpkg-deb >/dev/null || need_debs+=(dpkg)
+# Tests run the feature store against a real Redis.
+[ $WITH_TESTS = 1 ] && { command -v redis-server >/dev/null || need_debs+=(redis-server); }
 if [ ${#need_debs[@]} -gt 0 ]; then
   say "installing Debian packages: ${need_debs[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_debs[@]}"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_debs[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs) first" >&2; exit 1; }
 

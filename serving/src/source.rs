@@ -169,7 +169,10 @@ impl ModelSource {
                             format!("version {} has no file '{filename}'", planned.version),
                         )
                     })?;
-                registry.file(&manifest, entry).await.map_err(|e| self.error(e))
+                registry
+                    .file(&manifest, entry)
+                    .await
+                    .map_err(|e| self.error(e))
             }
         }
     }
@@ -211,4 +214,3 @@ impl ModelSource {
         }
     }
 }
-

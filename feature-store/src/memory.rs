@@ -1,0 +1,68 @@
+//! The in-process online store: the embedded default, so `marquee serve` needs no Redis to run,
+//! with the same semantics as the Redis store (newest event wins, expiry `ttl` after the event).
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+
+use crate::FeatureStoreError;
+use crate::definitions::FeatureView;
+use crate::online::{FoundRow, Lookup, OnlineRow, OnlineStore, expires_at_ms, now_ms};
+
+#[derive(Default)]
+pub struct MemoryStore {
+    /// (view, entity key) -> the stored row and when it expires (ms since the epoch).
+    rows: RwLock<HashMap<(String, String), (FoundRow, i64)>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl OnlineStore for MemoryStore {
+    async fn write(&self, view: &FeatureView, rows: &[OnlineRow]) -> Result<(), FeatureStoreError> {
+        let now = now_ms();
+        let mut stored = self.rows.write().expect("memory store lock");
+        // Expired rows go at each write, so memory follows the live rows, not the history.
+        stored.retain(|_, (_, expires)| *expires > now);
+        for row in rows {
+            let expires = expires_at_ms(view, row.event_time_ms);
+            if expires <= now {
+                continue;
+            }
+            let key = (view.name.clone(), row.entity_key.clone());
+            if let Some((existing, _)) = stored.get(&key)
+                && existing.event_time_ms > row.event_time_ms
+            {
+                continue;
+            }
+            let found = FoundRow {
+                values: row.values.clone(),
+                event_time_ms: row.event_time_ms,
+            };
+            stored.insert(key, (found, expires));
+        }
+        Ok(())
+    }
+
+    async fn read(
+        &self,
+        lookups: &[Lookup<'_>],
+    ) -> Result<Vec<Option<FoundRow>>, FeatureStoreError> {
+        let now = now_ms();
+        let stored = self.rows.read().expect("memory store lock");
+        Ok(lookups
+            .iter()
+            .map(|lookup| {
+                stored
+                    .get(&(lookup.view.name.clone(), lookup.entity_key.to_string()))
+                    .filter(|(_, expires)| *expires > now)
+                    .map(|(row, _)| row.clone())
+            })
+            .collect())
+    }
+}

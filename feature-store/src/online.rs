@@ -1,0 +1,77 @@
+//! The online store: the latest feature values per entity, read on the request path. One trait,
+//! two stores: Redis for production and an in-process map as the embedded default (and for
+//! tests of code above it). Both expire a value `ttl` after its event time, as Feast does, and
+//! both answer a whole request's lookups in one call, so Redis can serve them in one round trip.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+use crate::FeatureStoreError;
+use crate::definitions::FeatureView;
+use crate::value::FeatureValue;
+
+/// One entity's values for one view, as materialisation writes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnlineRow {
+    /// The entity key: the view's join-key values joined (see [`entity_key`]).
+    pub entity_key: String,
+    /// One value per feature of the view, in the view's order; `None` leaves a feature unset.
+    pub values: Vec<Option<FeatureValue>>,
+    /// When the values were true, in milliseconds since the Unix epoch.
+    pub event_time_ms: i64,
+}
+
+/// What a lookup found for one entity: values in the view's feature order (`None` for a
+/// feature the store has no value for) and their event time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoundRow {
+    pub values: Vec<Option<FeatureValue>>,
+    pub event_time_ms: i64,
+}
+
+/// One (view, entity) pair of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Lookup<'a> {
+    pub view: &'a FeatureView,
+    pub entity_key: &'a str,
+}
+
+#[async_trait]
+pub trait OnlineStore: Send + Sync {
+    /// Stores rows of one view; a row older than one already stored does not replace it, and
+    /// a row already past its TTL is not stored.
+    async fn write(&self, view: &FeatureView, rows: &[OnlineRow]) -> Result<(), FeatureStoreError>;
+
+    /// Reads every lookup at once; `None` where the entity has no live row.
+    async fn read(
+        &self,
+        lookups: &[Lookup<'_>],
+    ) -> Result<Vec<Option<FoundRow>>, FeatureStoreError>;
+}
+
+/// The key of an entity from its join-key values, in the view's join-key order.
+pub fn entity_key<S: AsRef<str>>(values: &[S]) -> String {
+    let mut key = String::new();
+    for (i, value) in values.iter().enumerate() {
+        if i > 0 {
+            // A separator that cannot appear in ids people use, so keys never collide.
+            key.push('\u{1f}');
+        }
+        key.push_str(value.as_ref());
+    }
+    key
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// When a row with this event time stops being served.
+pub(crate) fn expires_at_ms(view: &FeatureView, event_time_ms: i64) -> i64 {
+    event_time_ms.saturating_add(view.ttl.as_millis().min(i64::MAX as u128) as i64)
+}

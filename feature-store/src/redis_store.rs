@@ -1,0 +1,258 @@
+//! The Redis online store. One hash per (view, entity), `{prefix}{view}:{entity key}`, holding
+//! the features as text plus `_ts` (the event time), expiring `ttl` after the event time. A
+//! request's lookups go out as one pipeline of HMGETs (one round trip for all views and entities)
+//! over a shared multiplexed connection that reconnects by itself. Every call is bounded by a
+//! timeout, and while Redis is unreachable new connection attempts are spaced out, so callers
+//! that degrade on errors get their answer fast instead of queueing behind reconnects.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Deserialize;
+
+use crate::FeatureStoreError;
+use crate::definitions::FeatureView;
+use crate::online::{FoundRow, Lookup, OnlineRow, OnlineStore, expires_at_ms, now_ms};
+use crate::value::FeatureValue;
+
+/// The hash field holding a row's event time.
+const EVENT_TIME_FIELD: &str = "_ts";
+
+/// Stores a row unless a newer one is there: replaces the whole hash (features left unset in
+/// the new row disappear) and sets its expiry. KEYS[1] the hash; ARGV[1] event time (ms);
+/// ARGV[2] expiry (ms since the epoch); ARGV[3..] field, value pairs.
+const WRITE_ROW: &str = r"
+local stored = redis.call('HGET', KEYS[1], '_ts')
+if stored and tonumber(stored) > tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '_ts', ARGV[1], unpack(ARGV, 3))
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return 1
+";
+
+/// How to reach Redis.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` (or `rediss://` for TLS where the build supports it).
+    pub url: String,
+    /// Prepended to every key, so several deployments can share one Redis.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Longest wait for one call (connect, read or write), in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_prefix() -> String {
+    "marquee:".into()
+}
+
+fn default_timeout_ms() -> u64 {
+    50
+}
+
+impl RedisConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: default_prefix(),
+            timeout_ms: default_timeout_ms(),
+        }
+    }
+}
+
+pub struct RedisStore {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    connection: tokio::sync::Mutex<Connection>,
+}
+
+/// The shared connection, or when the last attempt to make one failed.
+enum Connection {
+    Up(ConnectionManager),
+    Down { since: Instant },
+}
+
+/// While Redis is down, at most one connection attempt per this interval.
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(500);
+
+impl RedisStore {
+    /// A store for `config`. Does not need Redis to be up: the connection is made on first use
+    /// and remade after Redis comes back.
+    pub fn new(config: &RedisConfig) -> Result<Self, FeatureStoreError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+            FeatureStoreError::Definitions(format!("redis url '{}': {e}", config.url))
+        })?;
+        Ok(Self {
+            client,
+            prefix: config.prefix.clone(),
+            timeout: Duration::from_millis(config.timeout_ms.max(1)),
+            connection: tokio::sync::Mutex::new(Connection::Down {
+                since: Instant::now() - RECONNECT_INTERVAL,
+            }),
+        })
+    }
+
+    fn key(&self, view: &FeatureView, entity_key: &str) -> String {
+        format!("{}{}:{entity_key}", self.prefix, view.name)
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, FeatureStoreError> {
+        let mut connection = self.connection.lock().await;
+        match &*connection {
+            Connection::Up(manager) => return Ok(manager.clone()),
+            Connection::Down { since } if since.elapsed() < RECONNECT_INTERVAL => {
+                return Err(FeatureStoreError::Unavailable(
+                    "redis is unreachable; retrying shortly".into(),
+                ));
+            }
+            Connection::Down { .. } => {}
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        match tokio::time::timeout(
+            self.timeout * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        {
+            Ok(Ok(manager)) => {
+                *connection = Connection::Up(manager.clone());
+                Ok(manager)
+            }
+            Ok(Err(e)) => {
+                *connection = Connection::Down {
+                    since: Instant::now(),
+                };
+                Err(FeatureStoreError::Unavailable(format!("redis: {e}")))
+            }
+            Err(_) => {
+                *connection = Connection::Down {
+                    since: Instant::now(),
+                };
+                Err(FeatureStoreError::Unavailable(format!(
+                    "redis did not accept a connection within {:?}",
+                    self.timeout * 2
+                )))
+            }
+        }
+    }
+
+    /// Runs a pipeline within the timeout.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        pipeline: &redis::Pipeline,
+        timeout: Duration,
+    ) -> Result<T, FeatureStoreError> {
+        let mut connection = self.connection().await?;
+        match tokio::time::timeout(timeout, pipeline.query_async(&mut connection)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(FeatureStoreError::Unavailable(format!("redis: {e}"))),
+            Err(_) => Err(FeatureStoreError::Unavailable(format!(
+                "redis did not answer within {timeout:?}"
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl OnlineStore for RedisStore {
+    async fn write(&self, view: &FeatureView, rows: &[OnlineRow]) -> Result<(), FeatureStoreError> {
+        let now = now_ms();
+        let mut pipeline = redis::pipe();
+        let mut count = 0usize;
+        for row in rows {
+            let expires = expires_at_ms(view, row.event_time_ms);
+            if expires <= now {
+                continue;
+            }
+            let command = pipeline
+                .cmd("EVAL")
+                .arg(WRITE_ROW)
+                .arg(1)
+                .arg(self.key(view, &row.entity_key))
+                .arg(row.event_time_ms)
+                .arg(expires);
+            for (feature, value) in view.features.iter().zip(&row.values) {
+                if let Some(value) = value {
+                    command.arg(&feature.name).arg(value.encode());
+                }
+            }
+            command.ignore();
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        // Writes are batch work (materialisation): allow time in proportion to the batch.
+        let timeout = self.timeout + Duration::from_micros(50 * count as u64);
+        self.run::<()>(&pipeline, timeout).await
+    }
+
+    async fn read(
+        &self,
+        lookups: &[Lookup<'_>],
+    ) -> Result<Vec<Option<FoundRow>>, FeatureStoreError> {
+        if lookups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipeline = redis::pipe();
+        for lookup in lookups {
+            let command = pipeline
+                .cmd("HMGET")
+                .arg(self.key(lookup.view, lookup.entity_key))
+                .arg(EVENT_TIME_FIELD);
+            for feature in &lookup.view.features {
+                command.arg(&feature.name);
+            }
+        }
+        let replies: Vec<Vec<Option<String>>> = self.run(&pipeline, self.timeout).await?;
+        lookups
+            .iter()
+            .zip(replies)
+            .map(|(lookup, fields)| decode(lookup, fields))
+            .collect()
+    }
+}
+
+/// One HMGET reply (`_ts` then the view's features) as a row; `None` when the key is absent.
+fn decode(
+    lookup: &Lookup<'_>,
+    fields: Vec<Option<String>>,
+) -> Result<Option<FoundRow>, FeatureStoreError> {
+    let mut fields = fields.into_iter();
+    let Some(Some(event_time)) = fields.next() else {
+        return Ok(None);
+    };
+    let bad = |what: String| {
+        FeatureStoreError::Corrupt(format!(
+            "{} entity '{}': {what}",
+            lookup.view.name, lookup.entity_key
+        ))
+    };
+    let event_time_ms = event_time
+        .parse()
+        .map_err(|_| bad(format!("event time '{event_time}' is not a number")))?;
+    let values = lookup
+        .view
+        .features
+        .iter()
+        .zip(fields)
+        .map(|(feature, text)| {
+            text.map(|text| {
+                FeatureValue::decode(feature.dtype, &text)
+                    .map_err(|e| bad(format!("feature '{}': {e}", feature.name)))
+            })
+            .transpose()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(FoundRow {
+        values,
+        event_time_ms,
+    }))
+}
