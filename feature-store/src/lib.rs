@@ -3,8 +3,11 @@
 //! default). Offline sources, materialisation and point-in-time training sets build on the same
 //! definitions.
 
+pub mod cli;
 pub mod definitions;
+pub mod jobs;
 pub mod memory;
+pub mod offline;
 pub mod online;
 pub mod redis_store;
 pub mod value;
@@ -28,4 +31,21 @@ pub enum FeatureStoreError {
     /// The online store holds something the definitions cannot read.
     #[error("online store holds a bad value: {0}")]
     Corrupt(String),
+    /// An offline source or dataset file could not be read or written, or does not fit the
+    /// definitions.
+    #[error("offline: {0}")]
+    Offline(String),
+}
+
+impl FeatureStoreError {
+    /// The process exit code the CLI uses: 1 store unreachable, 2 definitions, arguments or data
+    /// that do not fit them, 3 unknown view, 6 unreadable stored value.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            FeatureStoreError::Unavailable(_) => 1,
+            FeatureStoreError::Definitions(_) | FeatureStoreError::Offline(_) => 2,
+            FeatureStoreError::UnknownView(_) => 3,
+            FeatureStoreError::Corrupt(_) => 6,
+        }
+    }
 }

@@ -14,6 +14,7 @@ use crate::online::{FoundRow, Lookup, OnlineRow, OnlineStore, expires_at_ms, now
 pub struct MemoryStore {
     /// (view, entity key) -> the stored row and when it expires (ms since the epoch).
     rows: RwLock<HashMap<(String, String), (FoundRow, i64)>>,
+    watermarks: RwLock<HashMap<String, i64>>,
 }
 
 impl MemoryStore {
@@ -64,5 +65,22 @@ impl OnlineStore for MemoryStore {
                     .map(|(row, _)| row.clone())
             })
             .collect())
+    }
+
+    async fn watermark(&self, view: &str) -> Result<Option<i64>, FeatureStoreError> {
+        Ok(self
+            .watermarks
+            .read()
+            .expect("memory store lock")
+            .get(view)
+            .copied())
+    }
+
+    async fn set_watermark(&self, view: &str, event_time_ms: i64) -> Result<(), FeatureStoreError> {
+        self.watermarks
+            .write()
+            .expect("memory store lock")
+            .insert(view.to_string(), event_time_ms);
+        Ok(())
     }
 }

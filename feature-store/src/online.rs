@@ -48,6 +48,12 @@ pub trait OnlineStore: Send + Sync {
         &self,
         lookups: &[Lookup<'_>],
     ) -> Result<Vec<Option<FoundRow>>, FeatureStoreError>;
+
+    /// The event time up to which a view has been materialised into this store, so the next
+    /// run starts there (kept in the store itself: it is a fact about what the store holds).
+    async fn watermark(&self, view: &str) -> Result<Option<i64>, FeatureStoreError>;
+
+    async fn set_watermark(&self, view: &str, event_time_ms: i64) -> Result<(), FeatureStoreError>;
 }
 
 /// The key of an entity from its join-key values, in the view's join-key order.

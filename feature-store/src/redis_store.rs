@@ -100,6 +100,10 @@ impl RedisStore {
         format!("{}{}:{entity_key}", self.prefix, view.name)
     }
 
+    fn watermark_key(&self, view: &str) -> String {
+        format!("{}_watermark:{view}", self.prefix)
+    }
+
     async fn connection(&self) -> Result<ConnectionManager, FeatureStoreError> {
         let mut connection = self.connection.lock().await;
         match &*connection {
@@ -217,6 +221,23 @@ impl OnlineStore for RedisStore {
             .zip(replies)
             .map(|(lookup, fields)| decode(lookup, fields))
             .collect()
+    }
+
+    async fn watermark(&self, view: &str) -> Result<Option<i64>, FeatureStoreError> {
+        let mut pipeline = redis::pipe();
+        pipeline.cmd("GET").arg(self.watermark_key(view));
+        let (value,): (Option<i64>,) = self.run(&pipeline, self.timeout).await?;
+        Ok(value)
+    }
+
+    async fn set_watermark(&self, view: &str, event_time_ms: i64) -> Result<(), FeatureStoreError> {
+        let mut pipeline = redis::pipe();
+        pipeline
+            .cmd("SET")
+            .arg(self.watermark_key(view))
+            .arg(event_time_ms)
+            .ignore();
+        self.run::<()>(&pipeline, self.timeout).await
     }
 }
 

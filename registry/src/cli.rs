@@ -773,7 +773,8 @@ fn diff(a: &Manifest, b: &Manifest) -> Vec<Value> {
     out
 }
 
-fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+/// Rows under headers, columns padded to their widest cell: the CLIs' human output.
+pub fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -8,7 +8,7 @@
 //! command that data scientists use.
 
 pub mod cli;
-mod location;
+pub mod location;
 pub mod manifest;
 pub mod onnx;
 pub mod refs;

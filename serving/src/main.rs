@@ -21,6 +21,8 @@ enum Command {
     Serve(ServeConfig),
     /// Push, inspect and promote models in the model registry.
     Registry(marquee_registry::cli::RegistryArgs),
+    /// Check feature definitions, materialise features, build training sets, look values up.
+    Features(marquee_feature_store::cli::FeaturesArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +39,13 @@ fn main() -> anyhow::Result<()> {
             Command::Serve(config) => serve(config).await,
             Command::Registry(args) => {
                 if let Err(e) = marquee_registry::cli::run(args).await {
+                    eprintln!("error: {e}");
+                    std::process::exit(e.exit_code());
+                }
+                Ok(())
+            }
+            Command::Features(args) => {
+                if let Err(e) = marquee_feature_store::cli::run(args).await {
                     eprintln!("error: {e}");
                     std::process::exit(e.exit_code());
                 }
