@@ -18,6 +18,9 @@ pub struct ModelSource {
     pub config: Option<ModelConfig>,
     /// Version folders present, ascending.
     pub versions: Vec<u64>,
+    /// `pipeline.json` beside `config.pbtxt`, if present: the model's `/v1/predict` pipeline
+    /// (Marquee's addition to the layout; Triton ignores the file).
+    pub pipeline: Option<serde_json::Value>,
 }
 
 /// A Triton-layout model repository on any object store.
@@ -69,10 +72,13 @@ impl ModelRepository {
         }
         let dir = self.root.clone().join(name);
         let listing = self.store.list_with_delimiter(Some(&dir)).await?;
-        let has_config = listing
-            .objects
-            .iter()
-            .any(|o| o.location.filename() == Some("config.pbtxt"));
+        let has_file = |file: &str| {
+            listing
+                .objects
+                .iter()
+                .any(|o| o.location.filename() == Some(file))
+        };
+        let has_config = has_file("config.pbtxt");
         if listing.common_prefixes.is_empty() && !has_config {
             return Err(RegistryError::ModelNotFound(name.to_string()));
         }
@@ -105,10 +111,27 @@ impl ModelRepository {
         } else {
             None
         };
+        let pipeline = if has_file("pipeline.json") {
+            let bytes = self
+                .store
+                .get(&dir.clone().join("pipeline.json"))
+                .await?
+                .bytes()
+                .await?;
+            Some(
+                serde_json::from_slice(&bytes).map_err(|e| RegistryError::InvalidConfig {
+                    model: name.to_string(),
+                    reason: format!("pipeline.json: {e}"),
+                })?,
+            )
+        } else {
+            None
+        };
         Ok(ModelSource {
             name: name.to_string(),
             config,
             versions,
+            pipeline,
         })
     }
 

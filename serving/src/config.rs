@@ -35,6 +35,20 @@ pub struct ServeConfig {
     #[arg(long = "pin")]
     pub pins: Vec<String>,
 
+    /// Feature definitions (TOML) that `/v1/predict` pipelines read from; none: pipelines use
+    /// request features only.
+    #[arg(long, env = "MARQUEE_FEATURES")]
+    pub features: Option<PathBuf>,
+
+    /// Online feature store: `memory` (in-process) or `redis://host:port/db`.
+    #[arg(long, env = "MARQUEE_ONLINE_STORE", default_value = "memory")]
+    pub online_store: String,
+
+    /// Longest wait for the online store per request, in milliseconds; past it `/v1/predict`
+    /// answers with defaults, flagged as degraded.
+    #[arg(long, default_value_t = 50)]
+    pub online_timeout_ms: u64,
+
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
     pub host: IpAddr,
@@ -83,6 +97,9 @@ impl Default for ServeConfig {
             store_options: Vec::new(),
             registry_poll_seconds: 5.0,
             pins: Vec::new(),
+            features: None,
+            online_store: "memory".into(),
+            online_timeout_ms: 50,
             host: IpAddr::from([0, 0, 0, 0]),
             http_port: 8000,
             grpc_port: 8001,

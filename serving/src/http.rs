@@ -20,6 +20,7 @@ use serde_json::Value;
 use crate::error::ServingError;
 use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype};
 use crate::models::ModelManager;
+use crate::predict::{PredictRequest, Predictor};
 use crate::server::ServerInfo;
 use crate::tensor::Tensor;
 
@@ -29,14 +30,21 @@ pub const HEADER_LENGTH: &str = "inference-header-content-length";
 #[derive(Clone)]
 struct AppState {
     models: Arc<ModelManager>,
+    predictor: Arc<Predictor>,
     info: Arc<ServerInfo>,
     max_body: usize,
 }
 
 /// All v2 routes.
-pub fn router(models: Arc<ModelManager>, info: Arc<ServerInfo>, max_body: usize) -> Router {
+pub fn router(
+    models: Arc<ModelManager>,
+    predictor: Arc<Predictor>,
+    info: Arc<ServerInfo>,
+    max_body: usize,
+) -> Router {
     let state = AppState {
         models,
+        predictor,
         info,
         max_body,
     };
@@ -64,6 +72,7 @@ pub fn router(models: Arc<ModelManager>, info: Arc<ServerInfo>, max_body: usize)
         )
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
+        .route("/v1/predict", post(predict))
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(repository_load))
         .route(
@@ -276,6 +285,14 @@ async fn repository_load(
     }
     s.models.load(&model, config).await?;
     Ok(Json(serde_json::json!({})))
+}
+
+async fn predict(State(s): State<AppState>, body: Bytes) -> Result<Json<Value>, ServingError> {
+    let request: PredictRequest = parse_json(&body)?;
+    let response = s.predictor.predict(request).await?;
+    Ok(Json(
+        serde_json::to_value(response).map_err(|e| ServingError::Internal(e.to_string()))?,
+    ))
 }
 
 async fn repository_unload(

@@ -3,7 +3,8 @@
 //!
 //! `http` / `grpc` (transport) → [`infer::InferRequest`] → [`models::ModelManager::get`] →
 //! [`model::LoadedModel::infer`] (validation) → `marquee_batcher` → [`backend::onnx`] →
-//! [`infer::InferResponse`] → transport.
+//! [`infer::InferResponse`] → transport. `/v1/predict` enters at [`predict::Predictor`], which
+//! fetches features, encodes them and calls the same [`model::LoadedModel::infer`].
 //!
 //! ARCHITECTURE.md at the repository root is the map.
 
@@ -16,6 +17,7 @@ pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod models;
+pub mod predict;
 pub mod server;
 pub mod source;
 pub mod tensor;

@@ -21,6 +21,8 @@ pub struct Metrics {
     compute_duration: HistogramVec,
     batch_size: HistogramVec,
     queue_depth: IntGaugeVec,
+    predict_cache: IntCounterVec,
+    predict_degraded: IntCounterVec,
 }
 
 impl Metrics {
@@ -58,6 +60,16 @@ impl Metrics {
             "marquee_executions_total",
             "Model executions (batches run)",
             labels,
+        );
+        let predict_cache = counter(
+            "marquee_predict_cache_total",
+            "/v1/predict response-cache lookups by result (hit or miss)",
+            &["model", "result"],
+        );
+        let predict_degraded = counter(
+            "marquee_predict_degraded_total",
+            "/v1/predict answers that fell back, by what fell back (features, timeout)",
+            &["model", "reason"],
         );
         let request_duration = histogram(
             "marquee_request_duration_seconds",
@@ -106,7 +118,23 @@ impl Metrics {
             compute_duration,
             batch_size,
             queue_depth,
+            predict_cache,
+            predict_degraded,
         }
+    }
+
+    /// One `/v1/predict` response-cache lookup.
+    pub fn predict_cache(&self, model: &str, hit: bool) {
+        self.predict_cache
+            .with_label_values(&[model, if hit { "hit" } else { "miss" }])
+            .inc();
+    }
+
+    /// One `/v1/predict` answer that fell back for `reason`.
+    pub fn predict_degraded(&self, model: &str, reason: &str) {
+        self.predict_degraded
+            .with_label_values(&[model, reason])
+            .inc();
     }
 
     /// Handles for one model version's series.

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use marquee_feature_store::Definitions;
 use marquee_proto::ModelConfig;
 
 use crate::backend::onnx::OnnxRuntime;
@@ -18,6 +19,8 @@ use crate::infer::parse_version;
 use crate::metrics::Metrics;
 use crate::model::LoadedModel;
 use crate::model::spec::{self, ModelDefaults};
+use crate::predict::ModelPipeline;
+use crate::predict::pipeline::Pipeline;
 use crate::source::{ModelSource, PlannedVersion, load_failed};
 
 /// What the repository index reports for a model or version.
@@ -56,6 +59,8 @@ pub struct ModelManager {
     runtime: OnnxRuntime,
     defaults: ModelDefaults,
     metrics: Arc<Metrics>,
+    /// Feature definitions that `/v1/predict` pipelines are checked against at load.
+    features: Arc<Definitions>,
     models: RwLock<BTreeMap<String, ModelState>>,
     /// Loads and unloads run one at a time, so two reloads of a model cannot interleave.
     changes: tokio::sync::Mutex<()>,
@@ -67,12 +72,14 @@ impl ModelManager {
         runtime: OnnxRuntime,
         defaults: ModelDefaults,
         metrics: Arc<Metrics>,
+        features: Arc<Definitions>,
     ) -> Self {
         Self {
             source,
             runtime,
             defaults,
             metrics,
+            features,
             models: RwLock::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
         }
@@ -264,6 +271,13 @@ impl ModelManager {
         })
         .await
         .map_err(|e| ServingError::Internal(format!("model loading task failed: {e}")))??;
+        let model = if planned.pipeline.is_null() {
+            model
+        } else {
+            let pipeline = Pipeline::parse(&planned.pipeline, model.spec(), &self.features)
+                .map_err(|e| load_failed(name, format!("version {version}: pipeline: {e}")))?;
+            model.with_pipeline(ModelPipeline::new(pipeline))
+        };
         model
             .warm_up()
             .await

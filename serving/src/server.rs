@@ -21,7 +21,9 @@ use crate::error::ServingError;
 use crate::grpc::InferenceService;
 use crate::metrics::Metrics;
 use crate::models::ModelManager;
+use crate::predict::Predictor;
 use crate::source::ModelSource;
+use marquee_feature_store::{Definitions, MemoryStore, OnlineStore, RedisConfig, RedisStore};
 
 /// What `/v2` and gRPC `ServerMetadata` report.
 pub struct ServerInfo {
@@ -86,11 +88,13 @@ impl Server {
         let source = model_source(config)?;
         let polls = source.is_registry();
         let metrics = Arc::new(Metrics::new());
+        let (features, online) = feature_store(config)?;
         let models = Arc::new(ModelManager::new(
             source,
             runtime,
             config.model_defaults(),
             metrics.clone(),
+            features,
         ));
         let failures = models.load_all().await.map_err(StartError::Models)?;
         for (name, error) in &failures {
@@ -115,7 +119,17 @@ impl Server {
 
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let http = crate::http::router(models.clone(), info.clone(), config.max_request_bytes);
+        let predictor = Arc::new(Predictor {
+            models: models.clone(),
+            online,
+            metrics: metrics.clone(),
+        });
+        let http = crate::http::router(
+            models.clone(),
+            predictor,
+            info.clone(),
+            config.max_request_bytes,
+        );
         tasks.spawn(serve_http(http_listener, http, stopped.clone()));
         let metrics_router = Router::new().route(
             "/metrics",
@@ -188,6 +202,34 @@ impl Server {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// The feature definitions and the online store `/v1/predict` reads.
+fn feature_store(
+    config: &ServeConfig,
+) -> Result<(Arc<Definitions>, Arc<dyn OnlineStore>), StartError> {
+    let definitions = match &config.features {
+        None => Definitions::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| StartError::Config(format!("--features {}: {e}", path.display())))?;
+            Definitions::from_toml(&text)
+                .map_err(|e| StartError::Config(format!("--features {}: {e}", path.display())))?
+        }
+    };
+    let online: Arc<dyn OnlineStore> = if config.online_store == "memory" {
+        Arc::new(MemoryStore::new())
+    } else {
+        let redis = RedisConfig {
+            timeout_ms: config.online_timeout_ms,
+            ..RedisConfig::new(config.online_store.clone())
+        };
+        Arc::new(
+            RedisStore::new(&redis)
+                .map_err(|e| StartError::Config(format!("--online-store: {e}")))?,
+        )
+    };
+    Ok((Arc::new(definitions), online))
 }
 
 fn model_source(config: &ServeConfig) -> Result<ModelSource, StartError> {

@@ -40,6 +40,8 @@ pub struct PlannedVersion {
     pub config: ModelConfig,
     /// Served because it is pinned, whatever the aliases say.
     pub pinned: bool,
+    /// The `/v1/predict` pipeline declared with the version (`Null`: none).
+    pub pipeline: serde_json::Value,
 }
 
 impl ModelSource {
@@ -90,6 +92,7 @@ impl ModelSource {
                             version,
                             config: config.clone(),
                             pinned: false,
+                            pipeline: source.pipeline.clone().unwrap_or_default(),
                         })
                         .collect(),
                     aliases: BTreeMap::new(),
@@ -130,6 +133,7 @@ impl ModelSource {
                         version,
                         config,
                         pinned,
+                        pipeline: manifest.pipeline,
                     });
                 }
                 Ok(Plan {

@@ -445,6 +445,25 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers, as with a
+    /// Redis stuck on a slow command or a full network path.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let process = self.process.as_ref().expect("redis-server is running");
+        let status = std::process::Command::new("kill")
+            .args([signal, &process.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Starts the server (again) on the same port, empty, and waits until it answers.
     pub async fn restart(&mut self) {
         self.kill();

@@ -17,6 +17,7 @@ use crate::backend::{BackendError, Binding, InferJob};
 use crate::error::ServingError;
 use crate::infer::{InferRequest, InferResponse, RequestedOutput};
 use crate::metrics::ModelMetrics;
+use crate::predict::ModelPipeline;
 use crate::tensor::{DataType, Tensor, TensorData};
 pub use spec::{ModelDefaults, ModelSpec, TensorSpec};
 use stats::ModelStats;
@@ -26,6 +27,8 @@ pub struct LoadedModel {
     spec: ModelSpec,
     batcher: Batcher<OnnxInstance>,
     stats: Arc<ModelStats>,
+    /// The `/v1/predict` pipeline declared with this version, if any.
+    pipeline: Option<ModelPipeline>,
 }
 
 impl LoadedModel {
@@ -63,7 +66,18 @@ impl LoadedModel {
             spec,
             batcher,
             stats,
+            pipeline: None,
         })
+    }
+
+    /// Attaches the version's `/v1/predict` pipeline (checked against this spec by the caller).
+    pub fn with_pipeline(mut self, pipeline: ModelPipeline) -> Self {
+        self.pipeline = Some(pipeline);
+        self
+    }
+
+    pub fn pipeline(&self) -> Option<&ModelPipeline> {
+        self.pipeline.as_ref()
     }
 
     pub fn spec(&self) -> &ModelSpec {

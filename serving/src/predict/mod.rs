@@ -1,0 +1,486 @@
+//! `POST /v1/predict`: the platform's own prediction API. A service sends entity ids and a few
+//! request-time values; the model's declared pipeline fetches the rest from the feature store (one
+//! round trip for the whole request), merges (request values win), imputes defaults, encodes,
+//! runs the model through the same batcher as `/v2`, and turns the output into an answer. It never
+//! fails because the feature store is slow or down (defaults, flagged in `degraded`), and a
+//! request's time budget is honoured with the cached answer or the declared fallback.
+
+pub mod cache;
+pub mod pipeline;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use marquee_feature_store::{FeatureValue, Lookup, OnlineStore, entity_key};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::ServingError;
+use crate::infer::{InferRequest, RequestedOutput};
+use crate::metrics::Metrics;
+use crate::model::LoadedModel;
+use crate::models::ModelManager;
+use crate::tensor::{DataType, Tensor, TensorData};
+use cache::{CacheKey, ResponseCache};
+use pipeline::Pipeline;
+
+/// A model version's pipeline and its response cache, built when the version loads.
+pub struct ModelPipeline {
+    pub pipeline: Pipeline,
+    pub cache: Option<ResponseCache>,
+}
+
+impl ModelPipeline {
+    pub fn new(pipeline: Pipeline) -> Self {
+        let cache = pipeline.cache.map(ResponseCache::new);
+        Self { pipeline, cache }
+    }
+}
+
+/// The request body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictRequest {
+    pub model: String,
+    /// A version number or alias; default: the model's default version.
+    #[serde(default)]
+    pub version: Option<Value>,
+    #[serde(default)]
+    pub entities: Map<String, Value>,
+    #[serde(default)]
+    pub features: Map<String, Value>,
+    /// Several predictions in one request, instead of `entities`/`features`.
+    #[serde(default)]
+    pub instances: Option<Vec<Instance>>,
+    #[serde(default)]
+    pub options: PredictOptions,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    #[serde(default)]
+    pub entities: Map<String, Value>,
+    #[serde(default)]
+    pub features: Map<String, Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictOptions {
+    /// The whole request's time budget.
+    pub timeout_ms: Option<u64>,
+}
+
+/// The response body (one prediction) or one element of `predictions`.
+#[derive(Debug, Serialize)]
+pub struct Prediction {
+    pub prediction_id: String,
+    pub outputs: Map<String, Value>,
+    pub cache_hit: bool,
+    pub degraded: Vec<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PredictResponse {
+    pub model: String,
+    pub model_version: String,
+    /// The traffic variant that answered (A/B and canary routing; `null` until they exist).
+    pub variant: Option<String>,
+    #[serde(flatten)]
+    pub answer: Answer,
+    pub latency_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    One(Prediction),
+    Many { predictions: Vec<Prediction> },
+}
+
+/// Runs `/v1/predict` requests.
+pub struct Predictor {
+    pub models: Arc<ModelManager>,
+    pub online: Arc<dyn OnlineStore>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// One instance after validation: its feature values so far and where the store must fill in.
+struct Prepared {
+    /// Request values (typed) by pipeline feature position; `None` where the request gave none.
+    given: Vec<Option<FeatureValue>>,
+    /// Entity key per pipeline view.
+    keys: Vec<String>,
+    cache_key: Option<CacheKey>,
+}
+
+impl Predictor {
+    pub async fn predict(&self, request: PredictRequest) -> Result<PredictResponse, ServingError> {
+        let started = Instant::now();
+        let reference = match &request.version {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            Some(other) => {
+                return Err(ServingError::InvalidInput(format!(
+                    "version must be a number or an alias, not {other}"
+                )));
+            }
+        };
+        let model = self.models.get(&request.model, &reference)?;
+        let declared = model.pipeline().ok_or_else(|| {
+            ServingError::InvalidInput(format!(
+                "model '{}' version {} declares no /v1/predict pipeline; call /v2/models/{}/infer with tensors",
+                request.model,
+                model.spec().version,
+                request.model
+            ))
+        })?;
+        let single = request.instances.is_none();
+        let instances = match request.instances {
+            Some(_) if !request.entities.is_empty() || !request.features.is_empty() => {
+                return Err(ServingError::InvalidInput(
+                    "give either entities/features or instances, not both".into(),
+                ));
+            }
+            Some(instances) if instances.is_empty() => {
+                return Err(ServingError::InvalidInput("instances is empty".into()));
+            }
+            Some(instances) => instances,
+            None => vec![Instance {
+                entities: request.entities,
+                features: request.features,
+            }],
+        };
+        let prepared = instances
+            .iter()
+            .enumerate()
+            .map(|(i, instance)| {
+                let at = if single {
+                    String::new()
+                } else {
+                    format!("instances[{i}].")
+                };
+                prepare(&request.model, &model, declared, instance, &at)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut answers: Vec<Option<Prediction>> = prepared
+            .iter()
+            .map(|p| {
+                let hit = p
+                    .cache_key
+                    .as_ref()
+                    .zip(declared.cache.as_ref())
+                    .and_then(|(k, c)| c.fresh(k));
+                if declared.cache.is_some() {
+                    self.metrics.predict_cache(&request.model, hit.is_some());
+                }
+                hit.map(|outputs| Prediction {
+                    prediction_id: new_id(),
+                    outputs,
+                    cache_hit: true,
+                    degraded: Vec::new(),
+                })
+            })
+            .collect();
+        let missing: Vec<usize> = (0..prepared.len())
+            .filter(|&i| answers[i].is_none())
+            .collect();
+        if !missing.is_empty() {
+            let work = self.compute(&model, declared, &prepared, &missing);
+            let computed = match request.options.timeout_ms {
+                Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), work).await {
+                    Ok(result) => result?,
+                    Err(_) => {
+                        self.out_of_time(&request.model, declared, &prepared, &missing, ms)?
+                    }
+                },
+                None => work.await?,
+            };
+            for (index, prediction) in missing.into_iter().zip(computed) {
+                answers[index] = Some(prediction);
+            }
+        }
+        let mut predictions: Vec<Prediction> = answers
+            .into_iter()
+            .map(|a| a.expect("every instance answered"))
+            .collect();
+        Ok(PredictResponse {
+            model: request.model,
+            model_version: model.spec().version.to_string(),
+            variant: None,
+            answer: if single {
+                Answer::One(predictions.remove(0))
+            } else {
+                Answer::Many { predictions }
+            },
+            latency_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Fetches, merges, encodes and runs the instances at `missing`; caches what it computes.
+    async fn compute(
+        &self,
+        model: &Arc<LoadedModel>,
+        declared: &ModelPipeline,
+        prepared: &[Prepared],
+        missing: &[usize],
+    ) -> Result<Vec<Prediction>, ServingError> {
+        let pipeline = &declared.pipeline;
+        let model_name = &model.spec().name;
+        let (stored, features_degraded) = self.fetch(pipeline, prepared, missing, model_name).await;
+        let mut rows = Vec::with_capacity(missing.len() * pipeline.width);
+        for (slot, &index) in missing.iter().enumerate() {
+            let values: Vec<FeatureValue> = pipeline
+                .features
+                .iter()
+                .enumerate()
+                .map(|(position, feature)| {
+                    prepared[index].given[position]
+                        .clone()
+                        .or_else(|| {
+                            let (view, in_view) = feature.view?;
+                            stored
+                                .get(slot * pipeline.views.len() + view)?
+                                .as_ref()?
+                                .values[in_view]
+                                .clone()
+                        })
+                        .unwrap_or_else(|| feature.default.clone())
+                })
+                .collect();
+            pipeline.encode(&values, &mut rows);
+        }
+        let input = Tensor::new(
+            pipeline.input.clone(),
+            DataType::Fp32,
+            vec![missing.len() as i64, pipeline.width as i64],
+            TensorData::Fixed(Bytes::from(bytemuck::cast_slice::<f32, u8>(&rows).to_vec())),
+        )?;
+        let prediction_ids: Vec<String> = missing.iter().map(|_| new_id()).collect();
+        let response = model
+            .infer(InferRequest {
+                id: prediction_ids.first().cloned().unwrap_or_default(),
+                inputs: vec![input],
+                outputs: vec![RequestedOutput {
+                    name: pipeline.output.tensor.clone(),
+                    classification: None,
+                }],
+                ..Default::default()
+            })
+            .await?;
+        let output = response
+            .outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| ServingError::Internal("the model returned no output".into()))?;
+        // FP32 outputs are reported with f32's shortest text (as /v2 does), not f64's long one.
+        let short = output.dtype == DataType::Fp32;
+        let values: Vec<f64> = output
+            .to_json_values()?
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(f64::NAN))
+            .map(|v| {
+                if short {
+                    (v as f32).to_string().parse().unwrap_or(v)
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let per_row = values.len() / missing.len().max(1);
+        let degraded: Vec<&'static str> = if features_degraded {
+            vec!["features"]
+        } else {
+            Vec::new()
+        };
+        Ok(missing
+            .iter()
+            .zip(prediction_ids)
+            .enumerate()
+            .map(|(slot, (&index, prediction_id))| {
+                let outputs = pipeline.answer(&values[slot * per_row..(slot + 1) * per_row]);
+                // Answers made from defaults for want of the store are not worth remembering.
+                if let (Some(cache), Some(key), false) = (
+                    &declared.cache,
+                    prepared[index].cache_key,
+                    features_degraded,
+                ) {
+                    cache.insert(key, outputs.clone());
+                }
+                Prediction {
+                    prediction_id,
+                    outputs,
+                    cache_hit: false,
+                    degraded: degraded.clone(),
+                }
+            })
+            .collect())
+    }
+
+    /// One online-store read for every (instance, view); on failure every value is missing and
+    /// the answer is flagged, never failed.
+    async fn fetch(
+        &self,
+        pipeline: &Pipeline,
+        prepared: &[Prepared],
+        missing: &[usize],
+        model_name: &str,
+    ) -> (Vec<Option<marquee_feature_store::FoundRow>>, bool) {
+        if pipeline.views.is_empty() {
+            return (Vec::new(), false);
+        }
+        let lookups: Vec<Lookup> = missing
+            .iter()
+            .flat_map(|&index| {
+                pipeline
+                    .views
+                    .iter()
+                    .zip(&prepared[index].keys)
+                    .map(|(view, key)| Lookup {
+                        view,
+                        entity_key: key,
+                    })
+            })
+            .collect();
+        match self.online.read(&lookups).await {
+            Ok(found) => (found, false),
+            Err(e) => {
+                tracing::warn!(model = model_name, error = %e, "feature store unavailable; predicting with defaults");
+                for _ in missing {
+                    self.metrics.predict_degraded(model_name, "features");
+                }
+                (Vec::new(), true)
+            }
+        }
+    }
+
+    /// The time budget ran out: each instance gets its cached answer, however old, or the
+    /// declared fallback; without either the request fails with 504.
+    fn out_of_time(
+        &self,
+        model_name: &str,
+        declared: &ModelPipeline,
+        prepared: &[Prepared],
+        missing: &[usize],
+        budget_ms: u64,
+    ) -> Result<Vec<Prediction>, ServingError> {
+        missing
+            .iter()
+            .map(|&index| {
+                let cached = prepared[index]
+                    .cache_key
+                    .as_ref()
+                    .zip(declared.cache.as_ref())
+                    .and_then(|(key, cache)| cache.any(key));
+                let (outputs, cache_hit) = match (cached, &declared.pipeline.fallback) {
+                    (Some((_, outputs)), _) => (outputs, true),
+                    (None, Some(fallback)) => (fallback.clone(), false),
+                    (None, None) => {
+                        return Err(ServingError::Timeout(format!(
+                            "no prediction within timeout_ms {budget_ms}, and model '{model_name}' declares no fallback"
+                        )));
+                    }
+                };
+                self.metrics.predict_degraded(model_name, "timeout");
+                Ok(Prediction {
+                    prediction_id: new_id(),
+                    outputs,
+                    cache_hit,
+                    degraded: vec!["timeout"],
+                })
+            })
+            .collect()
+    }
+}
+
+/// Checks one instance against the pipeline: every entity a view needs, every request feature
+/// known and of its type. Errors name the field.
+fn prepare(
+    model_name: &str,
+    model: &LoadedModel,
+    declared: &ModelPipeline,
+    instance: &Instance,
+    at: &str,
+) -> Result<Prepared, ServingError> {
+    let pipeline = &declared.pipeline;
+    let mut given = vec![None; pipeline.features.len()];
+    for (name, value) in &instance.features {
+        let (position, feature) = pipeline
+            .features
+            .iter()
+            .enumerate()
+            .find(|(_, f)| f.name == *name)
+            .ok_or_else(|| {
+                ServingError::InvalidInput(format!(
+                    "{at}features.{name} is not a feature of model '{model_name}' (features: {})",
+                    pipeline
+                        .features
+                        .iter()
+                        .map(|f| f.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+        let typed = FeatureValue::from_json(feature.dtype, value).map_err(|e| {
+            ServingError::InvalidInput(format!("{at}features.{name}: {e}, got {value}"))
+        })?;
+        given[position] = Some(typed);
+    }
+    let mut keys = Vec::with_capacity(pipeline.views.len());
+    for view in &pipeline.views {
+        let mut parts = Vec::with_capacity(view.join_keys.len());
+        for join_key in &view.join_keys {
+            let part = match instance.entities.get(join_key) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                Some(other) => {
+                    return Err(ServingError::InvalidInput(format!(
+                        "{at}entities.{join_key} must be a string or an integer, got {other}"
+                    )));
+                }
+                None => {
+                    return Err(ServingError::InvalidInput(format!(
+                        "{at}entities.{join_key} is required (feature view '{}' of model '{model_name}')",
+                        view.name
+                    )));
+                }
+            };
+            parts.push(part);
+        }
+        keys.push(entity_key(&parts));
+    }
+    for name in instance.entities.keys() {
+        if !pipeline.views.iter().any(|v| v.join_keys.contains(name)) {
+            return Err(ServingError::InvalidInput(format!(
+                "{at}entities.{name} is not an entity model '{model_name}' uses (entities: {})",
+                pipeline
+                    .views
+                    .iter()
+                    .flat_map(|v| v.join_keys.iter().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    let cache_key = declared.cache.as_ref().map(|_| {
+        ResponseCache::key(
+            model_name,
+            model.spec().version,
+            &Value::Object(instance.entities.clone()),
+            &Value::Object(instance.features.clone()),
+        )
+    });
+    Ok(Prepared {
+        given,
+        keys,
+        cache_key,
+    })
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
