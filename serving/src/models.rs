@@ -274,9 +274,13 @@ impl ModelManager {
         let model = if planned.pipeline.is_null() {
             model
         } else {
+            // A pipeline that cannot run costs the model its /v1/predict, not its /v2 serving.
             let pipeline = Pipeline::parse(&planned.pipeline, model.spec(), &self.features)
-                .map_err(|e| load_failed(name, format!("version {version}: pipeline: {e}")))?;
-            model.with_pipeline(ModelPipeline::new(pipeline))
+                .map(ModelPipeline::new);
+            if let Err(reason) = &pipeline {
+                tracing::error!(model = name, version, %reason, "/v1/predict pipeline refused; /v2 serves on");
+            }
+            model.with_pipeline(pipeline)
         };
         model
             .warm_up()

@@ -397,3 +397,86 @@ async fn a_slow_store_is_outwaited_by_the_time_budget() {
     redis.resume();
     server.stop().await;
 }
+
+/// The pipelines shipped in deploy/models load against deploy/features.toml and answer with the
+/// embedded in-process store (every feature at its default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_pipelines_answer_on_embedded_defaults() {
+    let deploy = marquee_tests::root().join("deploy");
+    let file = |path: &str| std::fs::read_to_string(deploy.join(path)).unwrap();
+    let repository = Repository::new()
+        .add("gbr", "gbr", Some(&file("models/gbr/config.pbtxt")))
+        .write(
+            "gbr/pipeline.json",
+            file("models/gbr/pipeline.json").as_bytes(),
+        )
+        .add(
+            "iforest",
+            "iforest",
+            Some(&file("models/iforest/config.pbtxt")),
+        )
+        .write(
+            "iforest/pipeline.json",
+            file("models/iforest/pipeline.json").as_bytes(),
+        );
+    let server = TestServer::start_with(repository, |config| {
+        config.features = Some(deploy.join("features.toml"));
+    })
+    .await;
+    let (status, price) = server
+        .post(
+            "/v1/predict",
+            json!({"model": "gbr", "entities": {"user_id": "u1", "show_id": "s1"},
+                   "features": {"hours_to_show": 3, "is_peak_hour": true}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{price}");
+    assert!(price["outputs"]["variable"].is_number(), "{price}");
+    let (status, fraud) = server
+        .post(
+            "/v1/predict",
+            json!({"model": "iforest", "entities": {"user_id": "u1"},
+                   "features": {"amount": 900, "new_device": true, "location_distance_km": 4000}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{fraud}");
+    assert_eq!(
+        fraud["outputs"]["label"], "verify",
+        "an outlying booking is sent to verification: {fraud}"
+    );
+    let (_, usual) = server
+        .post(
+            "/v1/predict",
+            json!({"model": "iforest", "entities": {"user_id": "u2"}}),
+        )
+        .await;
+    assert_eq!(usual["outputs"]["label"], "allow", "{usual}");
+    server.stop().await;
+}
+
+/// A pipeline that cannot run (here: no feature definitions given) costs the model its
+/// /v1/predict, with the reason, but not its /v2 serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_that_cannot_run_leaves_v2_serving() {
+    let repository = Repository::new().add("pricing", "gbr", Some(CONFIG)).write(
+        "pricing/pipeline.json",
+        pipeline(json!({})).to_string().as_bytes(),
+    );
+    let server = TestServer::start(repository).await;
+    assert_eq!(server.get("/v2/health/ready").await.0, 200);
+    let (status, answer) = server
+        .post(
+            "/v1/predict",
+            json!({"model": "pricing", "entities": {"user_id": "u1", "show_id": "s1"}}),
+        )
+        .await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("feature view 'user_activity' is not defined"),
+        "{answer}"
+    );
+    server.stop().await;
+}

@@ -27,8 +27,9 @@ pub struct LoadedModel {
     spec: ModelSpec,
     batcher: Batcher<OnnxInstance>,
     stats: Arc<ModelStats>,
-    /// The `/v1/predict` pipeline declared with this version, if any.
-    pipeline: Option<ModelPipeline>,
+    /// The `/v1/predict` pipeline declared with this version: none, ready, or why it cannot
+    /// run (the model still serves `/v2`).
+    pipeline: Option<Result<ModelPipeline, String>>,
 }
 
 impl LoadedModel {
@@ -70,13 +71,13 @@ impl LoadedModel {
         })
     }
 
-    /// Attaches the version's `/v1/predict` pipeline (checked against this spec by the caller).
-    pub fn with_pipeline(mut self, pipeline: ModelPipeline) -> Self {
+    /// Attaches the version's `/v1/predict` pipeline, or the reason it could not be built.
+    pub fn with_pipeline(mut self, pipeline: Result<ModelPipeline, String>) -> Self {
         self.pipeline = Some(pipeline);
         self
     }
 
-    pub fn pipeline(&self) -> Option<&ModelPipeline> {
+    pub fn pipeline(&self) -> Option<&Result<ModelPipeline, String>> {
         self.pipeline.as_ref()
     }
 

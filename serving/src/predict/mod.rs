@@ -130,14 +130,24 @@ impl Predictor {
             }
         };
         let model = self.models.get(&request.model, &reference)?;
-        let declared = model.pipeline().ok_or_else(|| {
-            ServingError::InvalidInput(format!(
-                "model '{}' version {} declares no /v1/predict pipeline; call /v2/models/{}/infer with tensors",
-                request.model,
-                model.spec().version,
-                request.model
-            ))
-        })?;
+        let declared = match model.pipeline() {
+            Some(Ok(declared)) => declared,
+            Some(Err(reason)) => {
+                return Err(ServingError::Unavailable(format!(
+                    "model '{}' version {} has a /v1/predict pipeline that cannot run: {reason}",
+                    request.model,
+                    model.spec().version
+                )));
+            }
+            None => {
+                return Err(ServingError::InvalidInput(format!(
+                    "model '{}' version {} declares no /v1/predict pipeline; call /v2/models/{}/infer with tensors",
+                    request.model,
+                    model.spec().version,
+                    request.model
+                )));
+            }
+        };
         let single = request.instances.is_none();
         let instances = match request.instances {
             Some(_) if !request.entities.is_empty() || !request.features.is_empty() => {
