@@ -1,5 +1,7 @@
 //! The Redis online store. One hash per (view, entity), `{prefix}{view}:{entity key}`, holding
-//! the features as text plus `_ts` (the event time), expiring `ttl` after the event time. A
+//! `_ts` (the event time) and `_row` (the features as one JSON object, readable in redis-cli),
+//! expiring `ttl` after the event time. One field for the whole row rather than one per feature:
+//! a 100-entity lookup then parses 200 reply strings instead of 2,100, which halves its cost. A
 //! request's lookups go out as one pipeline of HMGETs (one round trip for all views and entities)
 //! over a shared multiplexed connection that reconnects by itself. Every call is bounded by a
 //! timeout, and while Redis is unreachable new connection attempts are spaced out, so callers
@@ -16,17 +18,16 @@ use crate::definitions::FeatureView;
 use crate::online::{FoundRow, Lookup, OnlineRow, OnlineStore, expires_at_ms, now_ms};
 use crate::value::FeatureValue;
 
-/// The hash field holding a row's event time.
+/// The hash fields: a row's event time and its values.
 const EVENT_TIME_FIELD: &str = "_ts";
+const ROW_FIELD: &str = "_row";
 
-/// Stores a row unless a newer one is there: replaces the whole hash (features left unset in
-/// the new row disappear) and sets its expiry. KEYS[1] the hash; ARGV[1] event time (ms);
-/// ARGV[2] expiry (ms since the epoch); ARGV[3..] field, value pairs.
+/// Stores a row unless a newer one is there, and sets its expiry. KEYS[1] the hash; ARGV[1]
+/// event time (ms); ARGV[2] expiry (ms since the epoch); ARGV[3] the row as JSON.
 const WRITE_ROW: &str = r"
 local stored = redis.call('HGET', KEYS[1], '_ts')
 if stored and tonumber(stored) > tonumber(ARGV[1]) then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], '_ts', ARGV[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], '_ts', ARGV[1], '_row', ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 return 1
 ";
@@ -175,19 +176,23 @@ impl OnlineStore for RedisStore {
             if expires <= now {
                 continue;
             }
-            let command = pipeline
+            let values: serde_json::Map<String, serde_json::Value> = view
+                .features
+                .iter()
+                .zip(&row.values)
+                .filter_map(|(feature, value)| {
+                    Some((feature.name.clone(), value.as_ref()?.to_json()))
+                })
+                .collect();
+            pipeline
                 .cmd("EVAL")
                 .arg(WRITE_ROW)
                 .arg(1)
                 .arg(self.key(view, &row.entity_key))
                 .arg(row.event_time_ms)
-                .arg(expires);
-            for (feature, value) in view.features.iter().zip(&row.values) {
-                if let Some(value) = value {
-                    command.arg(&feature.name).arg(value.encode());
-                }
-            }
-            command.ignore();
+                .arg(expires)
+                .arg(serde_json::Value::Object(values).to_string())
+                .ignore();
             count += 1;
         }
         if count == 0 {
@@ -207,19 +212,18 @@ impl OnlineStore for RedisStore {
         }
         let mut pipeline = redis::pipe();
         for lookup in lookups {
-            let command = pipeline
+            pipeline
                 .cmd("HMGET")
                 .arg(self.key(lookup.view, lookup.entity_key))
-                .arg(EVENT_TIME_FIELD);
-            for feature in &lookup.view.features {
-                command.arg(&feature.name);
-            }
+                .arg(EVENT_TIME_FIELD)
+                .arg(ROW_FIELD);
         }
-        let replies: Vec<Vec<Option<String>>> = self.run(&pipeline, self.timeout).await?;
+        let replies: Vec<(Option<i64>, Option<Vec<u8>>)> =
+            self.run(&pipeline, self.timeout).await?;
         lookups
             .iter()
             .zip(replies)
-            .map(|(lookup, fields)| decode(lookup, fields))
+            .map(|(lookup, (event_time, row))| decode(lookup, event_time, row))
             .collect()
     }
 
@@ -241,13 +245,14 @@ impl OnlineStore for RedisStore {
     }
 }
 
-/// One HMGET reply (`_ts` then the view's features) as a row; `None` when the key is absent.
+/// One HMGET reply (`_ts`, `_row`) as a row; `None` when the key is absent. A feature missing
+/// from the JSON (or null there, as a NaN is written) is unset.
 fn decode(
     lookup: &Lookup<'_>,
-    fields: Vec<Option<String>>,
+    event_time: Option<i64>,
+    row: Option<Vec<u8>>,
 ) -> Result<Option<FoundRow>, FeatureStoreError> {
-    let mut fields = fields.into_iter();
-    let Some(Some(event_time)) = fields.next() else {
+    let (Some(event_time_ms), Some(row)) = (event_time, row) else {
         return Ok(None);
     };
     let bad = |what: String| {
@@ -256,24 +261,65 @@ fn decode(
             lookup.view.name, lookup.entity_key
         ))
     };
-    let event_time_ms = event_time
-        .parse()
-        .map_err(|_| bad(format!("event time '{event_time}' is not a number")))?;
+    let stored: RowEntries =
+        serde_json::from_slice(&row).map_err(|e| bad(format!("row is not a JSON object: {e}")))?;
     let values = lookup
         .view
         .features
         .iter()
-        .zip(fields)
-        .map(|(feature, text)| {
-            text.map(|text| {
-                FeatureValue::decode(feature.dtype, &text)
-                    .map_err(|e| bad(format!("feature '{}': {e}", feature.name)))
-            })
-            .transpose()
-        })
+        .enumerate()
+        .map(
+            |(position, feature)| match stored.get(position, &feature.name) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(value) => FeatureValue::from_json(feature.dtype, value)
+                    .map(Some)
+                    .map_err(|e| bad(format!("feature '{}': {e}, stored {value}", feature.name))),
+            },
+        )
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Some(FoundRow {
         values,
         event_time_ms,
     }))
+}
+
+/// A stored row's (name, value) pairs in stored order. Rows are written in the view's feature
+/// order, so looking a feature up at its own position almost always hits at once; a hash map
+/// here cost a fifth of a lookup's time.
+struct RowEntries<'a>(Vec<(&'a str, serde_json::Value)>);
+
+impl RowEntries<'_> {
+    fn get(&self, position: usize, name: &str) -> Option<&serde_json::Value> {
+        match self.0.get(position) {
+            Some((stored, value)) if *stored == name => Some(value),
+            _ => self
+                .0
+                .iter()
+                .find(|(stored, _)| *stored == name)
+                .map(|(_, v)| v),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RowEntries<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = RowEntries<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of feature values")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some(entry) = map.next_entry::<&'de str, serde_json::Value>()? {
+                    entries.push(entry);
+                }
+                Ok(RowEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
 }
