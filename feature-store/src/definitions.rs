@@ -2,7 +2,9 @@
 //! entities exist (and the request field that identifies each), and which feature views hang off
 //! them (typed features with defaults, a TTL, the offline source). Everything downstream (online
 //! lookups, materialisation, training sets, `/v1/predict`) works from a validated `Definitions`,
-//! so it never meets an unknown entity or a default of the wrong type.
+//! so it never meets an unknown entity or a default of the wrong type. A feature may be a
+//! streaming aggregate: a count of events of one kind in a sliding window, kept up to date from
+//! events rather than materialised (see `aggregates.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -28,6 +30,16 @@ pub struct Feature {
     pub dtype: DType,
     /// Served when the store has no value (missing entity, expired, store down).
     pub default: FeatureValue,
+    /// Set for a windowed event count, maintained from events.
+    pub aggregate: Option<Aggregate>,
+}
+
+/// A sliding-window count of events of one kind per entity, e.g. bookings in the last hour.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregate {
+    /// The event kind counted, e.g. `booking.created`.
+    pub event: String,
+    pub window: Duration,
 }
 
 /// Where a view's history lives, for materialisation and training sets.
@@ -58,6 +70,14 @@ impl FeatureView {
             .iter()
             .enumerate()
             .find(|(_, f)| f.name == name)
+    }
+
+    /// The view's streaming aggregates, with their positions among its features.
+    pub fn aggregates(&self) -> impl Iterator<Item = (usize, &Aggregate)> {
+        self.features
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| Some((i, f.aggregate.as_ref()?)))
     }
 }
 
@@ -168,10 +188,41 @@ fn build_view(view: ViewFile, entities: &BTreeMap<String, Entity>) -> Result<Fea
             Some(value) => FeatureValue::from_toml(dtype, &value)
                 .map_err(|e| format!("feature '{}': default {value}: {e}", feature.name))?,
         };
+        let aggregate = match feature.aggregate {
+            None => None,
+            Some(_) if dtype != DType::Int64 => {
+                return Err(format!(
+                    "feature '{}': an aggregate counts events, so its dtype is int64",
+                    feature.name
+                ));
+            }
+            Some(aggregate) => {
+                let window = humantime::parse_duration(&aggregate.window)
+                    .ok()
+                    .filter(|w| !w.is_zero())
+                    .ok_or_else(|| {
+                        format!(
+                            "feature '{}': window '{}' is not a duration (write e.g. \"1h\")",
+                            feature.name, aggregate.window
+                        )
+                    })?;
+                if aggregate.event.is_empty() {
+                    return Err(format!(
+                        "feature '{}': aggregate needs an event kind",
+                        feature.name
+                    ));
+                }
+                Some(Aggregate {
+                    event: aggregate.event,
+                    window,
+                })
+            }
+        };
         features.push(Feature {
             name: feature.name,
             dtype,
             default,
+            aggregate,
         });
     }
     let source = view.source.map(|s| OfflineSource {
@@ -240,6 +291,14 @@ struct FeatureFile {
     name: String,
     dtype: String,
     default: Option<toml::Value>,
+    aggregate: Option<AggregateFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AggregateFile {
+    event: String,
+    window: String,
 }
 
 #[derive(Deserialize)]
@@ -337,6 +396,18 @@ mod tests {
         assert!(
             error(&view("name = \"v\"\nentities = [\"user\"]\nttl = \"1h\"\n"))
                 .contains("needs at least one feature")
+        );
+        assert!(
+            error(&view(
+                "name = \"v\"\nentities = [\"user\"]\nttl = \"1h\"\nfeature = [{ name = \"x\", dtype = \"float64\", aggregate = { event = \"booking.created\", window = \"1h\" } }]"
+            ))
+            .contains("an aggregate counts events, so its dtype is int64")
+        );
+        assert!(
+            error(&view(
+                "name = \"v\"\nentities = [\"user\"]\nttl = \"1h\"\nfeature = [{ name = \"x\", dtype = \"int64\", aggregate = { event = \"booking.created\", window = \"0s\" } }]"
+            ))
+            .contains("window '0s' is not a duration")
         );
         assert!(error("[[entity]]\nname = \"User\"\n").contains("entity name 'User'"));
         assert!(

@@ -3,6 +3,7 @@
 //! default). Offline sources, materialisation and point-in-time training sets build on the same
 //! definitions.
 
+pub mod aggregates;
 pub mod cli;
 pub mod definitions;
 pub mod jobs;
@@ -12,9 +13,10 @@ pub mod online;
 pub mod redis_store;
 pub mod value;
 
-pub use definitions::{Definitions, Entity, Feature, FeatureView, OfflineSource};
+pub use aggregates::{Aggregator, ChannelSource, Event, EventPublisher, EventSource};
+pub use definitions::{Aggregate, Definitions, Entity, Feature, FeatureView, OfflineSource};
 pub use memory::MemoryStore;
-pub use online::{FoundRow, Lookup, OnlineRow, OnlineStore, entity_key};
+pub use online::{CountedEvent, FoundRow, Lookup, OnlineRow, OnlineStore, entity_key};
 pub use redis_store::{RedisConfig, RedisStore};
 pub use value::{DType, FeatureValue};
 

@@ -1,20 +1,24 @@
 //! The in-process online store: the embedded default, so `marquee serve` needs no Redis to run,
 //! with the same semantics as the Redis store (newest event wins, expiry `ttl` after the event).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::RwLock;
 
 use async_trait::async_trait;
 
 use crate::FeatureStoreError;
 use crate::definitions::FeatureView;
-use crate::online::{FoundRow, Lookup, OnlineRow, OnlineStore, expires_at_ms, now_ms};
+use crate::online::{
+    CountedEvent, FoundRow, Lookup, OnlineRow, OnlineStore, expires_at_ms, now_ms, with_counts,
+};
 
 #[derive(Default)]
 pub struct MemoryStore {
     /// (view, entity key) -> the stored row and when it expires (ms since the epoch).
     rows: RwLock<HashMap<(String, String), (FoundRow, i64)>>,
     watermarks: RwLock<HashMap<String, i64>>,
+    /// (view, aggregate position, entity key) -> event times inside the window, oldest first.
+    events: RwLock<HashMap<(String, usize, String), VecDeque<i64>>>,
 }
 
 impl MemoryStore {
@@ -56,13 +60,31 @@ impl OnlineStore for MemoryStore {
     ) -> Result<Vec<Option<FoundRow>>, FeatureStoreError> {
         let now = now_ms();
         let stored = self.rows.read().expect("memory store lock");
+        let events = self.events.read().expect("memory store lock");
         Ok(lookups
             .iter()
             .map(|lookup| {
-                stored
+                let row = stored
                     .get(&(lookup.view.name.clone(), lookup.entity_key.to_string()))
                     .filter(|(_, expires)| *expires > now)
-                    .map(|(row, _)| row.clone())
+                    .map(|(row, _)| row.clone());
+                with_counts(lookup.view, row, |position| {
+                    let window = lookup.view.features[position]
+                        .aggregate
+                        .as_ref()
+                        .map_or(0, |a| a.window.as_millis() as i64);
+                    let key = (
+                        lookup.view.name.clone(),
+                        position,
+                        lookup.entity_key.to_string(),
+                    );
+                    events.get(&key).map_or(0, |times| {
+                        times
+                            .iter()
+                            .filter(|&&t| t > now - window && t <= now)
+                            .count() as i64
+                    })
+                })
             })
             .collect())
     }
@@ -81,6 +103,33 @@ impl OnlineStore for MemoryStore {
             .write()
             .expect("memory store lock")
             .insert(view.to_string(), event_time_ms);
+        Ok(())
+    }
+
+    async fn record(
+        &self,
+        view: &FeatureView,
+        events: &[CountedEvent],
+    ) -> Result<(), FeatureStoreError> {
+        let mut counted = self.events.write().expect("memory store lock");
+        for event in events {
+            let Some(aggregate) = view
+                .features
+                .get(event.feature)
+                .and_then(|f| f.aggregate.as_ref())
+            else {
+                continue;
+            };
+            let key = (view.name.clone(), event.feature, event.entity_key.clone());
+            let times = counted.entry(key).or_default();
+            let at = times.partition_point(|&t| t <= event.time_ms);
+            times.insert(at, event.time_ms);
+            let horizon = times.back().copied().unwrap_or(event.time_ms)
+                - aggregate.window.as_millis() as i64;
+            while times.front().is_some_and(|&t| t <= horizon) {
+                times.pop_front();
+            }
+        }
         Ok(())
     }
 }

@@ -169,7 +169,13 @@ pub async fn read_history(
         .timestamp_column;
     let mut columns: Vec<&str> = view.join_keys.iter().map(String::as_str).collect();
     columns.push(timestamp_column);
-    columns.extend(view.features.iter().map(|f| f.name.as_str()));
+    // Streaming aggregates come from events, not from the offline source.
+    columns.extend(
+        view.features
+            .iter()
+            .filter(|f| f.aggregate.is_none())
+            .map(|f| f.name.as_str()),
+    );
     let mut rows = Vec::new();
     for batch in source.batches(&columns).await? {
         let keys = view
@@ -181,7 +187,10 @@ pub async fn read_history(
         let values = view
             .features
             .iter()
-            .map(|f| feature_values(column(&batch, &f.name)?, f.dtype, &f.name))
+            .map(|f| match f.aggregate {
+                Some(_) => Ok(vec![None; batch.num_rows()]),
+                None => feature_values(column(&batch, &f.name)?, f.dtype, &f.name),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         for row in 0..batch.num_rows() {
             let (Some(time), Some(key)) = (

@@ -30,7 +30,17 @@ pub struct FoundRow {
     pub event_time_ms: i64,
 }
 
-/// One (view, entity) pair of a request.
+/// One event counted by a streaming aggregate: the aggregate's position among its view's
+/// features, the entity, and when the event happened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CountedEvent {
+    pub feature: usize,
+    pub entity_key: String,
+    pub time_ms: i64,
+}
+
+/// One (view, entity) pair of a request. For a view with streaming aggregates the answer always
+/// has a row: a count of zero is a value, not a missing one.
 #[derive(Debug, Clone, Copy)]
 pub struct Lookup<'a> {
     pub view: &'a FeatureView,
@@ -54,6 +64,35 @@ pub trait OnlineStore: Send + Sync {
     async fn watermark(&self, view: &str) -> Result<Option<i64>, FeatureStoreError>;
 
     async fn set_watermark(&self, view: &str, event_time_ms: i64) -> Result<(), FeatureStoreError>;
+
+    /// Counts events for the view's streaming aggregates; events older than their window are
+    /// dropped.
+    async fn record(
+        &self,
+        view: &FeatureView,
+        events: &[CountedEvent],
+    ) -> Result<(), FeatureStoreError>;
+}
+
+/// Puts a view's aggregate counts into a lookup's answer (`count` gives the count of the
+/// aggregate at a feature position); a view with aggregates always answers.
+pub(crate) fn with_counts(
+    view: &FeatureView,
+    row: Option<FoundRow>,
+    mut count: impl FnMut(usize) -> i64,
+) -> Option<FoundRow> {
+    if view.aggregates().next().is_none() {
+        return row;
+    }
+    let mut row = row.unwrap_or_else(|| FoundRow {
+        values: vec![None; view.features.len()],
+        event_time_ms: 0,
+    });
+    row.values.resize(view.features.len(), None);
+    for (position, _) in view.aggregates() {
+        row.values[position] = Some(FeatureValue::Int(count(position)));
+    }
+    Some(row)
 }
 
 /// The key of an entity from its join-key values, in the view's join-key order.

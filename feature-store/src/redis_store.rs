@@ -15,7 +15,9 @@ use serde::Deserialize;
 
 use crate::FeatureStoreError;
 use crate::definitions::FeatureView;
-use crate::online::{FoundRow, Lookup, OnlineRow, OnlineStore, expires_at_ms, now_ms};
+use crate::online::{
+    CountedEvent, FoundRow, Lookup, OnlineRow, OnlineStore, expires_at_ms, now_ms, with_counts,
+};
 use crate::value::FeatureValue;
 
 /// The hash fields: a row's event time and its values.
@@ -29,6 +31,18 @@ local stored = redis.call('HGET', KEYS[1], '_ts')
 if stored and tonumber(stored) > tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], '_ts', ARGV[1], '_row', ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return 1
+";
+
+/// Counts one event for a windowed aggregate: a sorted set of event times (members made unique
+/// by a counter), trimmed to the window behind the newest event, expiring with it. KEYS[1] the
+/// set; KEYS[2] the counter; ARGV[1] event time (ms); ARGV[2] window (ms).
+const RECORD_EVENT: &str = r"
+local id = redis.call('INCR', KEYS[2])
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[1] .. ':' .. id)
+local newest = tonumber(redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', newest - tonumber(ARGV[2]))
+redis.call('PEXPIREAT', KEYS[1], newest + tonumber(ARGV[2]))
 return 1
 ";
 
@@ -99,6 +113,15 @@ impl RedisStore {
 
     fn key(&self, view: &FeatureView, entity_key: &str) -> String {
         format!("{}{}:{entity_key}", self.prefix, view.name)
+    }
+
+    /// The sorted set of one aggregate's events for one entity (`#` cannot be in a view name, so
+    /// this never meets a row key).
+    fn events_key(&self, view: &FeatureView, feature: usize, entity_key: &str) -> String {
+        format!(
+            "{}{}#{}:{entity_key}",
+            self.prefix, view.name, view.features[feature].name
+        )
     }
 
     fn watermark_key(&self, view: &str) -> String {
@@ -211,19 +234,49 @@ impl OnlineStore for RedisStore {
             return Ok(Vec::new());
         }
         let mut pipeline = redis::pipe();
+        let now = now_ms();
         for lookup in lookups {
             pipeline
                 .cmd("HMGET")
                 .arg(self.key(lookup.view, lookup.entity_key))
                 .arg(EVENT_TIME_FIELD)
                 .arg(ROW_FIELD);
+            for (position, aggregate) in lookup.view.aggregates() {
+                pipeline
+                    .cmd("ZCOUNT")
+                    .arg(self.events_key(lookup.view, position, lookup.entity_key))
+                    .arg(format!("({}", now - aggregate.window.as_millis() as i64))
+                    .arg(now);
+            }
         }
-        let replies: Vec<(Option<i64>, Option<Vec<u8>>)> =
-            self.run(&pipeline, self.timeout).await?;
+        let replies: Vec<redis::Value> = self.run(&pipeline, self.timeout).await?;
+        let mut replies = replies.into_iter();
+        let unexpected =
+            |e: redis::ParsingError| FeatureStoreError::Corrupt(format!("redis reply: {e}"));
         lookups
             .iter()
-            .zip(replies)
-            .map(|(lookup, (event_time, row))| decode(lookup, event_time, row))
+            .map(|lookup| {
+                let reply = replies.next().ok_or_else(|| {
+                    FeatureStoreError::Corrupt("redis answered fewer replies than asked".into())
+                })?;
+                let (event_time, row): (Option<i64>, Option<Vec<u8>>) =
+                    redis::from_redis_value(reply).map_err(unexpected)?;
+                let row = decode(lookup, event_time, row)?;
+                let mut counts = Vec::new();
+                for _ in lookup.view.aggregates() {
+                    let count: i64 = replies
+                        .next()
+                        .map(redis::from_redis_value)
+                        .transpose()
+                        .map_err(unexpected)?
+                        .unwrap_or(0);
+                    counts.push(count);
+                }
+                let mut counts = counts.into_iter();
+                Ok(with_counts(lookup.view, row, |_| {
+                    counts.next().unwrap_or(0)
+                }))
+            })
             .collect()
     }
 
@@ -242,6 +295,40 @@ impl OnlineStore for RedisStore {
             .arg(event_time_ms)
             .ignore();
         self.run::<()>(&pipeline, self.timeout).await
+    }
+
+    async fn record(
+        &self,
+        view: &FeatureView,
+        events: &[CountedEvent],
+    ) -> Result<(), FeatureStoreError> {
+        let mut pipeline = redis::pipe();
+        let sequence = format!("{}_event_seq", self.prefix);
+        let mut count = 0usize;
+        for event in events {
+            let Some(aggregate) = view
+                .features
+                .get(event.feature)
+                .and_then(|f| f.aggregate.as_ref())
+            else {
+                continue;
+            };
+            pipeline
+                .cmd("EVAL")
+                .arg(RECORD_EVENT)
+                .arg(2)
+                .arg(self.events_key(view, event.feature, &event.entity_key))
+                .arg(&sequence)
+                .arg(event.time_ms)
+                .arg(aggregate.window.as_millis() as i64)
+                .ignore();
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let timeout = self.timeout + Duration::from_micros(50 * count as u64);
+        self.run::<()>(&pipeline, timeout).await
     }
 }
 

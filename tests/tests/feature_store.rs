@@ -314,3 +314,105 @@ async fn losing_redis_fails_fast_and_the_store_recovers_when_it_returns() {
         Some(FeatureValue::Int(2))
     );
 }
+
+const COUNTERS: &str = r#"
+[[entity]]
+name = "user"
+
+[[feature_view]]
+name = "user_counters"
+entities = ["user"]
+ttl = "1day"
+feature = [
+  { name = "bookings_1h", dtype = "int64", aggregate = { event = "booking.created", window = "1h" } },
+  { name = "failed_payments_24h", dtype = "int64", aggregate = { event = "payment.failed", window = "24h" } },
+]
+"#;
+
+/// Streaming aggregates on either store: events published in process, counted per entity in
+/// their sliding windows, read back like any feature.
+async fn streaming_counts(store: std::sync::Arc<dyn OnlineStore>) {
+    use marquee_feature_store::{Aggregator, Event};
+    let definitions = Definitions::from_toml(COUNTERS).unwrap();
+    let (publisher, source) = marquee_feature_store::aggregates::channel(64);
+    let aggregator = tokio::spawn(Aggregator::new(&definitions, store.clone()).run(source));
+    let now = marquee_feature_store::online::now_ms();
+    let minute = 60_000;
+    let event = |kind: &str, user: Option<&str>, ago: i64| Event {
+        kind: kind.into(),
+        entities: user
+            .map(|u| ("user_id".to_string(), u.to_string()))
+            .into_iter()
+            .collect(),
+        time_ms: now - ago,
+    };
+    for e in [
+        event("booking.created", Some("u1"), 10 * minute),
+        event("booking.created", Some("u1"), 20 * minute),
+        event("booking.created", Some("u1"), 120 * minute), // outside the hour
+        event("payment.failed", Some("u1"), 300 * minute),
+        event("booking.created", Some("u2"), minute),
+        event("seat.held", Some("u1"), minute), // nobody counts this kind
+        event("booking.created", None, minute), // no user: not countable
+    ] {
+        publisher.publish(e).await.unwrap();
+    }
+    let view = definitions.view("user_counters").unwrap();
+    let started = Instant::now();
+    let counts = loop {
+        let found = store
+            .read(&[
+                Lookup {
+                    view,
+                    entity_key: "u1",
+                },
+                Lookup {
+                    view,
+                    entity_key: "u2",
+                },
+                Lookup {
+                    view,
+                    entity_key: "u3",
+                },
+            ])
+            .await
+            .unwrap();
+        let counts: Vec<Vec<Option<FeatureValue>>> = found
+            .into_iter()
+            .map(|row| row.expect("a view of aggregates always answers").values)
+            .collect();
+        if counts[1][0] == Some(FeatureValue::Int(1)) {
+            break counts;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "events never counted: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let int = |v: i64| Some(FeatureValue::Int(v));
+    assert_eq!(
+        counts[0],
+        vec![int(2), int(1)],
+        "u1: two bookings in the hour, one failure in 24 h"
+    );
+    assert_eq!(counts[1], vec![int(1), int(0)]);
+    assert_eq!(
+        counts[2],
+        vec![int(0), int(0)],
+        "an entity without events counts zero"
+    );
+    drop(publisher);
+    aggregator.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_aggregates_count_events_in_their_windows_in_process() {
+    streaming_counts(std::sync::Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_aggregates_count_events_in_their_windows_on_redis() {
+    let redis = RedisServer::start().await;
+    streaming_counts(std::sync::Arc::new(redis_store(&redis.url()))).await;
+}
