@@ -678,7 +678,7 @@ async fn import_triton(
                 gates: Vec::new(),
                 tags,
                 lineage: Lineage::default(),
-                pipeline: Value::Null,
+                pipeline: source.pipeline.clone().unwrap_or_default(),
                 drift_baseline: Value::Null,
             };
             let pushed = registry.push(&name, files, manifest, progress).await?;

@@ -335,6 +335,11 @@ fn a_triton_repository_is_imported_as_registry_versions() {
         "config.pbtxt became the manifest's config: {add_sub}"
     );
     assert_eq!(registry(location, &[], &["verify", "add_sub", "1"]).code, 0);
+    let gbr = registry(location, &[], &["show", "gbr", "--json"]).json();
+    assert_eq!(
+        gbr["pipeline"]["input"], "X",
+        "pipeline.json became the manifest's pipeline: {gbr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
