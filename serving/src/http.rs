@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::error::ServingError;
 use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype};
 use crate::models::ModelManager;
-use crate::predict::{PredictRequest, Predictor};
+use crate::predict::{PredictRequest, PredictResponse, Predictor};
 use crate::server::ServerInfo;
 use crate::tensor::Tensor;
 
@@ -73,6 +73,7 @@ pub fn router(
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
         .route("/v1/predict", post(predict))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(repository_load))
         .route(
@@ -287,6 +288,41 @@ async fn repository_load(
     Ok(Json(serde_json::json!({})))
 }
 
+/// `/v1`'s OpenAPI document, built from the request and response types themselves.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Marquee /v1",
+        description = "Predictions with feature enrichment"
+    ),
+    paths(predict),
+    components(schemas(ErrorBody))
+)]
+struct V1Api;
+
+/// Every error answer: what was wrong, naming the field where there is one.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ErrorBody {
+    error: String,
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(<V1Api as utoipa::OpenApi>::openapi())
+}
+
+/// Predicts from entity ids and request features: the model's pipeline fetches the rest.
+#[utoipa::path(
+    post,
+    path = "/v1/predict",
+    request_body = PredictRequest,
+    responses(
+        (status = 200, description = "The prediction(s)", body = PredictResponse),
+        (status = 400, description = "Bad input; the message names the field", body = ErrorBody),
+        (status = 404, description = "Unknown model or version", body = ErrorBody),
+        (status = 503, description = "The model or its pipeline is unavailable", body = ErrorBody),
+        (status = 504, description = "The time budget ran out with no cached answer or fallback", body = ErrorBody),
+    )
+)]
 async fn predict(State(s): State<AppState>, body: Bytes) -> Result<Json<Value>, ServingError> {
     let request: PredictRequest = parse_json(&body)?;
     let response = s.predictor.predict(request).await?;

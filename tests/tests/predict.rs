@@ -480,3 +480,39 @@ async fn a_pipeline_that_cannot_run_leaves_v2_serving() {
     );
     server.stop().await;
 }
+
+/// `/v1/openapi.json` describes `/v1/predict` from the types the server itself parses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_predict() {
+    let server = TestServer::start(Repository::new()).await;
+    let (status, document) = server.get("/v1/openapi.json").await;
+    assert_eq!(status, 200);
+    assert!(
+        document["openapi"].as_str().unwrap().starts_with("3."),
+        "{document}"
+    );
+    let predict = &document["paths"]["/v1/predict"]["post"];
+    for code in ["200", "400", "404", "503", "504"] {
+        assert!(
+            predict["responses"][code].is_object(),
+            "response {code}: {predict}"
+        );
+    }
+    let request = &document["components"]["schemas"]["PredictRequest"];
+    assert_eq!(request["required"], json!(["model"]), "{request}");
+    for field in [
+        "model",
+        "version",
+        "entities",
+        "features",
+        "instances",
+        "options",
+    ] {
+        assert!(
+            request["properties"][field].is_object(),
+            "{field}: {request}"
+        );
+    }
+    assert!(document["components"]["schemas"]["Prediction"]["properties"]["degraded"].is_object());
+    server.stop().await;
+}

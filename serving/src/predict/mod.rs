@@ -15,6 +15,7 @@ use bytes::Bytes;
 use marquee_feature_store::{FeatureValue, Lookup, OnlineStore, entity_key};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use crate::error::ServingError;
 use crate::infer::{InferRequest, RequestedOutput};
@@ -39,16 +40,23 @@ impl ModelPipeline {
 }
 
 /// The request body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PredictRequest {
+    /// The model's name.
+    #[schema(example = "gbr")]
     pub model: String,
-    /// A version number or alias; default: the model's default version.
+    /// A version number or alias; default: the model's default version (production).
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "production")]
     pub version: Option<Value>,
+    /// Entity ids by join key, e.g. `{"user_id": "u1", "show_id": "s1"}`.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub entities: Map<String, Value>,
+    /// Request-time feature values by name; they win over stored ones.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub features: Map<String, Value>,
     /// Several predictions in one request, instead of `entities`/`features`.
     #[serde(default)]
@@ -57,32 +65,39 @@ pub struct PredictRequest {
     pub options: PredictOptions,
 }
 
-#[derive(Debug, Deserialize)]
+/// One prediction's inputs in a batch request.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Instance {
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub entities: Map<String, Value>,
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub features: Map<String, Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PredictOptions {
-    /// The whole request's time budget.
+    /// The whole request's time budget; past it, the cached answer or the model's fallback.
     pub timeout_ms: Option<u64>,
 }
 
-/// The response body (one prediction) or one element of `predictions`.
-#[derive(Debug, Serialize)]
+/// One prediction: the response body, or one element of `predictions`.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Prediction {
     pub prediction_id: String,
+    /// The output tensor's value by name, plus `label` and `top_k` where the pipeline asks.
+    #[schema(value_type = Object)]
     pub outputs: Map<String, Value>,
     pub cache_hit: bool,
+    /// What fell back: `features` (store unavailable: defaults used), `timeout` (budget spent).
+    #[schema(value_type = Vec<String>)]
     pub degraded: Vec<&'static str>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PredictResponse {
     pub model: String,
     pub model_version: String,
@@ -93,7 +108,7 @@ pub struct PredictResponse {
     pub latency_ms: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum Answer {
     One(Prediction),

@@ -208,6 +208,17 @@ impl Pipeline {
             b.0.unwrap_or(f64::NEG_INFINITY)
                 .total_cmp(&a.0.unwrap_or(f64::NEG_INFINITY))
         });
+        let named = |key: &str| {
+            (file.output.tensor == key)
+                .then(|| format!("output '{key}' would be hidden by the answer's own '{key}'"))
+        };
+        if let Some(clash) = (!thresholds.is_empty())
+            .then(|| named("label"))
+            .flatten()
+            .or_else(|| file.output.top_k.as_ref().and_then(|_| named("top_k")))
+        {
+            return Err(clash);
+        }
         let top_k = match file.output.top_k {
             Some(top) if top.k == 0 || top.labels.is_empty() => {
                 return Err("top_k needs k >= 1 and the class labels".into());
