@@ -444,6 +444,10 @@ async fn the_shipped_pipelines_answer_on_embedded_defaults() {
         fraud["outputs"]["label"], "verify",
         "an outlying booking is sent to verification: {fraud}"
     );
+    assert!(
+        fraud["outputs"]["scores"].as_f64().unwrap() < 0.0,
+        "{fraud}"
+    );
     let (_, usual) = server
         .post(
             "/v1/predict",
