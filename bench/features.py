@@ -9,8 +9,8 @@
 
     .marquee/venv/bin/python bench/features.py [--entities 100] [--features 20] [--repeats 2000]
 
-Needs redis-server (deploy/setup.sh --test) and Feast in .marquee/peers/venv-feast (this script
-creates it). Prints medians and p99s in microseconds and the ratios the project tracks, and writes
+Needs redis-server (deploy/setup.sh --test) and Feast (bench/peers/setup.sh .marquee/peers); the
+script runs both. Prints medians and p99s in microseconds and the ratios the project tracks, and writes
 them to .marquee/bench/features.json.
 """
 
@@ -27,7 +27,6 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
 FEAST_VENV = HOME / "peers" / "venv-feast"
-FEAST_VERSION = "0.67.0"
 OUT = HOME / "bench"
 
 # Runs inside Feast's own environment: a feature repository on the given Redis, values written,
@@ -100,12 +99,7 @@ def start_redis(port):
 
 def prepare():
     subprocess.run([str(ROOT / "deploy" / "setup.sh"), "--test"], check=True)
-    if not (FEAST_VENV / "bin" / "python").exists():
-        subprocess.run(["python3", "-m", "venv", str(FEAST_VENV)], check=True)
-    subprocess.run(
-        [str(FEAST_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", f"feast[redis]=={FEAST_VERSION}"],
-        check=True,
-    )
+    subprocess.run([str(ROOT / "bench" / "peers" / "setup.sh"), str(HOME / "peers")], check=True)
     subprocess.run(
         ["cargo", "build", "--release", "-p", "marquee-feature-store", "--example", "lookup_bench"],
         check=True,

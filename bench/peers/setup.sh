@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the peers the benchmarks put beside Marquee: Triton (through PyTriton, which bundles
-# tritonserver) and Seldon's MLServer for bench/compare.py, and MLflow's CLI for bench/registry.py. Each gets its own virtual environment in DIR, because their
+# tritonserver) and Seldon's MLServer for bench/compare.py, MLflow's CLI for bench/registry.py, and
+# Feast (whose pyarrow bench/predict.py also uses to write Parquet) for bench/features.py. Each gets its own virtual environment in DIR, because their
 # pins clash: PyTriton 0.7.0 needs numpy<2, and MLServer 1.7.1 needs uvloop 0.21.0 (0.22 and later
 # kill its inference workers). Both run the models through onnxruntime, the same version Marquee
 # loads. Running it again skips any environment whose package list has not changed.
@@ -30,4 +31,5 @@ make_venv() {
 make_venv venv-triton "nvidia-pytriton==0.7.0" "numpy<2" "$ORT"
 make_venv venv-mlserver "mlserver==1.7.1" "uvloop==0.21.0" "$ORT"
 make_venv venv-mlflow "mlflow==3.17.2"
+make_venv venv-feast "feast[redis]==0.67.0"
 echo "[peers] ready in $DIR"
