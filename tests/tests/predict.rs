@@ -71,7 +71,11 @@ async fn start(redis: &RedisServer) -> (TestServer, tempfile::TempDir) {
         .add("pricing_fallback", "gbr", Some(CONFIG))
         .write(
             "pricing_fallback/pipeline.json",
-            pipeline(json!({"fallback": {"variable": 1.5, "label": "rules"}}))
+            pipeline(json!({"fallback": {"rules": [
+                {"when": {"is_member": true}, "outputs": {"variable": 1.2, "label": "member rules"}},
+                {"when": {"hours_to_show": {"max": 2}}, "outputs": {"variable": 2.0, "label": "last minute"}},
+                {"outputs": {"variable": 1.5, "label": "rules"}}
+            ]}}))
                 .to_string()
                 .as_bytes(),
         )
@@ -374,6 +378,20 @@ async fn a_slow_store_is_outwaited_by_the_time_budget() {
         "{fallback}"
     );
     assert_eq!(fallback["degraded"], json!(["timeout"]));
+    // The first rule that holds for the request's own values answers.
+    for (features, label) in [
+        (json!({"is_member": true}), "member rules"),
+        (json!({"hours_to_show": 1}), "last minute"),
+        (json!({"hours_to_show": 3}), "rules"),
+    ] {
+        let (_, ruled) = server
+            .post(
+                "/v1/predict",
+                json!({"model": "pricing_fallback", "entities": entities, "features": features, "options": budget}),
+            )
+            .await;
+        assert_eq!(ruled["outputs"]["label"], label, "{features}: {ruled}");
+    }
     let (status, cached) = server
         .post(
             "/v1/predict",
@@ -391,7 +409,7 @@ async fn a_slow_store_is_outwaited_by_the_time_budget() {
         nothing["error"]
             .as_str()
             .unwrap()
-            .contains("declares no fallback"),
+            .contains("no fallback of model 'pricing' applies"),
         "{nothing}"
     );
     redis.resume();

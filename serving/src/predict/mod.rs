@@ -401,14 +401,27 @@ impl Predictor {
                     .as_ref()
                     .zip(declared.cache.as_ref())
                     .and_then(|(key, cache)| cache.any(key));
-                let (outputs, cache_hit) = match (cached, &declared.pipeline.fallback) {
-                    (Some((_, outputs)), _) => (outputs, true),
-                    (None, Some(fallback)) => (fallback.clone(), false),
-                    (None, None) => {
-                        return Err(ServingError::Timeout(format!(
-                            "no prediction within timeout_ms {budget_ms}, and model '{model_name}' declares no fallback"
-                        )));
-                    }
+                let pipeline = &declared.pipeline;
+                let fallback = || {
+                    // The request's own values (or defaults): the store and the model are out of time.
+                    let values: Vec<FeatureValue> = pipeline
+                        .features
+                        .iter()
+                        .zip(&prepared[index].given)
+                        .map(|(feature, given)| given.clone().unwrap_or_else(|| feature.default.clone()))
+                        .collect();
+                    pipeline.fallback.as_ref()?.answer(&values)
+                };
+                let (outputs, cache_hit) = match cached {
+                    Some((_, outputs)) => (outputs, true),
+                    None => match fallback() {
+                        Some(outputs) => (outputs, false),
+                        None => {
+                            return Err(ServingError::Timeout(format!(
+                                "no prediction within timeout_ms {budget_ms}, and no fallback of model '{model_name}' applies"
+                            )));
+                        }
+                    },
                 };
                 self.metrics.predict_degraded(model_name, "timeout");
                 Ok(Prediction {

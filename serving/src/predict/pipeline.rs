@@ -26,8 +26,8 @@ pub struct Pipeline {
     pub width: usize,
     pub output: OutputSpec,
     pub cache: Option<CacheSpec>,
-    /// Outputs to answer with when the time budget runs out and nothing is cached.
-    pub fallback: Option<serde_json::Map<String, Value>>,
+    /// Rules that answer when the time budget runs out and nothing is cached.
+    pub fallback: Option<Fallback>,
 }
 
 /// One named feature of the row.
@@ -91,7 +91,65 @@ struct PipelineFile {
     features: Vec<FeatureFile>,
     output: OutputFile,
     cache: Option<CacheFile>,
-    fallback: Option<serde_json::Map<String, Value>>,
+    fallback: Option<FallbackFile>,
+}
+
+/// `{"outputs": {...}}` (one fixed answer) or `{"rules": [{"when": {...}, "outputs": {...}}]}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FallbackFile {
+    outputs: Option<serde_json::Map<String, Value>>,
+    rules: Option<Vec<RuleFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    /// Feature name -> a value it must equal, or `{"min": x, "max": y}` (either may be left out).
+    #[serde(default)]
+    when: serde_json::Map<String, Value>,
+    outputs: serde_json::Map<String, Value>,
+}
+
+/// Answers without the model or the store, from the request's own values: the first rule whose
+/// conditions all hold (a rule without conditions always does).
+#[derive(Debug, Clone)]
+pub struct Fallback {
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    /// (feature position, condition)
+    conditions: Vec<(usize, Condition)>,
+    outputs: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Clone)]
+enum Condition {
+    Equals(FeatureValue),
+    Range { min: Option<f64>, max: Option<f64> },
+}
+
+impl Fallback {
+    /// The answer for one instance's feature values (in pipeline order); `None` if no rule holds.
+    pub fn answer(&self, values: &[FeatureValue]) -> Option<serde_json::Map<String, Value>> {
+        self.rules
+            .iter()
+            .find(|rule| {
+                rule.conditions.iter().all(|(position, condition)| {
+                    let value = &values[*position];
+                    match condition {
+                        Condition::Equals(expected) => value == expected,
+                        Condition::Range { min, max } => {
+                            let x = number(value);
+                            min.is_none_or(|m| x >= m) && max.is_none_or(|m| x <= m)
+                        }
+                    }
+                })
+            })
+            .map(|rule| rule.outputs.clone())
+    }
 }
 
 #[derive(Deserialize)]
@@ -226,6 +284,10 @@ impl Pipeline {
             Some(top) => Some((top.k, top.labels)),
             None => None,
         };
+        let fallback = file
+            .fallback
+            .map(|f| parse_fallback(f, &features))
+            .transpose()?;
         Ok(Self {
             input: file.input,
             features,
@@ -240,7 +302,7 @@ impl Pipeline {
                 ttl: std::time::Duration::from_millis(c.ttl_ms),
                 max_entries: c.max_entries.max(1),
             }),
-            fallback: file.fallback,
+            fallback,
         })
     }
 
@@ -380,6 +442,53 @@ fn build_feature(
         default,
         transform,
     })
+}
+
+fn parse_fallback(file: FallbackFile, features: &[PipelineFeature]) -> Result<Fallback, String> {
+    let rules = match (file.outputs, file.rules) {
+        (Some(outputs), None) => vec![RuleFile {
+            when: serde_json::Map::new(),
+            outputs,
+        }],
+        (None, Some(rules)) if !rules.is_empty() => rules,
+        _ => return Err("fallback needs either outputs or a non-empty rules list".into()),
+    };
+    let rules = rules
+        .into_iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let conditions = rule
+                .when
+                .iter()
+                .map(|(name, wanted)| {
+                    let at = |e: String| format!("fallback rule {i}: '{name}': {e}");
+                    let (position, feature) = features
+                        .iter()
+                        .enumerate()
+                        .find(|(_, f)| f.name == *name)
+                        .ok_or_else(|| at("not a feature of the pipeline".into()))?;
+                    let condition = match wanted {
+                        Value::Object(range) if range.keys().all(|k| k == "min" || k == "max") => {
+                            let bound = |k: &str| range.get(k).and_then(Value::as_f64);
+                            Condition::Range {
+                                min: bound("min"),
+                                max: bound("max"),
+                            }
+                        }
+                        value => Condition::Equals(
+                            FeatureValue::from_json(feature.dtype, value).map_err(at)?,
+                        ),
+                    };
+                    Ok((position, condition))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            Ok(Rule {
+                conditions,
+                outputs: rule.outputs,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Fallback { rules })
 }
 
 fn number(value: &FeatureValue) -> f64 {
