@@ -8,4 +8,4 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 deploy/setup.sh
 cargo build --release -p marquee-serving --bin marquee
-exec target/release/marquee serve --model-repository deploy/models --features deploy/features.toml "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/marquee" serve --model-repository deploy/models --features deploy/features.toml "$@"

@@ -27,7 +27,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server():
-    binary = ROOT / "target" / "release" / "marquee"
+    binary = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "marquee"
     assert binary.exists(), "build first: cargo build --release -p marquee-serving"
     assert (FIXTURES / "models").is_dir(), "fixtures missing: run tests/fixtures/make_fixtures.py"
     ports = [free_port() for _ in range(3)]
