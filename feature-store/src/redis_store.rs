@@ -106,7 +106,9 @@ impl RedisStore {
             prefix: config.prefix.clone(),
             timeout: Duration::from_millis(config.timeout_ms.max(1)),
             connection: tokio::sync::Mutex::new(Connection::Down {
-                since: Instant::now() - RECONNECT_INTERVAL,
+                since: Instant::now()
+                    .checked_sub(RECONNECT_INTERVAL)
+                    .unwrap_or_else(Instant::now),
             }),
         })
     }
@@ -141,7 +143,8 @@ impl RedisStore {
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
+            // Each call's own limit (longer for write batches) is kept by `run`.
+            .set_response_timeout(None)
             .set_number_of_retries(1);
         match tokio::time::timeout(
             self.timeout * 2,
@@ -342,6 +345,11 @@ fn decode(
     let (Some(event_time_ms), Some(row)) = (event_time, row) else {
         return Ok(None);
     };
+    // Redis expires keys a little late (and a ttl may have been shortened since the write): the
+    // validity rule is checked here too.
+    if expires_at_ms(lookup.view, event_time_ms) <= now_ms() {
+        return Ok(None);
+    }
     let bad = |what: String| {
         FeatureStoreError::Corrupt(format!(
             "{} entity '{}': {what}",

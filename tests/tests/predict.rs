@@ -220,6 +220,26 @@ async fn predictions_use_store_and_request_features_and_match_the_bare_model() {
             .unwrap(),
         second
     );
+
+    // More instances than the model's max_batch_size (16): split, run, and answered in order.
+    let many: Vec<Value> = (0..40)
+        .map(|i| json!({"entities": {"user_id": format!("nobody-{i}"), "show_id": "s1"}}))
+        .collect();
+    let (status, large) = server
+        .post(
+            "/v1/predict",
+            json!({"model": "pricing", "instances": many}),
+        )
+        .await;
+    assert_eq!(status, 200, "{large}");
+    let predictions = large["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 40);
+    assert!(
+        predictions
+            .iter()
+            .all(|p| p["outputs"]["variable"].as_f64() == Some(first)),
+        "{large}"
+    );
     server.stop().await;
 }
 
@@ -248,6 +268,11 @@ async fn bad_input_is_a_400_that_names_the_field() {
             json!({"model": "pricing", "entities": {"user_id": "u1", "show_id": "s1", "seat_id": "a1"}}),
             400,
             "entities.seat_id is not an entity model 'pricing' uses",
+        ),
+        (
+            json!({"model": "pricing", "entities": {"user_id": 1.5, "show_id": "s1"}}),
+            400,
+            "entities.user_id must be a string or an integer, got 1.5",
         ),
         (
             json!({"model": "pricing", "instances": [{"entities": {"user_id": ["u1"], "show_id": "s1"}}]}),

@@ -70,10 +70,12 @@ impl ResponseCache {
         if entries
             .answers
             .insert(key, (Instant::now(), answer))
-            .is_none()
+            .is_some()
         {
-            entries.order.push_back(key);
+            // A refreshed answer is the newest again, not the first to go.
+            entries.order.retain(|k| *k != key);
         }
+        entries.order.push_back(key);
         while entries.order.len() > self.spec.max_entries {
             if let Some(old) = entries.order.pop_front() {
                 entries.answers.remove(&old);

@@ -271,7 +271,8 @@ impl Predictor {
                             stored
                                 .get(slot * pipeline.views.len() + view)?
                                 .as_ref()?
-                                .values[in_view]
+                                .values
+                                .get(in_view)?
                                 .clone()
                         })
                         .unwrap_or_else(|| feature.default.clone())
@@ -279,42 +280,18 @@ impl Predictor {
                 .collect();
             pipeline.encode(&values, &mut rows);
         }
-        let input = Tensor::new(
-            pipeline.input.clone(),
-            DataType::Fp32,
-            vec![missing.len() as i64, pipeline.width as i64],
-            TensorData::Fixed(Bytes::from(bytemuck::cast_slice::<f32, u8>(&rows).to_vec())),
-        )?;
         let prediction_ids: Vec<String> = missing.iter().map(|_| new_id()).collect();
-        let response = model
-            .infer(InferRequest {
-                id: prediction_ids.first().cloned().unwrap_or_default(),
-                inputs: vec![input],
-                outputs: vec![RequestedOutput {
-                    name: pipeline.output.tensor.clone(),
-                    classification: None,
-                }],
-                ..Default::default()
-            })
-            .await?;
-        let output = response
-            .outputs
+        // Rows go to the model in requests of at most its max_batch_size, all at once, so the
+        // batcher can run them together.
+        let chunk_rows = model.spec().max_batch_size.max(1);
+        let chunks = rows
+            .chunks(chunk_rows * pipeline.width)
+            .zip(prediction_ids.chunks(chunk_rows))
+            .map(|(chunk, ids)| self.infer_rows(model, pipeline, chunk, &ids[0]));
+        let values: Vec<f64> = futures::future::try_join_all(chunks)
+            .await?
             .into_iter()
-            .next()
-            .ok_or_else(|| ServingError::Internal("the model returned no output".into()))?;
-        // FP32 outputs are reported with f32's shortest text (as /v2 does), not f64's long one.
-        let short = output.dtype == DataType::Fp32;
-        let values: Vec<f64> = output
-            .to_json_values()?
-            .iter()
-            .map(|v| v.as_f64().unwrap_or(f64::NAN))
-            .map(|v| {
-                if short {
-                    (v as f32).to_string().parse().unwrap_or(v)
-                } else {
-                    v
-                }
-            })
+            .flatten()
             .collect();
         let per_row = values.len() / missing.len().max(1);
         let degraded: Vec<&'static str> = if features_degraded {
@@ -341,6 +318,53 @@ impl Predictor {
                     outputs,
                     cache_hit: false,
                     degraded: degraded.clone(),
+                }
+            })
+            .collect())
+    }
+
+    /// Runs encoded rows (a multiple of the pipeline's width) through the model; the output
+    /// tensor's values, row after row.
+    async fn infer_rows(
+        &self,
+        model: &LoadedModel,
+        pipeline: &Pipeline,
+        rows: &[f32],
+        id: &str,
+    ) -> Result<Vec<f64>, ServingError> {
+        let input = Tensor::new(
+            pipeline.input.clone(),
+            DataType::Fp32,
+            vec![(rows.len() / pipeline.width) as i64, pipeline.width as i64],
+            TensorData::Fixed(Bytes::from(bytemuck::cast_slice::<f32, u8>(rows).to_vec())),
+        )?;
+        let response = model
+            .infer(InferRequest {
+                id: id.to_string(),
+                inputs: vec![input],
+                outputs: vec![RequestedOutput {
+                    name: pipeline.output.tensor.clone(),
+                    classification: None,
+                }],
+                ..Default::default()
+            })
+            .await?;
+        let output = response
+            .outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| ServingError::Internal("the model returned no output".into()))?;
+        // FP32 outputs are reported with f32's shortest text (as /v2 does), not f64's long one.
+        let short = output.dtype == DataType::Fp32;
+        Ok(output
+            .to_json_values()?
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(f64::NAN))
+            .map(|v| {
+                if short {
+                    (v as f32).to_string().parse().unwrap_or(v)
+                } else {
+                    v
                 }
             })
             .collect())
@@ -474,7 +498,7 @@ fn prepare(
         for join_key in &view.join_keys {
             let part = match instance.entities.get(join_key) {
                 Some(Value::String(s)) => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
+                Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
                 Some(other) => {
                     return Err(ServingError::InvalidInput(format!(
                         "{at}entities.{join_key} must be a string or an integer, got {other}"

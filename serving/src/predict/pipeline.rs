@@ -243,6 +243,9 @@ impl Pipeline {
             features.push(built);
         }
         let width: usize = features.iter().map(|f| f.transform.width()).sum();
+        if width == 0 {
+            return Err("the pipeline declares no features".into());
+        }
         if input.dims[0] >= 0 && input.dims[0] as usize != width {
             return Err(format!(
                 "the features encode to {width} columns but input '{}' takes {}",
