@@ -12,13 +12,17 @@ use crate::online::{
     CountedEvent, FoundRow, Lookup, OnlineRow, OnlineStore, expires_at_ms, now_ms, with_counts,
 };
 
+/// An aggregate's window (ms; kept so stale entities can be dropped) and the event times inside
+/// it, oldest first.
+type CountedTimes = (i64, VecDeque<i64>);
+
 #[derive(Default)]
 pub struct MemoryStore {
     /// (view, entity key) -> the stored row and when it expires (ms since the epoch).
     rows: RwLock<HashMap<(String, String), (FoundRow, i64)>>,
     watermarks: RwLock<HashMap<String, i64>>,
-    /// (view, aggregate position, entity key) -> event times inside the window, oldest first.
-    events: RwLock<HashMap<(String, usize, String), VecDeque<i64>>>,
+    /// (view, aggregate position, entity key) -> its window and event times.
+    events: RwLock<HashMap<(String, usize, String), CountedTimes>>,
 }
 
 impl MemoryStore {
@@ -78,7 +82,7 @@ impl OnlineStore for MemoryStore {
                         position,
                         lookup.entity_key.to_string(),
                     );
-                    events.get(&key).map_or(0, |times| {
+                    events.get(&key).map_or(0, |(_, times)| {
                         times
                             .iter()
                             .filter(|&&t| t > now - window && t <= now)
@@ -112,6 +116,10 @@ impl OnlineStore for MemoryStore {
         events: &[CountedEvent],
     ) -> Result<(), FeatureStoreError> {
         let mut counted = self.events.write().expect("memory store lock");
+        // Entities whose newest event left its window count zero: their entries go, so memory
+        // follows the active entities, not every entity ever seen.
+        let now = now_ms();
+        counted.retain(|_, (window, times)| times.back().is_some_and(|&t| t > now - *window));
         for event in events {
             let Some(aggregate) = view
                 .features
@@ -120,12 +128,14 @@ impl OnlineStore for MemoryStore {
             else {
                 continue;
             };
+            let window = aggregate.window.as_millis() as i64;
             let key = (view.name.clone(), event.feature, event.entity_key.clone());
-            let times = counted.entry(key).or_default();
+            let (_, times) = counted
+                .entry(key)
+                .or_insert_with(|| (window, VecDeque::new()));
             let at = times.partition_point(|&t| t <= event.time_ms);
             times.insert(at, event.time_ms);
-            let horizon = times.back().copied().unwrap_or(event.time_ms)
-                - aggregate.window.as_millis() as i64;
+            let horizon = times.back().copied().unwrap_or(event.time_ms) - window;
             while times.front().is_some_and(|&t| t <= horizon) {
                 times.pop_front();
             }
