@@ -14,8 +14,9 @@ use serde_json::{Value, json};
 
 use crate::definitions::{Definitions, FeatureView};
 use crate::offline::{StorePath, parse_time_ms};
-use crate::online::{Lookup, OnlineStore, entity_key, now_ms};
-use crate::{FeatureStoreError, MemoryStore, RedisConfig, RedisStore, jobs};
+use crate::online::{Lookup, entity_key, now_ms, open_online};
+use crate::redis_store::DEFAULT_TIMEOUT_MS;
+use crate::{FeatureStoreError, jobs};
 
 /// `marquee features …`
 #[derive(Debug, Args)]
@@ -88,10 +89,7 @@ pub enum Command {
 
 /// Runs one command, printing its result.
 pub async fn run(args: FeaturesArgs) -> Result<(), FeatureStoreError> {
-    let text = std::fs::read_to_string(&args.definitions).map_err(|e| {
-        FeatureStoreError::Definitions(format!("{}: {e}", args.definitions.display()))
-    })?;
-    let definitions = Definitions::from_toml(&text)?;
+    let definitions = Definitions::load(&args.definitions)?;
     let base = args
         .definitions
         .parent()
@@ -164,7 +162,7 @@ pub async fn run(args: FeaturesArgs) -> Result<(), FeatureStoreError> {
             );
         }
         Command::Materialize { views, start, end } => {
-            let online = open_online(&args.online)?;
+            let online = open_online(&args.online, DEFAULT_TIMEOUT_MS)?;
             let start = start.as_deref().map(parse_time).transpose()?;
             let end = end
                 .as_deref()
@@ -249,7 +247,7 @@ pub async fn run(args: FeaturesArgs) -> Result<(), FeatureStoreError> {
         Command::Get { view, keys } => {
             let view = definitions.view(view)?;
             let key = entity_from_args(view, keys)?;
-            let online = open_online(&args.online)?;
+            let online = open_online(&args.online, DEFAULT_TIMEOUT_MS)?;
             let found = online
                 .read(&[Lookup {
                     view,
@@ -299,19 +297,6 @@ pub async fn run(args: FeaturesArgs) -> Result<(), FeatureStoreError> {
 
 fn parse_time(text: &str) -> Result<i64, FeatureStoreError> {
     parse_time_ms(text).map_err(FeatureStoreError::Definitions)
-}
-
-/// The online store a location names.
-pub fn open_online(location: &str) -> Result<Arc<dyn OnlineStore>, FeatureStoreError> {
-    if location == "memory" {
-        return Ok(Arc::new(MemoryStore::new()));
-    }
-    if location.starts_with("redis://") || location.starts_with("rediss://") {
-        return Ok(Arc::new(RedisStore::new(&RedisConfig::new(location))?));
-    }
-    Err(FeatureStoreError::Definitions(format!(
-        "online store '{location}': use memory or redis://host:port/db"
-    )))
 }
 
 fn entity_from_args(view: &FeatureView, keys: &[String]) -> Result<String, FeatureStoreError> {

@@ -89,6 +89,13 @@ pub struct Definitions {
 }
 
 impl Definitions {
+    /// Reads and validates the definitions file at `path`.
+    pub fn load(path: &std::path::Path) -> Result<Self, FeatureStoreError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| FeatureStoreError::Definitions(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text)
+    }
+
     /// Parses and validates a definitions file; errors name the entity, view or feature at fault.
     pub fn from_toml(text: &str) -> Result<Self, FeatureStoreError> {
         let file: DefinitionsFile =

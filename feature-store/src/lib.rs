@@ -16,7 +16,7 @@ pub mod value;
 pub use aggregates::{Aggregator, ChannelSource, Event, EventPublisher, EventSource};
 pub use definitions::{Aggregate, Definitions, Entity, Feature, FeatureView, OfflineSource};
 pub use memory::MemoryStore;
-pub use online::{CountedEvent, FoundRow, Lookup, OnlineRow, OnlineStore, entity_key};
+pub use online::{CountedEvent, FoundRow, Lookup, OnlineRow, OnlineStore, entity_key, open_online};
 pub use redis_store::{RedisConfig, RedisStore};
 pub use value::{DType, FeatureValue};
 

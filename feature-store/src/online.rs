@@ -3,12 +3,15 @@
 //! tests of code above it). Both expire a value `ttl` after its event time, as Feast does, and
 //! both answer a whole request's lookups in one call, so Redis can serve them in one round trip.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
 use crate::FeatureStoreError;
 use crate::definitions::FeatureView;
+use crate::memory::MemoryStore;
+use crate::redis_store::{RedisConfig, RedisStore};
 use crate::value::FeatureValue;
 
 /// One entity's values for one view, as materialisation writes them.
@@ -93,6 +96,27 @@ pub(crate) fn with_counts(
         row.values[position] = Some(FeatureValue::Int(count(position)));
     }
     Some(row)
+}
+
+/// The online store a location names: `memory` (in process) or `redis://host:port/db`, with
+/// `timeout_ms` as Redis's per-call limit.
+pub fn open_online(
+    location: &str,
+    timeout_ms: u64,
+) -> Result<Arc<dyn OnlineStore>, FeatureStoreError> {
+    if location == "memory" {
+        return Ok(Arc::new(MemoryStore::new()));
+    }
+    if location.starts_with("redis://") || location.starts_with("rediss://") {
+        let config = RedisConfig {
+            timeout_ms,
+            ..RedisConfig::new(location)
+        };
+        return Ok(Arc::new(RedisStore::new(&config)?));
+    }
+    Err(FeatureStoreError::Definitions(format!(
+        "online store '{location}': use memory or redis://host:port/db"
+    )))
 }
 
 /// The key of an entity from its join-key values, in the view's join-key order.

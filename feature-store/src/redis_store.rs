@@ -64,8 +64,11 @@ fn default_prefix() -> String {
     "marquee:".into()
 }
 
+/// The per-call time limit when none is configured, in milliseconds.
+pub const DEFAULT_TIMEOUT_MS: u64 = 50;
+
 fn default_timeout_ms() -> u64 {
-    50
+    DEFAULT_TIMEOUT_MS
 }
 
 impl RedisConfig {

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use marquee_feature_store::redis_store::DEFAULT_TIMEOUT_MS;
 use serde::Deserialize;
 
 use crate::model::ModelDefaults;
@@ -46,7 +47,7 @@ pub struct ServeConfig {
 
     /// Longest wait for the online store per request, in milliseconds; past it `/v1/predict`
     /// answers with defaults, flagged as degraded.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
     pub online_timeout_ms: u64,
 
     /// Address to listen on.
@@ -99,7 +100,7 @@ impl Default for ServeConfig {
             pins: Vec::new(),
             features: None,
             online_store: "memory".into(),
-            online_timeout_ms: 50,
+            online_timeout_ms: DEFAULT_TIMEOUT_MS,
             host: IpAddr::from([0, 0, 0, 0]),
             http_port: 8000,
             grpc_port: 8001,

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::models::ModelManager;
 use crate::predict::Predictor;
 use crate::source::ModelSource;
-use marquee_feature_store::{Definitions, MemoryStore, OnlineStore, RedisConfig, RedisStore};
+use marquee_feature_store::{Definitions, OnlineStore, open_online};
 
 /// What `/v2` and gRPC `ServerMetadata` report.
 pub struct ServerInfo {
@@ -211,24 +211,11 @@ fn feature_store(
     let definitions = match &config.features {
         None => Definitions::default(),
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| StartError::Config(format!("--features {}: {e}", path.display())))?;
-            Definitions::from_toml(&text)
-                .map_err(|e| StartError::Config(format!("--features {}: {e}", path.display())))?
+            Definitions::load(path).map_err(|e| StartError::Config(format!("--features: {e}")))?
         }
     };
-    let online: Arc<dyn OnlineStore> = if config.online_store == "memory" {
-        Arc::new(MemoryStore::new())
-    } else {
-        let redis = RedisConfig {
-            timeout_ms: config.online_timeout_ms,
-            ..RedisConfig::new(config.online_store.clone())
-        };
-        Arc::new(
-            RedisStore::new(&redis)
-                .map_err(|e| StartError::Config(format!("--online-store: {e}")))?,
-        )
-    };
+    let online = open_online(&config.online_store, config.online_timeout_ms)
+        .map_err(|e| StartError::Config(format!("--online-store: {e}")))?;
     Ok((Arc::new(definitions), online))
 }
 
