@@ -72,6 +72,11 @@ impl FeatureView {
             .find(|(_, f)| f.name == name)
     }
 
+    /// The streaming aggregate at a feature position, if that feature is one.
+    pub fn aggregate(&self, position: usize) -> Option<&Aggregate> {
+        self.features.get(position)?.aggregate.as_ref()
+    }
+
     /// The view's streaming aggregates, with their positions among its features.
     pub fn aggregates(&self) -> impl Iterator<Item = (usize, &Aggregate)> {
         self.features

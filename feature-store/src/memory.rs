@@ -73,9 +73,9 @@ impl OnlineStore for MemoryStore {
                     .filter(|(_, expires)| *expires > now)
                     .map(|(row, _)| row.clone());
                 with_counts(lookup.view, row, |position| {
-                    let window = lookup.view.features[position]
-                        .aggregate
-                        .as_ref()
+                    let window = lookup
+                        .view
+                        .aggregate(position)
                         .map_or(0, |a| a.window.as_millis() as i64);
                     let key = (
                         lookup.view.name.clone(),
@@ -121,11 +121,7 @@ impl OnlineStore for MemoryStore {
         let now = now_ms();
         counted.retain(|_, (window, times)| times.back().is_some_and(|&t| t > now - *window));
         for event in events {
-            let Some(aggregate) = view
-                .features
-                .get(event.feature)
-                .and_then(|f| f.aggregate.as_ref())
-            else {
+            let Some(aggregate) = view.aggregate(event.feature) else {
                 continue;
             };
             let window = aggregate.window.as_millis() as i64;

@@ -177,6 +177,16 @@ impl RedisStore {
         }
     }
 
+    /// Runs a batch of writes (materialisation, counted events), with time in proportion to its
+    /// size; an empty batch is not sent.
+    async fn run_batch(&self, pipeline: &redis::Pipeline) -> Result<(), FeatureStoreError> {
+        if pipeline.is_empty() {
+            return Ok(());
+        }
+        let timeout = self.timeout + Duration::from_micros(50 * pipeline.len() as u64);
+        self.run::<()>(pipeline, timeout).await
+    }
+
     /// Runs a pipeline within the timeout.
     async fn run<T: redis::FromRedisValue>(
         &self,
@@ -199,7 +209,6 @@ impl OnlineStore for RedisStore {
     async fn write(&self, view: &FeatureView, rows: &[OnlineRow]) -> Result<(), FeatureStoreError> {
         let now = now_ms();
         let mut pipeline = redis::pipe();
-        let mut count = 0usize;
         for row in rows {
             let expires = expires_at_ms(view, row.event_time_ms);
             if expires <= now {
@@ -222,14 +231,8 @@ impl OnlineStore for RedisStore {
                 .arg(expires)
                 .arg(serde_json::Value::Object(values).to_string())
                 .ignore();
-            count += 1;
         }
-        if count == 0 {
-            return Ok(());
-        }
-        // Writes are batch work (materialisation): allow time in proportion to the batch.
-        let timeout = self.timeout + Duration::from_micros(50 * count as u64);
-        self.run::<()>(&pipeline, timeout).await
+        self.run_batch(&pipeline).await
     }
 
     async fn read(
@@ -310,13 +313,8 @@ impl OnlineStore for RedisStore {
     ) -> Result<(), FeatureStoreError> {
         let mut pipeline = redis::pipe();
         let sequence = format!("{}_event_seq", self.prefix);
-        let mut count = 0usize;
         for event in events {
-            let Some(aggregate) = view
-                .features
-                .get(event.feature)
-                .and_then(|f| f.aggregate.as_ref())
-            else {
+            let Some(aggregate) = view.aggregate(event.feature) else {
                 continue;
             };
             pipeline
@@ -328,13 +326,8 @@ impl OnlineStore for RedisStore {
                 .arg(event.time_ms)
                 .arg(aggregate.window.as_millis() as i64)
                 .ignore();
-            count += 1;
         }
-        if count == 0 {
-            return Ok(());
-        }
-        let timeout = self.timeout + Duration::from_micros(50 * count as u64);
-        self.run::<()>(&pipeline, timeout).await
+        self.run_batch(&pipeline).await
     }
 }
 
