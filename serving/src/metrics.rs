@@ -130,11 +130,11 @@ impl Metrics {
             .inc();
     }
 
-    /// One `/v1/predict` answer that fell back for `reason`.
-    pub fn predict_degraded(&self, model: &str, reason: &str) {
+    /// `answers` `/v1/predict` answers that fell back for `reason`.
+    pub fn predict_degraded(&self, model: &str, reason: &str, answers: usize) {
         self.predict_degraded
             .with_label_values(&[model, reason])
-            .inc();
+            .inc_by(answers as u64);
     }
 
     /// Handles for one model version's series.

@@ -36,7 +36,12 @@ impl ResponseCache {
 
     /// The key of one instance: model, version and the inputs with object keys sorted, so the
     /// same inputs in any order hit the same entry.
-    pub fn key(model: &str, version: u64, entities: &Value, features: &Value) -> CacheKey {
+    pub fn key(
+        model: &str,
+        version: u64,
+        entities: &serde_json::Map<String, Value>,
+        features: &serde_json::Map<String, Value>,
+    ) -> CacheKey {
         let mut hasher = Sha256::new();
         hasher.update(model.as_bytes());
         hasher.update([0]);

@@ -399,9 +399,8 @@ impl Predictor {
             Ok(found) => (found, false),
             Err(e) => {
                 tracing::warn!(model = model_name, error = %e, "feature store unavailable; predicting with defaults");
-                for _ in missing {
-                    self.metrics.predict_degraded(model_name, "features");
-                }
+                self.metrics
+                    .predict_degraded(model_name, "features", missing.len());
                 (Vec::new(), true)
             }
         }
@@ -447,7 +446,7 @@ impl Predictor {
                         }
                     },
                 };
-                self.metrics.predict_degraded(model_name, "timeout");
+                self.metrics.predict_degraded(model_name, "timeout", 1);
                 Ok(Prediction {
                     prediction_id: new_id(),
                     outputs,
@@ -532,8 +531,8 @@ fn prepare(
         ResponseCache::key(
             model_name,
             model.spec().version,
-            &Value::Object(instance.entities.clone()),
-            &Value::Object(instance.features.clone()),
+            &instance.entities,
+            &instance.features,
         )
     });
     Ok(Prepared {
