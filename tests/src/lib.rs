@@ -42,6 +42,62 @@ pub fn marquee_binary() -> PathBuf {
     binary
 }
 
+/// What one run of the `marquee` binary left behind.
+pub struct CliRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// The `--json` output of a run that must have succeeded.
+    pub fn json(&self) -> serde_json::Value {
+        assert_eq!(self.code, 0, "the command failed: {}", self.stderr);
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("--json printed no JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs `marquee ARGS` as a process with `env` added (and quiet logs), as scripts run it.
+pub fn run_marquee(args: &[&str], env: &[(&str, &str)]) -> CliRun {
+    let output = std::process::Command::new(marquee_binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .env("MARQUEE_LOG", "warn")
+        .output()
+        .expect("marquee runs");
+    CliRun {
+        code: output
+            .status
+            .code()
+            .expect("the CLI exits, it is not killed"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// A manifest for a version pushed by a test: ONNX, with `config` as its serving configuration.
+pub fn manifest(config: serde_json::Value) -> marquee_registry::Manifest {
+    marquee_registry::Manifest {
+        schema_version: marquee_registry::manifest::SCHEMA_VERSION,
+        name: String::new(),
+        version: 0,
+        framework: "onnx".into(),
+        created_at: marquee_registry::now(),
+        created_by: "tests".into(),
+        description: String::new(),
+        files: Vec::new(),
+        signature: Default::default(),
+        config,
+        metrics: Default::default(),
+        gates: Vec::new(),
+        tags: Default::default(),
+        lineage: Default::default(),
+        pipeline: serde_json::Value::Null,
+        drift_baseline: serde_json::Value::Null,
+    }
+}
+
 /// Outputs Python onnxruntime computed for the real models (see make_fixtures.py).
 pub fn reference() -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures().join("reference.json"))

@@ -3,7 +3,6 @@
 //! whose every value is the one valid at its row's time (never one from the future).
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
@@ -12,7 +11,7 @@ use arrow_array::{
     ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
-use marquee_tests::{RedisServer, marquee_binary};
+use marquee_tests::{CliRun, RedisServer, run_marquee};
 use serde_json::Value;
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
@@ -61,35 +60,17 @@ fn write_history(dir: &Path, part: &str, rows: &[(&str, i64, i64, f64)]) {
     writer.close().unwrap();
 }
 
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn features(dir: &Path, online: &str, args: &[&str]) -> Ran {
-    let output = Command::new(marquee_binary())
-        .arg("features")
-        .args([
-            "--definitions",
-            dir.join("features.toml").to_str().unwrap(),
-            "--online",
-            online,
-        ])
-        .args(args)
-        .env("MARQUEE_LOG", "warn")
-        .output()
-        .expect("marquee runs");
-    Ran {
-        code: output.status.code().expect("exits"),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn json(ran: &Ran) -> Value {
-    assert_eq!(ran.code, 0, "{}", ran.stderr);
-    serde_json::from_str(&ran.stdout).unwrap_or_else(|e| panic!("{e}: {}", ran.stdout))
+fn features(dir: &Path, online: &str, args: &[&str]) -> CliRun {
+    let definitions = dir.join("features.toml");
+    let mut all = vec![
+        "features",
+        "--definitions",
+        definitions.to_str().unwrap(),
+        "--online",
+        online,
+    ];
+    all.extend(args);
+    run_marquee(&all, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,26 +91,28 @@ async fn history_is_materialised_incrementally_and_looked_up() {
     );
     let online = redis.url();
 
-    let applied = json(&features(dir.path(), &online, &["apply", "--json"]));
+    let applied = features(dir.path(), &online, &["apply", "--json"]).json();
     assert_eq!(applied["feature_views"][0]["name"], "user_activity");
     assert_eq!(applied["entities"][0]["join_key"], "user_id");
 
-    let first = json(&features(
+    let first = features(
         dir.path(),
         &online,
         &["materialize", "--end", &t1.to_string(), "--json"],
-    ));
+    )
+    .json();
     assert_eq!(first[0]["entities_written"], 2, "{first}");
     assert_eq!(
         first[0]["start_ms"],
         Value::Null,
         "the first run reads all history"
     );
-    let u1 = json(&features(
+    let u1 = features(
         dir.path(),
         &online,
         &["get", "user_activity", "user_id=u1", "--json"],
-    ));
+    )
+    .json();
     assert_eq!(u1["values"]["bookings_7d"], 2, "the latest row wins: {u1}");
     assert_eq!(u1["values"]["avg_ticket_price"], 12.0);
 
@@ -139,21 +122,23 @@ async fn history_is_materialised_incrementally_and_looked_up() {
         "part-2",
         &[("u2", t2, 8, 18.0), ("u3", t1 - 1, 99, 99.0)],
     );
-    let second = json(&features(
+    let second = features(
         dir.path(),
         &online,
         &["materialize", "--end", &t2.to_string(), "--json"],
-    ));
+    )
+    .json();
     assert_eq!(second[0]["start_ms"], t1, "{second}");
     assert_eq!(
         second[0]["entities_written"], 1,
         "u3's row is before the watermark, so only u2 is new: {second}"
     );
-    let u2 = json(&features(
+    let u2 = features(
         dir.path(),
         &online,
         &["get", "user_activity", "user_id=u2", "--json"],
-    ));
+    )
+    .json();
     assert_eq!(u2["values"]["bookings_7d"], 8);
     let nobody = features(dir.path(), &online, &["get", "user_activity", "user_id=u9"]);
     assert_eq!(nobody.code, 0);
@@ -203,7 +188,7 @@ fn a_training_set_takes_each_value_as_of_its_row() {
             "--json",
         ],
     );
-    let summary = json(&ran);
+    let summary = ran.json();
     assert_eq!(summary["rows"], 6);
     let file = std::fs::File::open(&output).unwrap();
     let batch = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)

@@ -3,45 +3,16 @@
 //! `--json` output, its text output and the exit codes scripts rely on.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use marquee_tests::{S3Server, fixtures, marquee_binary};
+use marquee_tests::{CliRun, S3Server, fixtures, run_marquee};
 use serde_json::Value;
 
-/// What one CLI run left behind.
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ran {
-    fn json(&self) -> Value {
-        assert_eq!(self.code, 0, "the command failed: {}", self.stderr);
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("--json printed no JSON ({e}): {}", self.stdout))
-    }
-}
-
 /// Runs `marquee registry ARGS` with the registry given by `MARQUEE_REGISTRY`, as scripts do.
-fn registry(location: &str, extra: &[String], args: &[&str]) -> Ran {
-    let output = Command::new(marquee_binary())
-        .arg("registry")
-        .args(extra)
-        .args(args)
-        .env("MARQUEE_REGISTRY", location)
-        .env("USER", "alice")
-        .env("MARQUEE_LOG", "warn")
-        .output()
-        .expect("marquee runs");
-    Ran {
-        code: output
-            .status
-            .code()
-            .expect("the CLI exits, it is not killed"),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+fn registry(location: &str, extra: &[String], args: &[&str]) -> CliRun {
+    let mut all = vec!["registry"];
+    all.extend(extra.iter().map(String::as_str));
+    all.extend(args);
+    run_marquee(&all, &[("MARQUEE_REGISTRY", location), ("USER", "alice")])
 }
 
 fn model_file(fixture: &str) -> PathBuf {

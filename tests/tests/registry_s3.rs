@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use marquee_registry::manifest::SCHEMA_VERSION;
 use marquee_registry::{Manifest, PushFile, Quiet, Registry, RegistryError, Stage};
 use marquee_tests::{RacingStore, S3Server, TestServer, fixtures};
 use object_store::path::Path;
@@ -13,24 +12,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use serde_json::json;
 
 fn manifest() -> Manifest {
-    Manifest {
-        schema_version: SCHEMA_VERSION,
-        name: String::new(),
-        version: 0,
-        framework: "onnx".into(),
-        created_at: marquee_registry::now(),
-        created_by: "tests".into(),
-        description: String::new(),
-        files: Vec::new(),
-        signature: Default::default(),
-        config: json!({"max_batch_size": 8, "dynamic_batching": {}}),
-        metrics: Default::default(),
-        gates: Vec::new(),
-        tags: Default::default(),
-        lineage: Default::default(),
-        pipeline: serde_json::Value::Null,
-        drift_baseline: serde_json::Value::Null,
-    }
+    marquee_tests::manifest(json!({"max_batch_size": 8, "dynamic_batching": {}}))
 }
 
 fn one_file(contents: Bytes) -> Vec<PushFile> {

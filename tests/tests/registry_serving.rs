@@ -8,30 +8,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use marquee_proto::inference as pb;
-use marquee_registry::manifest::SCHEMA_VERSION;
 use marquee_registry::{Manifest, PushFile, Quiet, Registry, Stage};
 use marquee_tests::{TestServer, f32_bytes, f32_values, fixtures};
 use serde_json::json;
 
 fn manifest() -> Manifest {
-    Manifest {
-        schema_version: SCHEMA_VERSION,
-        name: String::new(),
-        version: 0,
-        framework: "onnx".into(),
-        created_at: marquee_registry::now(),
-        created_by: "tests".into(),
-        description: String::new(),
-        files: Vec::new(),
-        signature: Default::default(),
-        config: json!({"max_batch_size": 64, "dynamic_batching": {"max_queue_delay_microseconds": 500}}),
-        metrics: Default::default(),
-        gates: Vec::new(),
-        tags: Default::default(),
-        lineage: Default::default(),
-        pipeline: serde_json::Value::Null,
-        drift_baseline: serde_json::Value::Null,
-    }
+    marquee_tests::manifest(
+        json!({"max_batch_size": 64, "dynamic_batching": {"max_queue_delay_microseconds": 500}}),
+    )
 }
 
 async fn push(registry: &Registry, model: &str, fixture: &str) -> u64 {
