@@ -323,15 +323,10 @@ async fn read_entity_rows(path: &Path) -> Result<RecordBatch, FeatureStoreError>
     let bad = |e: String| FeatureStoreError::Offline(format!("{}: {e}", path.display()));
     let batches = match path.extension().and_then(|e| e.to_str()) {
         Some("parquet") => {
-            let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-                bytes::Bytes::from(bytes),
-            )
-            .and_then(|b| b.build())
-            .map_err(|e| bad(e.to_string()))?;
-            reader
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(e.to_string()))?
+            let location = path.to_str().ok_or_else(|| bad("is not UTF-8".into()))?;
+            StorePath::open(location, Path::new(""), &[])?
+                .batches(None)
+                .await?
         }
         Some("csv") => {
             let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;

@@ -65,6 +65,12 @@ impl StorePath {
             (local.as_path(), None)
         } else {
             let dir = local.parent().ok_or_else(|| bad("has no folder".into()))?;
+            // A bare file name lives in the current folder.
+            let dir = if dir.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                dir
+            };
             (dir, local.file_name().and_then(|n| n.to_str()))
         };
         let dir = dir.to_str().ok_or_else(|| bad("is not UTF-8".into()))?;
@@ -108,8 +114,11 @@ impl StorePath {
             .map_err(|e| FeatureStoreError::Offline(format!("{path}: {e}")))
     }
 
-    /// Every record batch of the Parquet file(s), with only `columns` read.
-    pub async fn batches(&self, columns: &[&str]) -> Result<Vec<RecordBatch>, FeatureStoreError> {
+    /// Every record batch of the Parquet file(s), with only `columns` read (all with `None`).
+    pub async fn batches(
+        &self,
+        columns: Option<&[&str]>,
+    ) -> Result<Vec<RecordBatch>, FeatureStoreError> {
         let files = self.parquet_files().await?;
         if files.is_empty() {
             return Err(FeatureStoreError::Offline(format!(
@@ -125,7 +134,7 @@ impl StorePath {
                 ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| bad(e.to_string()))?;
             let schema = builder.schema().clone();
             let mut indices = Vec::new();
-            for column in columns {
+            for column in columns.unwrap_or_default() {
                 let index = schema.index_of(column).map_err(|_| {
                     bad(format!(
                         "has no column '{column}' (columns: {})",
@@ -139,11 +148,14 @@ impl StorePath {
                 })?;
                 indices.push(index);
             }
-            let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
-            let reader = builder
-                .with_projection(mask)
-                .build()
-                .map_err(|e| bad(e.to_string()))?;
+            let builder = match columns {
+                Some(_) => {
+                    let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
+                    builder.with_projection(mask)
+                }
+                None => builder,
+            };
+            let reader = builder.build().map_err(|e| bad(e.to_string()))?;
             for batch in reader {
                 batches.push(batch.map_err(|e| bad(e.to_string()))?);
             }
@@ -177,7 +189,7 @@ pub async fn read_history(
             .map(|f| f.name.as_str()),
     );
     let mut rows = Vec::new();
-    for batch in source.batches(&columns).await? {
+    for batch in source.batches(Some(&columns)).await? {
         let keys = view
             .join_keys
             .iter()

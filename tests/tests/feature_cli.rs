@@ -216,6 +216,69 @@ fn a_training_set_takes_each_value_as_of_its_row() {
         batch.column_by_name("label").is_some(),
         "entity columns are kept"
     );
+
+    // Entity rows in Parquet, with a real timestamp column.
+    let rows = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("user_id", DataType::Utf8, false),
+            Field::new(
+                "event_timestamp",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+        ])),
+        vec![
+            Arc::new(StringArray::from_iter_values(["u1", "u2"])),
+            Arc::new(TimestampMillisecondArray::from_iter_values([
+                base + DAY_MS,
+                base,
+            ])),
+        ],
+    )
+    .unwrap();
+    let entities = dir.path().join("entities.parquet");
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&entities).unwrap(),
+        rows.schema(),
+        None,
+    )
+    .unwrap();
+    writer.write(&rows).unwrap();
+    writer.close().unwrap();
+    let from_parquet = dir.path().join("train2.parquet");
+    let summary = features(
+        dir.path(),
+        "memory",
+        &[
+            "dataset",
+            "--entities",
+            entities.to_str().unwrap(),
+            "--features",
+            "user_activity:bookings_7d",
+            "--output",
+            from_parquet.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .json();
+    assert_eq!(
+        summary["columns"],
+        serde_json::json!(["user_id", "event_timestamp", "bookings_7d"])
+    );
+    let batch = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(&from_parquet).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap()
+    .next()
+    .unwrap()
+    .unwrap();
+    let bookings = batch
+        .column_by_name("bookings_7d")
+        .unwrap()
+        .as_primitive::<Int64Type>();
+    assert_eq!(bookings.values().to_vec(), [2, 7]);
 }
 
 #[test]
