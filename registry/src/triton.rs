@@ -91,42 +91,33 @@ impl ModelRepository {
             .filter_map(|f| f.parse().ok())
             .collect();
         versions.sort_unstable();
-        let config = if has_config {
-            let bytes = self
-                .store
-                .get(&dir.clone().join("config.pbtxt"))
-                .await?
-                .bytes()
-                .await?;
-            let text = std::str::from_utf8(&bytes).map_err(|_| RegistryError::InvalidConfig {
-                model: name.to_string(),
-                reason: "config.pbtxt is not UTF-8 text".into(),
-            })?;
-            Some(marquee_proto::parse_config_text(text).map_err(|e| {
-                RegistryError::InvalidConfig {
-                    model: name.to_string(),
-                    reason: format!("config.pbtxt: {e}"),
-                }
-            })?)
-        } else {
-            None
+        let read = async |file: &str| -> Result<Option<bytes::Bytes>, RegistryError> {
+            if !has_file(file) {
+                return Ok(None);
+            }
+            let path = dir.clone().join(file);
+            Ok(Some(self.store.get(&path).await?.bytes().await?))
         };
-        let pipeline = if has_file("pipeline.json") {
-            let bytes = self
-                .store
-                .get(&dir.clone().join("pipeline.json"))
-                .await?
-                .bytes()
-                .await?;
-            Some(
-                serde_json::from_slice(&bytes).map_err(|e| RegistryError::InvalidConfig {
-                    model: name.to_string(),
-                    reason: format!("pipeline.json: {e}"),
-                })?,
-            )
-        } else {
-            None
+        let invalid = |reason: String| RegistryError::InvalidConfig {
+            model: name.to_string(),
+            reason,
         };
+        let config = match read("config.pbtxt").await? {
+            Some(bytes) => {
+                let text = std::str::from_utf8(&bytes)
+                    .map_err(|_| invalid("config.pbtxt is not UTF-8 text".into()))?;
+                Some(
+                    marquee_proto::parse_config_text(text)
+                        .map_err(|e| invalid(format!("config.pbtxt: {e}")))?,
+                )
+            }
+            None => None,
+        };
+        let pipeline = read("pipeline.json")
+            .await?
+            .map(|bytes| serde_json::from_slice(&bytes))
+            .transpose()
+            .map_err(|e| invalid(format!("pipeline.json: {e}")))?;
         Ok(ModelSource {
             name: name.to_string(),
             config,
