@@ -4,7 +4,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::queue::Shared;
 use crate::{BatchError, Completed, Executor, Pending};
@@ -18,14 +18,23 @@ pub(crate) fn spawn<X: Executor>(
     std::thread::Builder::new()
         .name(format!("{name}-i{index}"))
         .spawn(move || {
-            while let Some(batch) = shared.next_batch() {
-                execute(&mut executor, batch, &shared);
+            let mut latencies = Vec::new();
+            while let Some(batch) = shared.next_batch(&latencies) {
+                latencies.clear();
+                execute(&mut executor, batch, &shared, &mut latencies);
             }
         })?;
     Ok(())
 }
 
-fn execute<X: Executor>(executor: &mut X, batch: Vec<Pending<X>>, shared: &Shared<X>) {
+/// Runs one batch and answers its callers; `latencies` gets each executed job's time from
+/// submission to answer.
+fn execute<X: Executor>(
+    executor: &mut X,
+    batch: Vec<Pending<X>>,
+    shared: &Shared<X>,
+    latencies: &mut Vec<Duration>,
+) {
     let started = Instant::now();
     let mut jobs = Vec::with_capacity(batch.len());
     let mut waiting = Vec::with_capacity(batch.len());
@@ -44,6 +53,7 @@ fn execute<X: Executor>(executor: &mut X, batch: Vec<Pending<X>>, shared: &Share
     let result = catch_unwind(AssertUnwindSafe(|| executor.execute(&jobs)));
     let compute = started.elapsed();
     shared.observer().batch_executed(jobs.len(), rows, compute);
+    latencies.extend(waiting.iter().map(|(_, queue)| *queue + compute));
     match result {
         Ok(Ok(outputs)) if outputs.len() == waiting.len() => {
             for ((reply, queue), output) in waiting.into_iter().zip(outputs) {

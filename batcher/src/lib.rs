@@ -12,11 +12,13 @@
 //! queued while every instance is busy costs no thread wake-up at all, and inference never runs on
 //! the async runtime. Results go straight from the instance to the waiting caller.
 
+mod adaptive;
 mod instance;
 mod policy;
 mod queue;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -111,6 +113,37 @@ pub enum BatchError<E> {
 pub type Outcome<X> =
     Result<Completed<<X as Executor>::Output>, BatchError<<X as Executor>::Error>>;
 
+/// Who decides a job with a deadline: the instance that starts it, or its caller whose timeout
+/// fired first. Exactly one of them wins, so a job never both runs and times out: a timeout bounds
+/// the wait in the queue, and a job whose batch started gets its answer (as in Triton).
+struct Ticket(AtomicU8);
+
+impl Ticket {
+    const QUEUED: u8 = 0;
+    const STARTED: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    fn new() -> Self {
+        Self(AtomicU8::new(Self::QUEUED))
+    }
+
+    /// The instance claims the job for a batch; false when its caller gave up first.
+    fn start(&self) -> bool {
+        self.swap_from_queued(Self::STARTED)
+    }
+
+    /// The caller's timeout fired; false when the job already started and its answer will come.
+    fn abandon(&self) -> bool {
+        self.swap_from_queued(Self::ABANDONED)
+    }
+
+    fn swap_from_queued(&self, to: u8) -> bool {
+        self.0
+            .compare_exchange(Self::QUEUED, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
 /// A job waiting in the queue, with the channel its result goes back on.
 struct Pending<X: Executor> {
     job: X::Job,
@@ -118,17 +151,24 @@ struct Pending<X: Executor> {
     level: u32,
     enqueued: Instant,
     deadline: Option<Instant>,
+    /// Present exactly when `deadline` is.
+    ticket: Option<Arc<Ticket>>,
     reply: oneshot::Sender<Outcome<X>>,
 }
 
 impl<X: Executor> Pending<X> {
-    /// The caller stopped waiting (client went away, or its deadline passed): the job must not run.
+    /// The caller stopped waiting (client went away): the job need not run.
     fn departed(&self) -> bool {
         self.reply.is_closed()
     }
 
     fn expired(&self, now: Instant) -> bool {
         self.deadline.is_some_and(|d| d <= now)
+    }
+
+    /// Claims the job for a batch that starts now; false when its caller already timed out.
+    fn start(&self) -> bool {
+        self.ticket.as_ref().is_none_or(|t| t.start())
     }
 
     fn fail(self, error: BatchError<X::Error>) {
@@ -166,37 +206,46 @@ impl<X: Executor> Batcher<X> {
         &self.shared.policy
     }
 
+    /// The queue delay batch formation uses now: the fixed `max_queue_delay`, or under a latency
+    /// budget the adaptive one.
+    pub fn queue_delay(&self) -> Duration {
+        self.shared.queue_delay()
+    }
+
     /// Jobs waiting in the queue now, all priority levels together.
     pub fn queue_depth(&self) -> usize {
         self.shared.depth()
     }
 
     /// Queues `job` and waits for its output. Rejects at once, without queueing, when the job's
-    /// priority level is full. Dropping the returned future withdraws the job if it has not started.
+    /// priority level is full. A timeout bounds the wait in the queue only: once the job's batch has
+    /// started, its answer is awaited. Dropping the returned future withdraws the job if it has not
+    /// started.
     pub async fn submit(&self, job: X::Job, options: SubmitOptions) -> Outcome<X> {
-        let (receiver, deadline, enqueued) = self.enqueue(job, options)?;
+        let Enqueued {
+            mut receiver,
+            deadline,
+            enqueued,
+        } = self.enqueue(job, options)?;
         let answer = match deadline {
             // The deadline is kept here, not by the instances, so it fires while they are all busy.
-            Some(deadline) => match tokio::time::timeout_at(deadline.into(), receiver).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    return Err(BatchError::TimedOut {
-                        waited: enqueued.elapsed(),
-                    });
+            Some((deadline, ticket)) => {
+                match tokio::time::timeout_at(deadline.into(), &mut receiver).await {
+                    Ok(answer) => answer,
+                    Err(_) if ticket.abandon() => {
+                        return Err(BatchError::TimedOut {
+                            waited: enqueued.elapsed(),
+                        });
+                    }
+                    Err(_) => receiver.await,
                 }
-            },
+            }
             None => receiver.await,
         };
         answer.unwrap_or(Err(BatchError::Shutdown))
     }
 
-    #[allow(clippy::type_complexity)]
-    fn enqueue(
-        &self,
-        job: X::Job,
-        options: SubmitOptions,
-    ) -> Result<(oneshot::Receiver<Outcome<X>>, Option<Instant>, Instant), BatchError<X::Error>>
-    {
+    fn enqueue(&self, job: X::Job, options: SubmitOptions) -> Result<Enqueued<X>, BatchError<X::Error>> {
         let policy = &self.shared.policy;
         let rows = job.rows();
         if rows == 0 {
@@ -220,6 +269,7 @@ impl<X: Executor> Batcher<X> {
             .queue_policy(level)
             .effective_timeout(options.timeout)
             .map(|t| enqueued + t);
+        let ticket = deadline.map(|_| Arc::new(Ticket::new()));
         let (reply, receiver) = oneshot::channel();
         self.shared.push(Pending {
             job,
@@ -227,10 +277,22 @@ impl<X: Executor> Batcher<X> {
             level,
             enqueued,
             deadline,
+            ticket: ticket.clone(),
             reply,
         })?;
-        Ok((receiver, deadline, enqueued))
+        Ok(Enqueued {
+            receiver,
+            deadline: deadline.zip(ticket),
+            enqueued,
+        })
     }
+}
+
+/// A queued job as its caller sees it.
+struct Enqueued<X: Executor> {
+    receiver: oneshot::Receiver<Outcome<X>>,
+    deadline: Option<(Instant, Arc<Ticket>)>,
+    enqueued: Instant,
 }
 
 impl<X: Executor> Drop for Batcher<X> {

@@ -16,6 +16,10 @@ pub struct BatchPolicy {
     pub preferred_batch_sizes: Vec<usize>,
     /// Longest the oldest queued job waits for others to join its batch.
     pub max_queue_delay: Duration,
+    /// Beyond Triton: a p99 target for queue wait plus compute. When set, the queue delay adapts
+    /// between zero and `max_queue_delay` (or the budget, when that is zero) to keep the p99 within
+    /// it while batches grow as large as it allows.
+    pub latency_budget: Option<Duration>,
     /// Number of priority levels; level 1 is served first.
     pub priority_levels: u32,
     /// Level for jobs that name none.
@@ -50,6 +54,8 @@ pub enum PolicyError {
     ZeroQueueSize,
     #[error("preferred batch size {size} must be between 1 and max_batch_size {max}")]
     PreferredSizeOutOfRange { size: usize, max: usize },
+    #[error("latency_budget_ms must be greater than zero")]
+    ZeroLatencyBudget,
 }
 
 impl QueuePolicy {
@@ -81,6 +87,7 @@ impl BatchPolicy {
             dynamic_batching: true,
             preferred_batch_sizes: Vec::new(),
             max_queue_delay: Duration::ZERO,
+            latency_budget: None,
             priority_levels: 1,
             default_priority_level: 1,
             default_queue_policy: QueuePolicy::bounded(max_queue_size),
@@ -111,6 +118,9 @@ impl BatchPolicy {
         if self.default_queue_policy.max_queue_size == 0 {
             return Err(PolicyError::ZeroQueueSize);
         }
+        if self.latency_budget.is_some_and(|b| b.is_zero()) {
+            return Err(PolicyError::ZeroLatencyBudget);
+        }
         for &size in &self.preferred_batch_sizes {
             if size == 0 || (self.max_batch_size > 0 && size > self.max_batch_size) {
                 return Err(PolicyError::PreferredSizeOutOfRange {
@@ -128,6 +138,14 @@ impl BatchPolicy {
             None | Some(0) => Ok(self.default_priority_level),
             Some(p) if p <= self.priority_levels => Ok(p),
             Some(_) => Err(self.priority_levels),
+        }
+    }
+
+    /// The longest queue delay the adaptive delay may reach.
+    pub(crate) fn delay_ceiling(&self) -> Duration {
+        match self.latency_budget {
+            Some(budget) if self.max_queue_delay.is_zero() => budget,
+            _ => self.max_queue_delay,
         }
     }
 

@@ -6,7 +6,13 @@
 //! if a prefix of it has a preferred size (the largest such prefix goes), if there is no queue
 //! delay, or once its oldest job has waited `max_queue_delay`. Otherwise the instance waits for
 //! more jobs or for the delay to run out. Without dynamic batching each job runs alone. Jobs whose
-//! callers left, or whose deadline passed, are dropped unexecuted.
+//! callers left, or whose deadline passed, are dropped unexecuted. With a latency budget the delay
+//! is not fixed but follows the model's measured latency (`adaptive.rs`).
+//!
+//! A batch is exactly the jobs that formation judged: their positions are recorded while deciding
+//! and taken as they are, so a caller leaving in between cannot pull an unjudged job (too large, or
+//! of another shape) into the batch. Taking a job claims it (`Pending::start`): from then on its
+//! caller's timeout no longer applies and it gets its answer.
 //!
 //! The queue is a mutex and a condition variable rather than a scheduler thread: a job queued while
 //! every instance is busy wakes no thread, and a free instance forms its next batch itself. The
@@ -15,8 +21,9 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::adaptive::AdaptiveDelay;
 use crate::{BatchError, BatchObserver, BatchPolicy, Executor, Job, Pending};
 
 /// State shared by the batcher handle and its instances.
@@ -34,11 +41,16 @@ struct State<X: Executor> {
     /// Instances waiting on `arrived`.
     waiting: usize,
     shut_down: bool,
+    /// (level index, position) of the live jobs the last decision judged, in batch order; kept
+    /// here so forming a batch allocates nothing.
+    judged: Vec<(usize, usize)>,
+    /// The queue delay under a latency budget; `None` means the policy's fixed delay.
+    adaptive: Option<AdaptiveDelay>,
 }
 
 /// What batch formation decided.
 enum Decision {
-    /// Take the first `n` live queued jobs (in priority order) now.
+    /// Take the first `n` jobs of `State::judged` now.
     Take(usize),
     /// Nothing is ready; look again at this instant, or when a job arrives.
     WaitUntil(Instant),
@@ -55,6 +67,10 @@ impl<X: Executor> Shared<X> {
                     .collect(),
                 waiting: 0,
                 shut_down: false,
+                judged: Vec::new(),
+                adaptive: policy
+                    .latency_budget
+                    .map(|budget| AdaptiveDelay::new(budget, policy.delay_ceiling())),
             }),
             arrived: Condvar::new(),
             policy,
@@ -119,17 +135,35 @@ impl<X: Executor> Shared<X> {
         }
     }
 
-    /// Blocks until a batch is ready and returns it; `None` once the batcher shuts down.
-    pub(crate) fn next_batch(&self) -> Option<Vec<Pending<X>>> {
+    /// The queue delay batch formation uses now (the fixed one, or the adaptive one's).
+    pub(crate) fn queue_delay(&self) -> Duration {
+        match &self.lock().adaptive {
+            Some(adaptive) => adaptive.current(),
+            None => self.policy.max_queue_delay,
+        }
+    }
+
+    /// Takes the latencies of the jobs of the batch an instance just finished (they steer the
+    /// adaptive delay), then blocks until a batch is ready and returns it; `None` once the
+    /// batcher shuts down. The batch may be empty when every judged job's caller gave up.
+    pub(crate) fn next_batch(&self, finished: &[Duration]) -> Option<Vec<Pending<X>>> {
         let mut state = self.lock();
+        if let Some(adaptive) = &mut state.adaptive {
+            adaptive.record(finished);
+        }
         loop {
             if state.shut_down {
                 return None;
             }
             let now = Instant::now();
-            match decide(&self.policy, &mut state.queues, now) {
+            let delay = match &state.adaptive {
+                Some(adaptive) => adaptive.current(),
+                None => self.policy.max_queue_delay,
+            };
+            let State { queues, judged, .. } = &mut *state;
+            match decide(&self.policy, delay, queues, judged, now) {
                 Decision::Take(n) => {
-                    let batch = take(&mut state.queues, n, now);
+                    let batch = take(queues, &judged[..n], now);
                     self.observer
                         .queue_depth(state.queues.iter().map(VecDeque::len).sum());
                     return Some(batch);
@@ -170,10 +204,13 @@ fn dismiss<X: Executor>(pending: Pending<X>, now: Instant) {
     }
 }
 
-/// Looks at the queue heads and decides whether a batch is ready.
+/// Looks at the queue heads and decides whether a batch is ready, recording the live jobs it
+/// judged in `judged`.
 fn decide<X: Executor>(
     policy: &BatchPolicy,
+    delay: Duration,
     queues: &mut [VecDeque<Pending<X>>],
+    judged: &mut Vec<(usize, usize)>,
     now: Instant,
 ) -> Decision {
     for queue in queues.iter_mut() {
@@ -181,22 +218,26 @@ fn decide<X: Executor>(
             dismiss(queue.pop_front().expect("front exists"), now);
         }
     }
-    let mut candidates = queues.iter().flatten().filter(|p| !gone(p, now));
-    let Some(first) = candidates.next() else {
+    judged.clear();
+    let mut candidates = queues.iter().enumerate().flat_map(|(level, queue)| {
+        queue
+            .iter()
+            .enumerate()
+            .filter(move |(_, p)| !gone(p, now))
+            .map(move |(position, p)| ((level, position), p))
+    });
+    let Some((place, first)) = candidates.next() else {
         return Decision::Empty;
     };
+    judged.push(place);
     if policy.max_batch_size == 0 || !policy.dynamic_batching {
         return Decision::Take(1);
     }
-    let mut count = 1;
     let mut rows = first.rows;
     let mut oldest = first.enqueued;
-    let mut preferred_prefix = policy
-        .preferred_batch_sizes
-        .contains(&rows)
-        .then_some(count);
+    let mut preferred_prefix = policy.preferred_batch_sizes.contains(&rows).then_some(1);
     let mut cannot_grow = rows >= policy.max_batch_size;
-    for pending in candidates {
+    for (place, pending) in candidates {
         if cannot_grow {
             break;
         }
@@ -204,45 +245,46 @@ fn decide<X: Executor>(
             cannot_grow = true;
             break;
         }
-        count += 1;
+        judged.push(place);
         rows += pending.rows;
         oldest = oldest.min(pending.enqueued);
         if policy.preferred_batch_sizes.contains(&rows) {
-            preferred_prefix = Some(count);
+            preferred_prefix = Some(judged.len());
         }
         cannot_grow = rows >= policy.max_batch_size;
     }
-    let delay_over = now >= oldest + policy.max_queue_delay;
-    if cannot_grow || policy.max_queue_delay.is_zero() || delay_over {
-        Decision::Take(count)
+    let delay_over = now >= oldest + delay;
+    if cannot_grow || delay.is_zero() || delay_over {
+        Decision::Take(judged.len())
     } else if let Some(prefix) = preferred_prefix {
         Decision::Take(prefix)
     } else {
-        Decision::WaitUntil(oldest + policy.max_queue_delay)
+        Decision::WaitUntil(oldest + delay)
     }
 }
 
-/// Removes the first `n` live jobs (priority order) from the queues, dropping dead ones met on
-/// the way.
+/// Removes exactly the `judged` jobs from the queues and claims them for a batch, with the dead
+/// jobs queued before them (each level's judged jobs form a prefix of its live jobs). A judged job
+/// whose caller timed out since is dropped: that only shrinks the batch.
 fn take<X: Executor>(
     queues: &mut [VecDeque<Pending<X>>],
-    n: usize,
+    judged: &[(usize, usize)],
     now: Instant,
 ) -> Vec<Pending<X>> {
-    let mut batch = Vec::with_capacity(n);
-    for queue in queues.iter_mut() {
-        while batch.len() < n {
-            let Some(pending) = queue.pop_front() else {
-                break;
-            };
-            if gone(&pending, now) {
-                dismiss(pending, now);
+    let mut batch = Vec::with_capacity(judged.len());
+    for (level, queue) in queues.iter_mut().enumerate() {
+        let Some(&(_, last)) = judged.iter().rev().find(|(l, _)| *l == level) else {
+            continue;
+        };
+        let mut places = judged.iter().filter(|(l, _)| *l == level).peekable();
+        for (position, pending) in queue.drain(..=last).enumerate() {
+            if places.next_if(|(_, p)| *p == position).is_some() {
+                if pending.start() {
+                    batch.push(pending);
+                }
             } else {
-                batch.push(pending);
+                dismiss(pending, now);
             }
-        }
-        if batch.len() == n {
-            break;
         }
     }
     batch

@@ -199,6 +199,56 @@ async fn expired_jobs_are_rejected_on_time_and_never_executed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_batch_started_gets_its_answer_after_its_timeout() {
+    // The timeout bounds the queue, not execution (Triton): 60 ms of work, a 10 ms timeout.
+    let (batcher, record, _) = start_with(
+        BatchPolicy::new(4, 16),
+        1,
+        Gate::opened(),
+        Duration::from_millis(60),
+    );
+    let options = SubmitOptions {
+        timeout: Some(Duration::from_millis(10)),
+        priority: None,
+    };
+    let done = batcher.submit(job(7, 2), options).await.unwrap();
+    assert_eq!(done.output, vec![row_value(7, 0), row_value(7, 1)]);
+    assert!(done.compute >= Duration::from_millis(60));
+    assert_eq!(executed_ids(&record), vec![7]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latency_budget_grows_the_delay_with_headroom_and_drops_it_without() {
+    let mut policy = BatchPolicy::new(8, 1_024);
+    policy.latency_budget = Some(Duration::from_millis(20));
+    policy.max_queue_delay = Duration::from_millis(5);
+    let (batcher, _, _) = start(policy.clone(), 1, Gate::opened());
+    assert_eq!(batcher.queue_delay(), Duration::ZERO);
+    // Fast model, steady load: latency sits far under the budget, so the delay climbs (a noisy
+    // window may halve it on the way), never past its cap.
+    for round in 0..200u64 {
+        let handles: Vec<_> = (0..4)
+            .map(|i| spawn_submit(&batcher, job(round * 4 + i, 1), Default::default()))
+            .collect();
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+    }
+    let grown = batcher.queue_delay();
+    assert!(grown > Duration::ZERO && grown <= Duration::from_millis(5), "{grown:?}");
+
+    // A model slower than the budget: every window is over it, so the delay stays at zero.
+    let (slow, _, _) = start_with(policy, 1, Gate::opened(), Duration::from_millis(25));
+    let handles: Vec<_> = (0..160)
+        .map(|i| spawn_submit(&slow, job(i, 1), Default::default()))
+        .collect();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(slow.queue_delay(), Duration::ZERO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn departed_callers_are_dropped_before_execution() {
     let (batcher, record, gate) = start(BatchPolicy::new(1, 16), 1, Gate::closed());
     let first = spawn_submit(&batcher, job(0, 1), Default::default());

@@ -213,7 +213,7 @@ pub fn build_spec(
 
     let instances = complete_instances(name, &mut config, defaults)?;
     for key in config.parameters.keys() {
-        if key != INTRA_OP_THREADS && key != INTER_OP_THREADS {
+        if ![INTRA_OP_THREADS, INTER_OP_THREADS, LATENCY_BUDGET].contains(&key.as_str()) {
             warnings.push(format!("parameter '{key}' is ignored"));
         }
     }
@@ -234,6 +234,9 @@ pub fn build_spec(
 /// The model parameters (Triton's ONNX Runtime backend names) that set thread counts.
 const INTRA_OP_THREADS: &str = "intra_op_thread_count";
 const INTER_OP_THREADS: &str = "inter_op_thread_count";
+/// Beyond Triton: a p99 latency target (queue wait plus compute, milliseconds) that makes the
+/// queue delay adaptive, between zero and `max_queue_delay_microseconds`.
+const LATENCY_BUDGET: &str = "latency_budget_ms";
 
 /// The sessions to create for a model, one per instance, from its `instance_group` and thread
 /// parameters. Needs no artifact, so sessions can be made before the graph is inspected.
@@ -518,6 +521,27 @@ fn batch_policy(
             Ok((level, queue_policy(queue, defaults, warnings)))
         })
         .collect::<Result<HashMap<_, _>, String>>()?;
+    if let Some(budget) = config.parameters.get(LATENCY_BUDGET) {
+        let ms: f64 = budget
+            .string_value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|ms: &f64| ms.is_finite() && *ms > 0.0 && *ms <= 3_600_000.0)
+            .ok_or_else(|| {
+                format!(
+                    "parameter {LATENCY_BUDGET} must be a positive number of milliseconds, got '{}'",
+                    budget.string_value
+                )
+            })?;
+        if policy.dynamic_batching {
+            policy.latency_budget = Some(Duration::from_secs_f64(ms / 1_000.0));
+        } else {
+            warnings.push(format!(
+                "parameter {LATENCY_BUDGET} is ignored: the model does not batch dynamically"
+            ));
+        }
+    }
     if dynamic.preserve_ordering {
         warnings.push(
             "dynamic_batching.preserve_ordering is ignored: each response goes to its own caller"
@@ -735,6 +759,26 @@ mod tests {
             err.contains("input 'Z' is not in the model; the graph has 'X'"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_latency_budget_parameter_makes_the_delay_adaptive() {
+        let inputs = [graph("X", DataType::Fp32, &[-1, 10])];
+        let outputs = [graph("y", DataType::Fp32, &[-1, 1])];
+        let with = |budget: &str| {
+            let text = format!(
+                "max_batch_size: 8\ndynamic_batching {{ max_queue_delay_microseconds: 4000 }}\nparameters {{ key: \"latency_budget_ms\" value {{ string_value: \"{budget}\" }} }}"
+            );
+            let config = marquee_proto::parse_config_text(&text).unwrap();
+            build_spec("m", 1, config, &inputs, &outputs, &defaults())
+        };
+        let (spec, warnings) = with("12.5").unwrap();
+        assert_eq!(spec.batching.latency_budget, Some(Duration::from_micros(12_500)));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        for bad in ["0", "-3", "soon", "NaN"] {
+            let err = with(bad).unwrap_err();
+            assert!(err.contains("latency_budget_ms must be a positive number"), "{err}");
+        }
     }
 
     #[test]
