@@ -76,6 +76,14 @@ pub enum Command {
         #[arg(long)]
         approved_by: Option<String>,
     },
+    /// Production back to the version that held it before (or an earlier one with --to), in one
+    /// step and without a new approval; serving follows within one poll.
+    Rollback {
+        model: String,
+        /// An earlier production version to go back to; default: the one before the current.
+        #[arg(long)]
+        to: Option<u64>,
+    },
     /// Every change of a model's aliases and stages: who, when, why.
     History { model: String },
     /// Recompute the sha256 of every file of a version.
@@ -309,6 +317,20 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
                 format!(
                     "{model} v{version} is now in {} (revision {})",
                     stage.name(),
+                    refs.revision
+                )
+            });
+        }
+        Command::Rollback { model, to } => {
+            let refs = registry.rollback(&model, to, by, reason).await?;
+            let change = refs.change.as_ref();
+            let version = change.and_then(|c| c.version).unwrap_or_default();
+            let previous = change
+                .and_then(|c| c.previous)
+                .map_or("none".to_string(), |p| format!("v{p}"));
+            out.print(&refs_json(&refs), || {
+                format!(
+                    "{model} production is back on v{version} (was {previous}; revision {})",
                     refs.revision
                 )
             });

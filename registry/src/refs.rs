@@ -81,6 +81,8 @@ pub enum Action {
     AliasRemove,
     Promote,
     Archive,
+    /// Production back to a version that held it before, without a new approval.
+    Rollback,
 }
 
 impl Action {
@@ -90,6 +92,7 @@ impl Action {
             Action::AliasRemove => "alias rm",
             Action::Promote => "promote",
             Action::Archive => "archive",
+            Action::Rollback => "rollback",
         }
     }
 }
@@ -118,6 +121,16 @@ impl Default for Refs {
             archived: BTreeSet::new(),
             change: None,
         }
+    }
+}
+
+impl Change {
+    /// Whether two changes act on the same thing (an alias, or an archived version), so that
+    /// one made without seeing the other must not be re-applied over it.
+    pub fn overlaps(&self, other: &Change) -> bool {
+        let same_alias = self.alias.is_some() && self.alias == other.alias;
+        let archives = self.action == Action::Archive || other.action == Action::Archive;
+        same_alias || (archives && self.version.is_some() && self.version == other.version)
     }
 }
 

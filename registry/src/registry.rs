@@ -123,6 +123,9 @@ fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {
     }
 }
 
+/// How many times a reference change is decided again after racing a non-overlapping one.
+const CHANGE_ATTEMPTS: usize = 8;
+
 impl Registry {
     /// Opens (and for a local folder, creates) a registry.
     pub fn open(location: &str) -> Result<Self, RegistryError> {
@@ -566,43 +569,151 @@ impl Registry {
     }
 
     /// Applies one change on top of the latest revision and records it as the next one. If
-    /// another writer recorded that revision first, nothing is written and the change is a
-    /// conflict: nothing is ever lost, and the caller re-reads and decides again.
+    /// another writer recorded that revision first, nothing is written; when the revisions it
+    /// missed touched other aliases and versions, the change is decided again on the new
+    /// references (up to `CHANGE_ATTEMPTS` times), and only a change that overlaps one it did not
+    /// see (the same alias, an archived version) is a conflict. Nothing is ever lost.
     async fn change(
         &self,
         model: &str,
-        change: impl FnOnce(&mut Refs) -> Result<Change, RegistryError>,
+        change: impl Fn(&mut Refs) -> Result<Change, RegistryError>,
     ) -> Result<Refs, RegistryError> {
         if self.versions(model).await?.is_empty() {
             return Err(RegistryError::ModelNotFound(model.to_string()));
         }
         let mut refs = self.refs(model).await?;
-        let seen = refs.revision;
-        let what = change(&mut refs)?;
-        refs.revision = seen + 1;
-        refs.change = Some(what);
-        let path = self
-            .refs_dir(model)
-            .join(refs::revision_file(refs.revision));
-        let json = serde_json::to_vec_pretty(&refs).expect("refs serialize");
-        match self
-            .store
-            .put_opts(
-                &path,
-                PutPayload::from(json),
-                PutOptions::from(PutMode::Create),
-            )
-            .await
-        {
-            Ok(_) => Ok(refs),
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                Err(RegistryError::Conflict(format!(
-                    "the references of '{model}' changed while this change was being made (revision {} was taken); nothing was changed, look again (marquee registry show {model}) and retry",
-                    seen + 1
-                )))
+        for _ in 0..CHANGE_ATTEMPTS {
+            let seen = refs.revision;
+            let mut next = refs.clone();
+            let what = change(&mut next)?;
+            next.revision = seen + 1;
+            next.change = Some(what.clone());
+            let path = self
+                .refs_dir(model)
+                .join(refs::revision_file(next.revision));
+            let json = serde_json::to_vec_pretty(&next).expect("refs serialize");
+            match self
+                .store
+                .put_opts(
+                    &path,
+                    PutPayload::from(json),
+                    PutOptions::from(PutMode::Create),
+                )
+                .await
+            {
+                Ok(_) => return Ok(next),
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    let missed: Vec<Refs> = self
+                        .history(model)
+                        .await?
+                        .into_iter()
+                        .filter(|r| r.revision > seen)
+                        .collect();
+                    if let Some(clash) = missed
+                        .iter()
+                        .filter_map(|r| r.change.as_ref().map(|c| (r.revision, c)))
+                        .find(|(_, c)| c.overlaps(&what))
+                    {
+                        return Err(RegistryError::Conflict(format!(
+                            "revision {} of '{model}' ({} by {}) changed the same thing at the same time; nothing was changed, look again (marquee registry show {model}) and retry",
+                            clash.0,
+                            clash.1.action.name(),
+                            clash.1.by
+                        )));
+                    }
+                    refs = missed.into_iter().last().unwrap_or(refs);
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
+        Err(RegistryError::Conflict(format!(
+            "the references of '{model}' kept changing ({CHANGE_ATTEMPTS} attempts); nothing was changed, retry"
+        )))
+    }
+
+    /// Moves production back to the version that held it before the current one, or to `to`
+    /// (any earlier production version), in one step: the version was approved for production
+    /// once, so no new approval is asked, and the change is recorded with who and why. The
+    /// version leaving production goes back to staging.
+    pub async fn rollback(
+        &self,
+        model: &str,
+        to: Option<u64>,
+        by: &str,
+        reason: &str,
+    ) -> Result<Refs, RegistryError> {
+        let history = self.history(model).await?;
+        // Every version that held production, most recent first, with the approval it had.
+        let mut held: Vec<(u64, Option<String>)> = Vec::new();
+        for refs in history.iter().rev() {
+            if let Some(&version) = refs.aliases.get(Stage::Production.name())
+                && !held.iter().any(|(v, _)| *v == version)
+            {
+                let approval = refs
+                    .stages
+                    .get(&version)
+                    .and_then(|r| r.approved_by.clone());
+                held.push((version, approval));
+            }
+        }
+        self.change(model, |refs| {
+            let current = refs.aliases.get(Stage::Production.name()).copied();
+            let candidates: Vec<&(u64, Option<String>)> = held
+                .iter()
+                .filter(|(v, _)| Some(*v) != current && !refs.archived.contains(v))
+                .collect();
+            let (target, approval) = match to {
+                Some(version) => candidates
+                    .iter()
+                    .find(|(v, _)| *v == version)
+                    .map(|(v, a)| (*v, a.clone()))
+                    .ok_or_else(|| {
+                        let earlier: Vec<String> =
+                            candidates.iter().map(|(v, _)| format!("v{v}")).collect();
+                        RegistryError::Refused(format!(
+                            "{model} v{version} was never in production before (or is archived or current); earlier production versions: {}",
+                            if earlier.is_empty() { "none".to_string() } else { earlier.join(", ") }
+                        ))
+                    })?,
+                None => candidates
+                    .first()
+                    .map(|(v, a)| (*v, a.clone()))
+                    .ok_or_else(|| {
+                        RegistryError::Refused(format!(
+                            "{model} has no earlier production version to roll back to"
+                        ))
+                    })?,
+            };
+            refs.aliases.insert(Stage::Production.name().to_string(), target);
+            if let Some(current) = current {
+                refs.stages.insert(
+                    current,
+                    StageRecord {
+                        stage: Stage::Staging,
+                        approved_by: None,
+                        at: now(),
+                    },
+                );
+            }
+            refs.stages.insert(
+                target,
+                StageRecord {
+                    stage: Stage::Production,
+                    approved_by: approval.clone(),
+                    at: now(),
+                },
+            );
+            Ok(Change {
+                at: now(),
+                by: by.to_string(),
+                action: Action::Rollback,
+                alias: Some(Stage::Production.name().to_string()),
+                version: Some(target),
+                previous: current,
+                reason: reason.to_string(),
+            })
+        })
+        .await
     }
 
     async fn existing(&self, model: &str, version: u64) -> Result<(), RegistryError> {

@@ -126,7 +126,8 @@ async fn racing_pushes_on_s3_never_share_a_version() {
     assert_eq!(versions, (1..=8).collect::<Vec<_>>());
 }
 
-async fn one_promotion_wins(store: Arc<dyn ObjectStore>) {
+/// A registry on `store` whose first two reference changes race, with versions 1 and 2 of "m".
+async fn racing_registry(store: Arc<dyn ObjectStore>) -> Registry {
     let registry = Registry::with_store(
         Arc::new(RacingStore::new(store)),
         Path::from("racing"),
@@ -143,6 +144,11 @@ async fn one_promotion_wins(store: Arc<dyn ObjectStore>) {
             .await
             .unwrap();
     }
+    registry
+}
+
+async fn one_promotion_wins(store: Arc<dyn ObjectStore>) {
+    let registry = racing_registry(store).await;
     let promote = |version: u64, by: &'static str| {
         let registry = registry.clone();
         tokio::spawn(async move {
@@ -209,4 +215,32 @@ async fn serving_follows_a_registry_in_a_bucket() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["model_version"], "1");
     server.stop().await;
+}
+
+async fn different_aliases_both_land(store: Arc<dyn ObjectStore>) {
+    let registry = racing_registry(store).await;
+    let set = |alias: &'static str, version: u64| {
+        let registry = registry.clone();
+        tokio::spawn(async move { registry.set_alias("m", alias, version, alias, "").await })
+    };
+    let (a, b) = (set("shadow", 1), set("challenger", 2));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert!(
+        a.is_ok() && b.is_ok(),
+        "a change still valid on the new references is re-applied: {a:?} {b:?}"
+    );
+    let refs = registry.refs("m").await.unwrap();
+    assert_eq!(refs.revision, 2);
+    assert_eq!(refs.aliases["shadow"], 1);
+    assert_eq!(refs.aliases["challenger"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_changes_to_different_aliases_both_land() {
+    different_aliases_both_land(Arc::new(object_store::memory::InMemory::new())).await;
+    let local = tempfile::tempdir().unwrap();
+    different_aliases_both_land(Arc::new(
+        object_store::local::LocalFileSystem::new_with_prefix(local.path()).unwrap(),
+    ))
+    .await;
 }

@@ -370,3 +370,63 @@ async fn the_repository_extension_works_on_the_registry() {
     assert_eq!(ask(&server, "").await.0, "1", "production serves again");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_command_rolls_production_back_and_serving_follows_within_a_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().join("registry");
+    let registry = Registry::open(location.to_str().unwrap()).unwrap();
+    let v1 = push(&registry, "pricing", "gbr").await;
+    let v2 = push(&registry, "pricing", "gbr_alt").await;
+    let v3 = push(&registry, "pricing", "gbr").await;
+    to_production(&registry, "pricing", v1).await;
+    to_production(&registry, "pricing", v2).await;
+    let server = TestServer::start_registry(&location).await;
+    assert_eq!(ask(&server, "").await.0, v2.to_string());
+
+    let cli = |args: &[&str]| {
+        let mut all = vec![
+            "registry",
+            "--registry",
+            location.to_str().unwrap(),
+            "--json",
+        ];
+        all.extend_from_slice(args);
+        marquee_tests::run_marquee(&all, &[("USER", "oncall")])
+    };
+    let refs = cli(&["rollback", "pricing", "--reason", "v2 overprices"]).json();
+    assert_eq!(refs["aliases"]["production"], v1);
+    assert_eq!(refs["change"]["action"], "rollback");
+    assert_eq!(refs["change"]["by"], "oncall");
+    assert_eq!(refs["change"]["reason"], "v2 overprices");
+    assert_eq!(refs["change"]["previous"], v2);
+    // No new approval: v1 keeps the one it had; v2 goes back to staging, not to dev.
+    assert_eq!(refs["stages"][v1.to_string()]["approved_by"], "reviewer");
+    assert_eq!(refs["stages"][v2.to_string()]["stage"], "staging");
+    let started = Instant::now();
+    until("serving follows the rollback", async || {
+        ask(&server, "").await.0 == v1.to_string()
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Forward again to a named earlier production version; a version never in production is refused.
+    let refs = cli(&["rollback", "pricing", "--to", &v2.to_string()]).json();
+    assert_eq!(refs["aliases"]["production"], v2);
+    let refused = cli(&["rollback", "pricing", "--to", &v3.to_string()]);
+    assert_eq!(refused.code, 5, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("never in production"),
+        "{}",
+        refused.stderr
+    );
+    let history = registry.history("pricing").await.unwrap();
+    let rollbacks: Vec<u64> = history
+        .iter()
+        .filter_map(|r| r.change.as_ref())
+        .filter(|c| c.action == marquee_registry::refs::Action::Rollback)
+        .filter_map(|c| c.version)
+        .collect();
+    assert_eq!(rollbacks, vec![v1, v2]);
+    server.stop().await;
+}
