@@ -5,12 +5,22 @@
 #   deploy/setup.sh          ONNX Runtime library + example models (what `marquee serve` needs)
 #   deploy/setup.sh --test   also the test tools: tritonclient, pytest, tokenizer, perf_analyzer,
 #                            moto (S3), redis-server
+#   deploy/setup.sh --torch  also PyTorch 2.13.0 (the libtorch that `tch` builds and runs against), in
+#                            its own environment .marquee/torch (about 2.2 GB download, 4.7 GB on disk);
+#                            .marquee/torch.env then holds what a build with the torch backend needs
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HOME_DIR="$ROOT/.marquee"
 PYTHON=${PYTHON:-python3}
 WITH_TESTS=0
-[ "${1:-}" = "--test" ] && WITH_TESTS=1
+WITH_TORCH=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) WITH_TESTS=1 ;;
+    --torch) WITH_TORCH=1 ;;
+    *) echo "usage: deploy/setup.sh [--test] [--torch]" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$HOME_DIR"
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
@@ -66,4 +76,38 @@ PY
   fi
   "$ROOT/tests/perf_analyzer/install.sh" "$HOME_DIR/perf"
 fi
+
+# PyTorch for the TorchScript backend (`tch`), in its own plain environment so that the ONNX tools
+# in $VENV never depend on it. PyPI has only the CUDA build of torch 2.13.0; its nvidia-* wheels come
+# along, and libtorch_cpu.so needs some of them even on a machine without a GPU.
+if [ $WITH_TORCH = 1 ]; then
+  TORCH_VERSION=2.13.0   # what tch 0.26.0 / torch-sys 0.26.0 are built for
+  TORCH_VENV="$HOME_DIR/torch"
+  TORCH_ENV="$HOME_DIR/torch.env"
+  tstamp="$TORCH_VENV/.torch-$TORCH_VERSION"
+  if [ ! -f "$tstamp" ]; then
+    say "PyTorch $TORCH_VERSION in $TORCH_VENV (about 2.2 GB to download, once)"
+    [ -x "$TORCH_VENV/bin/python" ] || "$PYTHON" -m venv "$TORCH_VENV"
+    "$TORCH_VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+    rm -f "$TORCH_VENV"/.torch-* "$TORCH_ENV" && touch "$tstamp"
+  fi
+  if [ ! -f "$TORCH_ENV" ]; then
+    # What torch-sys's build.rs needs, as KEY=VALUE lines (`set -a; . .marquee/torch.env; set +a`
+    # before cargo). LIBTORCH, not LIBTORCH_USE_PYTORCH=1: that mode runs whatever `python` is first
+    # on PATH (VIRTUAL_ENV alone does not select it), while LIBTORCH names the folder (include/,
+    # lib/) itself; the C++ ABI is torch's own. A binary so built needs
+    # LD_LIBRARY_PATH=$MARQUEE_TORCH_LIB (or an rpath to it) to start: torch-sys sets none.
+    "$TORCH_VENV/bin/python" -W ignore - "$TORCH_VENV" >"$TORCH_ENV.tmp" <<'PY'
+import pathlib, sys
+import torch
+libtorch = pathlib.Path(torch.__file__).resolve().parent
+print(f"LIBTORCH={libtorch}")
+print(f"LIBTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+print(f"MARQUEE_TORCH_LIB={libtorch / 'lib'}")
+print(f"MARQUEE_TORCH_VENV={sys.argv[1]}")
+PY
+    mv "$TORCH_ENV.tmp" "$TORCH_ENV"
+  fi
+fi
 say "ready: ONNX Runtime at $HOME_DIR/lib/libonnxruntime.so"
+if [ $WITH_TORCH = 1 ]; then say "ready: PyTorch $TORCH_VERSION in $TORCH_VENV (build environment: $TORCH_ENV)"; fi

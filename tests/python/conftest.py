@@ -25,15 +25,28 @@ class Server:
         self.http, self.grpc, self.metrics = http, grpc, metrics
 
 
+def served_repository(tmp):
+    """The fixture repository as linked into `tmp`: the TorchScript models (torch_*) only with
+    MARQUEE_TEST_TORCH=1, as a server built without the torch backend refuses them, and a server
+    that refused a model never reports ready (strict readiness)."""
+    if os.environ.get("MARQUEE_TEST_TORCH") == "1":
+        return FIXTURES / "models"
+    for model in (FIXTURES / "models").iterdir():
+        if not model.name.startswith("torch_"):
+            (tmp / model.name).symlink_to(model)
+    return tmp
+
+
 @pytest.fixture(scope="session")
-def server():
+def server(tmp_path_factory):
     binary = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "marquee"
     assert binary.exists(), "build first: cargo build --release -p marquee-serving"
     assert (FIXTURES / "models").is_dir(), "fixtures missing: run tests/fixtures/make_fixtures.py"
+    repository = served_repository(tmp_path_factory.mktemp("models"))
     ports = [free_port() for _ in range(3)]
     log = open(ROOT / ".marquee" / "pytest-server.log", "w")
     process = subprocess.Popen(
-        [str(binary), "serve", "--model-repository", str(FIXTURES / "models"), "--host", "127.0.0.1",
+        [str(binary), "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
          "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MARQUEE_LOG": "warn"},
     )
