@@ -245,7 +245,11 @@ impl<X: Executor> Batcher<X> {
         answer.unwrap_or(Err(BatchError::Shutdown))
     }
 
-    fn enqueue(&self, job: X::Job, options: SubmitOptions) -> Result<Enqueued<X>, BatchError<X::Error>> {
+    fn enqueue(
+        &self,
+        job: X::Job,
+        options: SubmitOptions,
+    ) -> Result<Enqueued<X>, BatchError<X::Error>> {
         let policy = &self.shared.policy;
         let rows = job.rows();
         if rows == 0 {

@@ -237,8 +237,7 @@ fn run_hostile(case: &HostileCase) -> (Vec<Answer>, Vec<Vec<FakeJob>>) {
                     let submitted = batcher.submit(job, options);
                     let outcome = match spec.leave_after_us {
                         Some(us) => {
-                            match tokio::time::timeout(Duration::from_micros(us), submitted).await
-                            {
+                            match tokio::time::timeout(Duration::from_micros(us), submitted).await {
                                 Ok(outcome) => outcome,
                                 Err(_) => return Answer::Left,
                             }

@@ -235,7 +235,10 @@ async fn a_latency_budget_grows_the_delay_with_headroom_and_drops_it_without() {
         }
     }
     let grown = batcher.queue_delay();
-    assert!(grown > Duration::ZERO && grown <= Duration::from_millis(5), "{grown:?}");
+    assert!(
+        grown > Duration::ZERO && grown <= Duration::from_millis(5),
+        "{grown:?}"
+    );
 
     // A model slower than the budget: every window is over it, so the delay stays at zero.
     let (slow, _, _) = start_with(policy, 1, Gate::opened(), Duration::from_millis(25));

@@ -74,6 +74,19 @@ pub struct ServeConfig {
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub max_request_bytes: usize,
 
+    /// Inference and prediction requests in flight at once, all clients together; past it a
+    /// request is answered 503 / UNAVAILABLE at once, with a retry hint.
+    #[arg(long, default_value_t = 512)]
+    pub max_concurrent_requests: usize,
+
+    /// Most instances one `/v1/predict` request may carry (413 past it).
+    #[arg(long, default_value_t = 1024)]
+    pub max_predict_instances: usize,
+
+    /// Requests one gRPC stream may have in flight; further messages wait to be read.
+    #[arg(long, default_value_t = 64)]
+    pub grpc_stream_window: usize,
+
     /// max_batch_size given to models that can batch and whose configuration sets none
     /// (Triton's auto-complete default); 0 turns auto-batching off.
     #[arg(long, default_value_t = 4)]
@@ -107,6 +120,9 @@ impl Default for ServeConfig {
             metrics_port: 8002,
             ort_library: None,
             max_request_bytes: 64 * 1024 * 1024,
+            max_concurrent_requests: 512,
+            max_predict_instances: 1024,
+            grpc_stream_window: 64,
             default_max_batch_size: 4,
             default_max_queue_size: 1024,
             intra_op_threads: 0,

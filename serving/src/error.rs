@@ -16,9 +16,12 @@ pub enum ServingError {
     /// The request body is larger than the configured limit.
     #[error("{0}")]
     PayloadTooLarge(String),
-    /// The server cannot take the request now (queue full, model not ready, shutting down).
+    /// The server cannot take the request now (model not ready, being unloaded, shutting down).
     #[error("{0}")]
     Unavailable(String),
+    /// The server is too busy for the request now; the client should retry after a pause.
+    #[error("{message}")]
+    Overloaded { cause: Overload, message: String },
     /// The request waited longer than its timeout.
     #[error("{0}")]
     Timeout(String),
@@ -33,6 +36,18 @@ pub enum ServingError {
     Internal(String),
 }
 
+/// Which limit an overloaded request ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overload {
+    /// The server-wide limit on requests in flight.
+    ConcurrencyLimit,
+    /// The model's batching queue (its priority level) is full.
+    QueueFull,
+}
+
+/// Seconds an overloaded client is told to wait (`Retry-After`, gRPC `retry-after` metadata).
+pub const RETRY_AFTER_SECONDS: u32 = 1;
+
 impl ServingError {
     pub fn http_status(&self) -> StatusCode {
         match self {
@@ -40,7 +55,9 @@ impl ServingError {
             ServingError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
             ServingError::NotFound(_) => StatusCode::NOT_FOUND,
             ServingError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ServingError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServingError::Unavailable(_) | ServingError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ServingError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ServingError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -53,7 +70,9 @@ impl ServingError {
             }
             ServingError::NotFound(_) => tonic::Code::NotFound,
             ServingError::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
-            ServingError::Unavailable(_) => tonic::Code::Unavailable,
+            ServingError::Unavailable(_) | ServingError::Overloaded { .. } => {
+                tonic::Code::Unavailable
+            }
             ServingError::Timeout(_) => tonic::Code::DeadlineExceeded,
             ServingError::Unsupported(_) => tonic::Code::Unimplemented,
             ServingError::Internal(_) => tonic::Code::Internal,
@@ -67,6 +86,14 @@ impl ServingError {
             ServingError::NotFound(_) => "not_found",
             ServingError::PayloadTooLarge(_) => "too_large",
             ServingError::Unavailable(_) => "unavailable",
+            ServingError::Overloaded {
+                cause: Overload::ConcurrencyLimit,
+                ..
+            } => "concurrency_limit",
+            ServingError::Overloaded {
+                cause: Overload::QueueFull,
+                ..
+            } => "queue_full",
             ServingError::Timeout(_) => "timeout",
             ServingError::Unsupported(_) => "unsupported",
             ServingError::LoadFailed(_) => "load_failed",
@@ -75,16 +102,50 @@ impl ServingError {
     }
 }
 
+impl ServingError {
+    /// What a request whose handler panicked is answered (500 / INTERNAL), logged with the
+    /// panic's message; the transport counts it.
+    pub fn from_panic(panic: &(dyn std::any::Any + Send)) -> Self {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(%message, "a request handler panicked");
+        ServingError::Internal(format!("the server failed on this request: {message}"))
+    }
+}
+
+impl From<crate::tensor::TensorError> for ServingError {
+    fn from(error: crate::tensor::TensorError) -> Self {
+        ServingError::InvalidInput(error.0)
+    }
+}
+
 /// REST errors carry Triton's body, `{"error": "<message>"}`, which tritonclient reads.
 impl IntoResponse for ServingError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.to_string() });
-        (self.http_status(), axum::Json(body)).into_response()
+        let mut response = (self.http_status(), axum::Json(body)).into_response();
+        if matches!(self, ServingError::Overloaded { .. }) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
     }
 }
 
 impl From<ServingError> for tonic::Status {
     fn from(error: ServingError) -> Self {
-        tonic::Status::new(error.grpc_code(), error.to_string())
+        let mut status = tonic::Status::new(error.grpc_code(), error.to_string());
+        if matches!(error, ServingError::Overloaded { .. }) {
+            status.metadata_mut().insert(
+                "retry-after",
+                tonic::metadata::MetadataValue::from(RETRY_AFTER_SECONDS),
+            );
+        }
+        status
     }
 }

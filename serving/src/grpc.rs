@@ -1,7 +1,9 @@
 //! KServe v2 over gRPC (`inference.GRPCInferenceService`, tonic), with the Triton extensions its
 //! clients call. Translation only, as in `http.rs`: protobuf to [`InferRequest`], [`InferResponse`]
 //! to protobuf with `raw_output_contents` (as Triton answers), errors to status codes via
-//! [`ServingError`].
+//! [`ServingError`]; what a request means is the [`Service`]'s business. A stream keeps at most
+//! its window of requests in flight: past it, the next message is not read until one finishes, so
+//! HTTP/2 flow control pushes back on a client that streams faster than the models answer.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -18,30 +20,37 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ServingError;
 use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype};
-use crate::models::ModelManager;
-use crate::server::ServerInfo;
+use crate::service::{LoadParameter, Service};
 use crate::tensor::{DataType, Tensor, TensorData};
 
 /// The gRPC service; cheap to clone.
 #[derive(Clone)]
 pub struct InferenceService {
-    models: Arc<ModelManager>,
-    info: Arc<ServerInfo>,
+    service: Arc<Service>,
+    /// Requests one stream may have in flight at once.
+    stream_window: usize,
 }
 
 impl InferenceService {
-    pub fn new(models: Arc<ModelManager>, info: Arc<ServerInfo>) -> Self {
-        Self { models, info }
+    pub fn new(service: Arc<Service>, stream_window: usize) -> Self {
+        Self {
+            service,
+            stream_window: stream_window.max(1),
+        }
     }
 
     async fn model_infer(
         &self,
-        request: pb::ModelInferRequest,
+        mut request: pb::ModelInferRequest,
     ) -> Result<pb::ModelInferResponse, ServingError> {
-        let model = self
-            .models
-            .get(&request.model_name, &request.model_version)?;
-        let response = model.infer(decode_infer(request)?).await?;
+        let name = std::mem::take(&mut request.model_name);
+        let version = std::mem::take(&mut request.model_version);
+        // An unknown model is reported before a malformed request, as over REST.
+        self.service.model(&name, &version)?;
+        let response = self
+            .service
+            .infer(&name, &version, decode_infer(request)?)
+            .await?;
         Ok(encode_infer(response))
     }
 }
@@ -63,7 +72,7 @@ impl GrpcInferenceService for InferenceService {
         _: Request<pb::ServerReadyRequest>,
     ) -> Result<Response<pb::ServerReadyResponse>, Status> {
         Ok(Response::new(pb::ServerReadyResponse {
-            ready: self.models.all_ready(),
+            ready: self.service.ready(),
         }))
     }
 
@@ -73,7 +82,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = request.into_inner();
         Ok(Response::new(pb::ModelReadyResponse {
-            ready: self.models.get(&r.name, &r.version).is_ok(),
+            ready: self.service.model(&r.name, &r.version).is_ok(),
         }))
     }
 
@@ -81,10 +90,11 @@ impl GrpcInferenceService for InferenceService {
         &self,
         _: Request<pb::ServerMetadataRequest>,
     ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        let info = self.service.info();
         Ok(Response::new(pb::ServerMetadataResponse {
-            name: self.info.name.to_string(),
-            version: self.info.version.to_string(),
-            extensions: self.info.extensions.iter().map(|e| e.to_string()).collect(),
+            name: info.name.to_string(),
+            version: info.version.to_string(),
+            extensions: info.extensions.iter().map(|e| e.to_string()).collect(),
         }))
     }
 
@@ -93,29 +103,23 @@ impl GrpcInferenceService for InferenceService {
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = request.into_inner();
-        let model = self.models.get(&r.name, &r.version)?;
-        let spec = model.spec();
-        let describe = |tensors: &[crate::model::TensorSpec]| {
+        let metadata = self.service.model_metadata(&r.name, &r.version)?;
+        let describe = |tensors: Vec<crate::service::TensorMetadata>| {
             tensors
-                .iter()
+                .into_iter()
                 .map(|t| pb::model_metadata_response::TensorMetadata {
-                    name: t.name.clone(),
-                    datatype: t.dtype.name().to_string(),
-                    shape: spec.client_shape(t),
+                    name: t.name,
+                    datatype: t.datatype.to_string(),
+                    shape: t.shape,
                 })
                 .collect()
         };
         Ok(Response::new(pb::ModelMetadataResponse {
-            name: spec.name.clone(),
-            versions: self
-                .models
-                .versions(&r.name)
-                .iter()
-                .map(u64::to_string)
-                .collect(),
-            platform: spec.config.platform.clone(),
-            inputs: describe(&spec.inputs),
-            outputs: describe(&spec.outputs),
+            name: metadata.name,
+            versions: metadata.versions,
+            platform: metadata.platform,
+            inputs: describe(metadata.inputs),
+            outputs: describe(metadata.outputs),
         }))
     }
 
@@ -128,21 +132,29 @@ impl GrpcInferenceService for InferenceService {
 
     type ModelStreamInferStream = ResponseStream;
 
-    /// Each request on the stream runs concurrently; responses come back as they finish, and an
-    /// error answers its own request without closing the stream.
+    /// Requests on the stream run concurrently, up to the stream's window; responses come back
+    /// as they finish, and an error answers its own request without closing the stream.
     async fn model_stream_infer(
         &self,
         request: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let mut incoming = request.into_inner();
-        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        let window = Arc::new(tokio::sync::Semaphore::new(self.stream_window));
+        let (sender, receiver) = tokio::sync::mpsc::channel(self.stream_window);
         let service = self.clone();
         tokio::spawn(async move {
-            while let Some(next) = incoming.next().await {
-                let Ok(request) = next else { break };
+            loop {
+                // Read the next message only once the window has room for it.
+                let Ok(place) = window.clone().acquire_owned().await else {
+                    break;
+                };
+                let Some(Ok(request)) = incoming.next().await else {
+                    break;
+                };
                 let service = service.clone();
                 let sender = sender.clone();
                 tokio::spawn(async move {
+                    let _place = place;
                     let id = request.id.clone();
                     let reply = match service.model_infer(request).await {
                         Ok(response) => pb::ModelStreamInferResponse {
@@ -171,9 +183,8 @@ impl GrpcInferenceService for InferenceService {
         request: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = request.into_inner();
-        let model = self.models.get(&r.name, &r.version)?;
         Ok(Response::new(pb::ModelConfigResponse {
-            config: Some(model.spec().config.clone()),
+            config: Some(self.service.model_config(&r.name, &r.version)?),
         }))
     }
 
@@ -182,24 +193,9 @@ impl GrpcInferenceService for InferenceService {
         request: Request<pb::ModelStatisticsRequest>,
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let r = request.into_inner();
-        let model_stats = if r.name.is_empty() {
-            self.models
-                .loaded()
-                .iter()
-                .map(|m| m.statistics())
-                .collect()
-        } else if !r.version.is_empty() {
-            vec![self.models.get(&r.name, &r.version)?.statistics()]
-        } else {
-            self.models.get(&r.name, "")?;
-            self.models
-                .versions(&r.name)
-                .into_iter()
-                .filter_map(|v| self.models.get(&r.name, &v.to_string()).ok())
-                .map(|m| m.statistics())
-                .collect()
-        };
-        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+        Ok(Response::new(pb::ModelStatisticsResponse {
+            model_stats: self.service.statistics(&r.name, &r.version)?,
+        }))
     }
 
     async fn repository_index(
@@ -208,14 +204,14 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
         let r = request.into_inner();
         let models = self
-            .models
+            .service
             .index(r.ready)
             .await?
             .into_iter()
             .map(|e| pb::repository_index_response::ModelIndex {
                 name: e.name,
                 version: e.version.map(|v| v.to_string()).unwrap_or_default(),
-                state: e.state.unwrap_or_default().to_string(),
+                state: e.state.map(|s| s.as_str()).unwrap_or_default().to_string(),
                 reason: e.reason.unwrap_or_default(),
             })
             .collect();
@@ -227,29 +223,17 @@ impl GrpcInferenceService for InferenceService {
         request: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
         let r = request.into_inner();
-        let mut config = None;
-        for (key, value) in r.parameters {
-            match (key.as_str(), value.parameter_choice) {
-                ("config", Some(RepositoryChoice::StringParam(json))) => {
-                    config = Some(marquee_proto::parse_config_json(&json).map_err(|e| {
-                        ServingError::InvalidInput(format!("load parameter 'config': {e}"))
-                    })?);
-                }
-                (k, _) if k.starts_with("file:") => {
-                    return Err(ServingError::Unsupported(
-                        "loading model files from the request is not supported; put them in the repository".into(),
-                    )
-                    .into());
-                }
-                (k, _) => {
-                    return Err(ServingError::InvalidInput(format!(
-                        "unknown or mistyped load parameter '{k}'"
-                    ))
-                    .into());
-                }
-            }
-        }
-        self.models.load(&r.model_name, config).await?;
+        let parameters = r.parameters.into_iter().map(|(key, value)| {
+            let value = match value.parameter_choice {
+                Some(RepositoryChoice::StringParam(text)) => LoadParameter::String(text),
+                Some(RepositoryChoice::BoolParam(_)) => LoadParameter::Other("a boolean"),
+                Some(RepositoryChoice::Int64Param(_)) => LoadParameter::Other("a number"),
+                Some(RepositoryChoice::BytesParam(_)) => LoadParameter::Other("bytes"),
+                None => LoadParameter::Other("empty"),
+            };
+            (key, value)
+        });
+        self.service.load(&r.model_name, parameters).await?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
@@ -257,7 +241,9 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
-        self.models.unload(&request.into_inner().model_name).await?;
+        self.service
+            .unload(&request.into_inner().model_name)
+            .await?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 }
@@ -319,25 +305,13 @@ fn decode_infer(request: pb::ModelInferRequest) -> Result<InferRequest, ServingE
         infer.inputs.push(tensor);
     }
     for output in request.outputs {
-        let classification = match output
-            .parameters
-            .get("classification")
-            .and_then(parameter_value)
-        {
-            None => None,
-            Some(ParameterValue::Int(k)) if k > 0 => Some(k as usize),
-            Some(ParameterValue::Uint(k)) if k > 0 => Some(k as usize),
-            Some(_) => {
-                return Err(ServingError::InvalidInput(format!(
-                    "output '{}': parameter 'classification' must be a positive integer",
-                    output.name
-                )));
+        let mut requested = RequestedOutput::named(output.name);
+        for (key, value) in &output.parameters {
+            if let Some(value) = parameter_value(value) {
+                requested.apply_parameter(key, &value)?;
             }
-        };
-        infer.outputs.push(RequestedOutput {
-            name: output.name,
-            classification,
-        });
+        }
+        infer.outputs.push(requested);
     }
     Ok(infer)
 }

@@ -2,7 +2,10 @@
 //! statistics, repository index/load/unload, classification and schedule-policy parameters.
 //!
 //! This module only translates: JSON and binary bodies to [`InferRequest`], [`InferResponse`] back
-//! to JSON and binary, errors to `{"error": …}` with the status from [`ServingError`].
+//! to JSON and binary, errors to `{"error": …}` with the status from [`ServingError`]. What a
+//! request means is the [`Service`]'s business. Two layers harden every route: answers that axum
+//! or tower produce themselves (an oversized body, a bad path) get the same JSON error body, and a
+//! panicking handler becomes a 500 with a message (and a metric) instead of a dropped connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,9 +22,10 @@ use serde_json::Value;
 
 use crate::error::ServingError;
 use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype};
-use crate::models::ModelManager;
-use crate::predict::{PredictRequest, PredictResponse, Predictor};
-use crate::server::ServerInfo;
+use crate::metrics::Metrics;
+use crate::models::IndexEntry;
+use crate::predict::{PredictRequest, PredictResponse};
+use crate::service::{LoadParameter, Service};
 use crate::tensor::Tensor;
 
 /// The header that splits a binary-extension body into its JSON part and its tensor bytes.
@@ -29,26 +33,13 @@ pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
 #[derive(Clone)]
 struct AppState {
-    models: Arc<ModelManager>,
-    predictor: Arc<Predictor>,
-    info: Arc<ServerInfo>,
-    max_body: usize,
+    service: Arc<Service>,
 }
 
-/// All v2 routes.
-pub fn router(
-    models: Arc<ModelManager>,
-    predictor: Arc<Predictor>,
-    info: Arc<ServerInfo>,
-    max_body: usize,
-) -> Router {
-    let state = AppState {
-        models,
-        predictor,
-        info,
-        max_body,
-    };
-    Router::new()
+/// All v2 and v1 routes, hardened (see the module comment).
+pub fn router(service: Arc<Service>, max_body: usize) -> Router {
+    let metrics = service.metrics_handle();
+    let routes = Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
         .route("/v2", get(server_metadata))
@@ -87,7 +78,63 @@ pub fn router(
         )
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::decompression::RequestDecompressionLayer::new())
-        .with_state(state)
+        .with_state(AppState { service });
+    harden(routes, metrics, max_body)
+}
+
+/// The layers every route gets: JSON error bodies everywhere, and panics answered with a 500.
+fn harden(routes: Router, metrics: Arc<Metrics>, max_body: usize) -> Router {
+    let errors_metrics = metrics.clone();
+    routes
+        .layer(axum::middleware::map_response(move |response: Response| {
+            let metrics = errors_metrics.clone();
+            async move { json_error_body(response, &metrics, max_body).await }
+        }))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            move |panic: Box<dyn std::any::Any + Send>| {
+                metrics.handler_panicked();
+                ServingError::from_panic(panic.as_ref()).into_response()
+            },
+        ))
+}
+
+/// Rewrites an error answer that is not JSON (axum's and tower's own plain-text rejections) into
+/// `{"error": …}` with the same status; an oversized body is counted and names the limit.
+async fn json_error_body(response: Response, metrics: &Metrics, max_body: usize) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        metrics.rejected("too_large");
+        format!(
+            "request body is larger than the server's limit of {max_body} bytes (--max-request-bytes)"
+        )
+    } else if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_string()
+    } else {
+        text
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::to_vec(&serde_json::json!({ "error": message }))
+        .unwrap_or_else(|_| b"{\"error\":\"request failed\"}".to_vec());
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 #[derive(Deserialize)]
@@ -102,7 +149,7 @@ async fn live() -> StatusCode {
 }
 
 async fn ready(State(s): State<AppState>) -> StatusCode {
-    if s.models.all_ready() {
+    if s.service.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -110,60 +157,39 @@ async fn ready(State(s): State<AppState>) -> StatusCode {
 }
 
 async fn server_metadata(State(s): State<AppState>) -> Json<Value> {
+    let info = s.service.info();
     Json(serde_json::json!({
-        "name": s.info.name,
-        "version": s.info.version,
-        "extensions": s.info.extensions,
+        "name": info.name,
+        "version": info.version,
+        "extensions": info.extensions,
     }))
-}
-
-#[derive(Serialize)]
-struct TensorMetadata<'a> {
-    name: &'a str,
-    datatype: &'static str,
-    shape: Vec<i64>,
 }
 
 async fn model_metadata(
     State(s): State<AppState>,
     Path(p): Path<ModelPath>,
-) -> Result<Response, ServingError> {
-    let model = s.models.get(&p.model, &p.version)?;
-    let spec = model.spec();
-    let describe = |tensors: &'_ [crate::model::TensorSpec]| -> Vec<Value> {
+) -> Result<Json<Value>, ServingError> {
+    let metadata = s.service.model_metadata(&p.model, &p.version)?;
+    let describe = |tensors: &[crate::service::TensorMetadata]| -> Vec<Value> {
         tensors
             .iter()
-            .map(|t| {
-                serde_json::to_value(TensorMetadata {
-                    name: &t.name,
-                    datatype: t.dtype.name(),
-                    shape: spec.client_shape(t),
-                })
-                .expect("metadata serializes")
-            })
+            .map(|t| serde_json::json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
             .collect()
     };
-    let versions: Vec<String> = s
-        .models
-        .versions(&p.model)
-        .iter()
-        .map(u64::to_string)
-        .collect();
     Ok(Json(serde_json::json!({
-        "name": spec.name,
-        "versions": versions,
-        "platform": spec.config.platform,
-        "inputs": describe(&spec.inputs),
-        "outputs": describe(&spec.outputs),
-    }))
-    .into_response())
+        "name": metadata.name,
+        "versions": metadata.versions,
+        "platform": metadata.platform,
+        "inputs": describe(&metadata.inputs),
+        "outputs": describe(&metadata.outputs),
+    })))
 }
 
 async fn model_ready(
     State(s): State<AppState>,
     Path(p): Path<ModelPath>,
 ) -> Result<StatusCode, ServingError> {
-    s.models.get(&p.model, &p.version)?;
+    s.service.model(&p.model, &p.version)?;
     Ok(StatusCode::OK)
 }
 
@@ -171,37 +197,25 @@ async fn model_config(
     State(s): State<AppState>,
     Path(p): Path<ModelPath>,
 ) -> Result<Json<Value>, ServingError> {
-    let model = s.models.get(&p.model, &p.version)?;
-    Ok(Json(marquee_proto::config_to_json(&model.spec().config)))
+    let config = s.service.model_config(&p.model, &p.version)?;
+    Ok(Json(marquee_proto::config_to_json(&config)))
 }
 
-async fn all_statistics(State(s): State<AppState>) -> Json<Value> {
-    let stats = s.models.loaded().iter().map(|m| m.statistics()).collect();
-    Json(marquee_proto::statistics_to_json(
-        &marquee_proto::inference::ModelStatisticsResponse { model_stats: stats },
-    ))
+async fn all_statistics(State(s): State<AppState>) -> Result<Json<Value>, ServingError> {
+    statistics(&s, "", "")
 }
 
 async fn model_statistics(
     State(s): State<AppState>,
     Path(p): Path<ModelPath>,
 ) -> Result<Json<Value>, ServingError> {
-    let stats = if p.version.is_empty() {
-        s.models.get(&p.model, "")?;
-        s.models
-            .versions(&p.model)
-            .into_iter()
-            .map(|v| {
-                s.models
-                    .get(&p.model, &v.to_string())
-                    .map(|m| m.statistics())
-            })
-            .collect::<Result<_, _>>()?
-    } else {
-        vec![s.models.get(&p.model, &p.version)?.statistics()]
-    };
+    statistics(&s, &p.model, &p.version)
+}
+
+fn statistics(s: &AppState, model: &str, version: &str) -> Result<Json<Value>, ServingError> {
+    let model_stats = s.service.statistics(model, version)?;
     Ok(Json(marquee_proto::statistics_to_json(
-        &marquee_proto::inference::ModelStatisticsResponse { model_stats: stats },
+        &marquee_proto::inference::ModelStatisticsResponse { model_stats },
     )))
 }
 
@@ -220,18 +234,18 @@ async fn repository_index(
     } else {
         parse_json(&body)?
     };
-    let entries = s.models.index(request.ready).await?;
+    let entries = s.service.index(request.ready).await?;
     Ok(Json(Value::Array(
         entries
             .into_iter()
-            .map(|e| {
+            .map(|e: IndexEntry| {
                 let mut entry = serde_json::Map::new();
                 entry.insert("name".into(), e.name.into());
                 if let Some(v) = e.version {
                     entry.insert("version".into(), v.to_string().into());
                 }
                 if let Some(state) = e.state {
-                    entry.insert("state".into(), state.into());
+                    entry.insert("state".into(), state.as_str().into());
                 }
                 if let Some(reason) = e.reason {
                     entry.insert("reason".into(), reason.into());
@@ -258,33 +272,18 @@ async fn repository_load(
     } else {
         parse_json(&body)?
     };
-    let mut config = None;
-    for (key, value) in &request.parameters {
-        match (key.as_str(), value) {
-            ("config", Value::String(json)) => {
-                config = Some(marquee_proto::parse_config_json(json).map_err(|e| {
-                    ServingError::InvalidInput(format!("load parameter 'config': {e}"))
-                })?);
-            }
-            ("config", _) => {
-                return Err(ServingError::InvalidInput(
-                    "load parameter 'config' must be a string holding the configuration as JSON"
-                        .into(),
-                ));
-            }
-            (k, _) if k.starts_with("file:") => {
-                return Err(ServingError::Unsupported(
-                    "loading model files from the request is not supported; put them in the repository".into(),
-                ));
-            }
-            (k, _) => {
-                return Err(ServingError::InvalidInput(format!(
-                    "unknown load parameter '{k}'"
-                )));
-            }
-        }
-    }
-    s.models.load(&model, config).await?;
+    let parameters = request.parameters.into_iter().map(|(key, value)| {
+        let value = match value {
+            Value::String(text) => LoadParameter::String(text),
+            Value::Bool(_) => LoadParameter::Other("a boolean"),
+            Value::Number(_) => LoadParameter::Other("a number"),
+            Value::Null => LoadParameter::Other("null"),
+            Value::Array(_) => LoadParameter::Other("an array"),
+            Value::Object(_) => LoadParameter::Other("an object"),
+        };
+        (key, value)
+    });
+    s.service.load(&model, parameters).await?;
     Ok(Json(serde_json::json!({})))
 }
 
@@ -325,7 +324,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 )]
 async fn predict(State(s): State<AppState>, body: Bytes) -> Result<Json<Value>, ServingError> {
     let request: PredictRequest = parse_json(&body)?;
-    let response = s.predictor.predict(request).await?;
+    let response = s.service.predict(request).await?;
     Ok(Json(
         serde_json::to_value(response).map_err(|e| ServingError::Internal(e.to_string()))?,
     ))
@@ -335,7 +334,7 @@ async fn repository_unload(
     State(s): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Json<Value>, ServingError> {
-    s.models.unload(&model).await?;
+    s.service.unload(&model).await?;
     Ok(Json(serde_json::json!({})))
 }
 
@@ -405,16 +404,21 @@ async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ServingError> {
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ServingError::PayloadTooLarge(format!(
-            "request body is larger than the server's limit of {} bytes (--max-request-bytes)",
-            s.max_body
-        )),
-        _ => ServingError::InvalidInput(format!("cannot read the request body: {e}")),
-    })?;
-    let model = s.models.get(&p.model, &p.version)?;
-    let (request, binary_outputs) = decode_infer(&headers, body)?;
-    let response = model.infer(request).await?;
+    let body = match body {
+        Ok(body) => body,
+        // Answered with the limit (and counted) by `json_error_body`, like every route's.
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Ok(e.into_response()),
+        Err(e) => {
+            return Err(ServingError::InvalidInput(format!(
+                "cannot read the request body: {e}"
+            )));
+        }
+    };
+    // An unknown model is reported before a malformed body, as Triton does.
+    s.service.model(&p.model, &p.version)?;
+    let (request, binary_default) = decode_infer(&headers, body)?;
+    let binary_outputs = BinaryOutputs::of(&request, binary_default);
+    let response = s.service.infer(&p.model, &p.version, request).await?;
     encode_infer(&response, &binary_outputs)
 }
 
@@ -426,15 +430,25 @@ struct BinaryOutputs {
 }
 
 impl BinaryOutputs {
+    fn of(request: &InferRequest, default: bool) -> Self {
+        let per_output = request
+            .outputs
+            .iter()
+            .filter_map(|o| Some((o.name.clone(), o.binary_data?)))
+            .collect();
+        Self {
+            default,
+            per_output,
+        }
+    }
+
     fn is_binary(&self, name: &str) -> bool {
         self.per_output.get(name).copied().unwrap_or(self.default)
     }
 }
 
-fn decode_infer(
-    headers: &HeaderMap,
-    body: Bytes,
-) -> Result<(InferRequest, BinaryOutputs), ServingError> {
+/// Decodes a request body; also gives the request's default for binary outputs.
+fn decode_infer(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest, bool), ServingError> {
     let header_length = headers
         .get(HEADER_LENGTH)
         .map(|v| {
@@ -522,48 +536,14 @@ fn decode_infer(
             binary.len()
         )));
     }
-    let mut per_output = HashMap::new();
     for output in parsed.outputs {
-        let mut classification = None;
+        let mut requested = RequestedOutput::named(output.name);
         for (key, value) in &output.parameters {
-            match key.as_str() {
-                "binary_data" => {
-                    let b = value.as_bool().ok_or_else(|| {
-                        ServingError::InvalidInput(format!(
-                            "output '{}': parameter 'binary_data' must be a boolean",
-                            output.name
-                        ))
-                    })?;
-                    per_output.insert(output.name.clone(), b);
-                }
-                "classification" => {
-                    classification = Some(value.as_u64().filter(|&k| k > 0).ok_or_else(|| {
-                        ServingError::InvalidInput(format!(
-                            "output '{}': parameter 'classification' must be a positive integer",
-                            output.name
-                        ))
-                    })? as usize);
-                }
-                "shared_memory_region" => {
-                    return Err(ServingError::Unsupported(
-                        "shared-memory outputs are not supported".into(),
-                    ));
-                }
-                _ => {}
-            }
+            requested.apply_parameter(key, &parameter(key, value)?)?;
         }
-        request.outputs.push(RequestedOutput {
-            name: output.name,
-            classification,
-        });
+        request.outputs.push(requested);
     }
-    Ok((
-        request,
-        BinaryOutputs {
-            default: binary_default,
-            per_output,
-        },
-    ))
+    Ok((request, binary_default))
 }
 
 fn parameter(key: &str, value: &Value) -> Result<ParameterValue, ServingError> {
@@ -676,7 +656,8 @@ mod tests {
         let mut body = json.to_vec();
         body.extend_from_slice(&7i32.to_le_bytes());
         body.extend_from_slice(&(-3i32).to_le_bytes());
-        let (request, binary) = decode_infer(&headers(Some(json.len())), body.into()).unwrap();
+        let (request, default) = decode_infer(&headers(Some(json.len())), body.into()).unwrap();
+        let binary = BinaryOutputs::of(&request, default);
         assert_eq!(request.id, "r1");
         assert_eq!(request.priority, Some(1));
         assert_eq!(
@@ -687,6 +668,42 @@ mod tests {
         assert!(!binary.is_binary("y"));
         assert!(binary.is_binary("z"));
         assert_eq!(request.outputs[1].classification, Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_with_its_message_and_is_counted() {
+        use tower::ServiceExt;
+        let metrics = Arc::new(Metrics::new());
+        let routes = Router::new().route(
+            "/boom",
+            get(|| async {
+                if true {
+                    panic!("the handler broke");
+                }
+                StatusCode::OK
+            }),
+        );
+        let response = harden(routes, metrics.clone(), 1024)
+            .oneshot(
+                axum::http::Request::get("/boom")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("the handler broke"),
+            "{body}"
+        );
+        assert!(metrics.render().contains("marquee_handler_panics_total 1"));
     }
 
     #[test]

@@ -21,11 +21,59 @@ pub struct InferRequest {
 }
 
 /// An output the client asked for.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RequestedOutput {
     pub name: String,
     /// Triton's classification extension: return the top `k` classes instead of the tensor.
     pub classification: Option<usize>,
+    /// The binary tensor extension's per-output choice (REST encodes by it; gRPC is always raw).
+    pub binary_data: Option<bool>,
+}
+
+impl RequestedOutput {
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Applies one output parameter, the same way for every transport. Shared-memory outputs are
+    /// refused: the answer would never reach the client's region, and it would read stale memory.
+    pub fn apply_parameter(
+        &mut self,
+        key: &str,
+        value: &ParameterValue,
+    ) -> Result<(), ServingError> {
+        match key {
+            "classification" => {
+                let k = value.as_u64().filter(|&k| k > 0).ok_or_else(|| {
+                    ServingError::InvalidInput(format!(
+                        "output '{}': parameter 'classification' must be a positive integer",
+                        self.name
+                    ))
+                })?;
+                self.classification = Some(usize::try_from(k).unwrap_or(usize::MAX));
+            }
+            "binary_data" => match value {
+                ParameterValue::Bool(b) => self.binary_data = Some(*b),
+                _ => {
+                    return Err(ServingError::InvalidInput(format!(
+                        "output '{}': parameter 'binary_data' must be a boolean",
+                        self.name
+                    )));
+                }
+            },
+            "shared_memory_region" | "shared_memory_byte_size" | "shared_memory_offset" => {
+                return Err(ServingError::Unsupported(format!(
+                    "output '{}': shared-memory outputs are not supported; omit the shared_memory_* parameters to get the tensor in the response",
+                    self.name
+                )));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 /// The answer to an [`InferRequest`].
@@ -165,6 +213,28 @@ mod tests {
         assert!(matches!(err, ServingError::Unsupported(_)));
         r.apply_parameter("sequence_id", &ParameterValue::Int(0))
             .unwrap();
+    }
+
+    #[test]
+    fn output_parameters_are_typed_and_shared_memory_refused() {
+        let mut out = RequestedOutput::named("y");
+        out.apply_parameter("classification", &ParameterValue::Uint(3))
+            .unwrap();
+        out.apply_parameter("binary_data", &ParameterValue::Bool(true))
+            .unwrap();
+        assert_eq!(out.classification, Some(3));
+        assert_eq!(out.binary_data, Some(true));
+        let err = out
+            .apply_parameter("classification", &ParameterValue::Int(0))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("must be a positive integer"),
+            "{err}"
+        );
+        let err = out
+            .apply_parameter("shared_memory_region", &ParameterValue::String("r".into()))
+            .unwrap_err();
+        assert!(matches!(err, ServingError::Unsupported(_)), "{err}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Marquee's serving core: KServe v2 over REST and gRPC in front of dynamically batched ONNX
 //! Runtime models. A request reads top to bottom through:
 //!
-//! `http` / `grpc` (transport) → [`infer::InferRequest`] → [`models::ModelManager::get`] →
+//! `http` / `grpc` (transport) → [`service::Service`] (transport-neutral; admission) →
+//! [`infer::InferRequest`] → [`models::ModelManager::get`] →
 //! [`model::LoadedModel::infer`] (validation) → `marquee_batcher` → [`backend::onnx`] →
 //! [`infer::InferResponse`] → transport. `/v1/predict` enters at [`predict::Predictor`], which
 //! fetches features, encodes them and calls the same [`model::LoadedModel::infer`].
@@ -19,6 +20,7 @@ pub mod model;
 pub mod models;
 pub mod predict;
 pub mod server;
+pub mod service;
 pub mod source;
 pub mod tensor;
 

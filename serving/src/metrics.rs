@@ -3,6 +3,8 @@
 //! Series are labelled by model and version. Each loaded version resolves its label values once
 //! into a [`ModelMetrics`], so the request path only touches atomics.
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{
@@ -23,6 +25,18 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     predict_cache: IntCounterVec,
     predict_degraded: IntCounterVec,
+    rejected: IntCounterVec,
+    panics: IntCounter,
+    /// How many live `ModelMetrics` hold each (model, version)'s series; the series go when the
+    /// last one does, so unloaded versions leave no stale gauges or growing label sets.
+    holders: Mutex<HashMap<(String, String), Holders>>,
+}
+
+/// The live handles of one version's series, and the failure outcomes they counted.
+#[derive(Default)]
+struct Holders {
+    count: usize,
+    failed_outcomes: BTreeSet<&'static str>,
 }
 
 impl Metrics {
@@ -71,6 +85,19 @@ impl Metrics {
             "/v1/predict answers that fell back, by what fell back (features, timeout)",
             &["model", "reason"],
         );
+        let rejected = counter(
+            "marquee_rejected_requests_total",
+            "Requests refused to protect the server, by reason (concurrency_limit, queue_full, too_large)",
+            &["reason"],
+        );
+        let panics = IntCounter::new(
+            "marquee_handler_panics_total",
+            "Request handlers that panicked (answered 500 / INTERNAL)",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(panics.clone()))
+            .expect("unique metric");
         let request_duration = histogram(
             "marquee_request_duration_seconds",
             "End-to-end time of successful requests inside the model, queue included",
@@ -120,7 +147,20 @@ impl Metrics {
             queue_depth,
             predict_cache,
             predict_degraded,
+            rejected,
+            panics,
+            holders: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A request refused for `reason` (see `marquee_rejected_requests_total`).
+    pub fn rejected(&self, reason: &str) {
+        self.rejected.with_label_values(&[reason]).inc();
+    }
+
+    /// A request handler panicked.
+    pub fn handler_panicked(&self) {
+        self.panics.inc();
     }
 
     /// One `/v1/predict` response-cache lookup.
@@ -137,14 +177,21 @@ impl Metrics {
             .inc_by(answers as u64);
     }
 
-    /// Handles for one model version's series.
-    pub fn for_model(&self, model: &str, version: u64) -> ModelMetrics {
+    /// Handles for one model version's series; they are removed when the last handle for that
+    /// version is dropped.
+    pub fn for_model(self: &Arc<Self>, model: &str, version: u64) -> ModelMetrics {
         let version = version.to_string();
         let labels = [model, version.as_str()];
+        self.holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((model.to_string(), version.clone()))
+            .or_default()
+            .count += 1;
         ModelMetrics {
+            family: self.clone(),
             model: model.to_string(),
             version: version.clone(),
-            requests: self.requests.clone(),
             succeeded: self
                 .requests
                 .with_label_values(&[model, &version, "success"]),
@@ -156,6 +203,37 @@ impl Metrics {
             batch_size: self.batch_size.with_label_values(&labels),
             queue_depth: self.queue_depth.with_label_values(&labels),
         }
+    }
+
+    /// Removes one version's series once no handle holds them.
+    fn release(&self, model: &str, version: &str) {
+        let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (model.to_string(), version.to_string());
+        let Some(entry) = holders.get_mut(&key) else {
+            return;
+        };
+        entry.count -= 1;
+        if entry.count > 0 {
+            return;
+        }
+        let failed_outcomes = holders.remove(&key).unwrap_or_default().failed_outcomes;
+        let labels = [model, version];
+        for outcome in failed_outcomes.into_iter().chain(["success"]) {
+            let _ = self
+                .requests
+                .remove_label_values(&[model, version, outcome]);
+        }
+        let _ = self.inferences.remove_label_values(&labels);
+        let _ = self.executions.remove_label_values(&labels);
+        for histogram in [
+            &self.request_duration,
+            &self.queue_duration,
+            &self.compute_duration,
+            &self.batch_size,
+        ] {
+            let _ = histogram.remove_label_values(&labels);
+        }
+        let _ = self.queue_depth.remove_label_values(&labels);
     }
 
     /// The Prometheus text exposition of every series.
@@ -174,9 +252,9 @@ impl Default for Metrics {
 
 /// One model version's series.
 pub struct ModelMetrics {
+    family: Arc<Metrics>,
     model: String,
     version: String,
-    requests: IntCounterVec,
     succeeded: IntCounter,
     inferences: IntCounter,
     executions: IntCounter,
@@ -187,6 +265,12 @@ pub struct ModelMetrics {
     queue_depth: IntGauge,
 }
 
+impl Drop for ModelMetrics {
+    fn drop(&mut self) {
+        self.family.release(&self.model, &self.version);
+    }
+}
+
 impl ModelMetrics {
     pub fn request_succeeded(&self, total: Duration, queue: Duration) {
         self.succeeded.inc();
@@ -194,8 +278,19 @@ impl ModelMetrics {
         self.queue_duration.observe(queue.as_secs_f64());
     }
 
-    pub fn request_failed(&self, reason: &str) {
-        self.requests
+    pub fn request_failed(&self, reason: &'static str) {
+        // Remembered so the series can be removed with the version.
+        if let Some(entry) = self
+            .family
+            .holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&(self.model.clone(), self.version.clone()))
+        {
+            entry.failed_outcomes.insert(reason);
+        }
+        self.family
+            .requests
             .with_label_values(&[&self.model, &self.version, reason])
             .inc();
     }
@@ -218,7 +313,7 @@ mod tests {
 
     #[test]
     fn model_series_appear_with_labels() {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let m = metrics.for_model("gbr", 1);
         m.request_succeeded(Duration::from_millis(2), Duration::from_micros(300));
         m.request_failed("timeout");
@@ -238,5 +333,29 @@ mod tests {
         assert!(text.contains("marquee_batch_size_bucket"));
         assert!(text.contains("marquee_queue_duration_seconds_bucket"));
         assert!(text.contains("process_resident_memory_bytes"));
+    }
+
+    #[test]
+    fn a_versions_series_go_with_its_last_handle() {
+        let metrics = Arc::new(Metrics::new());
+        let first = metrics.for_model("gbr", 1);
+        let second = metrics.for_model("gbr", 1);
+        let other = metrics.for_model("gbr", 2);
+        first.request_failed("timeout");
+        first.queue_depth(5);
+        other.queue_depth(1);
+        drop(first);
+        assert!(
+            metrics
+                .render()
+                .contains(r#"marquee_queue_depth{model="gbr",version="1"} 5"#)
+        );
+        drop(second);
+        let text = metrics.render();
+        assert!(!text.contains(r#"version="1""#), "{text}");
+        assert!(
+            text.contains(r#"marquee_queue_depth{model="gbr",version="2"} 1"#),
+            "{text}"
+        );
     }
 }

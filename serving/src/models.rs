@@ -17,8 +17,8 @@ use crate::backend::onnx::OnnxRuntime;
 use crate::error::ServingError;
 use crate::infer::parse_version;
 use crate::metrics::Metrics;
-use crate::model::LoadedModel;
 use crate::model::spec::{self, ModelDefaults};
+use crate::model::{LoadedModel, PipelineState};
 use crate::predict::ModelPipeline;
 use crate::predict::pipeline::Pipeline;
 use crate::source::{ModelSource, PlannedVersion, load_failed};
@@ -28,9 +28,26 @@ use crate::source::{ModelSource, PlannedVersion, load_failed};
 pub struct IndexEntry {
     pub name: String,
     pub version: Option<u64>,
-    /// `READY` or `UNAVAILABLE`; `None` for a model that was never loaded.
-    pub state: Option<&'static str>,
+    /// `None` for a model that was never loaded.
+    pub state: Option<IndexState>,
     pub reason: Option<String>,
+}
+
+/// A model's or version's state in the repository index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexState {
+    Ready,
+    Unavailable,
+}
+
+impl IndexState {
+    /// Triton's name for the state, as both transports report it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexState::Ready => "READY",
+            IndexState::Unavailable => "UNAVAILABLE",
+        }
+    }
 }
 
 /// A model being served.
@@ -50,7 +67,10 @@ struct Served {
 
 enum ModelState {
     Ready(Served),
-    Unavailable(String),
+    /// Loading failed, for this reason; the server is not ready.
+    Failed(String),
+    /// Unloaded on request; does not count against readiness, and polling leaves it unloaded.
+    Unloaded,
 }
 
 /// Owns every loaded model version.
@@ -62,8 +82,9 @@ pub struct ModelManager {
     /// Feature definitions that `/v1/predict` pipelines are checked against at load.
     features: Arc<Definitions>,
     models: RwLock<BTreeMap<String, ModelState>>,
-    /// Loads and unloads run one at a time, so two reloads of a model cannot interleave.
-    changes: tokio::sync::Mutex<()>,
+    /// One lock per model: loads and unloads of a model run one at a time, so two reloads of it
+    /// cannot interleave, while a slow load of one model (download, warm-up) holds up no other.
+    changes: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl ModelManager {
@@ -81,7 +102,7 @@ impl ModelManager {
             metrics,
             features,
             models: RwLock::new(BTreeMap::new()),
-            changes: tokio::sync::Mutex::new(()),
+            changes: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -99,17 +120,36 @@ impl ModelManager {
         Ok(failures)
     }
 
+    /// The lock that serialises changes to one model.
+    fn change_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
     /// Picks up what changed in the source since the last look: new models, and models whose
-    /// references moved. Cheap when nothing changed (one listing per model).
+    /// references moved. Cheap when nothing changed (one listing per model). A model whose
+    /// references cannot be read is skipped this round (and named in the error); the others are
+    /// still looked at.
     pub async fn refresh(&self) -> Result<(), ServingError> {
+        let mut unreadable = Vec::new();
         for name in self.source.names().await? {
             let revision = match self.models.read().expect("model table lock").get(&name) {
                 Some(ModelState::Ready(served)) => Some(served.revision),
-                Some(ModelState::Unavailable(reason)) if reason == "unloaded" => continue,
+                Some(ModelState::Unloaded) => continue,
                 _ => None,
             };
             let changed = match revision {
-                Some(revision) => self.source.changed_since(&name, revision).await?,
+                Some(revision) => match self.source.changed_since(&name, revision).await {
+                    Ok(changed) => changed,
+                    Err(e) => {
+                        unreadable.push(format!("{name}: {e}"));
+                        continue;
+                    }
+                },
                 None => true,
             };
             if changed {
@@ -121,7 +161,14 @@ impl ModelManager {
                 }
             }
         }
-        Ok(())
+        if unreadable.is_empty() {
+            Ok(())
+        } else {
+            Err(ServingError::Unavailable(format!(
+                "cannot read the references of {}",
+                unreadable.join("; ")
+            )))
+        }
     }
 
     /// Loads (or reloads) a model: every version the source plans. On failure the versions
@@ -131,7 +178,8 @@ impl ModelManager {
         name: &str,
         config_override: Option<ModelConfig>,
     ) -> Result<(), ServingError> {
-        let _one_at_a_time = self.changes.lock().await;
+        let lock = self.change_lock(name);
+        let _one_at_a_time = lock.lock().await;
         let current = match self.models.read().expect("model table lock").get(name) {
             Some(ModelState::Ready(served)) => Some(served.clone()),
             _ => None,
@@ -160,7 +208,7 @@ impl ModelManager {
                     self.models
                         .write()
                         .expect("model table lock")
-                        .insert(name.to_string(), ModelState::Unavailable(e.to_string()));
+                        .insert(name.to_string(), ModelState::Failed(e.to_string()));
                 }
                 Err(e)
             }
@@ -275,11 +323,13 @@ impl ModelManager {
             model
         } else {
             // A pipeline that cannot run costs the model its /v1/predict, not its /v2 serving.
-            let pipeline = Pipeline::parse(&planned.pipeline, model.spec(), &self.features)
-                .map(ModelPipeline::new);
-            if let Err(reason) = &pipeline {
-                tracing::error!(model = name, version, %reason, "/v1/predict pipeline refused; /v2 serves on");
-            }
+            let pipeline = match Pipeline::parse(&planned.pipeline, model.spec(), &self.features) {
+                Ok(pipeline) => PipelineState::Ready(Box::new(ModelPipeline::new(pipeline))),
+                Err(reason) => {
+                    tracing::error!(model = name, version, %reason, "/v1/predict pipeline refused; /v2 serves on");
+                    PipelineState::Unusable(reason)
+                }
+            };
             model.with_pipeline(pipeline)
         };
         model
@@ -291,11 +341,12 @@ impl ModelManager {
 
     /// Unloads a model; requests in flight finish on it.
     pub async fn unload(&self, name: &str) -> Result<(), ServingError> {
-        let _one_at_a_time = self.changes.lock().await;
+        let lock = self.change_lock(name);
+        let _one_at_a_time = lock.lock().await;
         let mut models = self.models.write().expect("model table lock");
         match models.get(name) {
             Some(ModelState::Ready(_)) => {
-                models.insert(name.to_string(), ModelState::Unavailable("unloaded".into()));
+                models.insert(name.to_string(), ModelState::Unloaded);
                 tracing::info!(model = name, "model unloaded");
                 Ok(())
             }
@@ -311,9 +362,14 @@ impl ModelManager {
         let models = self.models.read().expect("model table lock");
         let served = match models.get(name) {
             Some(ModelState::Ready(served)) => served,
-            Some(ModelState::Unavailable(reason)) => {
+            Some(ModelState::Failed(reason)) => {
                 return Err(ServingError::Unavailable(format!(
                     "model '{name}' is not available: {reason}"
+                )));
+            }
+            Some(ModelState::Unloaded) => {
+                return Err(ServingError::Unavailable(format!(
+                    "model '{name}' is not available: unloaded"
                 )));
             }
             None => {
@@ -369,7 +425,7 @@ impl ModelManager {
             .values()
             .filter_map(|state| match state {
                 ModelState::Ready(served) => Some(served.versions.values().cloned()),
-                ModelState::Unavailable(_) => None,
+                ModelState::Failed(_) | ModelState::Unloaded => None,
             })
             .flatten()
             .collect()
@@ -383,8 +439,8 @@ impl ModelManager {
             .expect("model table lock")
             .values()
             .all(|s| match s {
-                ModelState::Ready(_) => true,
-                ModelState::Unavailable(reason) => reason == "unloaded",
+                ModelState::Ready(_) | ModelState::Unloaded => true,
+                ModelState::Failed(_) => false,
             })
     }
 
@@ -399,23 +455,29 @@ impl ModelManager {
                     entries.extend(served.versions.keys().map(|&v| IndexEntry {
                         name: name.clone(),
                         version: Some(v),
-                        state: Some("READY"),
+                        state: Some(IndexState::Ready),
                         reason: None,
                     }));
                     if !ready_only {
                         entries.extend(served.refused.iter().map(|(&v, reason)| IndexEntry {
                             name: name.clone(),
                             version: Some(v),
-                            state: Some("UNAVAILABLE"),
+                            state: Some(IndexState::Unavailable),
                             reason: Some(reason.clone()),
                         }));
                     }
                 }
-                Some(ModelState::Unavailable(reason)) if !ready_only => entries.push(IndexEntry {
+                Some(ModelState::Failed(reason)) if !ready_only => entries.push(IndexEntry {
                     name,
                     version: None,
-                    state: Some("UNAVAILABLE"),
+                    state: Some(IndexState::Unavailable),
                     reason: Some(reason.clone()),
+                }),
+                Some(ModelState::Unloaded) if !ready_only => entries.push(IndexEntry {
+                    name,
+                    version: None,
+                    state: Some(IndexState::Unavailable),
+                    reason: Some("unloaded".into()),
                 }),
                 None if !ready_only => entries.push(IndexEntry {
                     name,

@@ -22,6 +22,7 @@ use crate::grpc::InferenceService;
 use crate::metrics::Metrics;
 use crate::models::ModelManager;
 use crate::predict::Predictor;
+use crate::service::{Limits, Service};
 use crate::source::ModelSource;
 use marquee_feature_store::{Definitions, OnlineStore, open_online};
 
@@ -123,13 +124,18 @@ impl Server {
             models: models.clone(),
             online,
             metrics: metrics.clone(),
+            max_instances: config.max_predict_instances.max(1),
         });
-        let http = crate::http::router(
+        let service = Arc::new(Service::new(
             models.clone(),
             predictor,
-            info.clone(),
-            config.max_request_bytes,
-        );
+            info,
+            metrics.clone(),
+            Limits {
+                max_concurrent_requests: config.max_concurrent_requests,
+            },
+        ));
+        let http = crate::http::router(service.clone(), config.max_request_bytes);
         tasks.spawn(serve_http(http_listener, http, stopped.clone()));
         let metrics_router = Router::new().route(
             "/metrics",
@@ -143,19 +149,27 @@ impl Server {
             metrics_router,
             stopped.clone(),
         ));
-        let grpc = GrpcInferenceServiceServer::new(InferenceService::new(models.clone(), info))
-            .max_decoding_message_size(config.max_request_bytes)
-            .max_encoding_message_size(usize::MAX)
-            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        let grpc_metrics = service.metrics_handle();
+        let grpc = GrpcInferenceServiceServer::new(InferenceService::new(
+            service,
+            config.grpc_stream_window,
+        ))
+        .max_decoding_message_size(config.max_request_bytes)
+        .max_encoding_message_size(usize::MAX)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         let mut grpc_stopped = stopped;
         tasks.spawn(async move {
             // Small writes (headers, data, trailers) must not wait for the client's delayed ACK.
             let incoming =
                 tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+            let oversized_metrics = grpc_metrics.clone();
             let result = tonic::transport::Server::builder()
-                .layer(tower::util::MapResponseLayer::new(
-                    oversized_is_resource_exhausted,
+                .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                    move |panic: Box<dyn std::any::Any + Send>| grpc_panic(&grpc_metrics, panic),
                 ))
+                .layer(tower::util::MapResponseLayer::new(move |response| {
+                    oversized_is_resource_exhausted(response, &oversized_metrics)
+                }))
                 .add_service(grpc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = grpc_stopped.wait_for(|s| *s).await;
@@ -269,6 +283,7 @@ async fn poll_registry(
 /// server's REST side, with 413) call it RESOURCE_EXHAUSTED, which is what clients handle.
 fn oversized_is_resource_exhausted<B>(
     mut response: axum::http::Response<B>,
+    metrics: &Metrics,
 ) -> axum::http::Response<B> {
     let headers = response.headers_mut();
     let out_of_range = headers.get("grpc-status").is_some_and(|s| s == "11");
@@ -279,7 +294,27 @@ fn oversized_is_resource_exhausted<B>(
             m.contains("message%20length%20too%20large") || m.contains("message length too large")
         });
     if out_of_range && oversized {
+        metrics.rejected("too_large");
         headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
+    }
+    response
+}
+
+/// A panicking gRPC handler answers INTERNAL with the panic's message, as a trailers-only gRPC
+/// response, instead of resetting the stream.
+fn grpc_panic(
+    metrics: &Metrics,
+    panic: Box<dyn std::any::Any + Send>,
+) -> axum::http::Response<String> {
+    metrics.handler_panicked();
+    let status = tonic::Status::from(ServingError::from_panic(panic.as_ref()));
+    let mut response = axum::http::Response::new(String::new());
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/grpc"),
+    );
+    if let Err(e) = status.add_header(response.headers_mut()) {
+        tracing::error!(error = %e, "cannot encode the panic's gRPC status");
     }
     response
 }
@@ -326,4 +361,21 @@ pub fn locate_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf, StartError
                 "ONNX Runtime library not found: run deploy/setup.sh (it installs .marquee/lib/libonnxruntime.so), or point ORT_DYLIB_PATH / --ort-library at libonnxruntime.so".into(),
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grpc_panic_is_an_internal_status_with_its_message() {
+        let metrics = Metrics::new();
+        let response = grpc_panic(&metrics, Box::new("the handler broke"));
+        let headers = response.headers();
+        assert_eq!(headers["content-type"], "application/grpc");
+        assert_eq!(headers["grpc-status"], "13");
+        let message = headers["grpc-message"].to_str().unwrap();
+        assert!(message.contains("the%20handler%20broke"), "{message}");
+        assert!(metrics.render().contains("marquee_handler_panics_total 1"));
+    }
 }

@@ -5,7 +5,11 @@
 use bytes::Bytes;
 use half::{bf16, f16};
 
-use crate::error::ServingError;
+/// A tensor that does not hold together (shape, size, element values); always the client's
+/// mistake, so callers map it to invalid input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TensorError(pub String);
 
 /// The tensor element types of the KServe v2 protocol (Triton's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -116,20 +120,18 @@ impl Tensor {
         dtype: DataType,
         shape: Vec<i64>,
         data: TensorData,
-    ) -> Result<Self, ServingError> {
+    ) -> Result<Self, TensorError> {
         let name = name.into();
         let count = element_count(&shape).ok_or_else(|| {
-            ServingError::InvalidInput(format!("tensor '{name}' has an invalid shape {shape:?}"))
+            TensorError(format!("tensor '{name}' has an invalid shape {shape:?}"))
         })?;
         match (&data, dtype.size()) {
             (TensorData::Fixed(bytes), Some(size)) => {
                 let needed = count.checked_mul(size).ok_or_else(|| {
-                    ServingError::InvalidInput(format!(
-                        "tensor '{name}' shape {shape:?} is too large"
-                    ))
+                    TensorError(format!("tensor '{name}' shape {shape:?} is too large"))
                 })?;
                 if bytes.len() != needed {
-                    return Err(ServingError::InvalidInput(format!(
+                    return Err(TensorError(format!(
                         "tensor '{name}' of shape {shape:?} and type {dtype} needs {needed} bytes, got {}",
                         bytes.len()
                     )));
@@ -137,14 +139,14 @@ impl Tensor {
             }
             (TensorData::Strings(items), None) => {
                 if items.len() != count {
-                    return Err(ServingError::InvalidInput(format!(
+                    return Err(TensorError(format!(
                         "tensor '{name}' of shape {shape:?} needs {count} BYTES elements, got {}",
                         items.len()
                     )));
                 }
             }
             _ => {
-                return Err(ServingError::InvalidInput(format!(
+                return Err(TensorError(format!(
                     "tensor '{name}': data does not match type {dtype}"
                 )));
             }
@@ -189,12 +191,12 @@ impl Tensor {
         dtype: DataType,
         shape: Vec<i64>,
         raw: Bytes,
-    ) -> Result<Self, ServingError> {
+    ) -> Result<Self, TensorError> {
         let name = name.into();
         let data = if dtype == DataType::Bytes {
             TensorData::Strings(
                 split_length_prefixed(&raw)
-                    .map_err(|e| ServingError::InvalidInput(format!("tensor '{name}': {e}")))?,
+                    .map_err(|e| TensorError(format!("tensor '{name}': {e}")))?,
             )
         } else {
             TensorData::Fixed(raw)
@@ -211,11 +213,11 @@ impl Tensor {
     }
 
     /// Elements as JSON values, flat in row-major order, as the v2 REST protocol writes them.
-    pub fn to_json_values(&self) -> Result<Vec<serde_json::Value>, ServingError> {
+    pub fn to_json_values(&self) -> Result<Vec<serde_json::Value>, TensorError> {
         match serde_json::to_value(self.json_data()) {
             Ok(serde_json::Value::Array(values)) => Ok(values),
             Ok(_) => unreachable!("tensor data serializes as a sequence"),
-            Err(e) => Err(ServingError::InvalidInput(e.to_string())),
+            Err(e) => Err(TensorError(e.to_string())),
         }
     }
 
@@ -231,12 +233,12 @@ impl Tensor {
         dtype: DataType,
         shape: Vec<i64>,
         data: &serde_json::Value,
-    ) -> Result<Self, ServingError> {
+    ) -> Result<Self, TensorError> {
         let name = name.into();
         let mut flat = Vec::new();
         flatten_json(data, &mut flat);
         let bad = |index: usize, value: &serde_json::Value| {
-            ServingError::InvalidInput(format!(
+            TensorError(format!(
                 "input '{name}': element {index} ({value}) is not a valid {dtype}"
             ))
         };

@@ -236,6 +236,27 @@ impl TestServer {
             .expect("gRPC connects")
     }
 
+    /// The Prometheus text the metrics port serves now.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(&self.metrics)
+            .send()
+            .await
+            .expect("metrics answered")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The value of one series (`name{labels}` exactly as exposed), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
         let response = self
             .client
@@ -356,12 +377,14 @@ impl Drop for S3Server {
     }
 }
 
-/// A store that holds every write of a registry refs revision until two are waiting, so two
-/// changes are made from the same revision: a real race, every time, on any store.
+/// A store that holds the first two writes of a registry refs revision until both are waiting,
+/// so two changes are made from the same revision: a real race, every time, on any store. Later
+/// writes (a change decided again after losing) pass straight through.
 #[derive(Debug)]
 pub struct RacingStore {
     inner: std::sync::Arc<dyn object_store::ObjectStore>,
     gate: tokio::sync::Barrier,
+    gated: std::sync::atomic::AtomicUsize,
 }
 
 impl RacingStore {
@@ -369,6 +392,7 @@ impl RacingStore {
         Self {
             inner,
             gate: tokio::sync::Barrier::new(2),
+            gated: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -387,7 +411,9 @@ impl object_store::ObjectStore for RacingStore {
         payload: object_store::PutPayload,
         opts: object_store::PutOptions,
     ) -> object_store::Result<object_store::PutResult> {
-        if location.as_ref().contains("/refs/") {
+        if location.as_ref().contains("/refs/")
+            && self.gated.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2
+        {
             self.gate.wait().await;
         }
         self.inner.put_opts(location, payload, opts).await

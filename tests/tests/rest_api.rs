@@ -352,15 +352,7 @@ async fn statistics_and_metrics_count_requests() {
     let (_, all) = server.get("/v2/models/stats").await;
     assert_eq!(all["model_stats"].as_array().unwrap().len(), 3);
 
-    let metrics = server
-        .client
-        .get(&server.metrics)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     for line in [
         r#"marquee_requests_total{model="gbr",outcome="success",version="1"} 3"#,
         r#"marquee_requests_total{model="gbr",outcome="invalid_input",version="1"} 1"#,

@@ -27,9 +27,16 @@ pub struct LoadedModel {
     spec: ModelSpec,
     batcher: Batcher<OnnxInstance>,
     stats: Arc<ModelStats>,
-    /// The `/v1/predict` pipeline declared with this version: none, ready, or why it cannot
-    /// run (the model still serves `/v2`).
-    pipeline: Option<Result<ModelPipeline, String>>,
+    pipeline: PipelineState,
+}
+
+/// The `/v1/predict` pipeline of a version.
+pub enum PipelineState {
+    /// The version declares none: it serves `/v2` only.
+    Undeclared,
+    Ready(Box<ModelPipeline>),
+    /// Declared but refused at load, for this reason; the model still serves `/v2`.
+    Unusable(String),
 }
 
 impl LoadedModel {
@@ -67,18 +74,18 @@ impl LoadedModel {
             spec,
             batcher,
             stats,
-            pipeline: None,
+            pipeline: PipelineState::Undeclared,
         })
     }
 
-    /// Attaches the version's `/v1/predict` pipeline, or the reason it could not be built.
-    pub fn with_pipeline(mut self, pipeline: Result<ModelPipeline, String>) -> Self {
-        self.pipeline = Some(pipeline);
+    /// Attaches the version's `/v1/predict` pipeline (or the reason it is unusable).
+    pub fn with_pipeline(mut self, pipeline: PipelineState) -> Self {
+        self.pipeline = pipeline;
         self
     }
 
-    pub fn pipeline(&self) -> Option<&Result<ModelPipeline, String>> {
-        self.pipeline.as_ref()
+    pub fn pipeline(&self) -> &PipelineState {
+        &self.pipeline
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -278,9 +285,12 @@ impl LoadedModel {
     fn batch_error(&self, error: BatchError<BackendError>) -> ServingError {
         let model = &self.spec.name;
         match error {
-            BatchError::QueueFull { level, capacity } => ServingError::Unavailable(format!(
-                "model '{model}' is overloaded: its queue (priority level {level}) holds {capacity} requests; retry later"
-            )),
+            BatchError::QueueFull { level, capacity } => ServingError::Overloaded {
+                cause: crate::error::Overload::QueueFull,
+                message: format!(
+                    "model '{model}' is overloaded: its queue (priority level {level}) holds {capacity} requests; retry later"
+                ),
+            },
             BatchError::TimedOut { waited } => ServingError::Timeout(format!(
                 "request for model '{model}' timed out after waiting {:.3} ms in the queue",
                 waited.as_secs_f64() * 1e3
@@ -348,12 +358,12 @@ fn classify(tensor: &Tensor, k: usize, batched: bool) -> Result<Tensor, ServingE
     } else {
         vec![k as i64]
     };
-    Tensor::new(
+    Ok(Tensor::new(
         tensor.name.clone(),
         DataType::Bytes,
         shape,
         TensorData::Strings(classes),
-    )
+    )?)
 }
 
 #[cfg(test)]

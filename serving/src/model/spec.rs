@@ -773,11 +773,17 @@ mod tests {
             build_spec("m", 1, config, &inputs, &outputs, &defaults())
         };
         let (spec, warnings) = with("12.5").unwrap();
-        assert_eq!(spec.batching.latency_budget, Some(Duration::from_micros(12_500)));
+        assert_eq!(
+            spec.batching.latency_budget,
+            Some(Duration::from_micros(12_500))
+        );
         assert!(warnings.is_empty(), "{warnings:?}");
         for bad in ["0", "-3", "soon", "NaN"] {
             let err = with(bad).unwrap_err();
-            assert!(err.contains("latency_budget_ms must be a positive number"), "{err}");
+            assert!(
+                err.contains("latency_budget_ms must be a positive number"),
+                "{err}"
+            );
         }
     }
 

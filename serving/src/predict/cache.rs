@@ -46,8 +46,8 @@ impl ResponseCache {
         hasher.update(model.as_bytes());
         hasher.update([0]);
         hasher.update(version.to_le_bytes());
-        // serde_json's maps are ordered by key, so this text is canonical.
-        hasher.update(serde_json::to_vec(&(entities, features)).expect("JSON serializes"));
+        canonical_object(entities, &mut hasher);
+        canonical_object(features, &mut hasher);
         hasher.finalize().into()
     }
 
@@ -85,6 +85,89 @@ impl ResponseCache {
             if let Some(old) = entries.order.pop_front() {
                 entries.answers.remove(&old);
             }
+        }
+    }
+}
+
+/// Feeds a JSON object to the hasher in one canonical form: keys sorted here (not by whatever
+/// order the map type keeps, which serde_json's `preserve_order` feature would change), every
+/// item tagged and length-prefixed so no two different values hash alike.
+fn canonical_object(map: &serde_json::Map<String, Value>, hasher: &mut Sha256) {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    hasher.update(b"{");
+    hasher.update((keys.len() as u64).to_le_bytes());
+    for key in keys {
+        canonical_text(key, hasher);
+        canonical_value(&map[key], hasher);
+    }
+}
+
+fn canonical_value(value: &Value, hasher: &mut Sha256) {
+    match value {
+        Value::Null => hasher.update(b"n"),
+        Value::Bool(b) => hasher.update(if *b { b"t" } else { b"f" }),
+        Value::Number(n) => {
+            hasher.update(b"#");
+            canonical_text(&n.to_string(), hasher);
+        }
+        Value::String(s) => {
+            hasher.update(b"s");
+            canonical_text(s, hasher);
+        }
+        Value::Array(items) => {
+            hasher.update(b"[");
+            hasher.update((items.len() as u64).to_le_bytes());
+            for item in items {
+                canonical_value(item, hasher);
+            }
+        }
+        Value::Object(map) => canonical_object(map, hasher),
+    }
+}
+
+fn canonical_text(text: &str, hasher: &mut Sha256) {
+    hasher.update((text.len() as u64).to_le_bytes());
+    hasher.update(text.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(value: Value) -> serde_json::Map<String, Value> {
+        value.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn keys_ignore_order_and_tell_types_apart() {
+        let entities = map(json!({"user_id": "u1", "show_id": "s1"}));
+        let mut reordered = serde_json::Map::new();
+        reordered.insert("show_id".into(), json!("s1"));
+        reordered.insert("user_id".into(), json!("u1"));
+        let features = map(json!({"tags": {"b": 1, "a": [1, "2"]}}));
+        let key = ResponseCache::key("m", 1, &entities, &features);
+        assert_eq!(key, ResponseCache::key("m", 1, &reordered, &features));
+        for (entities, features, version) in [
+            (
+                map(json!({"user_id": "u1", "show_id": 1})),
+                features.clone(),
+                1,
+            ),
+            (
+                entities.clone(),
+                map(json!({"tags": {"b": 1, "a": [1, 2]}})),
+                1,
+            ),
+            (entities.clone(), features.clone(), 2),
+            (
+                map(json!({"user_id": "u1s", "show_id": ""})),
+                features.clone(),
+                1,
+            ),
+        ] {
+            assert_ne!(key, ResponseCache::key("m", version, &entities, &features));
         }
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use marquee_feature_store::{FeatureValue, Lookup, OnlineStore, entity_key};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -20,7 +21,7 @@ use utoipa::ToSchema;
 use crate::error::ServingError;
 use crate::infer::{InferRequest, RequestedOutput};
 use crate::metrics::Metrics;
-use crate::model::LoadedModel;
+use crate::model::{LoadedModel, PipelineState};
 use crate::models::ModelManager;
 use crate::tensor::{DataType, Tensor, TensorData};
 use cache::{CacheKey, ResponseCache};
@@ -120,7 +121,14 @@ pub struct Predictor {
     pub models: Arc<ModelManager>,
     pub online: Arc<dyn OnlineStore>,
     pub metrics: Arc<Metrics>,
+    /// Most instances one request may carry (`--max-predict-instances`).
+    pub max_instances: usize,
 }
+
+/// Chunks (requests of at most `max_batch_size` rows) one `/v1/predict` request keeps queued at
+/// once: enough for the batcher to run them back to back, few enough that one large request
+/// cannot fill the model's queue and turn everyone else away.
+const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// One instance after validation: its feature values so far and where the store must fill in.
 struct Prepared {
@@ -146,15 +154,15 @@ impl Predictor {
         };
         let model = self.models.get(&request.model, &reference)?;
         let declared = match model.pipeline() {
-            Some(Ok(declared)) => declared,
-            Some(Err(reason)) => {
+            PipelineState::Ready(declared) => declared,
+            PipelineState::Unusable(reason) => {
                 return Err(ServingError::Unavailable(format!(
                     "model '{}' version {} has a /v1/predict pipeline that cannot run: {reason}",
                     request.model,
                     model.spec().version
                 )));
             }
-            None => {
+            PipelineState::Undeclared => {
                 return Err(ServingError::InvalidInput(format!(
                     "model '{}' version {} declares no /v1/predict pipeline; call /v2/models/{}/infer with tensors",
                     request.model,
@@ -172,6 +180,13 @@ impl Predictor {
             }
             Some(instances) if instances.is_empty() => {
                 return Err(ServingError::InvalidInput("instances is empty".into()));
+            }
+            Some(instances) if instances.len() > self.max_instances => {
+                return Err(ServingError::PayloadTooLarge(format!(
+                    "instances has {} entries; this server takes at most {} per request (--max-predict-instances): split the request",
+                    instances.len(),
+                    self.max_instances
+                )));
             }
             Some(instances) => instances,
             None => vec![Instance {
@@ -281,14 +296,17 @@ impl Predictor {
             pipeline.encode(&values, &mut rows);
         }
         let prediction_ids: Vec<String> = missing.iter().map(|_| new_id()).collect();
-        // Rows go to the model in requests of at most its max_batch_size, all at once, so the
-        // batcher can run them together.
+        // Rows go to the model in requests of at most its max_batch_size, a few at a time (see
+        // CHUNKS_IN_FLIGHT), answers kept in order.
         let chunk_rows = model.spec().max_batch_size.max(1);
-        let chunks = rows
+        let chunks: Vec<_> = rows
             .chunks(chunk_rows * pipeline.width)
             .zip(prediction_ids.chunks(chunk_rows))
-            .map(|(chunk, ids)| self.infer_rows(model, pipeline, chunk, &ids[0]));
-        let values: Vec<f64> = futures::future::try_join_all(chunks)
+            .map(|(chunk, ids)| self.infer_rows(model, pipeline, chunk, &ids[0]))
+            .collect();
+        let values: Vec<f64> = futures::stream::iter(chunks)
+            .buffered(CHUNKS_IN_FLIGHT)
+            .try_collect::<Vec<Vec<f64>>>()
             .await?
             .into_iter()
             .flatten()
@@ -342,10 +360,7 @@ impl Predictor {
             .infer(InferRequest {
                 id: id.to_string(),
                 inputs: vec![input],
-                outputs: vec![RequestedOutput {
-                    name: pipeline.output.tensor.clone(),
-                    classification: None,
-                }],
+                outputs: vec![RequestedOutput::named(pipeline.output.tensor.clone())],
                 ..Default::default()
             })
             .await?;

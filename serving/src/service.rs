@@ -1,0 +1,252 @@
+//! The transport-neutral service: every operation REST and gRPC offer, answered once. Transports
+//! decode their wire types into the types here and encode the answers back; what a request means
+//! (which versions statistics cover, which load parameters exist, which output parameters are
+//! refused, when the server is too busy) is decided only here, so both transports always give the
+//! same answer and the same error for the same request. It plays the role `Infer` plays in
+//! text-embeddings-inference.
+//!
+//! It is also where admission control lives: a global limit on requests in flight, so a flood of
+//! clients gets fast 503 / UNAVAILABLE answers (with a retry hint) instead of unbounded queues and
+//! memory.
+
+use std::sync::Arc;
+
+use marquee_proto::inference::{ModelConfig, ModelStatistics};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{Overload, ServingError};
+use crate::infer::{InferRequest, InferResponse};
+use crate::metrics::Metrics;
+use crate::model::{LoadedModel, TensorSpec};
+use crate::models::{IndexEntry, ModelManager};
+use crate::predict::{PredictRequest, PredictResponse, Predictor};
+use crate::server::ServerInfo;
+
+/// A model's metadata (KServe v2 `ModelMetadataResponse`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub platform: String,
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
+/// One input's or output's metadata, with the shape a client sends (batch dimension included).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+/// A repository-load parameter's value as a transport received it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadParameter {
+    String(String),
+    /// Any other type (number, boolean, bytes); named for the error message.
+    Other(&'static str),
+}
+
+/// Limits that keep one client from hurting the others.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Inference and prediction requests in flight at once, all clients together.
+    pub max_concurrent_requests: usize,
+}
+
+/// The service both transports call.
+pub struct Service {
+    models: Arc<ModelManager>,
+    predictor: Arc<Predictor>,
+    info: Arc<ServerInfo>,
+    metrics: Arc<Metrics>,
+    in_flight: Arc<Semaphore>,
+    limits: Limits,
+}
+
+impl Service {
+    pub fn new(
+        models: Arc<ModelManager>,
+        predictor: Arc<Predictor>,
+        info: Arc<ServerInfo>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            in_flight: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
+            models,
+            predictor,
+            info,
+            metrics,
+            limits,
+        }
+    }
+
+    pub fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    pub fn metrics_handle(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Triton's strict readiness: every model the source serves loaded.
+    pub fn ready(&self) -> bool {
+        self.models.all_ready()
+    }
+
+    /// The model version a request names; its error says why it cannot serve.
+    pub fn model(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, ServingError> {
+        self.models.get(name, version)
+    }
+
+    pub fn model_metadata(&self, name: &str, version: &str) -> Result<ModelMetadata, ServingError> {
+        let model = self.models.get(name, version)?;
+        let spec = model.spec();
+        let describe = |tensors: &[TensorSpec]| {
+            tensors
+                .iter()
+                .map(|t| TensorMetadata {
+                    name: t.name.clone(),
+                    datatype: t.dtype.name(),
+                    shape: spec.client_shape(t),
+                })
+                .collect()
+        };
+        Ok(ModelMetadata {
+            name: spec.name.clone(),
+            versions: self
+                .models
+                .versions(name)
+                .iter()
+                .map(u64::to_string)
+                .collect(),
+            platform: spec.config.platform.clone(),
+            inputs: describe(&spec.inputs),
+            outputs: describe(&spec.outputs),
+        })
+    }
+
+    pub fn model_config(&self, name: &str, version: &str) -> Result<ModelConfig, ServingError> {
+        Ok(self.models.get(name, version)?.spec().config.clone())
+    }
+
+    /// Statistics of every loaded version (empty `name`), of one model's ready versions (empty
+    /// `version`), or of one version. A version unloaded while the answer is assembled is left
+    /// out rather than failing the request.
+    pub fn statistics(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Vec<ModelStatistics>, ServingError> {
+        if name.is_empty() {
+            return Ok(self
+                .models
+                .loaded()
+                .iter()
+                .map(|m| m.statistics())
+                .collect());
+        }
+        if !version.is_empty() {
+            return Ok(vec![self.models.get(name, version)?.statistics()]);
+        }
+        self.models.get(name, "")?;
+        Ok(self
+            .models
+            .versions(name)
+            .into_iter()
+            .filter_map(|v| self.models.get(name, &v.to_string()).ok())
+            .map(|m| m.statistics())
+            .collect())
+    }
+
+    pub async fn index(&self, ready_only: bool) -> Result<Vec<IndexEntry>, ServingError> {
+        self.models.index(ready_only).await
+    }
+
+    /// Loads (or reloads) a model. The one parameter understood is `config`, a configuration
+    /// as JSON that overrides the repository's; Triton's `file:` parameters are refused.
+    pub async fn load(
+        &self,
+        name: &str,
+        parameters: impl IntoIterator<Item = (String, LoadParameter)>,
+    ) -> Result<(), ServingError> {
+        let mut config = None;
+        for (key, value) in parameters {
+            match (key.as_str(), value) {
+                ("config", LoadParameter::String(json)) => {
+                    config = Some(marquee_proto::parse_config_json(&json).map_err(|e| {
+                        ServingError::InvalidInput(format!("load parameter 'config': {e}"))
+                    })?);
+                }
+                ("config", LoadParameter::Other(kind)) => {
+                    return Err(ServingError::InvalidInput(format!(
+                        "load parameter 'config' must be a string holding the configuration as JSON, not {kind}"
+                    )));
+                }
+                (k, _) if k.starts_with("file:") => {
+                    return Err(ServingError::Unsupported(
+                        "loading model files from the request is not supported; put them in the repository".into(),
+                    ));
+                }
+                (k, _) => {
+                    return Err(ServingError::InvalidInput(format!(
+                        "unknown load parameter '{k}' (the one understood is 'config')"
+                    )));
+                }
+            }
+        }
+        self.models.load(name, config).await
+    }
+
+    pub async fn unload(&self, name: &str) -> Result<(), ServingError> {
+        self.models.unload(name).await
+    }
+
+    /// Runs a v2 inference request, within the in-flight limit.
+    pub async fn infer(
+        &self,
+        name: &str,
+        version: &str,
+        request: InferRequest,
+    ) -> Result<InferResponse, ServingError> {
+        let _permit = self.admit()?;
+        let result = match self.models.get(name, version) {
+            Ok(model) => model.infer(request).await,
+            Err(e) => Err(e),
+        };
+        self.count_rejection(result)
+    }
+
+    /// Runs a `/v1/predict` request, within the in-flight limit.
+    pub async fn predict(&self, request: PredictRequest) -> Result<PredictResponse, ServingError> {
+        let _permit = self.admit()?;
+        let result = self.predictor.predict(request).await;
+        self.count_rejection(result)
+    }
+
+    /// A place among the requests in flight, or an immediate overload answer.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, ServingError> {
+        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            let error = ServingError::Overloaded {
+                cause: Overload::ConcurrencyLimit,
+                message: format!(
+                    "the server is at its limit of {} requests in flight (--max-concurrent-requests); retry later",
+                    self.limits.max_concurrent_requests
+                ),
+            };
+            self.metrics.rejected(error.reason());
+            error
+        })
+    }
+
+    fn count_rejection<T>(&self, result: Result<T, ServingError>) -> Result<T, ServingError> {
+        if let Err(error @ (ServingError::Overloaded { .. } | ServingError::PayloadTooLarge(_))) =
+            &result
+        {
+            self.metrics.rejected(error.reason());
+        }
+        result
+    }
+}
