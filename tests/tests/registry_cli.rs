@@ -285,10 +285,18 @@ fn failures_have_exit_codes_and_say_what_to_do() {
 fn a_triton_repository_is_imported_as_registry_versions() {
     let dir = tempfile::tempdir().unwrap();
     let location = path(dir.path());
+    // The ONNX models of the fixture repository (it may also hold TorchScript ones).
+    let pipeline = std::fs::read(fixtures().join("models/gbr/pipeline.json")).unwrap();
+    let triton = marquee_tests::Repository::new()
+        .add("add_sub", "add_sub", None)
+        .add("gbr", "gbr", None)
+        .write("gbr/pipeline.json", &pipeline)
+        .add("iforest", "iforest", None)
+        .add("identity_all", "identity_all", None);
     let imported = registry(
         location,
         &[],
-        &["import-triton", path(&fixtures().join("models")), "--json"],
+        &["import-triton", path(triton.path()), "--json"],
     )
     .json();
     let names: Vec<&str> = imported
