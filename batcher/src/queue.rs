@@ -164,8 +164,15 @@ impl<X: Executor> Shared<X> {
             match decide(&self.policy, delay, queues, judged, now) {
                 Decision::Take(n) => {
                     let batch = take(queues, &judged[..n], now);
-                    self.observer
-                        .queue_depth(state.queues.iter().map(VecDeque::len).sum());
+                    let depth = state.queues.iter().map(VecDeque::len).sum();
+                    self.observer.queue_depth(depth);
+                    // Jobs left behind (they did not fit) wake an idle instance, which would
+                    // otherwise sleep until the next arrival.
+                    let wake = depth > 0 && state.waiting > 0;
+                    drop(state);
+                    if wake {
+                        self.arrived.notify_one();
+                    }
                     return Some(batch);
                 }
                 Decision::WaitUntil(at) => {

@@ -634,7 +634,8 @@ impl Registry {
     /// Moves production back to the version that held it before the current one, or to `to`
     /// (any earlier production version), in one step: the version was approved for production
     /// once, so no new approval is asked, and the change is recorded with who and why. The
-    /// version leaving production goes back to staging.
+    /// version leaving production goes back to staging if the staging alias points at it, else
+    /// to dev.
     pub async fn rollback(
         &self,
         model: &str,
@@ -685,15 +686,21 @@ impl Registry {
                     })?,
             };
             refs.aliases.insert(Stage::Production.name().to_string(), target);
+            // The version leaving production keeps a stage only where an alias says so, as after
+            // a promotion: staging when the staging alias still points at it, else dev.
             if let Some(current) = current {
-                refs.stages.insert(
-                    current,
-                    StageRecord {
-                        stage: Stage::Staging,
-                        approved_by: None,
-                        at: now(),
-                    },
-                );
+                if refs.aliases.get(Stage::Staging.name()) == Some(&current) {
+                    refs.stages.insert(
+                        current,
+                        StageRecord {
+                            stage: Stage::Staging,
+                            approved_by: None,
+                            at: now(),
+                        },
+                    );
+                } else {
+                    refs.stages.remove(&current);
+                }
             }
             refs.stages.insert(
                 target,

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use marquee_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use marquee_proto::inference::infer_parameter::ParameterChoice;
 use marquee_proto::inference::model_repository_parameter::ParameterChoice as RepositoryChoice;
@@ -22,6 +22,9 @@ use crate::error::ServingError;
 use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype};
 use crate::service::{LoadParameter, Service};
 use crate::tensor::{DataType, Tensor, TensorData};
+
+/// The largest window a stream may have (a semaphore's and a channel's practical bound).
+const MAX_STREAM_WINDOW: usize = 65_536;
 
 /// The gRPC service; cheap to clone.
 #[derive(Clone)]
@@ -35,7 +38,7 @@ impl InferenceService {
     pub fn new(service: Arc<Service>, stream_window: usize) -> Self {
         Self {
             service,
-            stream_window: stream_window.max(1),
+            stream_window: stream_window.clamp(1, MAX_STREAM_WINDOW),
         }
     }
 
@@ -43,13 +46,14 @@ impl InferenceService {
         &self,
         mut request: pb::ModelInferRequest,
     ) -> Result<pb::ModelInferResponse, ServingError> {
+        let admitted = self.service.admit()?;
         let name = std::mem::take(&mut request.model_name);
         let version = std::mem::take(&mut request.model_version);
         // An unknown model is reported before a malformed request, as over REST.
         self.service.model(&name, &version)?;
         let response = self
             .service
-            .infer(&name, &version, decode_infer(request)?)
+            .infer(&admitted, &name, &version, decode_infer(request)?)
             .await?;
         Ok(encode_infer(response))
     }
@@ -142,21 +146,41 @@ impl GrpcInferenceService for InferenceService {
         let window = Arc::new(tokio::sync::Semaphore::new(self.stream_window));
         let (sender, receiver) = tokio::sync::mpsc::channel(self.stream_window);
         let service = self.clone();
+        let stream_window = self.stream_window;
         tokio::spawn(async move {
             loop {
                 // Read the next message only once the window has room for it.
                 let Ok(place) = window.clone().acquire_owned().await else {
                     break;
                 };
-                let Some(Ok(request)) = incoming.next().await else {
-                    break;
+                let request = match incoming.next().await {
+                    Some(Ok(request)) => request,
+                    // A message that cannot be decoded (too large, malformed) ends the stream
+                    // with its status, so the client learns why its later requests got no reply.
+                    Some(Err(status)) => {
+                        // After the answers to the requests already running: the status ends
+                        // the stream for the client.
+                        let others = u32::try_from(stream_window - 1).unwrap_or(u32::MAX);
+                        let _all_done = window.acquire_many(others).await;
+                        let _ = sender.send(Err(status)).await;
+                        break;
+                    }
+                    None => break,
                 };
                 let service = service.clone();
                 let sender = sender.clone();
                 tokio::spawn(async move {
                     let _place = place;
                     let id = request.id.clone();
-                    let reply = match service.model_infer(request).await {
+                    // Each message runs in its own task, outside the listener's panic layer.
+                    let answered = std::panic::AssertUnwindSafe(service.model_infer(request))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|panic| {
+                            service.service.metrics_handle().handler_panicked();
+                            Err(ServingError::from_panic(panic.as_ref()))
+                        });
+                    let reply = match answered {
                         Ok(response) => pb::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),

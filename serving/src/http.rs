@@ -16,7 +16,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -25,7 +25,7 @@ use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput,
 use crate::metrics::Metrics;
 use crate::models::IndexEntry;
 use crate::predict::{PredictRequest, PredictResponse};
-use crate::service::{LoadParameter, Service};
+use crate::service::{Admitted, LoadParameter, Service};
 use crate::tensor::Tensor;
 
 /// The header that splits a binary-extension body into its JSON part and its tensor bytes.
@@ -61,9 +61,18 @@ pub fn router(service: Arc<Service>, max_body: usize) -> Router {
             "/v2/models/{model}/versions/{version}/stats",
             get(model_statistics),
         )
-        .route("/v2/models/{model}/infer", post(infer))
-        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
-        .route("/v1/predict", post(predict))
+        .route(
+            "/v2/models/{model}/infer",
+            post(infer).route_layer(axum::middleware::from_fn_with_state(service.clone(), admit)),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(infer).route_layer(axum::middleware::from_fn_with_state(service.clone(), admit)),
+        )
+        .route(
+            "/v1/predict",
+            post(predict).route_layer(axum::middleware::from_fn_with_state(service.clone(), admit)),
+        )
         .route("/v1/openapi.json", get(openapi))
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(repository_load))
@@ -80,6 +89,22 @@ pub fn router(service: Arc<Service>, max_body: usize) -> Router {
         .layer(tower_http::decompression::RequestDecompressionLayer::new())
         .with_state(AppState { service });
     harden(routes, metrics, max_body)
+}
+
+/// Takes the request's place among those in flight before its body is read, and holds it until
+/// the answer is encoded; the handler finds it in the request's extensions.
+async fn admit(
+    State(service): State<Arc<Service>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match service.admit() {
+        Ok(admitted) => {
+            request.extensions_mut().insert(Arc::new(admitted));
+            next.run(request).await
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// The layers every route gets: JSON error bodies everywhere, and panics answered with a 500.
@@ -322,9 +347,13 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         (status = 504, description = "The time budget ran out with no cached answer or fallback", body = ErrorBody),
     )
 )]
-async fn predict(State(s): State<AppState>, body: Bytes) -> Result<Json<Value>, ServingError> {
+async fn predict(
+    State(s): State<AppState>,
+    Extension(admitted): Extension<Arc<Admitted>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServingError> {
     let request: PredictRequest = parse_json(&body)?;
-    let response = s.service.predict(request).await?;
+    let response = s.service.predict(&admitted, request).await?;
     Ok(Json(
         serde_json::to_value(response).map_err(|e| ServingError::Internal(e.to_string()))?,
     ))
@@ -401,6 +430,7 @@ struct BinaryParameters {
 async fn infer(
     State(s): State<AppState>,
     Path(p): Path<ModelPath>,
+    Extension(admitted): Extension<Arc<Admitted>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ServingError> {
@@ -418,7 +448,10 @@ async fn infer(
     s.service.model(&p.model, &p.version)?;
     let (request, binary_default) = decode_infer(&headers, body)?;
     let binary_outputs = BinaryOutputs::of(&request, binary_default);
-    let response = s.service.infer(&p.model, &p.version, request).await?;
+    let response = s
+        .service
+        .infer(&admitted, &p.model, &p.version, request)
+        .await?;
     encode_infer(&response, &binary_outputs)
 }
 
@@ -491,7 +524,9 @@ fn decode_infer(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest, bool)
                 )
             })?;
         } else {
-            request.apply_parameter(key, &parameter(key, value)?)?;
+            if let Some(value) = parameter(key, value)? {
+                request.apply_parameter(key, &value)?;
+            }
         }
     }
     for input in parsed.inputs {
@@ -539,15 +574,20 @@ fn decode_infer(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest, bool)
     for output in parsed.outputs {
         let mut requested = RequestedOutput::named(output.name);
         for (key, value) in &output.parameters {
-            requested.apply_parameter(key, &parameter(key, value)?)?;
+            if let Some(value) = parameter(key, value)? {
+                requested.apply_parameter(key, &value)?;
+            }
         }
         request.outputs.push(requested);
     }
     Ok((request, binary_default))
 }
 
-fn parameter(key: &str, value: &Value) -> Result<ParameterValue, ServingError> {
-    Ok(match value {
+/// A JSON parameter as the protocol types it; `null` is an unset parameter (as a gRPC parameter
+/// with no value), skipped.
+fn parameter(key: &str, value: &Value) -> Result<Option<ParameterValue>, ServingError> {
+    Ok(Some(match value {
+        Value::Null => return Ok(None),
         Value::Bool(b) => ParameterValue::Bool(*b),
         Value::String(s) => ParameterValue::String(s.clone()),
         Value::Number(n) => {
@@ -564,7 +604,7 @@ fn parameter(key: &str, value: &Value) -> Result<ParameterValue, ServingError> {
                 "parameter '{key}' must be a string, number or boolean, got {other}"
             )));
         }
-    })
+    }))
 }
 
 fn encode_infer(

@@ -36,8 +36,12 @@ pub struct Metrics {
 #[derive(Default)]
 struct Holders {
     count: usize,
-    failed_outcomes: BTreeSet<&'static str>,
+    failed_outcomes: FailedOutcomes,
 }
+
+/// The failure outcomes a version has counted, shared by its handles (each failure locks only its
+/// own version's set).
+type FailedOutcomes = Arc<Mutex<BTreeSet<&'static str>>>;
 
 impl Metrics {
     pub fn new() -> Self {
@@ -182,14 +186,17 @@ impl Metrics {
     pub fn for_model(self: &Arc<Self>, model: &str, version: u64) -> ModelMetrics {
         let version = version.to_string();
         let labels = [model, version.as_str()];
-        self.holders
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((model.to_string(), version.clone()))
-            .or_default()
-            .count += 1;
+        let failed_outcomes = {
+            let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = holders
+                .entry((model.to_string(), version.clone()))
+                .or_default();
+            entry.count += 1;
+            entry.failed_outcomes.clone()
+        };
         ModelMetrics {
             family: self.clone(),
+            failed_outcomes,
             model: model.to_string(),
             version: version.clone(),
             succeeded: self
@@ -217,8 +224,9 @@ impl Metrics {
             return;
         }
         let failed_outcomes = holders.remove(&key).unwrap_or_default().failed_outcomes;
+        let failed_outcomes = failed_outcomes.lock().unwrap_or_else(|p| p.into_inner());
         let labels = [model, version];
-        for outcome in failed_outcomes.into_iter().chain(["success"]) {
+        for outcome in failed_outcomes.iter().copied().chain(["success"]) {
             let _ = self
                 .requests
                 .remove_label_values(&[model, version, outcome]);
@@ -253,6 +261,7 @@ impl Default for Metrics {
 /// One model version's series.
 pub struct ModelMetrics {
     family: Arc<Metrics>,
+    failed_outcomes: FailedOutcomes,
     model: String,
     version: String,
     succeeded: IntCounter,
@@ -280,15 +289,10 @@ impl ModelMetrics {
 
     pub fn request_failed(&self, reason: &'static str) {
         // Remembered so the series can be removed with the version.
-        if let Some(entry) = self
-            .family
-            .holders
+        self.failed_outcomes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&(self.model.clone(), self.version.clone()))
-        {
-            entry.failed_outcomes.insert(reason);
-        }
+            .insert(reason);
         self.family
             .requests
             .with_label_values(&[&self.model, &self.version, reason])

@@ -50,6 +50,14 @@ impl IndexState {
     }
 }
 
+/// Who asks for a load: an operator loads whatever the state; the registry poll never reloads
+/// a model an operator unloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Requester {
+    Operator,
+    Poll,
+}
+
 /// A model being served.
 #[derive(Clone, Default)]
 struct Served {
@@ -130,6 +138,16 @@ impl ModelManager {
             .clone()
     }
 
+    /// Forgets a model's lock once no change holds or waits for it, so names that were only ever
+    /// asked for (a load of a model that does not exist) leave nothing behind.
+    fn release_change_lock(&self, name: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        // Two holders: the table and `lock`; anyone else waiting holds a third.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(name);
+        }
+    }
+
     /// Picks up what changed in the source since the last look: new models, and models whose
     /// references moved. Cheap when nothing changed (one listing per model). A model whose
     /// references cannot be read is skipped this round (and named in the error); the others are
@@ -153,7 +171,7 @@ impl ModelManager {
                 None => true,
             };
             if changed {
-                match self.load(&name, None).await {
+                match self.load_for(&name, None, Requester::Poll).await {
                     Ok(()) | Err(ServingError::NotFound(_)) => {}
                     Err(e) => {
                         tracing::warn!(model = name, error = %e, "refresh could not load the model")
@@ -178,10 +196,35 @@ impl ModelManager {
         name: &str,
         config_override: Option<ModelConfig>,
     ) -> Result<(), ServingError> {
+        self.load_for(name, config_override, Requester::Operator)
+            .await
+    }
+
+    async fn load_for(
+        &self,
+        name: &str,
+        config_override: Option<ModelConfig>,
+        requester: Requester,
+    ) -> Result<(), ServingError> {
         let lock = self.change_lock(name);
-        let _one_at_a_time = lock.lock().await;
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            self.load_locked(name, config_override, requester).await
+        };
+        self.release_change_lock(name, lock);
+        result
+    }
+
+    async fn load_locked(
+        &self,
+        name: &str,
+        config_override: Option<ModelConfig>,
+        requester: Requester,
+    ) -> Result<(), ServingError> {
         let current = match self.models.read().expect("model table lock").get(name) {
             Some(ModelState::Ready(served)) => Some(served.clone()),
+            // Unloaded between the poll's look and now: polling leaves it unloaded.
+            Some(ModelState::Unloaded) if requester == Requester::Poll => return Ok(()),
             _ => None,
         };
         match self
@@ -342,18 +385,22 @@ impl ModelManager {
     /// Unloads a model; requests in flight finish on it.
     pub async fn unload(&self, name: &str) -> Result<(), ServingError> {
         let lock = self.change_lock(name);
-        let _one_at_a_time = lock.lock().await;
-        let mut models = self.models.write().expect("model table lock");
-        match models.get(name) {
-            Some(ModelState::Ready(_)) => {
-                models.insert(name.to_string(), ModelState::Unloaded);
-                tracing::info!(model = name, "model unloaded");
-                Ok(())
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            let mut models = self.models.write().expect("model table lock");
+            match models.get(name) {
+                Some(ModelState::Ready(_)) => {
+                    models.insert(name.to_string(), ModelState::Unloaded);
+                    tracing::info!(model = name, "model unloaded");
+                    Ok(())
+                }
+                _ => Err(ServingError::NotFound(format!(
+                    "model '{name}' is not loaded"
+                ))),
             }
-            _ => Err(ServingError::NotFound(format!(
-                "model '{name}' is not loaded"
-            ))),
-        }
+        };
+        self.release_change_lock(name, lock);
+        result
     }
 
     /// The version `reference` names: a number, an alias, or nothing (the model's default:

@@ -55,6 +55,14 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
 }
 
+/// The most requests in flight a server can be configured for (tokio's semaphore bound).
+const MAX_IN_FLIGHT: usize = Semaphore::MAX_PERMITS;
+
+/// A request's place among those in flight; the place is freed when this is dropped.
+pub struct Admitted {
+    _place: OwnedSemaphorePermit,
+}
+
 /// The service both transports call.
 pub struct Service {
     models: Arc<ModelManager>,
@@ -74,7 +82,9 @@ impl Service {
         limits: Limits,
     ) -> Self {
         Self {
-            in_flight: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
+            in_flight: Arc::new(Semaphore::new(
+                limits.max_concurrent_requests.clamp(1, MAX_IN_FLIGHT),
+            )),
             models,
             predictor,
             info,
@@ -204,14 +214,14 @@ impl Service {
         self.models.unload(name).await
     }
 
-    /// Runs a v2 inference request, within the in-flight limit.
+    /// Runs a v2 inference request admitted by [`Service::admit`].
     pub async fn infer(
         &self,
+        _admitted: &Admitted,
         name: &str,
         version: &str,
         request: InferRequest,
     ) -> Result<InferResponse, ServingError> {
-        let _permit = self.admit()?;
         let result = match self.models.get(name, version) {
             Ok(model) => model.infer(request).await,
             Err(e) => Err(e),
@@ -219,21 +229,26 @@ impl Service {
         self.count_rejection(result)
     }
 
-    /// Runs a `/v1/predict` request, within the in-flight limit.
-    pub async fn predict(&self, request: PredictRequest) -> Result<PredictResponse, ServingError> {
-        let _permit = self.admit()?;
+    /// Runs a `/v1/predict` request admitted by [`Service::admit`].
+    pub async fn predict(
+        &self,
+        _admitted: &Admitted,
+        request: PredictRequest,
+    ) -> Result<PredictResponse, ServingError> {
         let result = self.predictor.predict(request).await;
         self.count_rejection(result)
     }
 
-    /// A place among the requests in flight, or an immediate overload answer.
-    fn admit(&self) -> Result<OwnedSemaphorePermit, ServingError> {
-        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+    /// A place among the requests in flight, or an immediate overload answer. Transports take it
+    /// before they read or decode a request body and hold it until the answer is encoded, so the
+    /// limit bounds the memory and CPU of requests in flight, not only their inference.
+    pub fn admit(&self) -> Result<Admitted, ServingError> {
+        self.in_flight.clone().try_acquire_owned().map(|place| Admitted { _place: place }).map_err(|_| {
             let error = ServingError::Overloaded {
                 cause: Overload::ConcurrencyLimit,
                 message: format!(
                     "the server is at its limit of {} requests in flight (--max-concurrent-requests); retry later",
-                    self.limits.max_concurrent_requests
+                    self.limits.max_concurrent_requests.clamp(1, MAX_IN_FLIGHT)
                 ),
             };
             self.metrics.rejected(error.reason());
