@@ -430,3 +430,30 @@ async fn one_command_rolls_production_back_and_serving_follows_within_a_poll() {
     assert_eq!(rollbacks, vec![v1, v2]);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_whose_references_cannot_be_read_does_not_stop_the_others_from_following() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::open(dir.path().to_str().unwrap()).unwrap();
+    // "broken" sorts before "pricing", so a poll that stopped at the first failure would never
+    // look at pricing.
+    let broken = push(&registry, "broken", "gbr").await;
+    to_production(&registry, "broken", broken).await;
+    let v1 = push(&registry, "pricing", "gbr").await;
+    let v2 = push(&registry, "pricing", "gbr_alt").await;
+    to_production(&registry, "pricing", v1).await;
+    let server = TestServer::start_registry(dir.path()).await;
+    assert_eq!(ask(&server, "").await.0, v1.to_string());
+
+    // A revision that does not parse: every poll fails to read broken's references.
+    let refs = dir.path().join("broken/refs");
+    let next = std::fs::read_dir(&refs).unwrap().count() + 1;
+    std::fs::write(refs.join(format!("{next:012}.json")), b"{ not json").unwrap();
+    to_production(&registry, "pricing", v2).await;
+    until(
+        "pricing follows its promotion past the broken model",
+        async || ask(&server, "").await.0 == v2.to_string(),
+    )
+    .await;
+    server.stop().await;
+}
