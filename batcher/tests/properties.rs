@@ -43,6 +43,36 @@ fn case() -> impl Strategy<Value = Case> {
     )
 }
 
+/// A batcher over `instances` fake executors that each spend `work` per batch, the record of
+/// what they ran, and a two-thread runtime to submit from.
+fn start(
+    name: &str,
+    policy: BatchPolicy,
+    instances: usize,
+    work: Duration,
+) -> (
+    tokio::runtime::Runtime,
+    Arc<Batcher<FakeExecutor>>,
+    Arc<Mutex<Record>>,
+) {
+    let record = Arc::new(Mutex::new(Record::default()));
+    let gate = Gate::opened();
+    let executors = (0..instances)
+        .map(|_| {
+            let mut executor = FakeExecutor::new(&record, &gate);
+            executor.work = work;
+            executor
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let batcher = Arc::new(Batcher::start(name, policy, executors, Arc::new(NoObserver)).unwrap());
+    (runtime, batcher, record)
+}
+
 fn run_case(case: &Case) -> (Vec<Vec<u64>>, Vec<Vec<FakeJob>>) {
     let mut policy = BatchPolicy::new(case.max_batch_size, 1_000);
     policy.preferred_batch_sizes = case.preferred.clone();
@@ -50,19 +80,8 @@ fn run_case(case: &Case) -> (Vec<Vec<u64>>, Vec<Vec<FakeJob>>) {
     policy.priority_levels = case.levels;
     policy.default_queue_policy = QueuePolicy::bounded(1_000);
     policy.validate().unwrap();
-    let record = Arc::new(Mutex::new(Record::default()));
-    let gate = Gate::opened();
-    let executors = (0..case.instances)
-        .map(|_| FakeExecutor::new(&record, &gate))
-        .collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (runtime, batcher, record) = start("prop", policy, case.instances, Duration::ZERO);
     let outputs = runtime.block_on(async {
-        let batcher =
-            Arc::new(Batcher::start("prop", policy, executors, Arc::new(NoObserver)).unwrap());
         let handles: Vec<_> = case
             .jobs
             .iter()
@@ -199,23 +218,13 @@ fn run_hostile(case: &HostileCase) -> (Vec<Answer>, Vec<Vec<FakeJob>>) {
     policy.priority_levels = case.levels;
     policy.default_queue_policy = QueuePolicy::bounded(1_000);
     policy.validate().unwrap();
-    let record = Arc::new(Mutex::new(Record::default()));
-    let gate = Gate::opened();
-    let executors = (0..case.instances)
-        .map(|_| {
-            let mut executor = FakeExecutor::new(&record, &gate);
-            executor.work = Duration::from_micros(case.work_us);
-            executor
-        })
-        .collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (runtime, batcher, record) = start(
+        "hostile",
+        policy,
+        case.instances,
+        Duration::from_micros(case.work_us),
+    );
     let answers = runtime.block_on(async {
-        let batcher =
-            Arc::new(Batcher::start("hostile", policy, executors, Arc::new(NoObserver)).unwrap());
         let handles: Vec<_> = case
             .jobs
             .iter()

@@ -50,10 +50,10 @@ impl InferenceService {
         let name = std::mem::take(&mut request.model_name);
         let version = std::mem::take(&mut request.model_version);
         // An unknown model is reported before a malformed request, as over REST.
-        self.service.model(&name, &version)?;
+        let model = self.service.model(&name, &version)?;
         let response = self
             .service
-            .infer(&admitted, &name, &version, decode_infer(request)?)
+            .infer(&admitted, &model, decode_infer(request)?)
             .await?;
         Ok(encode_infer(response))
     }

@@ -445,13 +445,10 @@ async fn infer(
         }
     };
     // An unknown model is reported before a malformed body, as Triton does.
-    s.service.model(&p.model, &p.version)?;
+    let model = s.service.model(&p.model, &p.version)?;
     let (request, binary_default) = decode_infer(&headers, body)?;
     let binary_outputs = BinaryOutputs::of(&request, binary_default);
-    let response = s
-        .service
-        .infer(&admitted, &p.model, &p.version, request)
-        .await?;
+    let response = s.service.infer(&admitted, &model, request).await?;
     encode_infer(&response, &binary_outputs)
 }
 

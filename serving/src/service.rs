@@ -214,18 +214,16 @@ impl Service {
         self.models.unload(name).await
     }
 
-    /// Runs a v2 inference request admitted by [`Service::admit`].
+    /// Runs a v2 inference request admitted by [`Service::admit`] on the version
+    /// [`Service::model`] found (transports look it up first, so an unknown model is reported
+    /// before a malformed request, as Triton does).
     pub async fn infer(
         &self,
         _admitted: &Admitted,
-        name: &str,
-        version: &str,
+        model: &LoadedModel,
         request: InferRequest,
     ) -> Result<InferResponse, ServingError> {
-        let result = match self.models.get(name, version) {
-            Ok(model) => model.infer(request).await,
-            Err(e) => Err(e),
-        };
+        let result = model.infer(request).await;
         self.count_rejection(result)
     }
 

@@ -470,6 +470,23 @@ impl object_store::ObjectStore for RacingStore {
     }
 }
 
+/// A gRPC inference request for a gbr-shaped model (`X`, FP32 [rows, 10], raw contents).
+pub fn gbr_grpc_request(model: &str, rows: usize) -> marquee_proto::inference::ModelInferRequest {
+    use marquee_proto::inference as pb;
+    let values: Vec<f32> = (0..rows * 10).map(|i| i as f32 / 7.0).collect();
+    pb::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "X".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, 10],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![f32_bytes(&values).into()],
+        ..Default::default()
+    }
+}
+
 /// Little-endian bytes of f32 values.
 pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()

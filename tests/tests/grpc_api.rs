@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use futures::StreamExt;
 use marquee_proto::inference as pb;
 use marquee_proto::inference::infer_parameter::ParameterChoice;
-use marquee_tests::{Repository, TestServer, f32_bytes, f32_values};
+use marquee_tests::{Repository, TestServer, f32_values, gbr_grpc_request};
 use tonic::Code;
 
 fn repository() -> Repository {
@@ -35,18 +35,7 @@ fn add_sub_request(id: &str, a: [f32; 4], b: [f32; 4]) -> pb::ModelInferRequest 
 }
 
 fn gbr_request(rows: usize) -> pb::ModelInferRequest {
-    let values: Vec<f32> = (0..rows * 10).map(|i| i as f32 / 7.0).collect();
-    pb::ModelInferRequest {
-        model_name: "gbr".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "X".into(),
-            datatype: "FP32".into(),
-            shape: vec![rows as i64, 10],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![f32_bytes(&values).into()],
-        ..Default::default()
-    }
+    gbr_grpc_request("gbr", rows)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use marquee_proto::inference as pb;
-use marquee_tests::{Repository, TestServer, f32_bytes};
+use marquee_tests::{Repository, TestServer, gbr_grpc_request};
 use serde_json::{Value, json};
 use tonic::Code;
 
@@ -23,21 +23,6 @@ fn held(delay_ms: u64) -> String {
 fn gbr_body(rows: usize) -> Value {
     let data: Vec<f32> = (0..rows * 10).map(|i| i as f32 / 10.0).collect();
     json!({"inputs": [{"name": "X", "shape": [rows, 10], "datatype": "FP32", "data": data}]})
-}
-
-fn gbr_grpc(model: &str, rows: usize) -> pb::ModelInferRequest {
-    let values: Vec<f32> = (0..rows * 10).map(|i| i as f32 / 10.0).collect();
-    pb::ModelInferRequest {
-        model_name: model.into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "X".into(),
-            datatype: "FP32".into(),
-            shape: vec![rows as i64, 10],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![f32_bytes(&values).into()],
-        ..Default::default()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +63,10 @@ async fn past_the_in_flight_limit_requests_get_503_with_retry_after_on_both_tran
         "{body}"
     );
     let mut grpc = server.grpc_client().await;
-    let status = grpc.model_infer(gbr_grpc("slow", 1)).await.unwrap_err();
+    let status = grpc
+        .model_infer(gbr_grpc_request("slow", 1))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(status.metadata().get("retry-after").unwrap(), "1");
     // Health and metadata are not inference: they still answer.
@@ -232,7 +220,7 @@ async fn a_grpc_stream_keeps_at_most_its_window_in_flight() {
     let mut grpc = server.grpc_client().await;
     let requests: Vec<_> = (0..8)
         .map(|i| {
-            let mut r = gbr_grpc("slow", 1);
+            let mut r = gbr_grpc_request("slow", 1);
             r.id = format!("r{i}");
             r
         })
@@ -459,7 +447,7 @@ async fn rest_and_grpc_give_the_same_answers_and_codes() {
             ),
             grpc: |mut c| {
                 Box::pin(async move {
-                    let mut request = gbr_grpc("gbr", 1);
+                    let mut request = gbr_grpc_request("gbr", 1);
                     let mut parameters = std::collections::HashMap::new();
                     parameters.insert(
                         "shared_memory_region".to_string(),
@@ -483,14 +471,16 @@ async fn rest_and_grpc_give_the_same_answers_and_codes() {
             what: "inference on an unknown model",
             rest: ("POST", "/v2/models/nope/infer".into(), Some(gbr_body(1))),
             grpc: |mut c| {
-                Box::pin(async move { c.model_infer(gbr_grpc("nope", 1)).await.map(|_| ()) })
+                Box::pin(
+                    async move { c.model_infer(gbr_grpc_request("nope", 1)).await.map(|_| ()) },
+                )
             },
         },
         Case {
             what: "a good inference",
             rest: ("POST", "/v2/models/gbr/infer".into(), Some(gbr_body(2))),
             grpc: |mut c| {
-                Box::pin(async move { c.model_infer(gbr_grpc("gbr", 2)).await.map(|_| ()) })
+                Box::pin(async move { c.model_infer(gbr_grpc_request("gbr", 2)).await.map(|_| ()) })
             },
         },
     ];
@@ -562,7 +552,7 @@ async fn a_stream_message_over_the_limit_ends_the_stream_with_an_error_not_ok() 
     let repository = Repository::new().add("gbr", "gbr", None);
     let server = TestServer::start_with(repository, |c| c.max_request_bytes = 4096).await;
     let mut grpc = server.grpc_client().await;
-    let requests = vec![gbr_grpc("gbr", 1), gbr_grpc("gbr", 200)];
+    let requests = vec![gbr_grpc_request("gbr", 1), gbr_grpc_request("gbr", 200)];
     let mut responses = grpc
         .model_stream_infer(futures::stream::iter(requests))
         .await
