@@ -658,10 +658,14 @@ async fn import_triton(
         let source = repository.model(&name).await?;
         let mut config = source.config.clone().unwrap_or_default();
         config.name.clear();
-        let filename = if config.default_model_filename.is_empty() {
-            "model.onnx".to_string()
-        } else {
-            config.default_model_filename.clone()
+        // TorchScript by Triton's PyTorch-backend names (or a .pt file); ONNX otherwise.
+        let torchscript = config.platform == "pytorch_libtorch"
+            || config.backend == "pytorch"
+            || config.default_model_filename.ends_with(".pt");
+        let filename = match (config.default_model_filename.is_empty(), torchscript) {
+            (false, _) => config.default_model_filename.clone(),
+            (true, true) => "model.pt".to_string(),
+            (true, false) => "model.onnx".to_string(),
         };
         for triton_version in &source.versions {
             let version_dir = root.join(&name).join(triton_version.to_string());
@@ -680,16 +684,21 @@ async fn import_triton(
             let artifact = files.iter().find(|f| f.path == filename).ok_or_else(|| {
                 RegistryError::Invalid(format!("{name}/{triton_version}: no {filename} to import"))
             })?;
-            let signature = crate::onnx::signature(&artifact.contents).map_err(|e| {
-                RegistryError::Invalid(format!("{name}/{triton_version}/{filename}: {e}"))
-            })?;
+            // A TorchScript file has no signature to read: its configuration declares it.
+            let signature = if torchscript {
+                Default::default()
+            } else {
+                crate::onnx::signature(&artifact.contents).map_err(|e| {
+                    RegistryError::Invalid(format!("{name}/{triton_version}/{filename}: {e}"))
+                })?
+            };
             let mut tags = BTreeMap::new();
             tags.insert("triton_version".to_string(), triton_version.to_string());
             let manifest = Manifest {
                 schema_version: SCHEMA_VERSION,
                 name: name.clone(),
                 version: 0,
-                framework: "onnx".into(),
+                framework: if torchscript { "torchscript" } else { "onnx" }.into(),
                 created_at: crate::now(),
                 created_by: by.to_string(),
                 description: format!("imported from the Triton repository {dir}"),

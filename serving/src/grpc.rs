@@ -282,7 +282,9 @@ fn parameter_value(parameter: &InferParameter) -> Option<ParameterValue> {
     })
 }
 
-fn decode_infer(request: pb::ModelInferRequest) -> Result<InferRequest, ServingError> {
+/// A protobuf request as the transport-neutral request. Public for the fuzz targets
+/// (`serving/fuzz`).
+pub fn decode_infer(request: pb::ModelInferRequest) -> Result<InferRequest, ServingError> {
     let mut infer = InferRequest {
         id: request.id,
         ..Default::default()

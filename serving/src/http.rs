@@ -477,8 +477,12 @@ impl BinaryOutputs {
     }
 }
 
-/// Decodes a request body; also gives the request's default for binary outputs.
-fn decode_infer(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest, bool), ServingError> {
+/// Decodes a request body (JSON, or a JSON header followed by binary tensors); also gives the
+/// request's default for binary outputs. Public for the fuzz targets (`serving/fuzz`).
+pub fn decode_infer(
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(InferRequest, bool), ServingError> {
     let header_length = headers
         .get(HEADER_LENGTH)
         .map(|v| {

@@ -1,9 +1,9 @@
-//! Marquee's serving core: KServe v2 over REST and gRPC in front of dynamically batched ONNX
-//! Runtime models. A request reads top to bottom through:
+//! Marquee's serving core: KServe v2 over REST and gRPC in front of dynamically batched models
+//! (ONNX Runtime; TorchScript through libtorch with the `torch` feature). A request reads top to bottom through:
 //!
 //! `http` / `grpc` (transport) → [`service::Service`] (transport-neutral; admission) →
 //! [`infer::InferRequest`] → [`models::ModelManager::get`] →
-//! [`model::LoadedModel::infer`] (validation) → `marquee_batcher` → [`backend::onnx`] →
+//! [`model::LoadedModel::infer`] (validation) → `marquee_batcher` → the model's [`backend`] →
 //! [`infer::InferResponse`] → transport. `/v1/predict` enters at [`predict::Predictor`], which
 //! fetches features, encodes them and calls the same [`model::LoadedModel::infer`].
 //!

@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use marquee_feature_store::Definitions;
 use marquee_proto::ModelConfig;
 
-use crate::backend::onnx::OnnxRuntime;
+use crate::backend::Backends;
 use crate::error::ServingError;
 use crate::infer::parse_version;
 use crate::metrics::Metrics;
@@ -84,7 +84,7 @@ enum ModelState {
 /// Owns every loaded model version.
 pub struct ModelManager {
     source: ModelSource,
-    runtime: OnnxRuntime,
+    backends: Arc<Backends>,
     defaults: ModelDefaults,
     metrics: Arc<Metrics>,
     /// Feature definitions that `/v1/predict` pipelines are checked against at load.
@@ -98,14 +98,14 @@ pub struct ModelManager {
 impl ModelManager {
     pub fn new(
         source: ModelSource,
-        runtime: OnnxRuntime,
+        backends: Backends,
         defaults: ModelDefaults,
         metrics: Arc<Metrics>,
         features: Arc<Definitions>,
     ) -> Self {
         Self {
             source,
-            runtime,
+            backends: Arc::new(backends),
             defaults,
             metrics,
             features,
@@ -337,28 +337,41 @@ impl ModelManager {
         planned: &PlannedVersion,
     ) -> Result<LoadedModel, ServingError> {
         let bytes = self.source.artifact(name, planned).await?;
-        let runtime = self.runtime.clone();
+        let backends = self.backends.clone();
         let defaults = self.defaults.clone();
         let metrics = self.metrics.for_model(name, planned.version);
         let config = planned.config.clone();
+        let signature = planned.signature.clone();
         let model_name = name.to_string();
         let version = planned.version;
         let model = tokio::task::spawn_blocking(move || {
             let failed = |e: String| load_failed(&model_name, format!("version {version}: {e}"));
+            let platform = spec::platform(&config).map_err(failed)?;
+            let backend = backends.get(platform).map_err(|e| failed(e.to_string()))?;
             let sessions = spec::session_configs(&model_name, &config, &defaults)
                 .map_err(failed)?
                 .iter()
-                .map(|session| runtime.session(&bytes, session))
+                .map(|session| backend.session(&bytes, session))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| failed(e.to_string()))?;
-            let (inputs, outputs) = sessions[0].signature();
-            let (spec, warnings) =
-                spec::build_spec(&model_name, version, config, &inputs, &outputs, &defaults)
-                    .map_err(failed)?;
+            // The artifact's own signature, else the registry manifest's, else the declared one.
+            let signature = match sessions[0].signature().or(signature) {
+                Some(signature) => signature,
+                None => spec::declared_signature(&config).map_err(failed)?,
+            };
+            let (spec, warnings) = spec::build_spec(
+                &model_name,
+                version,
+                config,
+                &signature.0,
+                &signature.1,
+                &defaults,
+            )
+            .map_err(failed)?;
             for warning in warnings {
                 tracing::warn!(model = model_name, version, "{warning}");
             }
-            LoadedModel::start(spec, sessions, metrics)
+            LoadedModel::start(spec, &signature, sessions, metrics)
         })
         .await
         .map_err(|e| ServingError::Internal(format!("model loading task failed: {e}")))??;
@@ -375,10 +388,17 @@ impl ModelManager {
             };
             model.with_pipeline(pipeline)
         };
-        model
-            .warm_up()
-            .await
-            .map_err(|e| load_failed(name, format!("version {version} failed its warm-up: {e}")))?;
+        if let Err(e) = model.warm_up().await {
+            // With every dimension known, a model that cannot answer zeros cannot serve. With free
+            // dimensions the warm-up's shape (1 where free) is a guess the model may refuse.
+            if !model.spec().has_free_dims() {
+                return Err(load_failed(
+                    name,
+                    format!("version {version} failed its warm-up: {e}"),
+                ));
+            }
+            tracing::warn!(model = name, version, error = %e, "warm-up with free dimensions set to 1 failed; serving anyway");
+        }
         Ok(model)
     }
 

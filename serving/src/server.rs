@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::backend::Backends;
 use crate::backend::onnx::OnnxRuntime;
 use crate::config::ServeConfig;
 use crate::error::ServingError;
@@ -92,7 +93,7 @@ impl Server {
         let (features, online) = feature_store(config)?;
         let models = Arc::new(ModelManager::new(
             source,
-            runtime,
+            Backends::new(runtime),
             config.model_defaults(),
             metrics.clone(),
             features,

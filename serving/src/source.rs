@@ -8,6 +8,7 @@ use bytes::Bytes;
 use marquee_proto::ModelConfig;
 use marquee_registry::{ModelRepository, Registry, RegistryError};
 
+use crate::backend::{GraphTensor, Platform, Signature};
 use crate::error::ServingError;
 use crate::model::spec;
 
@@ -42,6 +43,9 @@ pub struct PlannedVersion {
     pub pinned: bool,
     /// The `/v1/predict` pipeline declared with the version (`Null`: none).
     pub pipeline: serde_json::Value,
+    /// Inputs and outputs from the registry manifest, for artifacts that carry no signature of
+    /// their own (TorchScript); `None` for Triton repositories and ONNX versions.
+    pub signature: Option<Signature>,
 }
 
 impl ModelSource {
@@ -93,6 +97,7 @@ impl ModelSource {
                             config: config.clone(),
                             pinned: false,
                             pipeline: source.pipeline.clone().unwrap_or_default(),
+                            signature: None,
                         })
                         .collect(),
                     aliases: BTreeMap::new(),
@@ -128,12 +133,15 @@ impl ModelSource {
                                 )
                             })?,
                     };
+                    let (config, signature) = registry_version(&manifest, config)
+                        .map_err(|e| load_failed(name, format!("version {version}: {e}")))?;
                     let pinned = pinned.get(name).is_some_and(|p| p.contains(&version));
                     versions.push(PlannedVersion {
                         version,
                         config,
                         pinned,
                         pipeline: manifest.pipeline,
+                        signature,
                     });
                 }
                 Ok(Plan {
@@ -217,4 +225,59 @@ impl ModelSource {
             e => ServingError::Internal(e.to_string()),
         }
     }
+}
+
+/// What a registry version's manifest adds to its serving configuration: the platform its
+/// framework implies (a TorchScript version needs no `platform` in its configuration, but one
+/// that names another is refused), and for TorchScript, which carries no signature of its own,
+/// the manifest's signature when it has one.
+fn registry_version(
+    manifest: &marquee_registry::Manifest,
+    mut config: ModelConfig,
+) -> Result<(ModelConfig, Option<Signature>), String> {
+    let framework = Platform::of_framework(&manifest.framework).ok_or_else(|| {
+        format!(
+            "the manifest's framework '{}' is not served (onnx or torchscript)",
+            manifest.framework
+        )
+    })?;
+    if framework == Platform::Torch && config.platform.is_empty() && config.backend.is_empty() {
+        config.platform = Platform::Torch.platform_name().to_string();
+    }
+    let configured = spec::platform(&config)?;
+    if configured != framework {
+        return Err(format!(
+            "the manifest says {} but the serving configuration names platform '{}' / backend '{}'",
+            manifest.framework, config.platform, config.backend
+        ));
+    }
+    let declared = &manifest.signature;
+    let signature = (framework == Platform::Torch
+        && !(declared.inputs.is_empty() && declared.outputs.is_empty()))
+    .then(|| manifest_signature(declared))
+    .transpose()
+    .map_err(|e| format!("manifest signature: {e}"))?;
+    Ok((config, signature))
+}
+
+/// A manifest's signature as the backend would report it (types by their KServe names).
+fn manifest_signature(signature: &marquee_registry::onnx::Signature) -> Result<Signature, String> {
+    let tensors = |list: &[marquee_registry::onnx::TensorSignature]| {
+        list.iter()
+            .map(|t| {
+                let dtype = crate::tensor::DataType::from_name(&t.datatype).ok_or_else(|| {
+                    format!(
+                        "tensor '{}' has an unknown datatype '{}'",
+                        t.name, t.datatype
+                    )
+                })?;
+                Ok(GraphTensor {
+                    name: t.name.clone(),
+                    dtype: Some(dtype),
+                    shape: t.shape.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()
+    };
+    Ok((tensors(&signature.inputs)?, tensors(&signature.outputs)?))
 }

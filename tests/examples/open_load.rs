@@ -70,12 +70,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let at = |q: f64| marquee_tests::quantile(&latencies, q);
     println!(
         "{{\"offered_per_second\": {rate}, \"sent\": {sent}, \"answered\": {}, \"errors\": {}, \"dropped\": {}, \"per_second\": {:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}}}",
         latencies.len(),

@@ -100,9 +100,77 @@ pub fn manifest(config: serde_json::Value) -> marquee_registry::Manifest {
 
 /// Outputs Python onnxruntime computed for the real models (see make_fixtures.py).
 pub fn reference() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixtures().join("reference.json"))
-        .expect("reference.json is readable");
-    serde_json::from_str(&text).expect("reference.json is JSON")
+    reference_file("reference.json")
+}
+
+/// The numbers of a JSON array (a reference tensor's or a response's `data`).
+pub fn json_numbers(value: &serde_json::Value) -> Vec<f64> {
+    value
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v.as_f64().expect("number"))
+        .collect()
+}
+
+/// A reference case (`{"inputs": {name: {shape, datatype, data}}}`) as a v2 JSON request.
+pub fn reference_request(case: &serde_json::Value) -> serde_json::Value {
+    let inputs: Vec<serde_json::Value> = case["inputs"]
+        .as_object()
+        .expect("reference inputs")
+        .iter()
+        .map(|(name, t)| serde_json::json!({"name": name, "shape": t["shape"], "datatype": t["datatype"], "data": t["data"]}))
+        .collect();
+    serde_json::json!({ "inputs": inputs })
+}
+
+/// Asserts that a v2 JSON response carries every output of a reference case with its shape (and
+/// datatype, where the reference gives one) and values within `tolerance`.
+pub fn assert_reference_outputs(
+    body: &serde_json::Value,
+    case: &serde_json::Value,
+    tolerance: f64,
+    what: &str,
+) {
+    let outputs = body["outputs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: no outputs in {body}"));
+    for (name, want) in case["outputs"].as_object().expect("reference outputs") {
+        let got = outputs
+            .iter()
+            .find(|o| o["name"] == *name)
+            .unwrap_or_else(|| panic!("{what} returned no {name}: {body}"));
+        assert_eq!(got["shape"], want["shape"], "{what}/{name} shape");
+        if !want["datatype"].is_null() {
+            assert_eq!(got["datatype"], want["datatype"], "{what}/{name} datatype");
+        }
+        assert_close(
+            &json_numbers(&got["data"]),
+            &json_numbers(&want["data"]),
+            tolerance,
+            &format!("{what}/{name}"),
+        );
+    }
+}
+
+/// The `q` quantile (0..=1) of sorted values; NaN when there are none.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// Outputs torch computed for the TorchScript fixtures (see make_torch_fixtures.py).
+pub fn torch_reference() -> serde_json::Value {
+    reference_file("torch_reference.json")
+}
+
+fn reference_file(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join(name)).unwrap_or_else(|e| {
+        panic!("{name} is readable ({e}); run tests/fixtures/make_fixtures.py")
+    });
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name} is JSON: {e}"))
 }
 
 /// A throwaway model repository assembled from fixture models.
@@ -131,11 +199,15 @@ impl Repository {
         let from = fixtures().join("models").join(source);
         let to = self.dir.path().join(name);
         std::fs::create_dir_all(to.join(version.to_string())).expect("model folder");
-        std::fs::copy(
-            from.join("1/model.onnx"),
-            to.join(format!("{version}/model.onnx")),
-        )
-        .expect("model copied");
+        // The fixture's version folder as it is: model.onnx, or model.pt for TorchScript.
+        for file in std::fs::read_dir(from.join("1")).expect("fixture version folder") {
+            let file = file.expect("fixture file");
+            std::fs::copy(
+                file.path(),
+                to.join(version.to_string()).join(file.file_name()),
+            )
+            .expect("model copied");
+        }
         match config {
             Some(text) => std::fs::write(to.join("config.pbtxt"), text).expect("config written"),
             None if from.join("config.pbtxt").is_file() => {

@@ -7,34 +7,16 @@
 //! hidden states must agree to 1e-4.
 
 use marquee_proto::inference as pb;
-use marquee_tests::{Repository, TestServer, assert_close, f32_bytes, f32_values, reference};
-use serde_json::{Value, json};
-
-fn numbers(value: &Value) -> Vec<f64> {
-    value
-        .as_array()
-        .expect("array")
-        .iter()
-        .map(|v| v.as_f64().expect("number"))
-        .collect()
-}
+use marquee_tests::{
+    Repository, TestServer, assert_close, assert_reference_outputs, f32_bytes, f32_values,
+    json_numbers, reference, reference_request,
+};
 
 fn repository() -> Repository {
     Repository::new()
         .add("gbr", "gbr", None)
         .add("iforest", "iforest", None)
         .add("minilm", "minilm", None)
-}
-
-/// The reference case of `model` as a v2 JSON request.
-fn json_request(case: &Value) -> Value {
-    let inputs: Vec<Value> = case["inputs"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(name, t)| json!({"name": name, "shape": t["shape"], "datatype": t["datatype"], "data": t["data"]}))
-        .collect();
-    json!({ "inputs": inputs })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,24 +26,13 @@ async fn rest_json_answers_match_python_onnxruntime() {
     for (model, tolerance) in [("gbr", 1e-6), ("iforest", 1e-6), ("minilm", 1e-4)] {
         let case = &reference[model];
         let (status, body) = server
-            .post(&format!("/v2/models/{model}/infer"), json_request(case))
+            .post(
+                &format!("/v2/models/{model}/infer"),
+                reference_request(case),
+            )
             .await;
         assert_eq!(status, 200, "{model}: {body}");
-        for (name, want) in case["outputs"].as_object().unwrap() {
-            let got = body["outputs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|o| o["name"] == *name)
-                .unwrap_or_else(|| panic!("{model} returned no {name}"));
-            assert_eq!(got["shape"], want["shape"], "{model}/{name} shape");
-            assert_close(
-                &numbers(&got["data"]),
-                &numbers(&want["data"]),
-                tolerance,
-                &format!("{model}/{name}"),
-            );
-        }
+        assert_reference_outputs(&body, case, tolerance, model);
     }
     server.stop().await;
 }
@@ -87,7 +58,7 @@ async fn grpc_raw_answers_match_python_onnxruntime() {
                 .collect();
             let raw: Vec<u8> = match t["datatype"].as_str().unwrap() {
                 "FP32" => f32_bytes(
-                    &numbers(&t["data"])
+                    &json_numbers(&t["data"])
                         .iter()
                         .map(|&v| v as f32)
                         .collect::<Vec<_>>(),
@@ -129,7 +100,7 @@ async fn grpc_raw_answers_match_python_onnxruntime() {
             };
             assert_close(
                 &got,
-                &numbers(&want["data"]),
+                &json_numbers(&want["data"]),
                 tolerance,
                 &format!("{model}/{}", output.name),
             );
@@ -149,11 +120,11 @@ async fn minilm_embeddings_separate_meanings() {
     let server = TestServer::start(repository()).await;
     let case = &reference()["minilm"];
     let (status, body) = server
-        .post("/v2/models/minilm/infer", json_request(case))
+        .post("/v2/models/minilm/infer", reference_request(case))
         .await;
     assert_eq!(status, 200, "{body}");
-    let hidden = numbers(&body["outputs"][0]["data"]);
-    let mask = numbers(&case["inputs"]["attention_mask"]["data"]);
+    let hidden = json_numbers(&body["outputs"][0]["data"]);
+    let mask = json_numbers(&case["inputs"]["attention_mask"]["data"]);
     let shape = &case["inputs"]["input_ids"]["shape"];
     let (sentences, tokens) = (
         shape[0].as_u64().unwrap() as usize,

@@ -506,3 +506,35 @@ async fn gpu_instances_without_cuda_are_refused_with_the_reason() {
     );
     server.stop().await;
 }
+
+/// A build without the torch backend refuses a TorchScript model by name and says how to get it;
+/// the ONNX model beside it serves.
+#[cfg(not(feature = "torch"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torchscript_models_need_the_torch_build_and_say_so() {
+    let config = "platform: \"pytorch_libtorch\"\nmax_batch_size: 8\n\
+        input [ { name: \"INPUT__0\", data_type: TYPE_FP32, dims: [ 8 ] } ]\n\
+        output [ { name: \"OUTPUT__0\", data_type: TYPE_FP32, dims: [ 4 ] } ]\n";
+    let repository = Repository::new()
+        .add("gbr", "gbr", None)
+        .write("mlp/config.pbtxt", config.as_bytes())
+        .write("mlp/1/model.pt", b"a TorchScript archive");
+    let server = TestServer::start(repository).await;
+    let (_, index) = server.post("/v2/repository/index", json!({})).await;
+    let mlp = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "mlp")
+        .unwrap();
+    let reason = mlp["reason"].as_str().unwrap();
+    assert!(reason.contains("--features torch"), "{reason}");
+    let gbr = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "gbr")
+        .unwrap();
+    assert_eq!(gbr["state"], "READY");
+    server.stop().await;
+}

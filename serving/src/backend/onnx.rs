@@ -14,7 +14,8 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 
 use super::{
-    BackendError, Binding, ComputeRecorder, ComputeTimes, GraphTensor, InferJob, SessionConfig,
+    Backend, BackendError, Binding, ComputeRecorder, ComputeTimes, Execute, GraphTensor, InferJob,
+    Instance, SessionConfig, Signature, batch_shape, split_rows,
 };
 use crate::tensor::{DataType, Tensor, TensorData};
 
@@ -64,14 +65,16 @@ impl OnnxRuntime {
             .map_err(|e| BackendError::Runtime(format!("cannot start ONNX Runtime: {e}")))?;
         Ok(Self { environment })
     }
+}
 
+impl Backend for OnnxRuntime {
     /// Creates a session for one instance, on its device with its threads. The first session of
     /// a model also tells its signature, so a model is read once per instance, never more.
-    pub fn session(
+    fn session(
         &self,
         model: &[u8],
         config: &SessionConfig,
-    ) -> Result<OnnxSession, BackendError> {
+    ) -> Result<Box<dyn super::Session>, BackendError> {
         let failed = |e: String| {
             BackendError::Model(format!("ONNX Runtime cannot load the model: {}", e.trim()))
         };
@@ -92,18 +95,18 @@ impl OnnxRuntime {
         let session = builder
             .commit_from_memory(model)
             .map_err(|e| failed(e.to_string()))?;
-        Ok(OnnxSession { session })
+        Ok(Box::new(OnnxSession { session }))
     }
 }
 
 /// A session not yet bound to a model specification.
-pub struct OnnxSession {
+struct OnnxSession {
     session: Session,
 }
 
-impl OnnxSession {
-    /// The graph's inputs and outputs, for Triton-style auto-complete and validation.
-    pub fn signature(&self) -> (Vec<GraphTensor>, Vec<GraphTensor>) {
+impl super::Session for OnnxSession {
+    /// The graph's inputs and outputs.
+    fn signature(&self) -> Option<Signature> {
         let describe = |outlets: &[ort::value::Outlet]| {
             outlets
                 .iter()
@@ -118,25 +121,24 @@ impl OnnxSession {
                 })
                 .collect()
         };
-        (
+        Some((
             describe(self.session.inputs()),
             describe(self.session.outputs()),
-        )
+        ))
     }
 
-    /// Binds the session to the tensors the specification names, making it an instance.
-    pub fn bind(
-        self,
+    fn bind(
+        self: Box<Self>,
         binding: &Binding,
         recorder: Arc<dyn ComputeRecorder>,
-    ) -> Result<OnnxInstance, BackendError> {
+    ) -> Result<Instance, BackendError> {
         let session = self.session;
         let input_slots =
             session
                 .inputs()
                 .iter()
                 .map(|input| {
-                    binding.inputs.iter().position(|n| n == input.name()).ok_or_else(|| {
+                    binding.inputs.iter().position(|t| t.name == input.name()).ok_or_else(|| {
                     BackendError::Model(format!(
                         "the model needs input '{}' but the configuration does not declare it",
                         input.name()
@@ -144,20 +146,20 @@ impl OnnxSession {
                 })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-        for name in &binding.outputs {
+        for name in binding.outputs.iter().map(|t| &t.name) {
             if !session.outputs().iter().any(|o| o.name() == name) {
                 return Err(BackendError::Model(format!(
                     "the configuration declares output '{name}' but the model has no such output"
                 )));
             }
         }
-        Ok(OnnxInstance {
+        Ok(Instance::new(OnnxInstance {
             session,
             input_slots,
-            outputs: binding.outputs.clone(),
+            outputs: binding.outputs.iter().map(|t| t.name.clone()).collect(),
             batched: binding.batched,
             recorder,
-        })
+        }))
     }
 }
 
@@ -188,7 +190,7 @@ fn with_cuda(
 }
 
 /// One model instance: a session and the mapping from configured tensors to the graph's.
-pub struct OnnxInstance {
+struct OnnxInstance {
     session: Session,
     /// For each session input (graph order), its index in the job's inputs (configuration order).
     input_slots: Vec<usize>,
@@ -199,11 +201,7 @@ pub struct OnnxInstance {
     recorder: Arc<dyn ComputeRecorder>,
 }
 
-impl marquee_batcher::Executor for OnnxInstance {
-    type Job = InferJob;
-    type Output = Vec<Tensor>;
-    type Error = BackendError;
-
+impl Execute for OnnxInstance {
     fn execute(&mut self, jobs: &[InferJob]) -> Result<Vec<Vec<Tensor>>, BackendError> {
         let started = Instant::now();
         let rows: usize = jobs.iter().map(|j| j.rows).sum();
@@ -242,11 +240,7 @@ impl marquee_batcher::Executor for OnnxInstance {
         self.recorder.record(
             jobs.len(),
             rows,
-            ComputeTimes {
-                input: inputs_ready - started,
-                infer: inferred - inputs_ready,
-                output: inferred.elapsed(),
-            },
+            ComputeTimes::since(started, inputs_ready, inferred),
         );
         Ok(per_job)
     }
@@ -259,10 +253,7 @@ fn batch_input(
     batched: bool,
 ) -> Result<SessionInputValue<'static>, BackendError> {
     let first = &jobs[0].inputs[slot];
-    let mut shape = first.shape.clone();
-    if batched {
-        shape[0] = jobs.iter().map(|j| j.inputs[slot].shape[0]).sum();
-    }
+    let shape = batch_shape(jobs, slot, batched);
     let parts = jobs.iter().map(|j| &j.inputs[slot].data);
     let value = match first.dtype {
         DataType::Bytes => {
@@ -410,48 +401,6 @@ fn read_output(
         DataType::Fp64 => fixed!(f64),
     };
     Ok((dtype, shape, data))
-}
-
-/// Cuts a batched output into each job's rows; slices of one buffer, no copies.
-fn split_rows(
-    name: &str,
-    dtype: DataType,
-    shape: &[i64],
-    data: TensorData,
-    jobs: &[InferJob],
-    rows: usize,
-    per_job: &mut [Vec<Tensor>],
-) -> Result<(), BackendError> {
-    if shape.first().copied() != Some(rows as i64) {
-        return Err(BackendError::Inference(format!(
-            "output '{name}' has shape {shape:?}; a batching model must return {rows} rows first"
-        )));
-    }
-    let row_elements: usize = shape[1..].iter().map(|&d| d as usize).product();
-    let mut start_row = 0;
-    for (job, out) in jobs.iter().zip(per_job.iter_mut()) {
-        let (from, to) = (
-            start_row * row_elements,
-            (start_row + job.rows) * row_elements,
-        );
-        let part = match &data {
-            TensorData::Fixed(bytes) => {
-                let size = dtype.size().expect("fixed-size type");
-                TensorData::Fixed(bytes.slice(from * size..to * size))
-            }
-            TensorData::Strings(items) => TensorData::Strings(items[from..to].to_vec()),
-        };
-        let mut job_shape = shape.to_vec();
-        job_shape[0] = job.rows as i64;
-        out.push(Tensor {
-            name: name.to_string(),
-            dtype,
-            shape: job_shape,
-            data: part,
-        });
-        start_row += job.rows;
-    }
-    Ok(())
 }
 
 /// The protocol type of an ONNX element type; `None` for types the protocol cannot carry.

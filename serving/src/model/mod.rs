@@ -1,5 +1,5 @@
-//! A loaded model version: its spec, its batcher with one ONNX Runtime instance per thread, and
-//! its statistics. `LoadedModel::infer` is the middle of every request's path: it checks the
+//! A loaded model version: its spec, its batcher with one backend instance per thread, and its
+//! statistics. `LoadedModel::infer` is the middle of every request's path: it checks the
 //! request against the spec, hands a job to the batcher, and turns the job's tensors into the
 //! response the client asked for.
 
@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use marquee_batcher::{BatchError, Batcher, SubmitOptions};
 use marquee_proto::inference;
 
-use crate::backend::onnx::{OnnxInstance, OnnxSession};
-use crate::backend::{BackendError, Binding, InferJob};
+use crate::backend::{
+    BackendError, Binding, BoundTensor, GraphTensor, InferJob, Instance, Session, Signature,
+};
 use crate::error::ServingError;
 use crate::infer::{InferRequest, InferResponse, RequestedOutput};
 use crate::metrics::ModelMetrics;
@@ -25,7 +26,7 @@ use stats::ModelStats;
 /// One model version, ready to serve.
 pub struct LoadedModel {
     spec: ModelSpec,
-    batcher: Batcher<OnnxInstance>,
+    batcher: Batcher<Instance>,
     stats: Arc<ModelStats>,
     pipeline: PipelineState,
 }
@@ -40,16 +41,34 @@ pub enum PipelineState {
 }
 
 impl LoadedModel {
-    /// Binds one session per instance to the spec and starts the batcher.
+    /// Binds one session per instance to the spec (checked against `signature`) and starts the
+    /// batcher.
     pub fn start(
         spec: ModelSpec,
-        sessions: Vec<OnnxSession>,
+        signature: &Signature,
+        sessions: Vec<Box<dyn Session>>,
         metrics: ModelMetrics,
     ) -> Result<Self, ServingError> {
         let stats = Arc::new(ModelStats::new(metrics));
+        // Each tensor's place in the signature the spec was checked against (the spec keeps the
+        // configuration's order, which may list a subset or another order).
+        let bound = |tensors: &[TensorSpec], signature: &[GraphTensor]| {
+            tensors
+                .iter()
+                .enumerate()
+                .map(|(index, t)| BoundTensor {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    position: signature
+                        .iter()
+                        .position(|g| g.name == t.name)
+                        .unwrap_or(index),
+                })
+                .collect()
+        };
         let binding = Binding {
-            inputs: spec.inputs.iter().map(|t| t.name.clone()).collect(),
-            outputs: spec.outputs.iter().map(|t| t.name.clone()).collect(),
+            inputs: bound(&spec.inputs, &signature.0),
+            outputs: bound(&spec.outputs, &signature.1),
             batched: spec.max_batch_size > 0,
         };
         let instances = sessions

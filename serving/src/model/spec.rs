@@ -1,9 +1,12 @@
-//! From a Triton model configuration and the ONNX graph to the typed `ModelSpec` serving runs on.
+//! From a Triton model configuration and the model's signature to the typed `ModelSpec` serving
+//! runs on.
 //!
 //! Completion follows Triton's ONNX auto-complete: what the configuration leaves out (inputs,
 //! outputs, dims, `max_batch_size` for graphs whose first dimension is free) is filled from the
-//! graph; what it states is checked against the graph. Fields Marquee does not act on produce a
-//! warning and are otherwise ignored; fields that would change results if ignored are refused.
+//! graph; what it states is checked against the graph. A TorchScript model carries no signature,
+//! so, as for Triton's PyTorch backend, its configuration (or its registry manifest) declares the
+//! tensors. Fields Marquee does not act on produce a warning and are otherwise ignored; fields
+//! that would change results if ignored are refused.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -17,13 +20,8 @@ use marquee_proto::inference::{
     self, ModelDynamicBatching, ModelInput, ModelInstanceGroup, ModelOutput, ModelQueuePolicy,
 };
 
-use crate::backend::{GraphTensor, SessionConfig};
+use crate::backend::{GraphTensor, Platform, SessionConfig, Signature};
 use crate::tensor::DataType;
-
-/// The platform and backend names Triton uses for ONNX models.
-pub const ONNX_PLATFORM: &str = "onnxruntime_onnx";
-pub const ONNX_BACKEND: &str = "onnxruntime";
-pub const DEFAULT_MODEL_FILENAME: &str = "model.onnx";
 
 /// Server-wide defaults that apply where a model configuration says nothing.
 #[derive(Debug, Clone)]
@@ -32,7 +30,7 @@ pub struct ModelDefaults {
     pub max_batch_size: i32,
     /// Queue bound used when a configuration leaves `max_queue_size` at 0 (Triton: unbounded).
     pub max_queue_size: usize,
-    /// ONNX Runtime intra-op threads when the configuration has no `intra_op_thread_count`.
+    /// Intra-op threads (ONNX Runtime's, libtorch's) when the configuration sets none.
     pub intra_op_threads: usize,
 }
 
@@ -73,6 +71,11 @@ impl ModelSpec {
             .find(|(_, t)| t.name == name)
     }
 
+    /// Whether an input leaves a dimension (beyond the batch) to the request.
+    pub fn has_free_dims(&self) -> bool {
+        self.inputs.iter().any(|t| t.dims.contains(&-1))
+    }
+
     /// The shape clients see: dims with a leading -1 when the model batches.
     pub fn client_shape(&self, tensor: &TensorSpec) -> Vec<i64> {
         if self.max_batch_size > 0 {
@@ -85,13 +88,64 @@ impl ModelSpec {
     }
 }
 
-/// The file that holds a version's model.
+/// The platform that serves a configuration's model.
+pub fn platform(config: &ModelConfig) -> Result<Platform, String> {
+    Platform::of(
+        &config.platform,
+        &config.backend,
+        &config.default_model_filename,
+    )
+}
+
+/// The file that holds a version's model (the platform's default unless the configuration
+/// names one).
 pub fn model_filename(config: &ModelConfig) -> &str {
     if config.default_model_filename.is_empty() {
-        DEFAULT_MODEL_FILENAME
+        platform(config)
+            .unwrap_or(Platform::Onnx)
+            .default_model_filename()
     } else {
         &config.default_model_filename
     }
+}
+
+/// The signature a configuration declares, for models whose artifact carries none: every input
+/// and output with its data type and dims (the batch dimension added when the model batches).
+pub fn declared_signature(config: &ModelConfig) -> Result<Signature, String> {
+    if config.input.is_empty() || config.output.is_empty() {
+        return Err(
+            "a TorchScript model carries no signature: declare every input and output (name, data_type, dims) in its configuration".into(),
+        );
+    }
+    let batch: &[i64] = if config.max_batch_size > 0 {
+        &[-1]
+    } else {
+        &[]
+    };
+    let tensor = |role: &str, name: &str, data_type: i32, dims: &[i64]| {
+        let dtype = data_type_from_config(data_type).ok_or_else(|| {
+            format!("{role} '{name}' needs a data_type (TYPE_FP32, TYPE_INT64, …)")
+        })?;
+        if dims.is_empty() {
+            return Err(format!("{role} '{name}' needs dims"));
+        }
+        Ok(GraphTensor {
+            name: name.to_string(),
+            dtype: Some(dtype),
+            shape: batch.iter().chain(dims).copied().collect(),
+        })
+    };
+    let inputs = config
+        .input
+        .iter()
+        .map(|t| tensor("input", &t.name, t.data_type, &t.dims))
+        .collect::<Result<_, _>>()?;
+    let outputs = config
+        .output
+        .iter()
+        .map(|t| tensor("output", &t.name, t.data_type, &t.dims))
+        .collect::<Result<_, _>>()?;
+    Ok((inputs, outputs))
 }
 
 /// Checks what can be checked before the artifact is read: backend, scheduling, name.
@@ -102,14 +156,7 @@ pub fn check_config(name: &str, config: &ModelConfig) -> Result<(), String> {
             config.name
         ));
     }
-    let platform_ok = matches!(config.platform.as_str(), "" | ONNX_PLATFORM);
-    let backend_ok = matches!(config.backend.as_str(), "" | ONNX_BACKEND);
-    if !platform_ok || !backend_ok {
-        return Err(format!(
-            "platform '{}' / backend '{}' is not served: Marquee serves ONNX models (platform '{ONNX_PLATFORM}', backend '{ONNX_BACKEND}')",
-            config.platform, config.backend
-        ));
-    }
+    platform(config)?;
     match &config.scheduling_choice {
         Some(SchedulingChoice::SequenceBatching(_)) => {
             return Err("sequence batching (stateful models) is not supported".into());
@@ -171,10 +218,14 @@ pub fn build_spec(
     check_config(name, &config)?;
     let mut warnings = ignored_fields(&config);
     config.name = name.to_string();
-    config.platform = ONNX_PLATFORM.to_string();
-    config.backend = ONNX_BACKEND.to_string();
+    let platform = platform(&config)?;
+    if platform == Platform::Torch {
+        torch_checks(&config, &mut warnings)?;
+    }
+    config.platform = platform.platform_name().to_string();
+    config.backend = platform.backend_name().to_string();
     if config.default_model_filename.is_empty() {
-        config.default_model_filename = DEFAULT_MODEL_FILENAME.to_string();
+        config.default_model_filename = platform.default_model_filename().to_string();
     }
 
     let graph_can_batch = graph_inputs
@@ -213,7 +264,8 @@ pub fn build_spec(
 
     let instances = complete_instances(name, &mut config, defaults)?;
     for key in config.parameters.keys() {
-        if ![INTRA_OP_THREADS, INTER_OP_THREADS, LATENCY_BUDGET].contains(&key.as_str()) {
+        let known = [INTRA_OP_THREADS, INTER_OP_THREADS, LATENCY_BUDGET];
+        if !known.iter().any(|k| k.eq_ignore_ascii_case(key)) {
             warnings.push(format!("parameter '{key}' is ignored"));
         }
     }
@@ -231,12 +283,36 @@ pub fn build_spec(
     Ok((spec, warnings))
 }
 
-/// The model parameters (Triton's ONNX Runtime backend names) that set thread counts.
+/// The model parameters that set thread counts: Triton's ONNX Runtime backend names them in lower
+/// case, its PyTorch backend in upper case (`INTRA_OP_THREAD_COUNT`); either spelling is taken.
 const INTRA_OP_THREADS: &str = "intra_op_thread_count";
 const INTER_OP_THREADS: &str = "inter_op_thread_count";
+/// At most this many instances per model: each is a thread with its own copy of the model.
+const MAX_INSTANCES: usize = 256;
 /// Beyond Triton: a p99 latency target (queue wait plus compute, milliseconds) that makes the
 /// queue delay adaptive, between zero and `max_queue_delay_microseconds`.
 const LATENCY_BUDGET: &str = "latency_budget_ms";
+
+/// What a TorchScript configuration cannot ask for. Nothing checks a TorchScript model's dims
+/// against a graph, so `reshape` would silently feed the model other shapes: refused. libtorch's
+/// inter-op thread count is one per process and fixed once used: not applied, said so.
+fn torch_checks(config: &ModelConfig, warnings: &mut Vec<String>) -> Result<(), String> {
+    if config.input.iter().any(|i| i.reshape.is_some())
+        || config.output.iter().any(|o| o.reshape.is_some())
+    {
+        return Err("reshape is not supported for TorchScript models: declare the dims forward() takes and returns".into());
+    }
+    if config
+        .parameters
+        .keys()
+        .any(|k| k.eq_ignore_ascii_case(INTER_OP_THREADS))
+    {
+        warnings.push(format!(
+            "parameter {INTER_OP_THREADS} is not applied to TorchScript models (libtorch has one inter-op pool per process)"
+        ));
+    }
+    Ok(())
+}
 
 /// The sessions to create for a model, one per instance, from its `instance_group` and thread
 /// parameters. Needs no artifact, so sessions can be made before the graph is inspected.
@@ -257,8 +333,9 @@ fn complete_instances(
     let thread_parameter = |key: &str| -> Result<Option<usize>, String> {
         config
             .parameters
-            .get(key)
-            .map(|p| {
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, p)| {
                 p.string_value.trim().parse().map_err(|_| {
                     format!(
                         "parameter {key} must be a whole number, got '{}'",
@@ -300,6 +377,12 @@ fn complete_instances(
             kind
         };
         group.kind = kind as i32;
+        let group_instances = group.count as usize * group.gpus.len().max(1);
+        if instances.len() + group_instances > MAX_INSTANCES {
+            return Err(format!(
+                "instance_group asks for more than {MAX_INSTANCES} instances (each one a thread with its own copy of the model)"
+            ));
+        }
         match kind {
             Kind::Cpu => instances.extend((0..group.count).map(|_| session(None))),
             Kind::Gpu => {
@@ -714,7 +797,7 @@ mod tests {
         assert_eq!(spec.client_shape(&spec.inputs[0]), vec![-1, 10]);
         assert_eq!(spec.instances.len(), 1);
         assert_eq!(spec.instances[0].gpu, None);
-        assert_eq!(spec.config.platform, ONNX_PLATFORM);
+        assert_eq!(spec.config.platform, "onnxruntime_onnx");
         assert_eq!(spec.batching.default_queue_policy.max_queue_size, 100);
     }
 
@@ -841,6 +924,14 @@ mod tests {
         );
         let tf = marquee_proto::parse_config_text("platform: \"tensorflow_savedmodel\"").unwrap();
         assert!(check_config("m", &tf).unwrap_err().contains("ONNX"));
+        let torch = marquee_proto::parse_config_text("backend: \"pytorch\"").unwrap();
+        assert_eq!(platform(&torch), Ok(Platform::Torch));
+        assert_eq!(model_filename(&torch), "model.pt");
+        let mixed = marquee_proto::parse_config_text(
+            "platform: \"pytorch_libtorch\" backend: \"onnxruntime\"",
+        )
+        .unwrap();
+        assert!(check_config("m", &mixed).is_err());
         let named = marquee_proto::parse_config_text("name: \"other\"").unwrap();
         assert!(
             check_config("m", &named)
