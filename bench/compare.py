@@ -7,8 +7,11 @@ client (perf_analyzer) and the same models, so the ratios it prints compare like
 Needs `deploy/setup.sh --test` (perf_analyzer, models) and `bench/peers/setup.sh .marquee/peers`
 (the peers); the script runs both, and builds Marquee, before it measures. Servers run one at a
 time on loopback; the client shares the machine's cores with the server, as it would for any peer.
-Prints throughput (infer/s) and p50/p99 latency per server, model, protocol and concurrency, the
-ratios the project tracks, and writes everything to .marquee/bench/results.json.
+Prints throughput (infer/s), p50/p99 latency and server CPU per inference (the server process
+tree's CPU time over the inferences it served during the run, by its own statistics) per server,
+model, protocol and concurrency, the ratios the project tracks, and writes everything to
+.marquee/bench/results.json. On 2 shared cores throughput is bound by the client; CPU per
+inference is not.
 """
 
 import argparse
@@ -110,7 +113,54 @@ def stop(process):
         process.wait()
 
 
-def perf(server, model, protocol, concurrency, inputs, window_ms):
+def tree_cpu_seconds(pid):
+    """User + system CPU time of `pid` and every process below it (PyTriton runs tritonserver as a
+    child; MLServer forks workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append((int(entry), int(fields[11]) + int(fields[12])))
+    total, stack = 0, [pid]
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total = int(fields[11]) + int(fields[12])
+    except OSError:
+        return None
+    while stack:
+        for child, used in children.get(stack.pop(), []):
+            total += used
+            stack.append(child)
+    return total / ticks
+
+
+def served(server, model):
+    """Inferences the server has run for `model` (its statistics extension, or MLServer's
+    Prometheus counter); None when it does not say."""
+    port = SERVERS[server]["http"]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/stats", timeout=5) as r:
+            stats = json.load(r)
+        return sum(int(s.get("inference_count", 0)) for s in stats.get("model_stats", []))
+    except (OSError, ValueError):
+        pass
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:8082/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    count = None
+    for line in text.splitlines():
+        if line.startswith("model_infer_request_success") and f'model="{model}"' in line:
+            count = (count or 0) + float(line.rsplit(" ", 1)[1])
+    return count
+
+
+def perf(server, model, protocol, concurrency, inputs, window_ms, pid=None):
     spec = SERVERS[server]
     url = f"127.0.0.1:{spec[protocol]}"
     with tempfile.NamedTemporaryFile(suffix=".csv", dir=OUT, delete=False) as report:
@@ -123,6 +173,7 @@ def perf(server, model, protocol, concurrency, inputs, window_ms):
     if protocol == "http":
         command += ["--input-tensor-format", spec["http_format"], "--output-tensor-format", spec["http_format"]]
     row = {"server": server, "model": model, "protocol": protocol, "concurrency": concurrency}
+    cpu_before, count_before = (tree_cpu_seconds(pid), served(server, model)) if pid else (None, None)
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=window_ms * 12 / 1000 + 120)
     except subprocess.TimeoutExpired:
@@ -137,6 +188,10 @@ def perf(server, model, protocol, concurrency, inputs, window_ms):
     report_path.unlink()
     row.update(throughput=float(measured["Inferences/Second"]), p50_ms=int(measured["p50 latency"]) / 1000,
                p99_ms=int(measured["p99 latency"]) / 1000)
+    if cpu_before is not None and count_before is not None:
+        cpu_after, count_after = tree_cpu_seconds(pid), served(server, model)
+        if cpu_after is not None and count_after is not None and count_after > count_before:
+            row["cpu_us_per_inference"] = (cpu_after - cpu_before) * 1e6 / (count_after - count_before)
     return row
 
 
@@ -198,7 +253,7 @@ def main():
             for model in args.models:
                 for protocol in args.protocols:
                     for c in args.concurrency:
-                        row = perf(server, model, protocol, c, inputs, args.window_ms)
+                        row = perf(server, model, protocol, c, inputs, args.window_ms, process.pid)
                         print(format_row(row), flush=True)
                         results["runs"].append(row)
             if server == "marquee" and "iforest" in args.models:
@@ -228,14 +283,16 @@ def platform_name():
 def format_row(row):
     if "error" in row:
         return f"{row['server']:<9}{row['model']:<8}{row['protocol']:<5}c={row['concurrency']:<3} FAILED {row['error']}"
+    cpu = row.get("cpu_us_per_inference")
     return (f"{row['server']:<9}{row['model']:<8}{row['protocol']:<5}c={row['concurrency']:<3}"
-            f"{row['throughput']:>10.0f} infer/s  p50 {row['p50_ms']:>7.2f} ms  p99 {row['p99_ms']:>7.2f} ms")
+            f"{row['throughput']:>10.0f} infer/s  p50 {row['p50_ms']:>7.2f} ms  p99 {row['p99_ms']:>7.2f} ms"
+            f"  server CPU {f'{cpu:.1f} us' if cpu is not None else 'n/a'}/inference")
 
 
 def report(results, args):
     runs = {(r["server"], r["model"], r["protocol"], r["concurrency"]): r for r in results["runs"] if "error" not in r}
     print(f"\nMachine: {results['machine']}\n")
-    print("| model | protocol | concurrency | " + " | ".join(f"{s} infer/s (p50/p99 ms)" for s in args.servers)
+    print("| model | protocol | concurrency | " + " | ".join(f"{s} infer/s (p50/p99 ms, server CPU-us/inference)" for s in args.servers)
           + " | " + " | ".join(f"marquee / {s}" for s in args.servers if s != "marquee") + " |")
     print("|" + "---|" * (3 + len(args.servers) + len([s for s in args.servers if s != "marquee"])))
     for model in args.models:
@@ -244,7 +301,9 @@ def report(results, args):
                 cells, ratios = [], []
                 for s in args.servers:
                     r = runs.get((s, model, protocol, c))
-                    cells.append(f"{r['throughput']:.0f} ({r['p50_ms']:.2f}/{r['p99_ms']:.2f})" if r else "failed")
+                    cpu = r.get("cpu_us_per_inference") if r else None
+                    cells.append(f"{r['throughput']:.0f} ({r['p50_ms']:.2f}/{r['p99_ms']:.2f}, "
+                                 f"{f'{cpu:.0f}' if cpu is not None else 'n/a'} CPU-us)" if r else "failed")
                 mine = runs.get(("marquee", model, protocol, c))
                 for s in args.servers:
                     if s == "marquee":

@@ -79,6 +79,12 @@ pub struct ServeConfig {
     #[arg(long, default_value_t = 512)]
     pub max_concurrent_requests: usize,
 
+    /// Threads of the async runtime (transports, pre/post-processing); 0: one per core. Model
+    /// instances run on threads of their own, so on a small machine fewer runtime threads leave
+    /// the instances their cores and cut wake-ups between threads.
+    #[arg(long, env = "MARQUEE_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// Most instances one `/v1/predict` request may carry (413 past it).
     #[arg(long, default_value_t = 1024)]
     pub max_predict_instances: usize,
@@ -121,6 +127,7 @@ impl Default for ServeConfig {
             ort_library: None,
             max_request_bytes: 64 * 1024 * 1024,
             max_concurrent_requests: 512,
+            worker_threads: 0,
             max_predict_instances: 1024,
             grpc_stream_window: 64,
             default_max_batch_size: 4,

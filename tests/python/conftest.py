@@ -37,16 +37,15 @@ def served_repository(tmp):
     return tmp
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def serve(args, log_name):
+    """Starts `marquee serve` with `args` on free loopback ports; yields its addresses once it is
+    ready, and checks that it shuts down cleanly on SIGTERM."""
     binary = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "marquee"
     assert binary.exists(), "build first: cargo build --release -p marquee-serving"
-    assert (FIXTURES / "models").is_dir(), "fixtures missing: run tests/fixtures/make_fixtures.py"
-    repository = served_repository(tmp_path_factory.mktemp("models"))
     ports = [free_port() for _ in range(3)]
-    log = open(ROOT / ".marquee" / "pytest-server.log", "w")
+    log = open(ROOT / ".marquee" / log_name, "w")
     process = subprocess.Popen(
-        [str(binary), "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
+        [str(binary), "serve", *args, "--host", "127.0.0.1",
          "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MARQUEE_LOG": "warn"},
     )
@@ -65,3 +64,19 @@ def server(tmp_path_factory):
     process.terminate()
     assert process.wait(timeout=30) == 0, "marquee serve should shut down cleanly on SIGTERM"
     log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    assert (FIXTURES / "models").is_dir(), "fixtures missing: run tests/fixtures/make_fixtures.py"
+    repository = served_repository(tmp_path_factory.mktemp("models"))
+    yield from serve(["--model-repository", str(repository)], "pytest-server.log")
+
+
+@pytest.fixture(scope="session")
+def example_server():
+    """The quick start's server: the example repository (deploy/models, with /v1/predict
+    pipelines) and its feature definitions, on the in-process online store."""
+    assert (ROOT / "deploy/models/gbr/1").is_dir(), "example models missing: run deploy/setup.sh"
+    yield from serve(["--model-repository", str(ROOT / "deploy/models"),
+                      "--features", str(ROOT / "deploy/features.toml")], "pytest-example-server.log")
