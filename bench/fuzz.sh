@@ -14,6 +14,7 @@ SECONDS_PER_TARGET=${1:-60}
 shift || true
 TOOLS="$ROOT/.marquee/cargo"
 export PATH="$TOOLS/bin:$PATH"
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 if ! command -v cargo-fuzz >/dev/null; then
   cargo install --locked --root "$TOOLS" cargo-fuzz
 fi
@@ -21,6 +22,7 @@ cd serving/fuzz
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
   mapfile -t TARGETS < <(cargo +nightly fuzz list)
+  [ ${#TARGETS[@]} -gt 0 ] || { echo "cargo fuzz list found no targets" >&2; exit 1; }
 fi
 
 # Seeds: what the repository itself holds of each input kind.

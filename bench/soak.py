@@ -93,6 +93,8 @@ def main():
     parser.add_argument("--probe-seconds", type=float, default=15)
     parser.add_argument("--no-build", action="store_true")
     args = parser.parse_args()
+    if args.minutes < 3:
+        parser.error("--minutes must be at least 3: the verdict compares minute 2 with the end")
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.no_build:
         build()
@@ -108,6 +110,8 @@ def main():
         def watch(stop):
             begun = time.time()
             while not stop.wait(5):
+                if process.poll() is not None:
+                    raise RuntimeError("marquee serve exited during the soak; see soak-server.log")
                 samples.append((time.time() - begun, rss_mb(process.pid)))
 
         stop = threading.Event()
@@ -117,6 +121,8 @@ def main():
         intervals, total = load(address, rate, args.minutes * 60, 60)
         stop.set()
         watcher.join()
+        if process.poll() is not None:
+            raise RuntimeError("marquee serve exited during the soak; see soak-server.log")
     finally:
         process.terminate()
         process.wait(timeout=30)

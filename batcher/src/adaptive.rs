@@ -46,6 +46,18 @@ impl AdaptiveDelay {
         }
     }
 
+    /// Counts `jobs` that timed out in the queue as over the budget, whatever they had waited
+    /// when they were found (a job's timeout may be shorter than the budget; it still failed).
+    pub(crate) fn record_timeouts(&mut self, jobs: usize) {
+        let over = self.budget + Duration::from_nanos(1);
+        for _ in 0..jobs {
+            self.window.push(over);
+            if self.window.len() == WINDOW {
+                self.adjust();
+            }
+        }
+    }
+
     fn adjust(&mut self) {
         let index = (WINDOW * 99).div_ceil(100) - 1;
         let p99 = *self.window.select_nth_unstable(index).1;
@@ -117,6 +129,19 @@ mod tests {
         let before = delay.current();
         delay.record(&window_of(Duration::from_millis(9)));
         assert_eq!(delay.current(), before);
+    }
+
+    #[test]
+    fn timeouts_count_as_over_the_budget() {
+        let budget = Duration::from_millis(10);
+        let mut delay = AdaptiveDelay::new(budget, Duration::from_millis(8));
+        for _ in 0..10 {
+            delay.record(&window_of(Duration::from_millis(1)));
+        }
+        let grown = delay.current();
+        delay.record(&[Duration::from_millis(1); WINDOW - 2]);
+        delay.record_timeouts(2);
+        assert_eq!(delay.current(), grown / 2);
     }
 
     #[test]

@@ -81,15 +81,29 @@ fn execute<X: Executor>(
             }
         }
         Err(panic) => {
+            // The panic's message may hold internals (paths, other requests' values): it goes to
+            // the log under an incident id, and the callers get the id.
             let message = panic_message(panic.as_ref());
-            tracing::error!(%message, "executor panicked; the batch failed, the instance goes on");
+            let incident = incident_id();
+            tracing::error!(%incident, %message, "executor panicked; the batch failed, the instance goes on");
             for (reply, _) in waiting {
                 let _ = reply.send(Err(BatchError::Internal(format!(
-                    "executor panicked: {message}"
+                    "the model failed on this batch (incident {incident}; its log has the details)"
                 ))));
             }
         }
     }
+}
+
+/// An id that finds one incident in the log: the time in milliseconds and a process-wide count.
+fn incident_id() -> String {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("batch-{millis:x}-{n}")
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -137,6 +137,11 @@ impl Ticket {
         self.swap_from_queued(Self::ABANDONED)
     }
 
+    /// Whether the caller's timeout fired before the job started.
+    fn abandoned(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::ABANDONED
+    }
+
     fn swap_from_queued(&self, to: u8) -> bool {
         self.0
             .compare_exchange(Self::QUEUED, to, Ordering::AcqRel, Ordering::Acquire)
@@ -164,6 +169,13 @@ impl<X: Executor> Pending<X> {
 
     fn expired(&self, now: Instant) -> bool {
         self.deadline.is_some_and(|d| d <= now)
+    }
+
+    /// Whether the job missed its deadline in the queue: its caller gave up at the deadline, or
+    /// is still waiting past it (a caller that left earlier, for its own reasons, did not).
+    fn timed_out(&self, now: Instant) -> bool {
+        self.ticket.as_ref().is_some_and(|t| t.abandoned())
+            || (self.expired(now) && !self.departed())
     }
 
     /// Claims the job for a batch that starts now; false when its caller already timed out.

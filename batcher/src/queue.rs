@@ -44,11 +44,15 @@ struct State<X: Executor> {
     /// (level index, position) of the live jobs the last decision judged, in batch order; kept
     /// here so forming a batch allocates nothing.
     judged: Vec<(usize, usize)>,
+    /// Jobs dropped for their deadline since the last look: each counts as over the latency
+    /// budget (else the adaptive delay would learn only from the jobs fast enough to run).
+    timed_out: usize,
     /// The queue delay under a latency budget; `None` means the policy's fixed delay.
     adaptive: Option<AdaptiveDelay>,
 }
 
 /// What batch formation decided.
+#[derive(Clone, Copy)]
 enum Decision {
     /// Take the first `n` jobs of `State::judged` now.
     Take(usize),
@@ -68,6 +72,7 @@ impl<X: Executor> Shared<X> {
                 waiting: 0,
                 shut_down: false,
                 judged: Vec::new(),
+                timed_out: 0,
                 adaptive: policy
                     .latency_budget
                     .map(|budget| AdaptiveDelay::new(budget, policy.delay_ceiling())),
@@ -101,10 +106,20 @@ impl<X: Executor> Shared<X> {
         }
         let level = pending.level;
         let capacity = self.policy.queue_policy(level).max_queue_size;
-        let queue = &mut state.queues[level as usize - 1];
+        let State {
+            queues, timed_out, ..
+        } = &mut *state;
+        let queue = &mut queues[level as usize - 1];
         if queue.len() >= capacity {
             // Jobs whose callers left hold no place.
-            queue.retain(|p| !p.departed());
+            let now = Instant::now();
+            queue.retain(|p| {
+                let keep = !p.departed();
+                if !keep && p.timed_out(now) {
+                    *timed_out += 1;
+                }
+                keep
+            });
             if queue.len() >= capacity {
                 return Err(BatchError::QueueFull { level, capacity });
             }
@@ -160,10 +175,25 @@ impl<X: Executor> Shared<X> {
                 Some(adaptive) => adaptive.current(),
                 None => self.policy.max_queue_delay,
             };
-            let State { queues, judged, .. } = &mut *state;
-            match decide(&self.policy, delay, queues, judged, now) {
-                Decision::Take(n) => {
-                    let batch = take(queues, &judged[..n], now);
+            let State {
+                queues,
+                judged,
+                timed_out,
+                adaptive,
+                ..
+            } = &mut *state;
+            let decision = decide(&self.policy, delay, queues, judged, timed_out, now);
+            let batch = match decision {
+                Decision::Take(n) => Some(take(queues, &judged[..n], timed_out, now)),
+                _ => None,
+            };
+            if let Some(adaptive) = adaptive {
+                adaptive.record_timeouts(*timed_out);
+            }
+            *timed_out = 0;
+            match decision {
+                Decision::Take(_) => {
+                    let batch = batch.expect("taken above");
                     let depth = state.queues.iter().map(VecDeque::len).sum();
                     self.observer.queue_depth(depth);
                     // Jobs left behind (they did not fit) wake an idle instance, which would
@@ -203,8 +233,12 @@ fn gone<X: Executor>(pending: &Pending<X>, now: Instant) -> bool {
     pending.departed() || pending.expired(now)
 }
 
-/// Removes a dead job from the queue for good, telling a caller still waiting that it timed out.
-fn dismiss<X: Executor>(pending: Pending<X>, now: Instant) {
+/// Removes a dead job from the queue for good, telling a caller still waiting that it timed out;
+/// timed-out jobs are counted in `timed_out`.
+fn dismiss<X: Executor>(pending: Pending<X>, timed_out: &mut usize, now: Instant) {
+    if pending.timed_out(now) {
+        *timed_out += 1;
+    }
     if pending.expired(now) {
         let waited = now - pending.enqueued;
         pending.fail(BatchError::TimedOut { waited });
@@ -218,11 +252,12 @@ fn decide<X: Executor>(
     delay: Duration,
     queues: &mut [VecDeque<Pending<X>>],
     judged: &mut Vec<(usize, usize)>,
+    timed_out: &mut usize,
     now: Instant,
 ) -> Decision {
     for queue in queues.iter_mut() {
         while queue.front().is_some_and(|p| gone(p, now)) {
-            dismiss(queue.pop_front().expect("front exists"), now);
+            dismiss(queue.pop_front().expect("front exists"), timed_out, now);
         }
     }
     judged.clear();
@@ -276,6 +311,7 @@ fn decide<X: Executor>(
 fn take<X: Executor>(
     queues: &mut [VecDeque<Pending<X>>],
     judged: &[(usize, usize)],
+    timed_out: &mut usize,
     now: Instant,
 ) -> Vec<Pending<X>> {
     let mut batch = Vec::with_capacity(judged.len());
@@ -288,9 +324,12 @@ fn take<X: Executor>(
             if places.next_if(|(_, p)| *p == position).is_some() {
                 if pending.start() {
                     batch.push(pending);
+                } else {
+                    // Its caller's timeout fired between the decision and now.
+                    *timed_out += 1;
                 }
             } else {
-                dismiss(pending, now);
+                dismiss(pending, timed_out, now);
             }
         }
     }

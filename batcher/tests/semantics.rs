@@ -251,6 +251,59 @@ async fn a_latency_budget_grows_the_delay_with_headroom_and_drops_it_without() {
     assert_eq!(slow.queue_delay(), Duration::ZERO);
 }
 
+/// Jobs that time out in the queue count against the budget as executed ones do: a delay that
+/// learned only from the jobs fast enough to run would keep growing while requests expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_that_time_out_count_against_the_latency_budget() {
+    let mut policy = BatchPolicy::new(8, 1_024);
+    policy.latency_budget = Some(Duration::from_millis(20));
+    policy.max_queue_delay = Duration::from_millis(5);
+    let gate = Gate::opened();
+    let (batcher, record, _) = start(policy, 1, gate.clone());
+    for round in 0..200u64 {
+        let handles: Vec<_> = (0..4)
+            .map(|i| spawn_submit(&batcher, job(round * 4 + i, 1), Default::default()))
+            .collect();
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+    }
+    let grown = batcher.queue_delay();
+    assert!(grown > Duration::ZERO, "{grown:?}");
+
+    // The instance is held on one job while a window's worth of requests with a 30 ms timeout
+    // (over the 20 ms budget) expire behind it.
+    gate.close();
+    let running = record.lock().unwrap().batches.len();
+    let blocker = spawn_submit(&batcher, job(10_000, 1), Default::default());
+    until(&record, |r| r.running == 1 && r.batches.len() == running).await;
+    let timeout = SubmitOptions {
+        priority: None,
+        timeout: Some(Duration::from_millis(30)),
+    };
+    let expiring: Vec<_> = (0..130)
+        .map(|i| spawn_submit(&batcher, job(20_000 + i, 1), timeout))
+        .collect();
+    for h in expiring {
+        assert!(matches!(h.await.unwrap(), Err(BatchError::TimedOut { .. })));
+    }
+    gate.open();
+    blocker.await.unwrap().unwrap();
+    let start = Instant::now();
+    while batcher.queue_depth() > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "expired jobs never dismissed"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        batcher.queue_delay() < grown,
+        "the delay {:?} did not come down from {grown:?} after a window of timeouts",
+        batcher.queue_delay()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn departed_callers_are_dropped_before_execution() {
     let (batcher, record, gate) = start(BatchPolicy::new(1, 16), 1, Gate::closed());
@@ -464,7 +517,13 @@ async fn executor_errors_and_panics_fail_the_batch_not_the_instance() {
     )
     .unwrap();
     match batcher.submit(job(7, 1), Default::default()).await {
-        Err(BatchError::Internal(message)) => assert!(message.contains("job 7")),
+        Err(BatchError::Internal(message)) => {
+            assert!(message.contains("incident batch-"), "{message}");
+            assert!(
+                !message.contains("job 7"),
+                "the panic's message stays in the log: {message}"
+            );
+        }
         other => panic!("expected the panic as an error, got {other:?}"),
     }
     let after = batcher.submit(job(8, 1), Default::default()).await.unwrap();

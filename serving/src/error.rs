@@ -103,16 +103,20 @@ impl ServingError {
 }
 
 impl ServingError {
-    /// What a request whose handler panicked is answered (500 / INTERNAL), logged with the
-    /// panic's message; the transport counts it.
+    /// What a request whose handler panicked is answered (500 / INTERNAL). The panic's message
+    /// may hold internals (paths, values, other requests' data), so it goes to the log under an
+    /// incident id and the client gets only that id; the transport counts it.
     pub fn from_panic(panic: &(dyn std::any::Any + Send)) -> Self {
         let message = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        tracing::error!(%message, "a request handler panicked");
-        ServingError::Internal(format!("the server failed on this request: {message}"))
+        let incident = uuid::Uuid::new_v4();
+        tracing::error!(%incident, %message, "a request handler panicked");
+        ServingError::Internal(format!(
+            "the server failed on this request (incident {incident}; its log has the details)"
+        ))
     }
 }
 

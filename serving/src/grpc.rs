@@ -185,13 +185,7 @@ impl GrpcInferenceService for InferenceService {
                             error_message: String::new(),
                             infer_response: Some(response),
                         },
-                        Err(e) => pb::ModelStreamInferResponse {
-                            error_message: e.to_string(),
-                            infer_response: Some(pb::ModelInferResponse {
-                                id,
-                                ..Default::default()
-                            }),
-                        },
+                        Err(e) => stream_error(id, &e),
                     };
                     let _ = sender.send(Ok(reply)).await;
                 });
@@ -412,6 +406,32 @@ fn encode_infer(response: InferResponse) -> pb::ModelInferResponse {
         parameters: HashMap::new(),
         outputs,
         raw_output_contents: raw,
+    }
+}
+
+/// A stream message's error answer: its id and the message, since a stream cannot end with one
+/// request's status. An overloaded server also says when to retry, as the unary status's
+/// `retry-after` metadata does: in the message and as the response parameter
+/// `retry_after_seconds`.
+fn stream_error(id: String, error: &ServingError) -> pb::ModelStreamInferResponse {
+    let mut response = pb::ModelInferResponse {
+        id,
+        ..Default::default()
+    };
+    let mut message = error.to_string();
+    if matches!(error, ServingError::Overloaded { .. }) {
+        let seconds = crate::error::RETRY_AFTER_SECONDS;
+        message = format!("{message} (retry after {seconds} s)");
+        response.parameters.insert(
+            "retry_after_seconds".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(i64::from(seconds))),
+            },
+        );
+    }
+    pb::ModelStreamInferResponse {
+        error_message: message,
+        infer_response: Some(response),
     }
 }
 

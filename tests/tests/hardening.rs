@@ -69,6 +69,27 @@ async fn past_the_in_flight_limit_requests_get_503_with_retry_after_on_both_tran
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(status.metadata().get("retry-after").unwrap(), "1");
+    // A stream cannot end with one message's status: its answer says when to retry instead.
+    let mut replies = grpc
+        .model_stream_infer(futures::stream::iter([pb::ModelInferRequest {
+            id: "streamed".into(),
+            ..gbr_grpc_request("slow", 1)
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.next().await.unwrap().unwrap();
+    assert!(
+        reply.error_message.contains("retry after 1 s"),
+        "{}",
+        reply.error_message
+    );
+    let answer = reply.infer_response.unwrap();
+    assert_eq!(answer.id, "streamed");
+    assert_eq!(
+        answer.parameters["retry_after_seconds"].parameter_choice,
+        Some(pb::infer_parameter::ParameterChoice::Int64Param(1))
+    );
     // Health and metadata are not inference: they still answer.
     assert_eq!(server.get("/v2/models/slow").await.0, 200);
 
@@ -81,7 +102,7 @@ async fn past_the_in_flight_limit_requests_get_503_with_retry_after_on_both_tran
         server
             .metric(r#"marquee_rejected_requests_total{reason="concurrency_limit"}"#)
             .await
-            >= 2.0
+            >= 3.0
     );
     // With the place free again, requests go through.
     let (status, _) = server.post("/v2/models/slow/infer", gbr_body(64)).await;

@@ -528,7 +528,10 @@ async fn torchscript_models_need_the_torch_build_and_say_so() {
         .find(|e| e["name"] == "mlp")
         .unwrap();
     let reason = mlp["reason"].as_str().unwrap();
-    assert!(reason.contains("--features torch"), "{reason}");
+    assert!(
+        reason.contains("--features marquee-serving/torch"),
+        "{reason}"
+    );
     let gbr = index
         .as_array()
         .unwrap()

@@ -56,6 +56,10 @@ impl Gate {
         *self.open.lock().unwrap() = true;
         self.changed.notify_all();
     }
+    /// Executions that start from now on block until the gate opens again.
+    pub fn close(&self) {
+        *self.open.lock().unwrap() = false;
+    }
     fn wait(&self) {
         let mut open = self.open.lock().unwrap();
         while !*open {

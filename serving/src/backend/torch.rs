@@ -189,6 +189,10 @@ impl Execute for TorchInstance {
     fn execute(&mut self, jobs: &[InferJob]) -> Result<Vec<Vec<Tensor>>, BackendError> {
         if let ThreadSetting::Pending(threads) = self.threads {
             if threads > 0 {
+                // libtorch sets a thread's count from a process-wide default the first time the
+                // thread asks; asking first keeps another instance's later setting from
+                // replacing this one.
+                let _ = tch::get_num_threads();
                 tch::set_num_threads(threads);
             }
             self.threads = ThreadSetting::Done;

@@ -377,7 +377,12 @@ fn complete_instances(
             kind
         };
         group.kind = kind as i32;
-        let group_instances = group.count as usize * group.gpus.len().max(1);
+        let devices = if kind == Kind::Gpu {
+            group.gpus.len().max(1)
+        } else {
+            1
+        };
+        let group_instances = group.count as usize * devices;
         if instances.len() + group_instances > MAX_INSTANCES {
             return Err(format!(
                 "instance_group asks for more than {MAX_INSTANCES} instances (each one a thread with its own copy of the model)"
