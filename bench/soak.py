@@ -142,13 +142,15 @@ def main():
     growth = (rss_to - rss_from) / rss_from * 100
     verdict = {
         "model": MODEL, "maximum_per_second": maximum, "offered_per_second": rate, "minutes": args.minutes,
-        "answered": total["answered"], "errors": total["errors"], "dropped": total["dropped"],
+        "answered": total["answered"], "errors": total["errors"], "error_codes": total.get("error_codes", {}),
+        "dropped": total["dropped"],
         "rss_start_mb": rss_start, "rss_minute2_mb": rss_from, "rss_end_mb": rss_to, "rss_growth_percent": growth,
         "p99_ms_after_minute_2": {"min": min(p99s), "median": sorted(p99s)[len(p99s) // 2], "max": max(p99s)},
         "intervals": intervals,
     }
     (OUT / "soak.json").write_text(json.dumps(verdict, indent=1))
-    print(f"\nanswered {total['answered']} requests, {total['errors']} errors (target 0), {total['dropped']} dropped by the client")
+    print(f"\nanswered {total['answered']} requests, {total['errors']} errors (target 0; by gRPC code: "
+          f"{total.get('error_codes') or 'none'}), {total['dropped']} dropped by the client")
     print(f"server RSS {rss_from:.1f} MB after minute 2 -> {rss_to:.1f} MB at the end: {growth:+.2f}% (target < 5%)")
     print(f"p99 per minute after minute 2: min {min(p99s):.2f} / median {verdict['p99_ms_after_minute_2']['median']:.2f} "
           f"/ max {max(p99s):.2f} ms")

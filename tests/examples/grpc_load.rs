@@ -54,6 +54,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     let outstanding = Arc::new(tokio::sync::Semaphore::new(MAX_OUTSTANDING));
+    // Failed requests by gRPC code, for the total line.
+    let codes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        u64,
+    >::new()));
     let errors: Arc<Vec<AtomicU64>> = Arc::new((0..intervals).map(|_| AtomicU64::new(0)).collect());
     let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<(usize, f64)>();
     let mut results: Vec<Interval> = (0..intervals).map(|_| Interval::default()).collect();
@@ -75,14 +80,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let mut client = clients[sent as usize % CONNECTIONS].clone();
         let (request, errors, sender) = (request.clone(), errors.clone(), sender.clone());
+        let codes = codes.clone();
         tokio::spawn(async move {
             let _place = place;
             match client.model_infer(request).await {
                 Ok(_) => {
                     let _ = sender.send((slot, due.elapsed().as_secs_f64() * 1e3));
                 }
-                Err(_) => {
+                Err(status) => {
                     errors[slot].fetch_add(1, Ordering::Relaxed);
+                    let mut codes = codes.lock().expect("error codes");
+                    *codes.entry(format!("{:?}", status.code())).or_insert(0) += 1;
                 }
             }
         });
@@ -109,8 +117,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         all.errors += result.errors;
         all.dropped += result.dropped;
     }
+    let codes = codes.lock().expect("error codes");
+    let codes: Vec<String> = codes.iter().map(|(c, n)| format!("\"{c}\": {n}")).collect();
     print_interval(
-        &format!("\"total\": true, \"offered_per_second\": {rate}, \"sent\": {sent}"),
+        &format!(
+            "\"total\": true, \"offered_per_second\": {rate}, \"sent\": {sent}, \"error_codes\": {{{}}}",
+            codes.join(", ")
+        ),
         &mut all,
         started.elapsed().as_secs_f64(),
     );
