@@ -92,7 +92,12 @@ async fn start(redis: &RedisServer) -> (TestServer, tempfile::TempDir) {
 
 async fn fill(redis: &RedisServer) {
     let definitions = Definitions::from_toml(DEFINITIONS).unwrap();
-    let store = RedisStore::new(&RedisConfig::new(redis.url())).unwrap();
+    // Setting up, not under test: a loaded CI machine may take longer than the serving default.
+    let config = RedisConfig {
+        timeout_ms: 5_000,
+        ..RedisConfig::new(redis.url())
+    };
+    let store = RedisStore::new(&config).unwrap();
     let now = marquee_feature_store::online::now_ms();
     store
         .write(
