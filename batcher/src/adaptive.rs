@@ -39,10 +39,7 @@ impl AdaptiveDelay {
     /// Takes the latencies of the jobs of one finished batch, and adjusts once a window is full.
     pub(crate) fn record(&mut self, latencies: &[Duration]) {
         for &latency in latencies {
-            self.window.push(latency);
-            if self.window.len() == WINDOW {
-                self.adjust();
-            }
+            self.push(latency);
         }
     }
 
@@ -51,10 +48,15 @@ impl AdaptiveDelay {
     pub(crate) fn record_timeouts(&mut self, jobs: usize) {
         let over = self.budget + Duration::from_nanos(1);
         for _ in 0..jobs {
-            self.window.push(over);
-            if self.window.len() == WINDOW {
-                self.adjust();
-            }
+            self.push(over);
+        }
+    }
+
+    /// Adds one job's latency to the window, adjusting when it is full.
+    fn push(&mut self, latency: Duration) {
+        self.window.push(latency);
+        if self.window.len() == WINDOW {
+            self.adjust();
         }
     }
 

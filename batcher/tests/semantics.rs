@@ -217,23 +217,34 @@ async fn a_job_whose_batch_started_gets_its_answer_after_its_timeout() {
     assert_eq!(executed_ids(&record), vec![7]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_latency_budget_grows_the_delay_with_headroom_and_drops_it_without() {
+/// Batches of up to 8 rows under a 20 ms latency budget, the delay capped at 5 ms.
+fn budget_policy() -> BatchPolicy {
     let mut policy = BatchPolicy::new(8, 1_024);
     policy.latency_budget = Some(Duration::from_millis(20));
     policy.max_queue_delay = Duration::from_millis(5);
-    let (batcher, _, _) = start(policy.clone(), 1, Gate::opened());
-    assert_eq!(batcher.queue_delay(), Duration::ZERO);
-    // Fast model, steady load: latency sits far under the budget, so the delay climbs (a noisy
-    // window may halve it on the way), never past its cap.
+    policy
+}
+
+/// 800 single-row jobs, four at a time, on a fast model: latency far under the budget.
+async fn steady_fast_load(batcher: &Arc<Batcher<FakeExecutor>>) {
     for round in 0..200u64 {
         let handles: Vec<_> = (0..4)
-            .map(|i| spawn_submit(&batcher, job(round * 4 + i, 1), Default::default()))
+            .map(|i| spawn_submit(batcher, job(round * 4 + i, 1), Default::default()))
             .collect();
         for h in handles {
             h.await.unwrap().unwrap();
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latency_budget_grows_the_delay_with_headroom_and_drops_it_without() {
+    let policy = budget_policy();
+    let (batcher, _, _) = start(policy.clone(), 1, Gate::opened());
+    assert_eq!(batcher.queue_delay(), Duration::ZERO);
+    // Fast model, steady load: latency sits far under the budget, so the delay climbs (a noisy
+    // window may halve it on the way), never past its cap.
+    steady_fast_load(&batcher).await;
     let grown = batcher.queue_delay();
     assert!(
         grown > Duration::ZERO && grown <= Duration::from_millis(5),
@@ -255,19 +266,10 @@ async fn a_latency_budget_grows_the_delay_with_headroom_and_drops_it_without() {
 /// learned only from the jobs fast enough to run would keep growing while requests expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_that_time_out_count_against_the_latency_budget() {
-    let mut policy = BatchPolicy::new(8, 1_024);
-    policy.latency_budget = Some(Duration::from_millis(20));
-    policy.max_queue_delay = Duration::from_millis(5);
+    let policy = budget_policy();
     let gate = Gate::opened();
     let (batcher, record, _) = start(policy, 1, gate.clone());
-    for round in 0..200u64 {
-        let handles: Vec<_> = (0..4)
-            .map(|i| spawn_submit(&batcher, job(round * 4 + i, 1), Default::default()))
-            .collect();
-        for h in handles {
-            h.await.unwrap().unwrap();
-        }
-    }
+    steady_fast_load(&batcher).await;
     let grown = batcher.queue_delay();
     assert!(grown > Duration::ZERO, "{grown:?}");
 
