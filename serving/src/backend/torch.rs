@@ -141,9 +141,9 @@ fn positions(role: Role, tensors: &[BoundTensor]) -> Result<Vec<usize>, BackendE
         .map(|t| t.name.rsplit_once("__").and_then(|(_, n)| n.parse().ok()))
         .collect();
     let positions = suffixes.unwrap_or_else(|| tensors.iter().map(|t| t.position).collect());
-    let (what, limit) = match role {
-        Role::Argument => ("input", tensors.len()),
-        Role::Result => ("output", usize::MAX),
+    let limit = match role {
+        Role::Argument => tensors.len(),
+        Role::Result => usize::MAX,
     };
     let mut seen = std::collections::HashSet::new();
     for (tensor, &n) in tensors.iter().zip(&positions) {
@@ -155,7 +155,7 @@ fn positions(role: Role, tensors: &[BoundTensor]) -> Result<Vec<usize>, BackendE
                     limit - 1
                 ),
                 Role::Result => format!(
-                    "{what} '{}' takes result {n}, which another output takes too",
+                    "output '{}' takes result {n}, which another output takes too",
                     tensor.name
                 ),
             }));
