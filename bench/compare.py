@@ -29,6 +29,8 @@ import urllib.request
 import numpy as np
 import onnxruntime as ort
 
+import suite_build
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
 PERF_ANALYZER = HOME / "perf" / "bin" / "perf_analyzer"
@@ -62,7 +64,7 @@ def prepare(servers):
     run([str(ROOT / "deploy" / "setup.sh"), "--test"])
     if "triton" in servers or "mlserver" in servers:
         run([str(ROOT / "bench" / "peers" / "setup.sh"), str(PEERS)])
-    run(["cargo", "build", "--release", "-p", "marquee-serving", "--bin", "marquee"])
+    suite_build.build()
     inputs = OUT / "inputs"
     run([sys.executable, str(ROOT / "bench" / "peers" / "make_inputs.py"), str(inputs), "--seq-len", str(SEQ_LEN)])
     return inputs

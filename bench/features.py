@@ -24,6 +24,8 @@ import tempfile
 import textwrap
 import time
 
+import suite_build
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
 FEAST_VENV = HOME / "peers" / "venv-feast"
@@ -100,11 +102,7 @@ def start_redis(port):
 def prepare():
     subprocess.run([str(ROOT / "deploy" / "setup.sh"), "--test"], check=True)
     subprocess.run([str(ROOT / "bench" / "peers" / "setup.sh"), str(HOME / "peers")], check=True)
-    subprocess.run(
-        ["cargo", "build", "--release", "-p", "marquee-feature-store", "--example", "lookup_bench"],
-        check=True,
-        cwd=ROOT,
-    )
+    suite_build.build()
 
 
 def marquee(port, args):
@@ -146,6 +144,7 @@ def main():
     args = parser.parse_args()
     if not args.skip_prepare:
         prepare()
+    suite_build.use_libtorch()
     port = free_port()
     redis = start_redis(port)
     try:

@@ -32,6 +32,8 @@ import subprocess
 import time
 import urllib.request
 
+import suite_build
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
@@ -128,9 +130,7 @@ def main():
     args = parser.parse_args()
     if not args.skip_prepare:
         subprocess.run([str(ROOT / "deploy" / "setup.sh")], check=True)
-        subprocess.run(["cargo", "build", "--release", "-p", "marquee-serving", "--bin", "marquee"], check=True, cwd=ROOT)
-        subprocess.run(["cargo", "build", "--release", "-p", "marquee-tests", "--example", "open_load"], check=True,
-                       cwd=ROOT)
+    suite_build.build(skip=args.skip_prepare)
     http, grpc, metrics = free_port(), free_port(), free_port()
     server = subprocess.Popen(
         [str(MARQUEE), "serve", "--model-repository", str(ROOT / "deploy" / "models"), "--host", "127.0.0.1",

@@ -26,6 +26,8 @@ import tempfile
 import time
 import urllib.request
 
+import suite_build
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
 MARQUEE = ROOT / "target" / "release" / "marquee"
@@ -60,8 +62,7 @@ def wait_http(url, process):
 def prepare():
     subprocess.run([str(ROOT / "deploy" / "setup.sh"), "--test"], check=True)
     subprocess.run([str(ROOT / "bench" / "peers" / "setup.sh"), str(HOME / "peers")], check=True)
-    subprocess.run(["cargo", "build", "--release", "-p", "marquee-serving", "--bin", "marquee"], check=True, cwd=ROOT)
-    subprocess.run(["cargo", "build", "--release", "-p", "marquee-tests", "--example", "http_load"], check=True, cwd=ROOT)
+    suite_build.build()
 
 
 # Writes the offline history (run with the Feast environment's pyarrow).
@@ -114,6 +115,7 @@ def main():
     args = parser.parse_args()
     if not args.skip_prepare:
         prepare()
+    suite_build.use_libtorch()
     redis_port, http, grpc, metrics = free_port(), free_port(), free_port(), free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                               "--appendonly", "no"], stdout=subprocess.DEVNULL)

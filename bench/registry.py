@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+import suite_build
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
 MARQUEE = ROOT / "target" / "release" / "marquee"
@@ -53,7 +55,7 @@ def run(command, **kwargs):
 def prepare():
     run([str(ROOT / "deploy" / "setup.sh"), "--test"])
     run([str(ROOT / "bench" / "peers" / "setup.sh"), str(HOME / "peers")])
-    run(["cargo", "build", "--release", "-p", "marquee-serving"])
+    suite_build.build()
 
 
 def make_artifact(path, size_mb):
@@ -223,6 +225,7 @@ def main():
     args = parser.parse_args()
     if not args.skip_prepare:
         prepare()
+    suite_build.use_libtorch()
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=HOME) as tmp:
         work = pathlib.Path(tmp)

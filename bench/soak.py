@@ -27,6 +27,8 @@ import threading
 import time
 import urllib.request
 
+import suite_build
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
@@ -44,8 +46,7 @@ def free_port():
 
 def build():
     subprocess.run([str(ROOT / "deploy/setup.sh")], check=True, cwd=ROOT)
-    subprocess.run(["cargo", "build", "--release", "-p", "marquee-serving", "--bin", "marquee"], check=True, cwd=ROOT)
-    subprocess.run(["cargo", "build", "--release", "-p", "marquee-tests", "--example", "grpc_load"], check=True, cwd=ROOT)
+    suite_build.build()
 
 
 def start():
@@ -98,6 +99,7 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.no_build:
         build()
+    suite_build.use_libtorch()
     process, address = start()
     try:
         _, probe = load(address, 100_000, args.probe_seconds, args.probe_seconds)
