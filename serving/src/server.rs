@@ -159,6 +159,7 @@ impl Server {
         .max_encoding_message_size(usize::MAX)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         let mut grpc_stopped = stopped;
+        let max_request_bytes = config.max_request_bytes;
         tasks.spawn(async move {
             // Small writes (headers, data, trailers) must not wait for the client's delayed ACK.
             let incoming =
@@ -169,7 +170,7 @@ impl Server {
                     move |panic: Box<dyn std::any::Any + Send>| grpc_panic(&grpc_metrics, panic),
                 ))
                 .layer(tower::util::MapResponseLayer::new(move |response| {
-                    oversized_is_resource_exhausted(response, &oversized_metrics)
+                    oversized_is_resource_exhausted(response, max_request_bytes, &oversized_metrics)
                 }))
                 .add_service(grpc)
                 .serve_with_incoming_shutdown(incoming, async move {
@@ -281,9 +282,11 @@ async fn poll_registry(
 }
 
 /// tonic reports a request over the size limit as OUT_OF_RANGE; gRPC's own servers (and this
-/// server's REST side, with 413) call it RESOURCE_EXHAUSTED, which is what clients handle.
+/// server's REST side, with 413) call it RESOURCE_EXHAUSTED, which is what clients handle. The
+/// message names the limit and its flag, in the REST answer's words.
 fn oversized_is_resource_exhausted<B>(
     mut response: axum::http::Response<B>,
+    max_request_bytes: usize,
     metrics: &Metrics,
 ) -> axum::http::Response<B> {
     let headers = response.headers_mut();
@@ -296,7 +299,12 @@ fn oversized_is_resource_exhausted<B>(
         });
     if out_of_range && oversized {
         metrics.rejected("too_large");
-        headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
+        let status = tonic::Status::resource_exhausted(format!(
+            "request message is larger than the server's limit of {max_request_bytes} bytes (--max-request-bytes)"
+        ));
+        if let Err(e) = status.add_header(headers) {
+            tracing::error!(error = %e, "cannot encode the oversized request's gRPC status");
+        }
     }
     response
 }

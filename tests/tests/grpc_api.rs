@@ -236,8 +236,12 @@ async fn errors_carry_matching_status_codes() {
         Code::Unimplemented
     );
 
-    let (c, _) = code(client.model_infer(gbr_request(2000)).await);
+    let (c, m) = code(client.model_infer(gbr_request(2000)).await);
     assert_eq!(c, Code::ResourceExhausted, "a message over the size limit");
+    assert!(
+        m.contains("server's limit of") && m.contains("--max-request-bytes"),
+        "{m}"
+    );
 
     let unknown_version = client
         .model_config(pb::ModelConfigRequest {
@@ -330,5 +334,56 @@ async fn repository_over_grpc() {
         .model_infer(add_sub_request("y", [0.0; 4], [0.0; 4]))
         .await
         .unwrap();
+    server.stop().await;
+}
+
+/// The server on tokio's single-threaded runtime, as `--worker-threads 1` runs it (a plain
+/// `#[tokio::test]` is one): concurrent requests are batched together (idle instances are woken
+/// after the burst being read, answers go back from one task per batch) and each gets the answer
+/// its own row gets alone.
+#[tokio::test]
+async fn a_single_threaded_runtime_batches_and_answers_each_request_its_own() {
+    let config = "max_batch_size: 64\ndynamic_batching { }\n";
+    let server = TestServer::start(Repository::new().add("gbr", "gbr", Some(config))).await;
+    let client = server.grpc_client().await;
+    let request = |i: usize| {
+        let mut request = gbr_grpc_request("gbr", 1);
+        let values: Vec<f32> = (0..10).map(|k| (i * 10 + k) as f32 / 9.0).collect();
+        request.raw_input_contents = vec![marquee_tests::f32_bytes(&values).into()];
+        request
+    };
+    let answer = |response: pb::ModelInferResponse| f32_values(&response.raw_output_contents[0]);
+    let mut alone = Vec::new();
+    for i in 0..64 {
+        let mut client = client.clone();
+        alone.push(answer(
+            client.model_infer(request(i)).await.unwrap().into_inner(),
+        ));
+    }
+    let batches_before = server
+        .metric(r#"marquee_batch_size_count{model="gbr",version="1"}"#)
+        .await;
+    let together = futures::future::join_all((0..64).map(|i| {
+        let mut client = client.clone();
+        async move { answer(client.model_infer(request(i)).await.unwrap().into_inner()) }
+    }))
+    .await;
+    for (i, (together, alone)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(together.len(), alone.len());
+        for (a, b) in together.iter().zip(alone) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "request {i}: {a} vs {b} alone"
+            );
+        }
+    }
+    let batches = server
+        .metric(r#"marquee_batch_size_count{model="gbr",version="1"}"#)
+        .await
+        - batches_before;
+    assert!(
+        (1.0..64.0).contains(&batches),
+        "64 concurrent requests ran in {batches} batches"
+    );
     server.stop().await;
 }
