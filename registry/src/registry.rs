@@ -394,7 +394,11 @@ impl Registry {
             Err(object_store::Error::NotFound { .. }) => return Err(missing(manifest, entry)),
             Err(e) => return Err(e.into()),
         };
-        let actual = sha256_hex(&bytes);
+        // Hashing a large artifact takes a while: off the async runtime, which serves meanwhile.
+        let hashed = bytes.clone();
+        let actual = tokio::task::spawn_blocking(move || sha256_hex(&hashed))
+            .await
+            .unwrap_or_else(|_| "unknown (the hashing task failed)".to_string());
         if actual != entry.sha256 {
             return Err(mismatch(manifest, entry, &actual));
         }

@@ -75,13 +75,17 @@ pub struct ServeConfig {
     pub max_request_bytes: usize,
 
     /// Inference and prediction requests in flight at once, all clients together; past it a
-    /// request is answered 503 / UNAVAILABLE at once, with a retry hint.
-    #[arg(long, default_value_t = 512)]
+    /// request is answered 503 / UNAVAILABLE at once, with a retry hint. The default is the
+    /// example models' queue size: at 512 a 30 ms stall of a busy machine (15,000 requests/s)
+    /// already turned requests away that the queues would have held (`bench/soak.py`).
+    #[arg(long, default_value_t = 4096)]
     pub max_concurrent_requests: usize,
 
     /// Threads of the async runtime (transports, pre/post-processing); 0: one per core. Model
     /// instances run on threads of their own, so on a small machine fewer runtime threads leave
-    /// the instances their cores and cut wake-ups between threads.
+    /// the instances their cores and cut wake-ups between threads. 1 runs tokio's single-threaded
+    /// scheduler: the answers of a batch then leave in one write per connection (the least CPU
+    /// per inference, while one core keeps up with the transports).
     #[arg(long, env = "MARQUEE_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 
@@ -126,7 +130,7 @@ impl Default for ServeConfig {
             metrics_port: 8002,
             ort_library: None,
             max_request_bytes: 64 * 1024 * 1024,
-            max_concurrent_requests: 512,
+            max_concurrent_requests: 4096,
             worker_threads: 0,
             max_predict_instances: 1024,
             grpc_stream_window: 64,

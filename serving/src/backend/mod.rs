@@ -133,8 +133,10 @@ impl marquee_batcher::Executor for Instance {
 /// The backends of this process, one per platform it can serve.
 pub struct Backends {
     onnx: onnx::OnnxRuntime,
+    /// Started by the first TorchScript model: starting loads libtorch's CUDA libraries (about
+    /// 150 MB resident), which a server without such models should not carry.
     #[cfg(feature = "torch")]
-    torch: torch::TorchBackend,
+    torch: std::sync::OnceLock<torch::TorchBackend>,
 }
 
 impl Backends {
@@ -142,7 +144,7 @@ impl Backends {
         Self {
             onnx,
             #[cfg(feature = "torch")]
-            torch: torch::TorchBackend::start(),
+            torch: std::sync::OnceLock::new(),
         }
     }
 
@@ -151,7 +153,7 @@ impl Backends {
         match platform {
             Platform::Onnx => Ok(&self.onnx),
             #[cfg(feature = "torch")]
-            Platform::Torch => Ok(&self.torch),
+            Platform::Torch => Ok(self.torch.get_or_init(torch::TorchBackend::start)),
             #[cfg(not(feature = "torch"))]
             Platform::Torch => Err(BackendError::Runtime(
                 "TorchScript models (platform 'pytorch_libtorch') need a build with the torch backend: cargo build --release --features marquee-serving/torch (deploy/setup.sh --torch installs libtorch)".into(),

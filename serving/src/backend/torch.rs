@@ -38,9 +38,10 @@ impl TorchBackend {
     ///
     /// A binary linked with `--as-needed` (Rust's default) drops `libtorch_cuda.so`, since no
     /// symbol of it is called by name, and libtorch then reports no CUDA. It is loaded here, from
-    /// beside the `libtorch_cpu.so` this process runs, before any model loads: its start-up
-    /// registers kernels with libtorch's dispatcher, which must not happen while other models
-    /// run, and libtorch remembers the first answer to "is there CUDA?".
+    /// beside the `libtorch_cpu.so` this process runs, before the first TorchScript model loads
+    /// (`Backends` starts this backend then): its start-up registers kernels with libtorch's
+    /// dispatcher, which must not happen while TorchScript models run, and libtorch remembers
+    /// the first answer to "is there CUDA?".
     pub fn start() -> Self {
         let cuda = load_libtorch_cuda().and_then(|()| match tch::Cuda::device_count() {
             0 => Err("libtorch sees no CUDA device".to_string()),
