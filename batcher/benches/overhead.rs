@@ -30,15 +30,19 @@ fn overhead(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let batcher = Arc::new(
-        Batcher::start(
-            "bench",
-            BatchPolicy::new(64, 10_000),
-            vec![Echo],
-            Arc::new(NoObserver),
+    // Started inside the runtime, as the server starts it: instances answer batches through it.
+    let batcher = {
+        let _inside = runtime.enter();
+        Arc::new(
+            Batcher::start(
+                "bench",
+                BatchPolicy::new(64, 10_000),
+                vec![Echo],
+                Arc::new(NoObserver),
+            )
+            .unwrap(),
         )
-        .unwrap(),
-    );
+    };
     let mut group = c.benchmark_group("batcher");
     group.throughput(Throughput::Elements(1));
     group.bench_function("sequential_submit", |b| {

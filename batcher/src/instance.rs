@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::queue::Shared;
-use crate::{BatchError, Completed, Executor, Pending};
+use crate::{BatchError, Completed, Executor, Outcome, Pending, Reply};
 
 pub(crate) fn spawn<X: Executor>(
     name: &str,
@@ -54,43 +54,80 @@ fn execute<X: Executor>(
     let compute = started.elapsed();
     shared.observer().batch_executed(jobs.len(), rows, compute);
     latencies.extend(waiting.iter().map(|(_, queue)| *queue + compute));
-    match result {
-        Ok(Ok(outputs)) if outputs.len() == waiting.len() => {
-            for ((reply, queue), output) in waiting.into_iter().zip(outputs) {
-                let _ = reply.send(Ok(Completed {
+    let answers: Vec<(Reply<X>, Outcome<X>)> = match result {
+        Ok(Ok(outputs)) if outputs.len() == waiting.len() => waiting
+            .into_iter()
+            .zip(outputs)
+            .map(|((reply, queue), output)| {
+                let completed = Completed {
                     output,
                     queue,
                     compute,
                     batch_rows: rows,
-                }));
-            }
-        }
+                };
+                (reply, Ok(completed))
+            })
+            .collect(),
         Ok(Ok(outputs)) => {
             let message = format!(
                 "executor returned {} outputs for {} requests",
                 outputs.len(),
                 waiting.len()
             );
-            for (reply, _) in waiting {
-                let _ = reply.send(Err(BatchError::Internal(message.clone())));
-            }
+            fail_all::<X>(waiting, BatchError::Internal(message))
         }
-        Ok(Err(error)) => {
-            for (reply, _) in waiting {
-                let _ = reply.send(Err(BatchError::Executor(error.clone())));
-            }
-        }
+        Ok(Err(error)) => fail_all::<X>(waiting, BatchError::Executor(error)),
         Err(panic) => {
             // The panic's message may hold internals (paths, other requests' values): it goes to
             // the log under an incident id, and the callers get the id.
             let message = panic_message(panic.as_ref());
             let incident = incident_id();
             tracing::error!(%incident, %message, "executor panicked; the batch failed, the instance goes on");
-            for (reply, _) in waiting {
-                let _ = reply.send(Err(BatchError::Internal(format!(
+            fail_all::<X>(
+                waiting,
+                BatchError::Internal(format!(
                     "the model failed on this batch (incident {incident}; its log has the details)"
-                ))));
-            }
+                )),
+            )
+        }
+    };
+    deliver(shared, answers);
+}
+
+fn fail_all<X: Executor>(
+    waiting: Vec<(Reply<X>, Duration)>,
+    error: BatchError<X::Error>,
+) -> Vec<(Reply<X>, Outcome<X>)> {
+    waiting
+        .into_iter()
+        .map(|(reply, _)| (reply, Err(error.clone())))
+        .collect()
+}
+
+/// Hands a batch's answers to their callers. Sent from this thread, each answer would wake its
+/// caller's task from outside the async runtime: one cross-thread wake-up (and often a thread
+/// unpark) per request. A batch of several goes instead as one task onto the runtime the batcher
+/// was started on, which answers them all from inside: one wake-up per batch, and on the
+/// single-threaded runtime the callers' tasks then run one after another, so answers bound for
+/// one connection leave together.
+fn deliver<X: Executor>(shared: &Shared<X>, answers: Vec<(Reply<X>, Outcome<X>)>) {
+    let delivery = Delivery::<X>(answers);
+    match shared.runtime() {
+        Some(runtime) if delivery.0.len() > 1 => {
+            runtime.spawn(async move { drop(delivery) });
+        }
+        _ => drop(delivery),
+    }
+}
+
+/// A batch's answers on their way: dropping it sends them, so a runtime that has shut down (and
+/// drops the task unrun) still answers every caller.
+struct Delivery<X: Executor>(Vec<(Reply<X>, Outcome<X>)>);
+
+impl<X: Executor> Drop for Delivery<X> {
+    fn drop(&mut self) {
+        for (reply, answer) in self.0.drain(..) {
+            let _ = reply.send(answer);
         }
     }
 }

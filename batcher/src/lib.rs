@@ -10,7 +10,8 @@
 //! is an OS thread that owns one executor (for ONNX Runtime, one session); when idle it takes the
 //! next batch from the shared queue itself, by Triton's formation rules (see `queue.rs`), so a job
 //! queued while every instance is busy costs no thread wake-up at all, and inference never runs on
-//! the async runtime. Results go straight from the instance to the waiting caller.
+//! the async runtime. A batch of several jobs is answered from one task on the runtime the
+//! batcher was started on (one cross-thread wake-up per batch, not per job).
 
 mod adaptive;
 mod instance;
@@ -158,8 +159,11 @@ struct Pending<X: Executor> {
     deadline: Option<Instant>,
     /// Present exactly when `deadline` is.
     ticket: Option<Arc<Ticket>>,
-    reply: oneshot::Sender<Outcome<X>>,
+    reply: Reply<X>,
 }
+
+/// Where a job's outcome goes back to its caller.
+type Reply<X> = oneshot::Sender<Outcome<X>>;
 
 impl<X: Executor> Pending<X> {
     /// The caller stopped waiting (client went away): the job need not run.

@@ -33,6 +33,9 @@ pub(crate) struct Shared<X: Executor> {
     state: Mutex<State<X>>,
     /// Signalled when jobs arrive or the batcher shuts down; idle instances wait on it.
     arrived: Condvar,
+    /// The async runtime the batcher was started on, where instances deliver a batch's answers
+    /// (see `instance::deliver`); `None` when started outside one.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 struct State<X: Executor> {
@@ -40,6 +43,9 @@ struct State<X: Executor> {
     queues: Vec<VecDeque<Pending<X>>>,
     /// Instances waiting on `arrived`.
     waiting: usize,
+    /// A `DeferredWake` is on its way to wake an instance: since when, and the rows pushed since;
+    /// arrivals until it runs need not wake one themselves (within bounds, see `push`).
+    deferred: Option<(Instant, usize)>,
     shut_down: bool,
     /// (level index, position) of the live jobs the last decision judged, in batch order; kept
     /// here so forming a batch allocates nothing.
@@ -70,6 +76,7 @@ impl<X: Executor> Shared<X> {
                     .map(|_| VecDeque::new())
                     .collect(),
                 waiting: 0,
+                deferred: None,
                 shut_down: false,
                 judged: Vec::new(),
                 timed_out: 0,
@@ -78,9 +85,14 @@ impl<X: Executor> Shared<X> {
                     .map(|budget| AdaptiveDelay::new(budget, policy.delay_ceiling())),
             }),
             arrived: Condvar::new(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
             policy,
             observer,
         }
+    }
+
+    pub(crate) fn runtime(&self) -> Option<&tokio::runtime::Handle> {
+        self.runtime.as_ref()
     }
 
     pub(crate) fn observer(&self) -> &dyn BatchObserver {
@@ -99,7 +111,9 @@ impl<X: Executor> Shared<X> {
     }
 
     /// Queues a job, or rejects it at once when its level is full or the batcher is stopping.
-    pub(crate) fn push(&self, pending: Pending<X>) -> Result<(), BatchError<X::Error>> {
+    /// An idle instance is woken for it, at once or by a `DeferredWake`.
+    pub(crate) fn push(self: &Arc<Self>, pending: Pending<X>) -> Result<(), BatchError<X::Error>> {
+        let (rows, enqueued) = (pending.rows, pending.enqueued);
         let mut state = self.lock();
         if state.shut_down {
             return Err(BatchError::Shutdown);
@@ -125,14 +139,43 @@ impl<X: Executor> Shared<X> {
             }
         }
         queue.push_back(pending);
-        let wake = state.waiting > 0;
+        let wake = if state.waiting == 0 {
+            Wake::None
+        } else {
+            match &mut state.deferred {
+                // A deferred wake-up is coming: this job joins its batch, unless the batch is
+                // already full or the wake-up is late (its runtime is busy).
+                Some((since, deferred_rows)) => {
+                    *deferred_rows += rows;
+                    let full = self.policy.max_batch_size == 0
+                        || *deferred_rows >= self.policy.max_batch_size;
+                    if full || enqueued.saturating_duration_since(*since) >= MAX_DEFERRAL {
+                        Wake::Now
+                    } else {
+                        Wake::None
+                    }
+                }
+                None => match deferrable_runtime() {
+                    Some(runtime) if self.policy.max_batch_size > rows => {
+                        state.deferred = Some((enqueued, rows));
+                        Wake::Deferred(runtime)
+                    }
+                    _ => Wake::Now,
+                },
+            }
+        };
         // Reported under the lock, so reports reach the observer in the order the queue changed.
         self.observer
             .queue_depth(state.queues.iter().map(VecDeque::len).sum());
         drop(state);
         // Notified after unlocking, so the woken instance does not block on the lock at once.
-        if wake {
-            self.arrived.notify_one();
+        match wake {
+            Wake::None => {}
+            Wake::Now => self.arrived.notify_one(),
+            Wake::Deferred(runtime) => {
+                let wake = DeferredWake(self.clone());
+                runtime.spawn(async move { drop(wake) });
+            }
         }
         Ok(())
     }
@@ -225,6 +268,42 @@ impl<X: Executor> Shared<X> {
                 }
             }
         }
+    }
+}
+
+/// How long jobs may wait for a deferred wake-up before a new arrival wakes an instance itself.
+const MAX_DEFERRAL: Duration = Duration::from_micros(200);
+
+/// How `push` wakes an idle instance for the job it queued.
+enum Wake {
+    None,
+    Now,
+    Deferred(tokio::runtime::Handle),
+}
+
+/// The runtime to defer a wake-up onto: tokio's single-threaded one, when the push runs in one
+/// of its tasks. It runs woken tasks in order, so the wake-up runs after the tasks already queued
+/// there. (The multi-threaded scheduler runs the task spawned last first, which would defer
+/// nothing.)
+fn deferrable_runtime() -> Option<tokio::runtime::Handle> {
+    tokio::task::try_id()?;
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    (runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread).then_some(runtime)
+}
+
+/// Wakes an idle instance for jobs pushed from a single-threaded runtime, from a task of that
+/// runtime: the tasks queued before it are often more requests read in the same burst from the
+/// network, so the instance wakes once and takes them together rather than waking for the first
+/// and leaving the rest to the next batch. The first job waits for what the runtime was already
+/// doing, at most until a full batch is queued or `MAX_DEFERRAL` has passed at the next arrival.
+/// Dropping it wakes, so a runtime that shuts down before running the task leaves no instance
+/// asleep.
+struct DeferredWake<X: Executor>(Arc<Shared<X>>);
+
+impl<X: Executor> Drop for DeferredWake<X> {
+    fn drop(&mut self) {
+        self.0.lock().deferred = None;
+        self.0.arrived.notify_one();
     }
 }
 

@@ -69,7 +69,11 @@ fn start(
         .enable_all()
         .build()
         .unwrap();
-    let batcher = Arc::new(Batcher::start(name, policy, executors, Arc::new(NoObserver)).unwrap());
+    // Started inside the runtime, as the server starts it: instances answer batches through it.
+    let batcher = {
+        let _inside = runtime.enter();
+        Arc::new(Batcher::start(name, policy, executors, Arc::new(NoObserver)).unwrap())
+    };
     (runtime, batcher, record)
 }
 

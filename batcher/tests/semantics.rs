@@ -626,3 +626,113 @@ async fn each_priority_level_has_its_own_bound() {
     }
     assert_eq!(executed_ids(&record), vec![0, 3, 1]);
 }
+
+/// Jobs pushed by tasks that run back to back on the runtime (requests read in one burst) wake
+/// an idle instance once, after the burst, and form one batch even with no queue delay.
+#[test]
+fn jobs_submitted_in_one_burst_form_one_batch() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (batcher, record, _) = start(BatchPolicy::new(16, 1_000), 1, Gate::opened());
+        // Let the instance find the queue empty and go to sleep.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let handles: Vec<_> = (0..8u64)
+            .map(|id| spawn_submit(&batcher, job(id, 1), Default::default()))
+            .collect();
+        for handle in handles {
+            tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .expect("answered")
+                .unwrap()
+                .unwrap();
+        }
+        let record = record.lock().unwrap();
+        let sizes: Vec<usize> = record.batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![8], "one batch of the whole burst");
+    });
+}
+
+/// A deferred wake-up held back by a busy runtime does not hold back later jobs: an arrival
+/// after `MAX_DEFERRAL` wakes the instance itself.
+#[test]
+fn a_late_deferred_wake_up_does_not_hold_back_later_jobs() {
+    let (batcher, record, _) = start(BatchPolicy::new(16, 1_000), 1, Gate::opened());
+    std::thread::sleep(Duration::from_millis(50));
+    let pushing = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let first_batcher = batcher.clone();
+    pushing.block_on(async move {
+        // Queues job 1 and defers the wake-up to a task behind `busy`.
+        let first =
+            tokio::spawn(async move { first_batcher.submit(job(1, 1), Default::default()).await });
+        let busy = tokio::spawn(async move {
+            // Blocks the runtime's only thread past the deferral bound, then waits for job 2,
+            // submitted from outside any runtime, while the deferred wake-up cannot run.
+            std::thread::sleep(Duration::from_millis(5));
+            let (sender, receiver) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let _ =
+                    sender.send(runtime.block_on(batcher.submit(job(2, 1), Default::default())));
+            });
+            receiver
+                .recv_timeout(Duration::from_secs(10))
+                .expect("job 2 answered while the deferred wake-up was held back")
+        });
+        let second = busy.await.unwrap().unwrap();
+        assert_eq!(second.output, vec![row_value(2, 0)]);
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(first.output, vec![row_value(1, 0)]);
+    });
+    let executed: usize = record.lock().unwrap().batches.iter().map(Vec::len).sum();
+    assert_eq!(executed, 2);
+}
+
+/// A batch answered through the runtime the batcher was started on still reaches its callers
+/// when that runtime is gone (the task that would deliver it is dropped unrun).
+#[test]
+fn answers_reach_callers_after_the_batchers_runtime_is_gone() {
+    let setup = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (batcher, record, _) = {
+        let _inside = setup.enter();
+        start(BatchPolicy::new(16, 1_000), 1, Gate::opened())
+    };
+    drop(setup);
+    std::thread::sleep(Duration::from_millis(50));
+    let callers = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    callers.block_on(async {
+        // Submitted in one burst, so they form one batch of two.
+        let handles: Vec<_> = (0..2u64)
+            .map(|id| spawn_submit(&batcher, job(id, 1), Default::default()))
+            .collect();
+        for (id, handle) in handles.into_iter().enumerate() {
+            let done = tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .expect("answered")
+                .unwrap()
+                .unwrap();
+            assert_eq!(done.output, vec![row_value(id as u64, 0)]);
+        }
+    });
+    let sizes: Vec<usize> = record
+        .lock()
+        .unwrap()
+        .batches
+        .iter()
+        .map(Vec::len)
+        .collect();
+    assert_eq!(sizes, vec![2]);
+}

@@ -38,12 +38,20 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    let worker_threads = match &cli.command {
+        Command::Serve(config) => config.worker_threads,
+        _ => 0,
+    };
+    // One thread: tokio's single-threaded scheduler, which runs woken tasks in order (the
+    // multi-threaded one runs the last woken first, so each answer would be written alone).
+    let mut runtime = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     runtime.enable_all();
-    if let Command::Serve(config) = &cli.command
-        && config.worker_threads > 0
-    {
-        runtime.worker_threads(config.worker_threads);
+    if worker_threads > 1 {
+        runtime.worker_threads(worker_threads);
     }
     let runtime = runtime.build().context("cannot start the async runtime")?;
     runtime.block_on(async {
