@@ -142,7 +142,7 @@ def tree_cpu_seconds(pid):
 
 def served(server, model):
     """Inferences the server has run for `model` (its statistics extension, or MLServer's
-    Prometheus counter); None when it does not say."""
+    Prometheus metrics); None when it does not say."""
     port = SERVERS[server]["http"]
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/stats", timeout=5) as r:
@@ -155,11 +155,15 @@ def served(server, model):
             text = r.read().decode()
     except OSError:
         return None
-    count = None
+    # MLServer 1.7 counts requests as its latency histogram's `_count` (a success counter, where a
+    # version has one, is preferred).
+    counts = {}
     for line in text.splitlines():
-        if line.startswith("model_infer_request_success") and f'model="{model}"' in line:
-            count = (count or 0) + float(line.rsplit(" ", 1)[1])
-    return count
+        for name in ("model_infer_request_success", "model_infer_request_duration_count"):
+            if line.startswith(name) and f'model="{model}"' in line:
+                counts[name] = counts.get(name, 0) + float(line.rsplit(" ", 1)[1])
+    # No series yet means no request yet.
+    return counts.get("model_infer_request_success", counts.get("model_infer_request_duration_count", 0.0))
 
 
 def perf(server, model, protocol, concurrency, inputs, window_ms, pid=None):
