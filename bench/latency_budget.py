@@ -130,7 +130,8 @@ def main():
     args = parser.parse_args()
     if not args.skip_prepare:
         subprocess.run([str(ROOT / "deploy" / "setup.sh")], check=True)
-    suite_build.build(skip=args.skip_prepare)
+        suite_build.build()
+    suite_build.use_libtorch()
     http, grpc, metrics = free_port(), free_port(), free_port()
     server = subprocess.Popen(
         [str(MARQUEE), "serve", "--model-repository", str(ROOT / "deploy" / "models"), "--host", "127.0.0.1",

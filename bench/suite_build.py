@@ -38,11 +38,9 @@ def use_libtorch():
         os.environ["LD_LIBRARY_PATH"] = library + (":" + os.environ["LD_LIBRARY_PATH"] if os.environ.get("LD_LIBRARY_PATH") else "")
 
 
-def build(skip=False):
+def build():
     """`cargo build --release --workspace --all-targets`, with the torch feature when libtorch is
-    installed; `skip` only sets up the environment for binaries built before (`use_libtorch`)."""
+    installed (`use_libtorch` first, which a benchmark that skips building calls itself)."""
     use_libtorch()
-    if skip:
-        return
     features = ["--features", "marquee-tests/torch"] if torch_env() else []
     subprocess.run(["cargo", "build", "--release", "--workspace", "--all-targets", *features], check=True, cwd=ROOT)

@@ -147,8 +147,8 @@ impl<X: Executor> Shared<X> {
                 // already full or the wake-up is late (its runtime is busy).
                 Some((since, deferred_rows)) => {
                     *deferred_rows += rows;
-                    let full = self.policy.max_batch_size == 0
-                        || *deferred_rows >= self.policy.max_batch_size;
+                    // (Deferral needs batching: `max_batch_size` is above 0 here.)
+                    let full = *deferred_rows >= self.policy.max_batch_size;
                     if full || enqueued.saturating_duration_since(*since) >= MAX_DEFERRAL {
                         Wake::Now
                     } else {

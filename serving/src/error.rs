@@ -49,6 +49,14 @@ pub enum Overload {
 pub const RETRY_AFTER_SECONDS: u32 = 1;
 
 impl ServingError {
+    /// A request over `--max-request-bytes`, in the same words on every transport; `what` is
+    /// what the transport carries (a REST "body", a gRPC "message").
+    pub fn over_request_limit(what: &str, limit: usize) -> Self {
+        ServingError::PayloadTooLarge(format!(
+            "request {what} is larger than the server's limit of {limit} bytes (--max-request-bytes)"
+        ))
+    }
+
     pub fn http_status(&self) -> StatusCode {
         match self {
             ServingError::InvalidInput(_) | ServingError::LoadFailed(_) => StatusCode::BAD_REQUEST,

@@ -140,10 +140,9 @@ async fn json_error_body(response: Response, metrics: &Metrics, max_body: usize)
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         .unwrap_or_default();
     let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        metrics.rejected("too_large");
-        format!(
-            "request body is larger than the server's limit of {max_body} bytes (--max-request-bytes)"
-        )
+        let error = ServingError::over_request_limit("body", max_body);
+        metrics.rejected(error.reason());
+        error.to_string()
     } else if text.is_empty() {
         status
             .canonical_reason()

@@ -298,11 +298,9 @@ fn oversized_is_resource_exhausted<B>(
             m.contains("message%20length%20too%20large") || m.contains("message length too large")
         });
     if out_of_range && oversized {
-        metrics.rejected("too_large");
-        let status = tonic::Status::resource_exhausted(format!(
-            "request message is larger than the server's limit of {max_request_bytes} bytes (--max-request-bytes)"
-        ));
-        if let Err(e) = status.add_header(headers) {
+        let error = ServingError::over_request_limit("message", max_request_bytes);
+        metrics.rejected(error.reason());
+        if let Err(e) = tonic::Status::from(error).add_header(headers) {
             tracing::error!(error = %e, "cannot encode the oversized request's gRPC status");
         }
     }
