@@ -23,6 +23,8 @@ enum Command {
     Registry(marquee_registry::cli::RegistryArgs),
     /// Check feature definitions, materialise features, build training sets, look values up.
     Features(marquee_feature_store::cli::FeaturesArgs),
+    /// Generate the movie-ticket platform's data (tables, feature histories, labels) from a seed.
+    Data(marquee_training_jobs::cli::DataArgs),
 }
 
 /// mimalloc instead of the C library's allocator: requests allocate and free many small buffers
@@ -66,6 +68,13 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Features(args) => {
                 if let Err(e) = marquee_feature_store::cli::run(args).await {
+                    eprintln!("error: {e}");
+                    std::process::exit(e.exit_code());
+                }
+                Ok(())
+            }
+            Command::Data(args) => {
+                if let Err(e) = marquee_training_jobs::cli::run(args).await {
                     eprintln!("error: {e}");
                     std::process::exit(e.exit_code());
                 }
