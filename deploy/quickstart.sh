@@ -7,5 +7,5 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 deploy/setup.sh
-cargo build --release -p marquee-serving --bin marquee
+cargo build --release -p marquee-cli --bin marquee
 exec "${CARGO_TARGET_DIR:-target}/release/marquee" serve --model-repository deploy/models --features deploy/features.toml "$@"

@@ -41,7 +41,7 @@ def serve(args, log_name):
     """Starts `marquee serve` with `args` on free loopback ports; yields its addresses once it is
     ready, and checks that it shuts down cleanly on SIGTERM."""
     binary = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "marquee"
-    assert binary.exists(), "build first: cargo build --release -p marquee-serving"
+    assert binary.exists(), "build first: cargo build --release -p marquee-cli"
     ports = [free_port() for _ in range(3)]
     log = open(ROOT / ".marquee" / log_name, "w")
     process = subprocess.Popen(

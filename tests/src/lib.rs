@@ -36,7 +36,7 @@ pub fn marquee_binary() -> PathBuf {
         .join("marquee");
     assert!(
         binary.is_file(),
-        "{} is missing: build it first (cargo build --release -p marquee-serving)",
+        "{} is missing: build it first (cargo build --release -p marquee-cli)",
         binary.display()
     );
     binary
