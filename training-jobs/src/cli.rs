@@ -1,6 +1,7 @@
-//! `marquee data`: generate the movie-ticket platform's world and write it to the offline store
-//! (tables, feature histories, definitions, labels). Progress on a terminal, a summary table or
-//! `--json` at the end.
+//! `marquee data` (generate the movie-ticket platform's world and write it to the offline store:
+//! tables, feature histories, definitions, labels) and `marquee train` (fit a hosted model on such
+//! a world, measure it through the serving backend, gate it on its fallback, register it).
+//! Progress on a terminal, a summary or `--json` at the end.
 
 use std::io::IsTerminal;
 use std::time::Instant;
@@ -9,6 +10,7 @@ use clap::{Args, Subcommand};
 
 use crate::TrainingError;
 use crate::data::{Scale, World, write};
+use crate::train::{self, TrainOptions};
 
 /// `marquee data …`
 #[derive(Debug, Args)]
@@ -83,4 +85,97 @@ fn progress_bar(visible: bool) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
+}
+
+/// `marquee train …`
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Which model to train.
+    #[arg(value_enum)]
+    pub model: TrainedModel,
+    /// A world written by `marquee data generate` (folder, `s3://…`, `gs://…`).
+    #[arg(long, env = "MARQUEE_DATA")]
+    pub data: String,
+    /// The registry to push to.
+    #[arg(long, env = "MARQUEE_REGISTRY")]
+    pub registry: String,
+    /// Seeds the fit: the same seed and data give the same model.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Scratch folder for the training set and the exported artifact (default: a temporary one).
+    #[arg(long)]
+    pub work: Option<std::path::PathBuf>,
+    /// The Python with the trainers' libraries (default: `.marquee/venv` of this checkout).
+    #[arg(long, env = "MARQUEE_PYTHON")]
+    pub python: Option<std::path::PathBuf>,
+    /// `libonnxruntime.so` (default: as `marquee serve` finds it).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_library: Option<std::path::PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainedModel {
+    /// The booking fraud score.
+    Fraud,
+}
+
+pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
+    // A temporary work folder lives until the job ends.
+    let temporary;
+    let work = match &args.work {
+        Some(work) => work.clone(),
+        None => {
+            temporary = tempfile::tempdir().map_err(|e| TrainingError::Output(e.to_string()))?;
+            temporary.path().to_path_buf()
+        }
+    };
+    std::fs::create_dir_all(&work)
+        .map_err(|e| TrainingError::Output(format!("{}: {e}", work.display())))?;
+    let python = match args.python.clone().or_else(train::checkout_python) {
+        Some(python) => python,
+        None => {
+            return Err(TrainingError::Trainer(
+                "no Python environment: run deploy/setup.sh (it makes .marquee/venv) or pass --python".into(),
+            ));
+        }
+    };
+    let onnxruntime = marquee_serving::server::locate_onnxruntime(args.ort_library.as_deref())
+        .map_err(|e| TrainingError::Evaluation(e.to_string()))?;
+    let options = TrainOptions {
+        data: args.data.clone(),
+        registry: args.registry.clone(),
+        seed: args.seed,
+        work,
+        python,
+        onnxruntime,
+        by: std::env::var("USER").unwrap_or_else(|_| "marquee train".into()),
+    };
+    let started = Instant::now();
+    let trained = match args.model {
+        TrainedModel::Fraud => train::fraud::train(&options).await?,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"trained": trained, "seconds": started.elapsed().as_secs_f64()})
+        );
+    } else {
+        println!(
+            "{} version {} pushed to {} in {:.1} s",
+            trained.model,
+            trained.version,
+            options.registry,
+            started.elapsed().as_secs_f64()
+        );
+        for (name, value) in &trained.metrics {
+            println!("  {name:28} {value:.4}");
+        }
+        for (gate, held) in &trained.gates {
+            println!("  gate {gate}: {}", if *held { "held" } else { "failed" });
+        }
+    }
+    Ok(())
 }

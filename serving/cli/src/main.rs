@@ -25,6 +25,8 @@ enum Command {
     Features(marquee_feature_store::cli::FeaturesArgs),
     /// Generate the movie-ticket platform's data (tables, feature histories, labels) from a seed.
     Data(marquee_training_jobs::cli::DataArgs),
+    /// Train a hosted model on a generated world and push it to the registry.
+    Train(marquee_training_jobs::cli::TrainArgs),
 }
 
 /// mimalloc instead of the C library's allocator: requests allocate and free many small buffers
@@ -75,6 +77,13 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Data(args) => {
                 if let Err(e) = marquee_training_jobs::cli::run(args).await {
+                    eprintln!("error: {e}");
+                    std::process::exit(e.exit_code());
+                }
+                Ok(())
+            }
+            Command::Train(args) => {
+                if let Err(e) = marquee_training_jobs::cli::train(args).await {
                     eprintln!("error: {e}");
                     std::process::exit(e.exit_code());
                 }

@@ -1,9 +1,10 @@
 //! Fraud, injected among the legitimate bookings in four known patterns, each with the traces a
-//! fraud model can learn from: velocity bursts (a taken-over account books show after show within
-//! the hour), card testing (a fresh account tries card after card, most declined), far-away
-//! devices (a booking from an unknown device hundreds of km from home) and odd hours (large
-//! bookings at 2-5 am by young accounts; the last two open their accounts for the attack). Legitimate users also travel, book at night and fail a
-//! payment now and then, so no single signal separates the two. Which bookings are fraud is
+//! fraud model can learn from: velocity bursts (a taken-over account books 3-12 shows minutes
+//! apart), card testing (an account opened for it tries card after card, most declined),
+//! far-away devices (a booking hundreds of km from home, mostly from an unknown device) and odd
+//! hours (large bookings at 1-6 am by accounts opened days before). Legitimate users also
+//! travel, change phones, book at night and have payments declined, so no single signal separates
+//! the two. Which bookings are fraud is
 //! recorded apart from them (`World::fraud`), the labels an evaluation reads and a model never sees.
 
 use rand::RngExt;
@@ -121,10 +122,12 @@ fn velocity_burst(rng: &mut Rng, world: &mut World) -> usize {
         (world.users[user].home_lat, world.users[user].home_lon)
     };
     let cards = world.users[user].cards.clone();
-    let count = rng.random_range(5..=12);
+    // Some bursts are short and spread out, so velocity alone does not give them away.
+    let count = rng.random_range(3..=12);
+    let spacing_minutes = rng.random_range(2..20);
     let mut made = 0;
     for i in 0..count {
-        let at_ms = start + i * rng.random_range(2..8) * 60_000;
+        let at_ms = start + i * spacing_minutes * 60_000;
         let Some(show) = show_after(rng, world, at_ms) else {
             continue;
         };
@@ -171,7 +174,7 @@ fn card_testing(rng: &mut Rng, world: &mut World) -> usize {
     let Some(show) = show_after(rng, world, at_ms) else {
         return 0;
     };
-    let tries = rng.random_range(4..=15);
+    let tries = rng.random_range(2..=15);
     let cards: Vec<String> = (0..tries)
         .map(|i| format!("stolen-{}-{i}", world.payments.len()))
         .collect();
@@ -200,14 +203,24 @@ fn far_device(rng: &mut Rng, world: &mut World) -> usize {
     };
     let location = far_city(rng, &world.users[user]);
     let cards = world.users[user].cards.clone();
+    // A stolen phone books from the user's own device.
+    let device = if rng.random_bool(0.3) {
+        world.users[user]
+            .devices
+            .first()
+            .cloned()
+            .unwrap_or_default()
+    } else {
+        format!("x{}", world.bookings.len())
+    };
     usize::from(book(
         world,
         Attempt {
             user,
             show,
-            seats: rng.random_range(2..=8),
+            seats: rng.random_range(1..=8),
             at_ms,
-            device: format!("x{}", world.bookings.len()),
+            device,
             location,
             cards: &cards[..1],
             declined_first: 0,
@@ -218,7 +231,7 @@ fn far_device(rng: &mut Rng, world: &mut World) -> usize {
 
 fn odd_hours(rng: &mut Rng, world: &mut World) -> usize {
     let day = (moment(rng, world) - START_MS) / DAY_MS;
-    let at_ms = START_MS + day * DAY_MS + rng.random_range(2 * HOUR_MS..5 * HOUR_MS);
+    let at_ms = START_MS + day * DAY_MS + rng.random_range(HOUR_MS..6 * HOUR_MS);
     let age = rng.random_range(1..20) * DAY_MS;
     let user = new_account(rng, world, at_ms, age);
     let Some(show) = show_after(rng, world, at_ms) else {
@@ -234,7 +247,7 @@ fn odd_hours(rng: &mut Rng, world: &mut World) -> usize {
         Attempt {
             user,
             show,
-            seats: rng.random_range(4..=8),
+            seats: rng.random_range(3..=8),
             at_ms,
             device,
             location,

@@ -99,7 +99,12 @@ pub fn users(rng: &mut Rng, size: Size) -> Vec<User> {
                 city,
                 home_lat: CITIES[city].lat + jitter.sample(rng),
                 home_lon: CITIES[city].lon + jitter.sample(rng),
-                signup_ms: START_MS - rng.random_range(1..=1_500) as i64 * DAY_MS,
+                // Most accounts predate the period; some open during it.
+                signup_ms: if rng.random_bool(0.15) {
+                    START_MS + rng.random_range(0..(size.days as i64 * DAY_MS).max(1))
+                } else {
+                    START_MS - rng.random_range(1..=1_500) as i64 * DAY_MS
+                },
                 taste,
                 activity: activity.sample(rng),
                 devices,
@@ -262,9 +267,9 @@ pub fn sell(rng: &mut Rng, world: &mut World) {
         while left > 0 {
             let seats = (group.sample(rng) as u32 + 1).min(left);
             left -= seats;
-            let user = choose_user(rng, &world.users, locals, &genres);
             let hours: f64 = lead.sample(rng).clamp(0.1, 24.0 * 14.0);
             let booked_ms = starts_ms - (hours * HOUR_MS as f64) as i64;
+            let user = choose_user(rng, &world.users, locals, &genres, booked_ms);
             let buyer = &world.users[user];
             let booking = world.bookings.len();
             let card = buyer.cards.choose(rng).cloned().unwrap_or_default();
@@ -287,8 +292,10 @@ pub fn sell(rng: &mut Rng, world: &mut World) {
                 status: PaymentStatus::Succeeded,
                 at_ms: booked_ms,
             });
-            // Travellers: a few legitimate bookings come from far away.
-            let (lat, lon) = if rng.random_bool(0.02) {
+            // Travellers: a few legitimate bookings come from far away, some on a borrowed or
+            // new device; people also change phones at home.
+            let travelling = rng.random_bool(0.03);
+            let (lat, lon) = if travelling {
                 let city = &CITIES[rng.random_range(0..CITIES.len())];
                 (city.lat, city.lon)
             } else {
@@ -297,6 +304,11 @@ pub fn sell(rng: &mut Rng, world: &mut World) {
                     buyer.home_lon + near.sample(rng),
                 )
             };
+            let device = if rng.random_bool(if travelling { 0.4 } else { 0.03 }) {
+                format!("d{user}-n{booking}")
+            } else {
+                buyer.devices.choose(rng).cloned().unwrap_or_default()
+            };
             world.bookings.push(Booking {
                 id: format!("b{booking}"),
                 user,
@@ -304,7 +316,7 @@ pub fn sell(rng: &mut Rng, world: &mut World) {
                 seats,
                 unit_price,
                 booked_ms,
-                device: buyer.devices.choose(rng).cloned().unwrap_or_default(),
+                device,
                 lat,
                 lon,
             });
@@ -314,21 +326,34 @@ pub fn sell(rng: &mut Rng, world: &mut World) {
     }
 }
 
-/// Picks a buyer among a few local candidates, by taste for the movie's genres and activity;
-/// one in twenty buyers comes from anywhere.
-fn choose_user(rng: &mut Rng, users: &[User], locals: &[usize], genres: &[usize]) -> usize {
+/// Picks a buyer with an account at `at_ms` among a few local candidates, by taste for the
+/// movie's genres and activity; one in twenty buyers comes from anywhere.
+fn choose_user(
+    rng: &mut Rng,
+    users: &[User],
+    locals: &[usize],
+    genres: &[usize],
+    at_ms: i64,
+) -> usize {
     let pool = if locals.is_empty() || rng.random_bool(0.05) {
         None
     } else {
         Some(locals)
     };
-    let mut best = (f64::MIN, 0);
-    for _ in 0..12 {
+    let mut best: Option<(f64, usize)> = None;
+    // Most accounts predate the period, so a few draws find one open at `at_ms`.
+    for draw in 0..64 {
+        if draw >= 12 && best.is_some() {
+            break;
+        }
         let candidate = match pool {
-            Some(locals) => locals[rng.random_range(0..locals.len())],
-            None => rng.random_range(0..users.len()),
+            Some(locals) if draw < 32 => locals[rng.random_range(0..locals.len())],
+            _ => rng.random_range(0..users.len()),
         };
         let user = &users[candidate];
+        if user.signup_ms > at_ms {
+            continue;
+        }
         let affinity: f64 = genres
             .iter()
             .enumerate()
@@ -337,11 +362,11 @@ fn choose_user(rng: &mut Rng, users: &[User], locals: &[usize], genres: &[usize]
         // Gumbel-max: sampling in proportion to exp(score).
         let gumbel = -(-(rng.random::<f64>().max(1e-12)).ln()).ln();
         let score = 6.0 * affinity + user.activity.ln() + gumbel;
-        if score > best.0 {
-            best = (score, candidate);
+        if best.is_none_or(|(b, _)| score > b) {
+            best = Some((score, candidate));
         }
     }
-    best.1
+    best.map_or(0, |(_, user)| user)
 }
 
 #[cfg(test)]

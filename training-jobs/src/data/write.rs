@@ -111,7 +111,8 @@ impl Output {
     }
 }
 
-fn parquet(batch: &RecordBatch) -> Result<Vec<u8>, TrainingError> {
+/// One record batch as a Parquet file (Snappy).
+pub(crate) fn parquet(batch: &RecordBatch) -> Result<Vec<u8>, TrainingError> {
     let failed = |e: parquet::errors::ParquetError| TrainingError::Output(e.to_string());
     let properties = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)

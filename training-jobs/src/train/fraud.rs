@@ -1,0 +1,516 @@
+//! `marquee train fraud`: the booking fraud score. Every booking of the world is a row: what the
+//! booking itself says (distance of its device from the user's home, seats, amount, hour, whether
+//! the device is new to the user) and, joined point in time, the user's risk features just before
+//! it (`user_risk`: bookings in the last hour, declined payments in 24 h, account age). Bookings of
+//! the first 70% of the period train, the rest test. The trainer fits an isolation forest and a
+//! classifier on top of it (`trainers/fraud.py`); the exported graph is scored on the test rows
+//! through the serving backend and must beat the threshold rules, the fallback serving uses, on
+//! ROC-AUC and on recall at a 2% false-positive rate.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type};
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, TimeUnit};
+use bytes::Bytes;
+use marquee_feature_store::Definitions;
+use marquee_feature_store::offline::StorePath;
+use marquee_registry::PushFile;
+use serde_json::json;
+
+use super::baseline::{DriftBaseline, Histogram};
+use super::{Evaluator, TrainOptions, Trained};
+use crate::TrainingError;
+use crate::metrics::{recall_at_fpr, roc_auc};
+
+const TRAINER: &str = include_str!("../../trainers/fraud.py");
+
+/// The model's input columns, in order: the pipeline fills them the same way.
+pub const COLUMNS: [&str; 8] = [
+    "booking_velocity_1h",
+    "failed_payments_24h",
+    "account_age_days",
+    "distance_from_home_km",
+    "seats",
+    "amount",
+    "hour_of_day",
+    "new_device",
+];
+
+/// The first three come from the feature store.
+const STORED: [&str; 3] = [
+    "booking_velocity_1h",
+    "failed_payments_24h",
+    "account_age_days",
+];
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+
+/// The false-positive rate recall is measured at.
+const MAX_FPR: f64 = 0.02;
+
+pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
+    let bookings = super::read_table(&options.data, "bookings.parquet").await?;
+    let labels = super::read_table(&options.data, "labels/fraud.parquet").await?;
+    let rows = booking_rows(&bookings, &labels)?;
+    let set = with_user_risk(options, &rows).await?;
+
+    let first = *rows.booked_ms.iter().min().unwrap_or(&0);
+    let last = *rows.booked_ms.iter().max().unwrap_or(&0);
+    let cutoff = first + (last - first) * 7 / 10;
+    let train: Vec<usize> = (0..rows.len())
+        .filter(|&i| rows.booked_ms[i] < cutoff)
+        .collect();
+    let test: Vec<usize> = (0..rows.len())
+        .filter(|&i| rows.booked_ms[i] >= cutoff)
+        .collect();
+    let matrix = columns(&set)?;
+
+    let train_path = options.work.join("fraud-train.parquet");
+    write_training_set(&train_path, &matrix, &rows.is_fraud, &train)?;
+    let model_path = options.work.join("fraud.onnx");
+    let seed = options.seed.to_string();
+    let report = super::run_trainer(
+        options,
+        "fraud.py",
+        TRAINER,
+        &[
+            "--train",
+            path_text(&train_path)?,
+            "--columns",
+            &COLUMNS.join(","),
+            "--label",
+            "is_fraud",
+            "--seed",
+            &seed,
+            "--out",
+            path_text(&model_path)?,
+        ],
+    )?;
+    let model = std::fs::read(&model_path)
+        .map_err(|e| TrainingError::Trainer(format!("{}: {e}", model_path.display())))?;
+
+    let mut evaluator = Evaluator::onnx(options, &model, "X", "fraud_probability")?;
+    let test_rows = row_major(&matrix, &test);
+    let scores: Vec<f64> = evaluator
+        .score(&test_rows, COLUMNS.len())?
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let truth: Vec<bool> = test.iter().map(|&i| rows.is_fraud[i]).collect();
+    let rules: Vec<f64> = test.iter().map(|&i| rule_score(&matrix, i)).collect();
+    let measure = |scores: &[f64]| -> Result<(f64, f64), TrainingError> {
+        let auc = roc_auc(scores, &truth)
+            .ok_or_else(|| TrainingError::Data("the test period has one class only".into()))?;
+        let (recall, _) = recall_at_fpr(scores, &truth, MAX_FPR)
+            .ok_or_else(|| TrainingError::Data("the test period has one class only".into()))?;
+        Ok((auc, recall))
+    };
+    let (auc, recall) = measure(&scores)?;
+    let (rules_auc, rules_recall) = measure(&rules)?;
+    let mut metrics = BTreeMap::from([
+        ("roc_auc".to_string(), auc),
+        ("recall_at_2pct_fpr".to_string(), recall),
+        ("rules_roc_auc".to_string(), rules_auc),
+        ("rules_recall_at_2pct_fpr".to_string(), rules_recall),
+        ("train_rows".to_string(), train.len() as f64),
+        ("test_rows".to_string(), test.len() as f64),
+        (
+            "test_positives".to_string(),
+            truth.iter().filter(|&&t| t).count() as f64,
+        ),
+    ]);
+    if let Some(error) = report["export_max_abs_error"].as_f64() {
+        metrics.insert("export_max_abs_error".into(), error);
+    }
+    let gates = vec![
+        (
+            format!("roc_auc > {rules_auc:.4} (the rules')"),
+            auc > rules_auc,
+        ),
+        (
+            format!("recall_at_2pct_fpr > {rules_recall:.4} (the rules')"),
+            recall > rules_recall,
+        ),
+    ];
+    if let Some((gate, _)) = gates.iter().find(|(_, held)| !held) {
+        return Err(TrainingError::Gate(format!(
+            "the fraud model does not beat its fallback: {gate} failed (roc_auc {auc:.4}, recall at 2% FPR {recall:.4}); not pushed"
+        )));
+    }
+
+    let baseline = DriftBaseline {
+        rows: train.len(),
+        inputs: COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(c, name)| {
+                let values: Vec<f64> = train.iter().map(|&i| matrix[c][i] as f64).collect();
+                (name.to_string(), Histogram::of(&values))
+            })
+            .collect(),
+        prediction: Histogram::of(&evaluator_scores(&mut evaluator, &matrix, &train)?),
+    };
+    let manifest = json!({
+        "schema_version": marquee_registry::manifest::SCHEMA_VERSION,
+        "name": "fraud",
+        "version": 0,
+        "framework": "onnx",
+        "created_at": marquee_registry::now(),
+        "created_by": options.by,
+        "description": "Booking fraud score in [0, 1]: isolation forest and gradient-boosted classifier (marquee train fraud)",
+        "files": [],
+        "signature": marquee_registry::onnx::signature(&model).map_err(TrainingError::Trainer)?,
+        "config": {
+            "max_batch_size": 256,
+            "dynamic_batching": {"max_queue_delay_microseconds": 200},
+            "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+            "parameters": {"intra_op_thread_count": {"string_value": "1"}}
+        },
+        "metrics": metrics,
+        "gates": [
+            {"metric": "roc_auc", "op": ">", "value": rules_auc},
+            {"metric": "recall_at_2pct_fpr", "op": ">", "value": rules_recall}
+        ],
+        "tags": {"task": "fraud", "trainer": "trainers/fraud.py"},
+        "lineage": {
+            "dataset_uri": options.data,
+            "code_version": concat!("marquee-training-jobs ", env!("CARGO_PKG_VERSION")),
+            "parameters": {
+                "seed": options.seed,
+                "split": "bookings before 70% of the period train, the rest test",
+                "columns": COLUMNS,
+                "trainer": report,
+            }
+        },
+        "pipeline": pipeline(),
+        "drift_baseline": baseline,
+    });
+    let pushed = super::push(
+        options,
+        "fraud",
+        vec![PushFile {
+            path: "model.onnx".into(),
+            contents: Bytes::from(model),
+        }],
+        manifest,
+    )
+    .await?;
+    Ok(Trained {
+        model: "fraud".into(),
+        version: pushed.version,
+        metrics,
+        gates,
+    })
+}
+
+fn evaluator_scores(
+    evaluator: &mut Evaluator,
+    matrix: &[Vec<f32>],
+    rows: &[usize],
+) -> Result<Vec<f64>, TrainingError> {
+    Ok(evaluator
+        .score(&row_major(matrix, rows), COLUMNS.len())?
+        .into_iter()
+        .map(f64::from)
+        .collect())
+}
+
+/// The `/v1/predict` pipeline: the stored features by user, the booking's own from the request,
+/// the score's decision (> 0.8 block, 0.5-0.8 verify, else allow), and the threshold rules as the
+/// fallback when the model cannot answer in time.
+pub fn pipeline() -> serde_json::Value {
+    json!({
+        "input": "X",
+        "features": [
+            {"name": "booking_velocity_1h", "view": "user_risk"},
+            {"name": "failed_payments_24h", "view": "user_risk"},
+            {"name": "account_age_days", "view": "user_risk"},
+            {"name": "distance_from_home_km", "default": 0},
+            {"name": "seats", "default": 2},
+            {"name": "amount", "default": 24},
+            {"name": "hour_of_day", "default": 19},
+            {"name": "new_device", "dtype": "bool"}
+        ],
+        "output": {"tensor": "fraud_probability", "thresholds": [
+            {"min": 0.8, "label": "block"}, {"min": 0.5, "label": "verify"}, {"label": "allow"}
+        ]},
+        "fallback": {"rules": [
+            {"when": {"booking_velocity_1h": {"min": 4}}, "outputs": {"fraud_probability": 0.9, "label": "block"}},
+            {"when": {"failed_payments_24h": {"min": 3}}, "outputs": {"fraud_probability": 0.85, "label": "block"}},
+            {"when": {"new_device": true, "distance_from_home_km": {"min": 300}}, "outputs": {"fraud_probability": 0.7, "label": "verify"}},
+            {"when": {"hour_of_day": {"min": 2, "max": 5}, "seats": {"min": 4}}, "outputs": {"fraud_probability": 0.6, "label": "verify"}},
+            {"outputs": {"fraud_probability": 0.05, "label": "allow"}}
+        ]}
+    })
+}
+
+/// The fallback rules as a score (the pipeline's `fallback`, applied to one row of `matrix`).
+fn rule_score(matrix: &[Vec<f32>], i: usize) -> f64 {
+    let value = |name: &str| {
+        let column = COLUMNS
+            .iter()
+            .position(|c| *c == name)
+            .expect("a model column");
+        matrix[column][i] as f64
+    };
+    if value("booking_velocity_1h") >= 4.0 {
+        0.9
+    } else if value("failed_payments_24h") >= 3.0 {
+        0.85
+    } else if value("new_device") == 1.0 && value("distance_from_home_km") >= 300.0 {
+        0.7
+    } else if (2.0..=5.0).contains(&value("hour_of_day")) && value("seats") >= 4.0 {
+        0.6
+    } else {
+        0.05
+    }
+}
+
+/// Each booking: who, when, what it says itself, and its label.
+struct BookingRows {
+    user_id: Vec<String>,
+    booked_ms: Vec<i64>,
+    distance_km: Vec<f64>,
+    seats: Vec<f64>,
+    amount: Vec<f64>,
+    hour_of_day: Vec<f64>,
+    new_device: Vec<bool>,
+    is_fraud: Vec<bool>,
+}
+
+impl BookingRows {
+    fn len(&self) -> usize {
+        self.user_id.len()
+    }
+}
+
+fn column<'a>(
+    batch: &'a RecordBatch,
+    name: &str,
+    table: &str,
+) -> Result<&'a ArrayRef, TrainingError> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| TrainingError::Data(format!("{table} has no column '{name}'")))
+}
+
+fn strings(array: &ArrayRef, name: &str) -> Result<Vec<String>, TrainingError> {
+    let array = array
+        .as_string_opt::<i32>()
+        .ok_or_else(|| TrainingError::Data(format!("column '{name}' is not text")))?;
+    Ok(array
+        .iter()
+        .map(|v| v.unwrap_or_default().to_string())
+        .collect())
+}
+
+fn floats(array: &ArrayRef, name: &str) -> Result<Vec<f64>, TrainingError> {
+    if let Some(ints) = array.as_primitive_opt::<Int64Type>() {
+        return Ok(ints.iter().map(|v| v.unwrap_or(0) as f64).collect());
+    }
+    let floats = array
+        .as_primitive_opt::<Float64Type>()
+        .ok_or_else(|| TrainingError::Data(format!("column '{name}' is not numeric")))?;
+    Ok(floats.iter().map(|v| v.unwrap_or(0.0)).collect())
+}
+
+fn millis(array: &ArrayRef, name: &str) -> Result<Vec<i64>, TrainingError> {
+    let cast = arrow_cast::cast(array, &DataType::Timestamp(TimeUnit::Millisecond, None))
+        .map_err(|e| TrainingError::Data(format!("column '{name}': {e}")))?;
+    Ok(cast
+        .as_primitive::<arrow_array::types::TimestampMillisecondType>()
+        .values()
+        .to_vec())
+}
+
+fn booking_rows(
+    bookings: &RecordBatch,
+    labels: &RecordBatch,
+) -> Result<BookingRows, TrainingError> {
+    let table = "bookings.parquet";
+    let ids = strings(column(bookings, "booking_id", table)?, "booking_id")?;
+    let user_id = strings(column(bookings, "user_id", table)?, "user_id")?;
+    let devices = strings(column(bookings, "device_id", table)?, "device_id")?;
+    let booked_ms = millis(column(bookings, "booked_at", table)?, "booked_at")?;
+    let label_ids = strings(
+        column(labels, "booking_id", "labels/fraud.parquet")?,
+        "booking_id",
+    )?;
+    let flags = column(labels, "is_fraud", "labels/fraud.parquet")?
+        .as_boolean_opt()
+        .ok_or_else(|| {
+            TrainingError::Data("labels/fraud.parquet: is_fraud is not boolean".into())
+        })?;
+    let label_of: HashMap<&str, bool> = label_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), flags.value(i)))
+        .collect();
+    let is_fraud = ids
+        .iter()
+        .map(|id| {
+            label_of.get(id.as_str()).copied().ok_or_else(|| {
+                TrainingError::Data(format!("booking {id} has no row in labels/fraud.parquet"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // A device is new the first time its user books with it, in time order.
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| (booked_ms[i], i));
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    let mut new_device = vec![false; ids.len()];
+    for i in order {
+        new_device[i] = seen.insert((user_id[i].as_str(), devices[i].as_str()));
+    }
+    Ok(BookingRows {
+        distance_km: floats(
+            column(bookings, "distance_from_home_km", table)?,
+            "distance_from_home_km",
+        )?,
+        seats: floats(column(bookings, "seats", table)?, "seats")?,
+        amount: floats(column(bookings, "amount", table)?, "amount")?,
+        hour_of_day: booked_ms
+            .iter()
+            .map(|ms| ms.rem_euclid(DAY_MS) as f64 / HOUR_MS as f64)
+            .collect(),
+        user_id,
+        booked_ms,
+        new_device,
+        is_fraud,
+    })
+}
+
+/// The bookings with the user's risk features as of each booking (the feature store's
+/// point-in-time join over the world's own definitions).
+async fn with_user_risk(
+    options: &TrainOptions,
+    rows: &BookingRows,
+) -> Result<RecordBatch, TrainingError> {
+    let definitions_location = super::source_location(&options.data, "features.toml");
+    let text = std::fs::read_to_string(&definitions_location).map_err(|e| {
+        TrainingError::Data(format!(
+            "{definitions_location}: {e} (a world from marquee data generate has one)"
+        ))
+    })?;
+    let definitions =
+        Definitions::from_toml(&text).map_err(|e| TrainingError::Data(e.to_string()))?;
+    let view = definitions
+        .view("user_risk")
+        .map_err(|e| TrainingError::Data(e.to_string()))?;
+    let features = STORED
+        .iter()
+        .map(|name| {
+            view.feature(name).map(|(_, f)| (view, f)).ok_or_else(|| {
+                TrainingError::Data(format!("feature view 'user_risk' has no feature '{name}'"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let entities = RecordBatch::try_from_iter([
+        (
+            "user_id",
+            Arc::new(StringArray::from_iter_values(rows.user_id.iter())) as ArrayRef,
+        ),
+        (
+            "booked_at",
+            Arc::new(arrow_array::TimestampMillisecondArray::from(
+                rows.booked_ms.clone(),
+            )),
+        ),
+        (
+            "distance_from_home_km",
+            Arc::new(Float64Array::from(rows.distance_km.clone())),
+        ),
+        ("seats", Arc::new(Float64Array::from(rows.seats.clone()))),
+        ("amount", Arc::new(Float64Array::from(rows.amount.clone()))),
+        (
+            "hour_of_day",
+            Arc::new(Float64Array::from(rows.hour_of_day.clone())),
+        ),
+        (
+            "new_device",
+            Arc::new(BooleanArray::from(rows.new_device.clone())),
+        ),
+    ])
+    .map_err(|e| TrainingError::Data(e.to_string()))?;
+    let data = options.data.clone();
+    marquee_feature_store::jobs::training_set(&entities, "booked_at", &features, |view| {
+        let source = view.source.as_ref().ok_or_else(|| {
+            marquee_feature_store::FeatureStoreError::Offline(format!(
+                "feature view '{}' has no offline source",
+                view.name
+            ))
+        })?;
+        StorePath::open(
+            &super::source_location(&data, &source.path),
+            std::path::Path::new("."),
+            &[],
+        )
+    })
+    .await
+    .map_err(|e| TrainingError::Data(e.to_string()))
+}
+
+/// The model columns of the joined set, as f32 (booleans 0/1), column by column.
+fn columns(set: &RecordBatch) -> Result<Vec<Vec<f32>>, TrainingError> {
+    COLUMNS
+        .iter()
+        .map(|name| {
+            let array = column(set, name, "the training set")?;
+            if let Some(flags) = array.as_boolean_opt() {
+                return Ok(flags
+                    .iter()
+                    .map(|v| f32::from(u8::from(v.unwrap_or(false))))
+                    .collect());
+            }
+            Ok(floats(array, name)?.into_iter().map(|v| v as f32).collect())
+        })
+        .collect()
+}
+
+fn row_major(matrix: &[Vec<f32>], rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * matrix.len());
+    for &i in rows {
+        out.extend(matrix.iter().map(|column| column[i]));
+    }
+    out
+}
+
+fn write_training_set(
+    path: &std::path::Path,
+    matrix: &[Vec<f32>],
+    labels: &[bool],
+    rows: &[usize],
+) -> Result<(), TrainingError> {
+    let mut columns: Vec<(&str, ArrayRef)> = COLUMNS
+        .iter()
+        .zip(matrix)
+        .map(|(name, column)| {
+            (
+                *name,
+                Arc::new(arrow_array::Float32Array::from_iter_values(
+                    rows.iter().map(|&i| column[i]),
+                )) as ArrayRef,
+            )
+        })
+        .collect();
+    columns.push((
+        "is_fraud",
+        Arc::new(BooleanArray::from_iter(
+            rows.iter().map(|&i| Some(labels[i])),
+        )),
+    ));
+    let batch =
+        RecordBatch::try_from_iter(columns).map_err(|e| TrainingError::Output(e.to_string()))?;
+    let bytes = crate::data::write::parquet(&batch)?;
+    std::fs::write(path, bytes)
+        .map_err(|e| TrainingError::Output(format!("{}: {e}", path.display())))
+}
+
+fn path_text(path: &std::path::Path) -> Result<&str, TrainingError> {
+    path.to_str()
+        .ok_or_else(|| TrainingError::Invalid(format!("{} is not UTF-8", path.display())))
+}

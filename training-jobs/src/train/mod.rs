@@ -1,0 +1,238 @@
+//! `marquee train <model>`: the loop every hosted model goes through, in Rust around the fit.
+//! Build the training set from a generated world with the feature store's point-in-time join (the
+//! definitions serving uses), hand it to a small Python trainer script that fits with the field's
+//! libraries and exports ONNX, run the exported artifact through the serving backend itself to
+//! measure it (so the registry's numbers are the served model's), refuse it unless it beats its
+//! fallback, and push it to the registry with its metrics, lineage, drift baseline and pipeline.
+//! The jobs differ in their data and their measures; these steps are shared.
+
+pub mod baseline;
+pub mod fraud;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use bytes::Bytes;
+use marquee_feature_store::offline::StorePath;
+use marquee_registry::{Manifest, PushFile, Quiet, Registry};
+use marquee_serving::backend::onnx::OnnxRuntime;
+use marquee_serving::backend::{
+    Backend, Binding, BoundTensor, ComputeRecorder, ComputeTimes, InferJob, Instance, SessionConfig,
+};
+use marquee_serving::tensor::{DataType, Tensor, TensorData};
+
+use crate::TrainingError;
+
+/// Where a job reads, works and writes.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// A world written by `marquee data generate` (folder or object-store URL).
+    pub data: String,
+    pub registry: String,
+    pub seed: u64,
+    /// Scratch folder for the training set and the exported artifact (kept for inspection).
+    pub work: PathBuf,
+    /// The Python with the trainers' libraries (`deploy/setup.sh` makes `.marquee/venv`).
+    pub python: PathBuf,
+    /// `libonnxruntime.so`, for evaluating through the serving backend.
+    pub onnxruntime: PathBuf,
+    /// Who pushes (the manifest's `created_by`).
+    pub by: String,
+}
+
+/// What a job produced.
+#[derive(Debug, serde::Serialize)]
+pub struct Trained {
+    pub model: String,
+    pub version: u64,
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Each gate the job checked, as `metric op value` with whether it held.
+    pub gates: Vec<(String, bool)>,
+}
+
+/// Reads a whole Parquet table of the world (`name` relative to its location).
+pub async fn read_table(data: &str, name: &str) -> Result<RecordBatch, TrainingError> {
+    let location = source_location(data, name);
+    let source = StorePath::open(&location, Path::new("."), &[])
+        .map_err(|e| TrainingError::Data(e.to_string()))?;
+    let batches = source
+        .batches(None)
+        .await
+        .map_err(|e| TrainingError::Data(e.to_string()))?;
+    let Some(first) = batches.first() else {
+        return Err(TrainingError::Data(format!("{location} holds no rows")));
+    };
+    arrow_select::concat::concat_batches(&first.schema(), &batches)
+        .map_err(|e| TrainingError::Data(format!("{location}: {e}")))
+}
+
+/// `path` inside the world at `data`: joined as a URL for object stores, as a path locally.
+pub fn source_location(data: &str, path: &str) -> String {
+    if data.contains("://") && !data.starts_with("file://") {
+        format!("{}/{path}", data.trim_end_matches('/'))
+    } else {
+        let local = data.strip_prefix("file://").unwrap_or(data);
+        Path::new(local).join(path).to_string_lossy().into_owned()
+    }
+}
+
+/// Runs a trainer script (embedded in the binary, written to the work folder) and returns the
+/// JSON line it prints.
+pub fn run_trainer(
+    options: &TrainOptions,
+    script_name: &str,
+    script: &str,
+    args: &[&str],
+) -> Result<serde_json::Value, TrainingError> {
+    let path = options.work.join(script_name);
+    std::fs::write(&path, script)
+        .map_err(|e| TrainingError::Output(format!("{}: {e}", path.display())))?;
+    let output = std::process::Command::new(&options.python)
+        .arg(&path)
+        .args(args)
+        .output()
+        .map_err(|e| {
+            TrainingError::Trainer(format!(
+                "cannot run {} (set --python, or run deploy/setup.sh): {e}",
+                options.python.display()
+            ))
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last: Vec<&str> = stderr.lines().rev().take(12).collect();
+        return Err(TrainingError::Trainer(format!(
+            "{script_name} failed ({}):\n{}",
+            output.status,
+            last.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| TrainingError::Trainer(format!("{script_name} printed no JSON report")))?;
+    serde_json::from_str(line)
+        .map_err(|e| TrainingError::Trainer(format!("{script_name}'s report: {e}")))
+}
+
+/// An exported ONNX model loaded the way the server loads it, one instance on this thread.
+pub struct Evaluator {
+    instance: Instance,
+    input: String,
+}
+
+struct Unrecorded;
+
+impl ComputeRecorder for Unrecorded {
+    fn record(&self, _: usize, _: usize, _: ComputeTimes) {}
+}
+
+impl Evaluator {
+    /// Loads `model` with one FP32 input and one FP32 output.
+    pub fn onnx(
+        options: &TrainOptions,
+        model: &[u8],
+        input: &str,
+        output: &str,
+    ) -> Result<Self, TrainingError> {
+        let failed = |e: marquee_serving::backend::BackendError| {
+            TrainingError::Evaluation(format!("the exported model does not load: {e}"))
+        };
+        let runtime = OnnxRuntime::load(&options.onnxruntime).map_err(failed)?;
+        let session = runtime
+            .session(
+                model,
+                &SessionConfig {
+                    gpu: None,
+                    intra_op_threads: 1,
+                    inter_op_threads: 1,
+                },
+            )
+            .map_err(failed)?;
+        let tensor = |name: &str| BoundTensor {
+            name: name.to_string(),
+            dtype: DataType::Fp32,
+            position: 0,
+        };
+        let binding = Binding {
+            inputs: vec![tensor(input)],
+            outputs: vec![tensor(output)],
+            batched: true,
+        };
+        let instance = session
+            .bind(&binding, Arc::new(Unrecorded))
+            .map_err(failed)?;
+        Ok(Self {
+            instance,
+            input: input.to_string(),
+        })
+    }
+
+    /// Runs `rows` (row-major, `width` columns) in batches of 1,024; one score per row (the
+    /// output's first column).
+    pub fn score(&mut self, rows: &[f32], width: usize) -> Result<Vec<f32>, TrainingError> {
+        let mut scores = Vec::with_capacity(rows.len() / width.max(1));
+        for chunk in rows.chunks(1024 * width) {
+            let n = chunk.len() / width;
+            let tensor = Tensor::new(
+                self.input.clone(),
+                DataType::Fp32,
+                vec![n as i64, width as i64],
+                TensorData::Fixed(Bytes::copy_from_slice(bytemuck::cast_slice(chunk))),
+            )
+            .map_err(|e| TrainingError::Evaluation(e.to_string()))?;
+            let job = InferJob {
+                inputs: vec![tensor],
+                rows: n,
+            };
+            let mut outputs = marquee_batcher::Executor::execute(&mut self.instance, &[job])
+                .map_err(|e| TrainingError::Evaluation(e.to_string()))?;
+            let output = outputs
+                .pop()
+                .and_then(|mut o| o.pop())
+                .ok_or_else(|| TrainingError::Evaluation("the model returned nothing".into()))?;
+            let TensorData::Fixed(bytes) = &output.data else {
+                return Err(TrainingError::Evaluation(
+                    "the output is not numeric".into(),
+                ));
+            };
+            let values: &[f32] = bytemuck::try_cast_slice(bytes)
+                .map_err(|e| TrainingError::Evaluation(format!("the output: {e}")))?;
+            let per_row = values.len() / n.max(1);
+            scores.extend(values.chunks(per_row.max(1)).map(|row| row[0]));
+        }
+        Ok(scores)
+    }
+}
+
+/// Pushes `files` as the next version of `model` with the manifest fields in `manifest` (the
+/// registry fills name, version, files and checksums).
+pub async fn push(
+    options: &TrainOptions,
+    model: &str,
+    files: Vec<PushFile>,
+    manifest: serde_json::Value,
+) -> Result<Manifest, TrainingError> {
+    let registry =
+        Registry::open(&options.registry).map_err(|e| TrainingError::Registry(e.to_string()))?;
+    let manifest: Manifest = serde_json::from_value(manifest)
+        .map_err(|e| TrainingError::Registry(format!("the manifest: {e}")))?;
+    registry
+        .push(model, files, manifest, &Quiet)
+        .await
+        .map_err(|e| TrainingError::Registry(e.to_string()))
+}
+
+/// The Python environment `deploy/setup.sh` makes (`.marquee/venv`), looked for above the
+/// executable and the working directory, as the server looks for ONNX Runtime.
+pub fn checkout_python() -> Option<PathBuf> {
+    let starts = [std::env::current_exe().ok(), std::env::current_dir().ok()];
+    starts
+        .iter()
+        .flatten()
+        .flat_map(|start| start.ancestors())
+        .map(|dir| dir.join(".marquee/venv/bin/python"))
+        .find(|candidate| candidate.exists())
+}
