@@ -343,6 +343,18 @@ async fn serve_http(listener: TcpListener, router: Router, mut stopped: watch::R
     }
 }
 
+/// `.marquee/<relative>` of this checkout (where deploy/setup.sh installs), looked for above the
+/// executable and the working directory.
+pub fn in_checkout(relative: &str) -> Option<PathBuf> {
+    let starts = [std::env::current_exe().ok(), std::env::current_dir().ok()];
+    starts
+        .iter()
+        .flatten()
+        .flat_map(|start| start.ancestors())
+        .map(|dir| dir.join(".marquee").join(relative))
+        .find(|candidate| candidate.is_file())
+}
+
 /// The ONNX Runtime library: the one given, else the one deploy/setup.sh installed into
 /// `.marquee/lib` of this checkout (found from the executable's or the working directory's path).
 pub fn locate_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf, StartError> {
@@ -356,14 +368,7 @@ pub fn locate_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf, StartError
             )))
         };
     }
-    let starts = [std::env::current_exe().ok(), std::env::current_dir().ok()];
-    starts
-        .iter()
-        .flatten()
-        .flat_map(|start| start.ancestors())
-        .map(|dir| dir.join(".marquee/lib/libonnxruntime.so"))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
+    in_checkout("lib/libonnxruntime.so").ok_or_else(|| {
             StartError::Runtime(
                 "ONNX Runtime library not found: run deploy/setup.sh (it installs .marquee/lib/libonnxruntime.so), or point ORT_DYLIB_PATH / --ort-library at libonnxruntime.so".into(),
             )

@@ -7,9 +7,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Int64Type, TimestampMillisecondType};
-use arrow_array::{Array, RecordBatch};
-use arrow_schema::{DataType, TimeUnit};
+use arrow_array::types::Int64Type;
+use arrow_array::{ArrayRef, RecordBatch};
 use marquee_tests::run_marquee;
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
@@ -156,8 +155,8 @@ fn its_features_join_onto_its_bookings_as_of_each_booking() {
     let users = set.column_by_name("user_id").unwrap().as_string::<i32>();
     let times = millis(set.column_by_name("booked_at").unwrap());
     let mut by_user: HashMap<&str, Vec<i64>> = HashMap::new();
-    for i in 0..set.num_rows() {
-        by_user.entry(users.value(i)).or_default().push(times[i]);
+    for (i, &at) in times.iter().enumerate() {
+        by_user.entry(users.value(i)).or_default().push(at);
     }
     by_user.values_mut().for_each(|t| t.sort_unstable());
     let counted = set
@@ -165,8 +164,8 @@ fn its_features_join_onto_its_bookings_as_of_each_booking() {
         .unwrap()
         .as_primitive::<Int64Type>();
     let mut with_history = 0;
-    for i in 0..set.num_rows() {
-        let (user, at) = (users.value(i), times[i]);
+    for (i, &at) in times.iter().enumerate() {
+        let user = users.value(i);
         let own = &by_user[user];
         let written = own.partition_point(|&t| t + 1_000 <= at);
         let expected = match written.checked_sub(1).map(|last| own[last]) {
@@ -198,9 +197,10 @@ fn its_features_join_onto_its_bookings_as_of_each_booking() {
     );
 }
 
-fn millis(array: &dyn Array) -> Vec<i64> {
-    let cast = arrow_cast::cast(array, &DataType::Timestamp(TimeUnit::Millisecond, None)).unwrap();
-    cast.as_primitive::<TimestampMillisecondType>()
-        .values()
-        .to_vec()
+fn millis(array: &ArrayRef) -> Vec<i64> {
+    marquee_feature_store::offline::timestamps_ms(array, "booked_at")
+        .unwrap()
+        .into_iter()
+        .map(Option::unwrap)
+        .collect()
 }

@@ -134,7 +134,11 @@ pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
     };
     std::fs::create_dir_all(&work)
         .map_err(|e| TrainingError::Output(format!("{}: {e}", work.display())))?;
-    let python = match args.python.clone().or_else(train::checkout_python) {
+    let python = match args
+        .python
+        .clone()
+        .or_else(|| marquee_serving::server::in_checkout("venv/bin/python"))
+    {
         Some(python) => python,
         None => {
             return Err(TrainingError::Trainer(

@@ -62,35 +62,37 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(config) => serve(config).await,
             Command::Registry(args) => {
-                if let Err(e) = marquee_registry::cli::run(args).await {
-                    eprintln!("error: {e}");
-                    std::process::exit(e.exit_code());
-                }
-                Ok(())
+                exit_on_error(marquee_registry::cli::run(args).await, |e| e.exit_code())
             }
             Command::Features(args) => {
-                if let Err(e) = marquee_feature_store::cli::run(args).await {
-                    eprintln!("error: {e}");
-                    std::process::exit(e.exit_code());
-                }
-                Ok(())
+                exit_on_error(marquee_feature_store::cli::run(args).await, |e| {
+                    e.exit_code()
+                })
             }
             Command::Data(args) => {
-                if let Err(e) = marquee_training_jobs::cli::run(args).await {
-                    eprintln!("error: {e}");
-                    std::process::exit(e.exit_code());
-                }
-                Ok(())
+                exit_on_error(marquee_training_jobs::cli::run(args).await, |e| {
+                    e.exit_code()
+                })
             }
             Command::Train(args) => {
-                if let Err(e) = marquee_training_jobs::cli::train(args).await {
-                    eprintln!("error: {e}");
-                    std::process::exit(e.exit_code());
-                }
-                Ok(())
+                exit_on_error(marquee_training_jobs::cli::train(args).await, |e| {
+                    e.exit_code()
+                })
             }
         }
     })
+}
+
+/// A subcommand's failure: its message on stderr and its crate's exit code.
+fn exit_on_error<E: std::fmt::Display>(
+    result: Result<(), E>,
+    exit_code: impl Fn(&E) -> i32,
+) -> anyhow::Result<()> {
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(exit_code(&e));
+    }
+    Ok(())
 }
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {

@@ -54,12 +54,6 @@ pub fn expected_occupancy(demand: &ShowDemand, multiplier: f64) -> f64 {
     1.0 / (1.0 + (-logit).exp())
 }
 
-/// The share of a show's eventual sales made by `hours` before it starts: sales come in over
-/// the last days, most in the final day.
-pub fn sold_by(hours_before: f64, demand: &ShowDemand) -> f64 {
-    (-hours_before / lead_hours(demand)).exp()
-}
-
 /// The mean booking lead time: weekend evenings are booked further ahead.
 fn lead_hours(demand: &ShowDemand) -> f64 {
     let weekend = demand.weekday >= 4;
@@ -216,7 +210,8 @@ pub fn shows(rng: &mut Rng, size: Size, movies: &[Movie], theaters: &[Theater]) 
                     let multiplier =
                         (rule_multiplier(weekday, hour) * explore.sample(rng)).clamp(0.7, 2.0);
                     shows.push(Show {
-                        id: format!("s{}", shows.len()),
+                        // Numbered once the programme is in start-time order.
+                        id: String::new(),
                         movie,
                         theater: t,
                         screen,

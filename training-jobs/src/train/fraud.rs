@@ -13,10 +13,9 @@ use std::sync::Arc;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray};
-use arrow_schema::{DataType, TimeUnit};
 use bytes::Bytes;
 use marquee_feature_store::Definitions;
-use marquee_feature_store::offline::StorePath;
+use marquee_feature_store::offline::{self, StorePath};
 use marquee_registry::PushFile;
 use serde_json::json;
 
@@ -94,12 +93,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         .map_err(|e| TrainingError::Trainer(format!("{}: {e}", model_path.display())))?;
 
     let mut evaluator = Evaluator::onnx(options, &model, "X", "fraud_probability")?;
-    let test_rows = row_major(&matrix, &test);
-    let scores: Vec<f64> = evaluator
-        .score(&test_rows, COLUMNS.len())?
-        .into_iter()
-        .map(f64::from)
-        .collect();
+    let scores = evaluator_scores(&mut evaluator, &matrix, &test)?;
     let truth: Vec<bool> = test.iter().map(|&i| rows.is_fraud[i]).collect();
     let rules: Vec<f64> = test.iter().map(|&i| rule_score(&matrix, i)).collect();
     let measure = |scores: &[f64]| -> Result<(f64, f64), TrainingError> {
@@ -298,13 +292,12 @@ fn column<'a>(
         .ok_or_else(|| TrainingError::Data(format!("{table} has no column '{name}'")))
 }
 
+/// A text column, nulls as empty (the feature store's reader, which also takes integer ids).
 fn strings(array: &ArrayRef, name: &str) -> Result<Vec<String>, TrainingError> {
-    let array = array
-        .as_string_opt::<i32>()
-        .ok_or_else(|| TrainingError::Data(format!("column '{name}' is not text")))?;
-    Ok(array
-        .iter()
-        .map(|v| v.unwrap_or_default().to_string())
+    Ok(offline::key_strings(array, name)
+        .map_err(|e| TrainingError::Data(e.to_string()))?
+        .into_iter()
+        .map(Option::unwrap_or_default)
         .collect())
 }
 
@@ -318,13 +311,13 @@ fn floats(array: &ArrayRef, name: &str) -> Result<Vec<f64>, TrainingError> {
     Ok(floats.iter().map(|v| v.unwrap_or(0.0)).collect())
 }
 
+/// Event times in ms (the feature store's reader: any timestamp unit, ms integers, RFC 3339).
 fn millis(array: &ArrayRef, name: &str) -> Result<Vec<i64>, TrainingError> {
-    let cast = arrow_cast::cast(array, &DataType::Timestamp(TimeUnit::Millisecond, None))
-        .map_err(|e| TrainingError::Data(format!("column '{name}': {e}")))?;
-    Ok(cast
-        .as_primitive::<arrow_array::types::TimestampMillisecondType>()
-        .values()
-        .to_vec())
+    offline::timestamps_ms(array, name)
+        .map_err(|e| TrainingError::Data(e.to_string()))?
+        .into_iter()
+        .map(|t| t.ok_or_else(|| TrainingError::Data(format!("column '{name}' has a null time"))))
+        .collect()
 }
 
 fn booking_rows(
@@ -391,13 +384,10 @@ async fn with_user_risk(
     rows: &BookingRows,
 ) -> Result<RecordBatch, TrainingError> {
     let definitions_location = super::source_location(&options.data, "features.toml");
-    let text = std::fs::read_to_string(&definitions_location).map_err(|e| {
-        TrainingError::Data(format!(
-            "{definitions_location}: {e} (a world from marquee data generate has one)"
-        ))
-    })?;
     let definitions =
-        Definitions::from_toml(&text).map_err(|e| TrainingError::Data(e.to_string()))?;
+        Definitions::load(std::path::Path::new(&definitions_location)).map_err(|e| {
+            TrainingError::Data(format!("{e} (a world from marquee data generate has one)"))
+        })?;
     let view = definitions
         .view("user_risk")
         .map_err(|e| TrainingError::Data(e.to_string()))?;

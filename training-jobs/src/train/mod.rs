@@ -224,15 +224,3 @@ pub async fn push(
         .await
         .map_err(|e| TrainingError::Registry(e.to_string()))
 }
-
-/// The Python environment `deploy/setup.sh` makes (`.marquee/venv`), looked for above the
-/// executable and the working directory, as the server looks for ONNX Runtime.
-pub fn checkout_python() -> Option<PathBuf> {
-    let starts = [std::env::current_exe().ok(), std::env::current_dir().ok()];
-    starts
-        .iter()
-        .flatten()
-        .flat_map(|start| start.ancestors())
-        .map(|dir| dir.join(".marquee/venv/bin/python"))
-        .find(|candidate| candidate.exists())
-}
