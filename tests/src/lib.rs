@@ -738,3 +738,14 @@ impl CountingProxy {
         self.client_reads.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// A whole Parquet file as one record batch.
+pub fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .expect("a Parquet file")
+        .build()
+        .expect("a Parquet reader");
+    let batches: Vec<arrow_array::RecordBatch> = reader.map(|b| b.expect("a batch")).collect();
+    arrow_select::concat::concat_batches(&batches[0].schema(), &batches).expect("one schema")
+}

@@ -1,7 +1,8 @@
 //! The features the hosted models read, as the feature pipelines would have written them while the
 //! world happened: one history row each time a value changed, stamped a second after the event
 //! that changed it (pipelines lag their events, and a training set joined at an event's own time
-//! must not see that event). The same definitions serve `/v1/predict` online and build training
+//! must not see that event). A windowed count changes twice per event, when the event enters its
+//! window and when it leaves, so both get a row: a value read between events is never stale. The same definitions serve `/v1/predict` online and build training
 //! sets offline (`marquee features dataset`), so training reads exactly what serving will.
 
 use super::{DAY_MS, HOUR_MS, PaymentStatus, World};
@@ -47,7 +48,17 @@ source = { path = "features/user_risk.parquet", timestamp_column = "event_time" 
 feature = [
   { name = "booking_velocity_1h", dtype = "int64", default = 0 },
   { name = "failed_payments_24h", dtype = "int64", default = 0 },
-  { name = "account_age_days", dtype = "float64", default = 365.0 },
+]
+
+# Days since signup, capped: a young account gets a fresh value every few hours, an account past
+# the cap gets none and reads the default (the cap).
+[[feature_view]]
+name = "user_account"
+entities = ["user"]
+ttl = "2days"
+source = { path = "features/user_account.parquet", timestamp_column = "event_time" }
+feature = [
+  { name = "account_age_days", dtype = "float64", default = 30.0 },
 ]
 
 [[feature_view]]
@@ -58,7 +69,8 @@ source = { path = "features/show_demand.parquet", timestamp_column = "event_time
 feature = [
   { name = "occupancy", dtype = "float32", default = 0.0 },
   { name = "popularity", dtype = "float32", default = 0.5 },
-  { name = "historical_demand", dtype = "float32", default = 0.0 },
+  # The share of seats sold in the last 24 hours.
+  { name = "sales_24h", dtype = "float32", default = 0.0 },
 ]
 
 [[feature_view]]
@@ -101,10 +113,14 @@ impl Timeline {
     }
 }
 
+/// The cap of `account_age_days`: older accounts all read it.
+pub const ACCOUNT_AGE_CAP_DAYS: i64 = 30;
+
 pub fn histories(world: &World) -> Vec<History> {
     vec![
         user_activity(world),
         user_risk(world),
+        user_account(world),
         show_demand(world),
         movie_stats(world),
     ]
@@ -114,18 +130,32 @@ fn user_activity(world: &World) -> History {
     let mut timelines: Vec<Timeline> = (0..world.users.len())
         .map(|_| Timeline::default())
         .collect();
+    // Each booking enters the 7-day count (and the average price) and later leaves the count;
+    // a booking sorts before a departure at the same moment, and one row per user and moment.
+    let mut events: Vec<(i64, usize, Option<f64>)> = Vec::with_capacity(2 * world.bookings.len());
+    for booking in &world.bookings {
+        timelines[booking.user].times.push(booking.booked_ms);
+        events.push((booking.booked_ms, booking.user, Some(booking.unit_price)));
+        events.push((booking.booked_ms + 7 * DAY_MS, booking.user, None));
+    }
+    events.sort_by_key(|e| (e.0, e.1, e.2.is_none()));
     let mut spent = vec![(0.0, 0u32); world.users.len()];
     let (mut keys, mut times, mut counts, mut prices) = (vec![], vec![], vec![], vec![]);
-    for booking in &world.bookings {
-        let user = booking.user;
-        timelines[user].times.push(booking.booked_ms);
+    let mut last: Option<(i64, usize)> = None;
+    for (at, user, price) in events {
         let (sum, n) = &mut spent[user];
-        *sum += booking.unit_price;
-        *n += 1;
+        if let Some(price) = price {
+            *sum += price;
+            *n += 1;
+        }
+        if last == Some((at, user)) {
+            continue;
+        }
+        last = Some((at, user));
         keys.push(world.users[user].id.clone());
-        times.push(booking.booked_ms + PIPELINE_LAG_MS);
-        counts.push(timelines[user].count(booking.booked_ms, 7 * DAY_MS));
-        prices.push(*sum / *n as f64);
+        times.push(at + PIPELINE_LAG_MS);
+        counts.push(timelines[user].count(at, 7 * DAY_MS));
+        prices.push(*sum / f64::from((*n).max(1)));
     }
     History {
         view: "user_activity",
@@ -143,29 +173,31 @@ fn user_risk(world: &World) -> History {
     let users = world.users.len();
     let mut bookings: Vec<Timeline> = (0..users).map(|_| Timeline::default()).collect();
     let mut failures: Vec<Timeline> = (0..users).map(|_| Timeline::default()).collect();
-    // Every moment a user's risk changes: each booking and each declined payment.
-    let mut events: Vec<(i64, usize)> = Vec::with_capacity(world.bookings.len());
+    // Every moment a user's risk changes: each booking and each declined payment, and the moment
+    // each leaves its window.
+    let mut events: Vec<(i64, usize)> = Vec::with_capacity(2 * world.bookings.len());
     for booking in &world.bookings {
         bookings[booking.user].times.push(booking.booked_ms);
         events.push((booking.booked_ms, booking.user));
+        events.push((booking.booked_ms + HOUR_MS, booking.user));
     }
     for payment in &world.payments {
         if payment.status == PaymentStatus::Failed {
             let user = world.bookings[payment.booking].user;
             failures[user].times.push(payment.at_ms);
             events.push((payment.at_ms, user));
+            events.push((payment.at_ms + DAY_MS, user));
         }
     }
     failures.iter_mut().for_each(|t| t.times.sort_unstable());
     events.sort_unstable();
-    let (mut keys, mut times, mut velocity, mut failed, mut age) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    events.dedup();
+    let (mut keys, mut times, mut velocity, mut failed) = (vec![], vec![], vec![], vec![]);
     for (at, user) in events {
         keys.push(world.users[user].id.clone());
         times.push(at + PIPELINE_LAG_MS);
         velocity.push(bookings[user].count(at, HOUR_MS));
         failed.push(failures[user].count(at, DAY_MS));
-        age.push(((at - world.users[user].signup_ms) as f64 / DAY_MS as f64).max(0.0));
     }
     History {
         view: "user_risk",
@@ -175,8 +207,40 @@ fn user_risk(world: &World) -> History {
         columns: vec![
             ("booking_velocity_1h", Column::Int64(velocity)),
             ("failed_payments_24h", Column::Int64(failed)),
-            ("account_age_days", Column::Float64(age)),
         ],
+    }
+}
+
+/// Account age for accounts younger than the cap: at signup, every 6 hours for the first two
+/// days (when age tells most), then daily.
+fn user_account(world: &World) -> History {
+    let steps_ms: Vec<i64> = (0..8)
+        .map(|k| k * 6 * HOUR_MS)
+        .chain((3..=ACCOUNT_AGE_CAP_DAYS).map(|d| d * DAY_MS))
+        .collect();
+    let mut rows: Vec<(i64, usize, f64)> = Vec::new();
+    for (u, user) in world.users.iter().enumerate() {
+        for &step in &steps_ms {
+            let at = user.signup_ms + step;
+            if at > world.end_ms() {
+                break;
+            }
+            if at + ACCOUNT_AGE_CAP_DAYS * DAY_MS < super::START_MS {
+                continue;
+            }
+            rows.push((at, u, step as f64 / DAY_MS as f64));
+        }
+    }
+    rows.sort_by_key(|r| (r.0, r.1));
+    History {
+        view: "user_account",
+        key_column: "user_id",
+        keys: rows.iter().map(|r| world.users[r.1].id.clone()).collect(),
+        times_ms: rows.iter().map(|r| r.0 + PIPELINE_LAG_MS).collect(),
+        columns: vec![(
+            "account_age_days",
+            Column::Float64(rows.iter().map(|r| r.2).collect()),
+        )],
     }
 }
 
@@ -205,7 +269,7 @@ fn show_demand(world: &World) -> History {
         for k in (1..=SNAPSHOTS).rev() {
             let at = show.starts_ms - k * SNAPSHOT_HOURS * HOUR_MS;
             keys.push(show.id.clone());
-            times.push(at);
+            times.push(at + PIPELINE_LAG_MS);
             occupancy.push(sold_by(at) as f32 / capacity);
             popularity.push(show.demand.popularity as f32);
             recent.push((sold_by(at) - sold_by(at - DAY_MS)) as f32 / capacity);
@@ -219,7 +283,7 @@ fn show_demand(world: &World) -> History {
         columns: vec![
             ("occupancy", Column::Float32(occupancy)),
             ("popularity", Column::Float32(popularity)),
-            ("historical_demand", Column::Float32(recent)),
+            ("sales_24h", Column::Float32(recent)),
         ],
     }
 }
@@ -246,7 +310,7 @@ fn movie_stats(world: &World) -> History {
             let count = timeline.count(at, 7 * DAY_MS);
             if count > 0 {
                 keys.push(movie.id.clone());
-                times.push(at);
+                times.push(at + PIPELINE_LAG_MS);
                 counts.push(count);
             }
         }
@@ -277,6 +341,6 @@ mod tests {
     #[test]
     fn the_definitions_parse() {
         let definitions = marquee_feature_store::Definitions::from_toml(DEFINITIONS).unwrap();
-        assert_eq!(definitions.views().count(), 4);
+        assert_eq!(definitions.views().count(), 5);
     }
 }

@@ -9,6 +9,7 @@
 
 use rand::RngExt;
 use rand::seq::IndexedRandom;
+use rand_distr::{Distribution, Normal};
 
 use super::catalog::{CITIES, GENRES};
 use super::{
@@ -66,7 +67,7 @@ struct Attempt<'a> {
 /// `false` when the show has too few seats left.
 fn book(world: &mut World, attempt: Attempt<'_>) -> bool {
     let show = &mut world.shows[attempt.show];
-    if show.capacity - show.seats_sold < attempt.seats {
+    if show.capacity.saturating_sub(show.seats_sold) < attempt.seats {
         return false;
     }
     show.seats_sold += attempt.seats;
@@ -76,7 +77,7 @@ fn book(world: &mut World, attempt: Attempt<'_>) -> bool {
     for (i, card) in attempt.cards.iter().enumerate() {
         let declined = i < attempt.declined_first;
         world.payments.push(Payment {
-            id: format!("p{}", world.payments.len()),
+            id: String::new(),
             booking,
             card: card.clone(),
             amount,
@@ -92,7 +93,7 @@ fn book(world: &mut World, attempt: Attempt<'_>) -> bool {
         }
     }
     world.bookings.push(Booking {
-        id: format!("b{booking}"),
+        id: String::new(),
         user: attempt.user,
         show: attempt.show,
         seats: attempt.seats,
@@ -109,17 +110,18 @@ fn book(world: &mut World, attempt: Attempt<'_>) -> bool {
 fn far_city(rng: &mut Rng, user: &User) -> (f64, f64) {
     let others: Vec<usize> = (0..CITIES.len()).filter(|&c| c != user.city).collect();
     let city = &CITIES[*others.choose(rng).unwrap_or(&0)];
-    (city.lat, city.lon)
+    super::around(rng, (city.lat, city.lon), super::AT_HOME_SD)
 }
 
 fn velocity_burst(rng: &mut Rng, world: &mut World) -> usize {
     let user = rng.random_range(0..world.users.len());
     let start = moment(rng, world);
-    let device = format!("x{}", world.bookings.len());
+    let device = super::token(rng, "dev");
     let location = if rng.random_bool(0.5) {
         far_city(rng, &world.users[user])
     } else {
-        (world.users[user].home_lat, world.users[user].home_lon)
+        let home = (world.users[user].home_lat, world.users[user].home_lon);
+        super::around(rng, home, super::AT_HOME_SD)
     };
     let cards = world.users[user].cards.clone();
     // Some bursts are short and spread out, so velocity alone does not give them away.
@@ -149,22 +151,31 @@ fn velocity_burst(rng: &mut Rng, world: &mut World) -> usize {
     made
 }
 
-/// A fraudster's account, opened `age_ms` before `at_ms`, living in a random city.
+/// A fraudster's account, opened `age_ms` before `at_ms`, giving a home somewhere in a random
+/// city (scattered like real users' homes) and paying with cards taken from real users.
 fn new_account(rng: &mut Rng, world: &mut World, at_ms: i64, age_ms: i64) -> usize {
     let i = world.users.len();
     let city = rng.random_range(0..CITIES.len());
+    let jitter = Normal::new(0.0, 0.06).expect("valid normal");
+    let cards = (0..2).map(|_| stolen_card(rng, world)).collect();
     world.users.push(User {
-        id: format!("u{i}"),
+        id: String::new(),
         city,
-        home_lat: CITIES[city].lat,
-        home_lon: CITIES[city].lon,
+        home_lat: CITIES[city].lat + jitter.sample(rng),
+        home_lon: CITIES[city].lon + jitter.sample(rng),
         signup_ms: at_ms - age_ms,
         taste: [1.0 / GENRES.len() as f64; GENRES.len()],
         activity: 1.0,
-        devices: vec![format!("d{i}-0")],
-        cards: vec![format!("card-{i}-0"), format!("card-{i}-1")],
+        devices: vec![super::token(rng, "dev")],
+        cards,
     });
     i
+}
+
+/// A real user's card, as bought from a leak.
+fn stolen_card(rng: &mut Rng, world: &World) -> String {
+    let victim = &world.users[rng.random_range(0..world.users.len())];
+    victim.cards.choose(rng).cloned().unwrap_or_default()
 }
 
 fn card_testing(rng: &mut Rng, world: &mut World) -> usize {
@@ -175,10 +186,9 @@ fn card_testing(rng: &mut Rng, world: &mut World) -> usize {
         return 0;
     };
     let tries = rng.random_range(2..=15);
-    let cards: Vec<String> = (0..tries)
-        .map(|i| format!("stolen-{}-{i}", world.payments.len()))
-        .collect();
-    let location = (world.users[user].home_lat, world.users[user].home_lon);
+    let cards: Vec<String> = (0..tries).map(|_| stolen_card(rng, world)).collect();
+    let home = (world.users[user].home_lat, world.users[user].home_lon);
+    let location = super::around(rng, home, super::AT_HOME_SD);
     usize::from(book(
         world,
         Attempt {
@@ -186,7 +196,7 @@ fn card_testing(rng: &mut Rng, world: &mut World) -> usize {
             show,
             seats: 1,
             at_ms,
-            device: format!("x{}", world.bookings.len()),
+            device: super::token(rng, "dev"),
             location,
             cards: &cards,
             declined_first: tries - 1,
@@ -211,7 +221,7 @@ fn far_device(rng: &mut Rng, world: &mut World) -> usize {
             .cloned()
             .unwrap_or_default()
     } else {
-        format!("x{}", world.bookings.len())
+        super::token(rng, "dev")
     };
     usize::from(book(
         world,
@@ -238,9 +248,10 @@ fn odd_hours(rng: &mut Rng, world: &mut World) -> usize {
         return 0;
     };
     let user_ref = &world.users[user];
-    let location = (user_ref.home_lat, user_ref.home_lon);
+    let home = (user_ref.home_lat, user_ref.home_lon);
     let device = user_ref.devices.choose(rng).cloned().unwrap_or_default();
     let cards = user_ref.cards.clone();
+    let location = super::around(rng, home, super::AT_HOME_SD);
     let declined_first = usize::from(rng.random_bool(0.4)).min(cards.len() - 1);
     usize::from(book(
         world,

@@ -19,7 +19,9 @@ use super::{
 pub const SHOW_HOURS: [f64; 5] = [11.0, 14.0, 17.0, 19.5, 22.0];
 
 /// How price-sensitive the market is: occupancy falls by this much logit per unit of multiplier.
-pub const PRICE_SENSITIVITY: f64 = 2.6;
+/// At 1.3 the revenue-maximising multiplier, 1 / (1.3 (1 - occupancy)), lies inside 0.7-2.0 for
+/// nearly every show, so pricing has a real optimum to find rather than the floor.
+pub const PRICE_SENSITIVITY: f64 = 1.3;
 
 /// What a show's demand depends on, apart from its price.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -54,7 +56,8 @@ pub fn expected_occupancy(demand: &ShowDemand, multiplier: f64) -> f64 {
     1.0 / (1.0 + (-logit).exp())
 }
 
-/// The mean booking lead time: weekend evenings are booked further ahead.
+/// The mean booking lead time: weekend evenings are booked further ahead (Friday counts here: people
+/// plan Friday nights like Saturdays, though the rule table prices only Saturday and Sunday up).
 fn lead_hours(demand: &ShowDemand) -> f64 {
     let weekend = demand.weekday >= 4;
     let evening = demand.hour >= 18.0;
@@ -74,7 +77,7 @@ pub fn users(rng: &mut Rng, size: Size) -> Vec<User> {
     let activity = LogNormal::new(-0.25, 0.7).expect("valid lognormal");
     let jitter = Normal::new(0.0, 0.06).expect("valid normal");
     (0..size.users)
-        .map(|i| {
+        .map(|_| {
             let city = city_pick.sample(rng);
             let mut taste = [0.0; GENRES.len()];
             for weight in &mut taste {
@@ -83,21 +86,23 @@ pub fn users(rng: &mut Rng, size: Size) -> Vec<User> {
             let total: f64 = taste.iter().sum();
             taste.iter_mut().for_each(|w| *w /= total);
             let devices = (0..rng.random_range(1..=2))
-                .map(|d| format!("d{i}-{d}"))
+                .map(|_| super::token(rng, "dev"))
                 .collect();
             let cards = (0..rng.random_range(1..=2))
-                .map(|c| format!("card-{i}-{c}"))
+                .map(|_| super::token(rng, "card"))
                 .collect();
             User {
-                id: format!("u{i}"),
+                // Numbered by signup once everyone exists (`World::number`).
+                id: String::new(),
                 city,
                 home_lat: CITIES[city].lat + jitter.sample(rng),
                 home_lon: CITIES[city].lon + jitter.sample(rng),
-                // Most accounts predate the period; some open during it.
+                // Most accounts predate the period (by more than the longest booking lead, so
+                // they exist for every booking of the first shows); some open during it.
                 signup_ms: if rng.random_bool(0.15) {
                     START_MS + rng.random_range(0..(size.days as i64 * DAY_MS).max(1))
                 } else {
-                    START_MS - rng.random_range(1..=1_500) as i64 * DAY_MS
+                    START_MS - rng.random_range(15..=1_500) as i64 * DAY_MS
                 },
                 taste,
                 activity: activity.sample(rng),
@@ -113,6 +118,7 @@ pub fn movies(rng: &mut Rng, size: Size) -> (Vec<Movie>, Vec<catalog::MovieText>
     let span_days = size.days as i64;
     let mut movies = Vec::with_capacity(size.movies);
     let mut texts = Vec::with_capacity(size.movies);
+    let mut writer = catalog::Writer::default();
     for i in 0..size.movies {
         let primary = rng.random_range(0..GENRES.len());
         let mut genres = vec![primary];
@@ -128,7 +134,7 @@ pub fn movies(rng: &mut Rng, size: Size) -> (Vec<Movie>, Vec<catalog::MovieText>
         } else {
             rng.random_range(-30..span_days.max(1))
         };
-        let text = catalog::movie_text(rng, primary, i);
+        let text = writer.movie_text(rng, primary);
         movies.push(Movie {
             id: format!("m{i}"),
             title: text.title.clone(),
@@ -185,7 +191,7 @@ fn popularity(movie: &Movie, at_ms: i64) -> f64 {
 /// In start-time order.
 pub fn shows(rng: &mut Rng, size: Size, movies: &[Movie], theaters: &[Theater]) -> Vec<Show> {
     let mut shows = Vec::new();
-    let explore = LogNormal::new(0.0, 0.18).expect("valid lognormal");
+    let explore = LogNormal::new(0.0, 0.25).expect("valid lognormal");
     for day in 0..size.days as i64 {
         let midday = START_MS + day * DAY_MS + 12 * HOUR_MS;
         let weights: Vec<f64> = movies
@@ -233,7 +239,8 @@ pub fn shows(rng: &mut Rng, size: Size, movies: &[Movie], theaters: &[Theater]) 
     shows
 }
 
-/// Sells every show: seats sold from the demand curve, split into bookings of 1-4 seats, each
+/// Sells every show: seats sold from the demand curve, split into bookings of 1-8 seats (mostly
+/// one or two; families and groups make the tail), each
 /// given to a user who likes the movie's genres and lives near the theater, at a lead time
 /// before the show; each paid by card (some first attempts fail and are retried).
 pub fn sell(rng: &mut Rng, world: &mut World) {
@@ -241,8 +248,8 @@ pub fn sell(rng: &mut Rng, world: &mut World) {
     for (i, user) in world.users.iter().enumerate() {
         by_city[user.city].push(i);
     }
-    let group = WeightedIndex::new([35.0, 40.0, 15.0, 10.0]).expect("positive weights");
-    let near = Normal::new(0.0, 0.04).expect("valid normal");
+    let group =
+        WeightedIndex::new([34.0, 39.0, 13.0, 9.0, 2.2, 1.4, 0.8, 0.6]).expect("positive weights");
     for s in 0..world.shows.len() {
         let show = &world.shows[s];
         let occupancy = expected_occupancy(&show.demand, show.multiplier);
@@ -269,18 +276,25 @@ pub fn sell(rng: &mut Rng, world: &mut World) {
             let booking = world.bookings.len();
             let card = buyer.cards.choose(rng).cloned().unwrap_or_default();
             let amount = unit_price * seats as f64;
-            if rng.random_bool(0.03) {
+            // Some first attempts are declined; now and then a card over its limit is declined
+            // several times before the buyer gives up on it and pays.
+            let declines = match rng.random_range(0..1000) {
+                0..4 => rng.random_range(2..=4),
+                4..34 => 1,
+                _ => 0,
+            };
+            for attempt in 0..declines {
                 world.payments.push(Payment {
-                    id: format!("p{}", world.payments.len()),
+                    id: String::new(),
                     booking,
                     card: card.clone(),
                     amount,
                     status: PaymentStatus::Failed,
-                    at_ms: booked_ms - 60_000,
+                    at_ms: booked_ms - (declines - attempt) as i64 * 60_000,
                 });
             }
             world.payments.push(Payment {
-                id: format!("p{}", world.payments.len()),
+                id: String::new(),
                 booking,
                 card,
                 amount,
@@ -292,20 +306,17 @@ pub fn sell(rng: &mut Rng, world: &mut World) {
             let travelling = rng.random_bool(0.03);
             let (lat, lon) = if travelling {
                 let city = &CITIES[rng.random_range(0..CITIES.len())];
-                (city.lat, city.lon)
+                super::around(rng, (city.lat, city.lon), super::AT_HOME_SD)
             } else {
-                (
-                    buyer.home_lat + near.sample(rng),
-                    buyer.home_lon + near.sample(rng),
-                )
+                super::around(rng, (buyer.home_lat, buyer.home_lon), super::AT_HOME_SD)
             };
             let device = if rng.random_bool(if travelling { 0.4 } else { 0.03 }) {
-                format!("d{user}-n{booking}")
+                super::token(rng, "dev")
             } else {
                 buyer.devices.choose(rng).cloned().unwrap_or_default()
             };
             world.bookings.push(Booking {
-                id: format!("b{booking}"),
+                id: String::new(),
                 user,
                 show: s,
                 seats,

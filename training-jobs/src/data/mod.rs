@@ -13,7 +13,8 @@ pub mod write;
 
 use std::fmt;
 
-use rand::SeedableRng;
+use rand::{RngExt, SeedableRng};
+use rand_distr::{Distribution, Normal};
 
 /// The generator's random source: PCG, whose output is fixed by its specification, so a seed
 /// gives the same world on every machine and every version of this crate's dependencies.
@@ -233,7 +234,7 @@ impl World {
             .enumerate()
             .filter(|(i, _)| i % 2 == 0)
             .map(|(movie, text)| SearchQuery {
-                query: catalog::query_for(&mut rng, text, movies[movie].genres[0]),
+                query: catalog::query_for(&mut rng, text),
                 movie,
             })
             .collect();
@@ -256,7 +257,25 @@ impl World {
         progress("fraud");
         fraud::inject(&mut rng, &mut world);
         world.sort_bookings();
+        world.number();
         world
+    }
+
+    /// Gives users, bookings and payments their ids in the order a live system would have
+    /// issued them (signup, booking and payment time), so an id says nothing about how the
+    /// record was made: fraud injected last must not carry the highest numbers.
+    fn number(&mut self) {
+        let mut by_signup: Vec<usize> = (0..self.users.len()).collect();
+        by_signup.sort_by_key(|&i| (self.users[i].signup_ms, i));
+        for (rank, &user) in by_signup.iter().enumerate() {
+            self.users[user].id = format!("u{rank}");
+        }
+        for (i, booking) in self.bookings.iter_mut().enumerate() {
+            booking.id = format!("b{i}");
+        }
+        for (i, payment) in self.payments.iter_mut().enumerate() {
+            payment.id = format!("p{i}");
+        }
     }
 
     /// Puts bookings in time order, keeping payments and fraud labels with their bookings.
@@ -281,6 +300,21 @@ impl World {
         START_MS + self.scale.size().days as i64 * DAY_MS
     }
 }
+
+/// A fresh opaque identifier (`prefix-` and 40 random bits in hex), as devices and cards get
+/// from the outside world: nothing in it tells whose it is or how it was made.
+pub fn token(rng: &mut Rng, prefix: &str) -> String {
+    format!("{prefix}-{:010x}", rng.random::<u64>() >> 24)
+}
+
+/// A point scattered around (`lat`, `lon`) by `sd` degrees: where someone is when they book.
+pub fn around(rng: &mut Rng, (lat, lon): (f64, f64), sd: f64) -> (f64, f64) {
+    let scatter = Normal::new(0.0, sd).expect("valid normal");
+    (lat + scatter.sample(rng), lon + scatter.sample(rng))
+}
+
+/// How far from home (in degrees) a booking at home is made: the same for everyone who books.
+pub const AT_HOME_SD: f64 = 0.04;
 
 /// Great-circle distance in km.
 pub fn distance_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
@@ -386,6 +420,79 @@ mod tests {
                 pattern.name()
             );
         }
+    }
+
+    #[test]
+    fn most_shows_have_a_revenue_optimum_inside_the_price_range() {
+        // What pricing is for: the best price is neither the floor nor the ceiling, and the
+        // logged prices cover the range well enough to learn the response from.
+        let world = small(7);
+        let grid: Vec<f64> = (0..=130).map(|i| 0.7 + i as f64 * 0.01).collect();
+        let interior = world
+            .shows
+            .iter()
+            .filter(|show| {
+                let revenue = |m: f64| m * market::expected_occupancy(&show.demand, m);
+                let best = grid
+                    .iter()
+                    .copied()
+                    .fold(0.7, |b, m| if revenue(m) > revenue(b) { m } else { b });
+                best > 0.705 && best < 1.995
+            })
+            .count();
+        let share = interior as f64 / world.shows.len() as f64;
+        assert!(share > 0.9, "{share:.3} of shows have an interior optimum");
+        let cheap = world.shows.iter().filter(|s| s.multiplier < 0.8).count();
+        let dear = world.shows.iter().filter(|s| s.multiplier > 1.5).count();
+        assert!(
+            cheap * 20 > world.shows.len(),
+            "{cheap} shows sold below 0.8×"
+        );
+        assert!(
+            dear * 20 > world.shows.len(),
+            "{dear} shows sold above 1.5×"
+        );
+    }
+
+    #[test]
+    fn nothing_but_behaviour_tells_fraud_apart() {
+        let world = small(8);
+        let fraud = |i: usize| world.fraud[i].is_some();
+        // Ids: fraud accounts are numbered among everyone's by signup, not after them.
+        let users = world.users.len();
+        let fraudsters: Vec<usize> = world
+            .bookings
+            .iter()
+            .enumerate()
+            .filter(|(i, b)| fraud(*i) && world.users[b.user].signup_ms >= START_MS)
+            .map(|(_, b)| world.users[b.user].id[1..].parse().unwrap())
+            .collect();
+        assert!(!fraudsters.is_empty());
+        assert!(fraudsters.iter().any(|&rank| rank < users - 200));
+        // Devices and cards come from one namespace.
+        assert!(world.bookings.iter().all(|b| b.device.starts_with("dev-")));
+        assert!(world.payments.iter().all(|p| p.card.starts_with("card-")));
+        // Legitimate bookings span the seat counts fraud uses, and nobody books from exactly home.
+        let max_seats = |want: bool| {
+            (0..world.bookings.len())
+                .filter(|&i| fraud(i) == want)
+                .map(|i| world.bookings[i].seats)
+                .max()
+                .unwrap()
+        };
+        assert!(max_seats(false) >= max_seats(true));
+        for booking in &world.bookings {
+            let home = &world.users[booking.user];
+            assert!(distance_km(home.home_lat, home.home_lon, booking.lat, booking.lon) > 0.0);
+        }
+        // Bursts of declines happen to legitimate bookings too.
+        let mut declines = vec![0; world.bookings.len()];
+        for payment in &world.payments {
+            if payment.status == PaymentStatus::Failed {
+                declines[payment.booking] += 1;
+            }
+        }
+        assert!((0..world.bookings.len()).any(|i| !fraud(i) && declines[i] >= 2));
     }
 
     #[test]

@@ -44,9 +44,17 @@ impl Histogram {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DriftBaseline {
     pub rows: usize,
-    /// By input name, in the model's input order.
-    pub inputs: Vec<(String, Histogram)>,
+    /// In the model's input order.
+    pub inputs: Vec<InputHistogram>,
     pub prediction: Histogram,
+}
+
+/// One input's histogram, named: `{"name": ..., "edges": [...], "counts": [...]}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InputHistogram {
+    pub name: String,
+    #[serde(flatten)]
+    pub histogram: Histogram,
 }
 
 #[cfg(test)]

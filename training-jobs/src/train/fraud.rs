@@ -1,7 +1,8 @@
 //! `marquee train fraud`: the booking fraud score. Every booking of the world is a row: what the
 //! booking itself says (distance of its device from the user's home, seats, amount, hour, whether
 //! the device is new to the user) and, joined point in time, the user's risk features just before
-//! it (`user_risk`: bookings in the last hour, declined payments in 24 h, account age). Bookings of
+//! it (`user_risk`: bookings in the last hour, declined payments in 24 h; `user_account`: account
+//! age). Bookings of
 //! the first 70% of the period train, the rest test. The trainer fits an isolation forest and a
 //! classifier on top of it (`trainers/fraud.py`); the exported graph is scored on the test rows
 //! through the serving backend and must beat the threshold rules, the fallback serving uses, on
@@ -19,7 +20,7 @@ use marquee_feature_store::offline::{self, StorePath};
 use marquee_registry::PushFile;
 use serde_json::json;
 
-use super::baseline::{DriftBaseline, Histogram};
+use super::baseline::{DriftBaseline, Histogram, InputHistogram};
 use super::{Evaluator, TrainOptions, Trained};
 use crate::TrainingError;
 use crate::metrics::{recall_at_fpr, roc_auc};
@@ -38,11 +39,11 @@ pub const COLUMNS: [&str; 8] = [
     "new_device",
 ];
 
-/// The first three come from the feature store.
+/// The first three come from the feature store, as `view:feature`.
 const STORED: [&str; 3] = [
-    "booking_velocity_1h",
-    "failed_payments_24h",
-    "account_age_days",
+    "user_risk:booking_velocity_1h",
+    "user_risk:failed_payments_24h",
+    "user_account:account_age_days",
 ];
 
 const HOUR_MS: i64 = 3_600_000;
@@ -55,7 +56,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
     let bookings = super::read_table(&options.data, "bookings.parquet").await?;
     let labels = super::read_table(&options.data, "labels/fraud.parquet").await?;
     let rows = booking_rows(&bookings, &labels)?;
-    let set = with_user_risk(options, &rows).await?;
+    let set = with_stored_features(options, &rows).await?;
 
     let first = *rows.booked_ms.iter().min().unwrap_or(&0);
     let last = *rows.booked_ms.iter().max().unwrap_or(&0);
@@ -69,7 +70,17 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
     let matrix = columns(&set)?;
 
     let train_path = options.work.join("fraud-train.parquet");
-    write_training_set(&train_path, &matrix, &rows.is_fraud, &train)?;
+    let is_fraud = |subset: &[usize]| -> ArrayRef {
+        Arc::new(BooleanArray::from_iter(
+            subset.iter().map(|&i| Some(rows.is_fraud[i])),
+        ))
+    };
+    write_rows(
+        &train_path,
+        &matrix,
+        &train,
+        vec![("is_fraud", is_fraud(&train))],
+    )?;
     let model_path = options.work.join("fraud.onnx");
     let seed = options.seed.to_string();
     let report = super::run_trainer(
@@ -103,6 +114,26 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
             .ok_or_else(|| TrainingError::Data("the test period has one class only".into()))?;
         Ok((auc, recall))
     };
+    // The test rows as the served model saw them, with its scores: what serving must reproduce.
+    write_rows(
+        &options.work.join("fraud-test-scores.parquet"),
+        &matrix,
+        &test,
+        vec![
+            (
+                "booking_id",
+                Arc::new(StringArray::from_iter_values(
+                    test.iter().map(|&i| rows.booking_id[i].as_str()),
+                )),
+            ),
+            ("is_fraud", is_fraud(&test)),
+            (
+                "fraud_probability",
+                Arc::new(Float64Array::from(scores.clone())),
+            ),
+            ("rules_score", Arc::new(Float64Array::from(rules.clone()))),
+        ],
+    )?;
     let (auc, recall) = measure(&scores)?;
     let (rules_auc, rules_recall) = measure(&rules)?;
     let mut metrics = BTreeMap::from([
@@ -143,7 +174,10 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
             .enumerate()
             .map(|(c, name)| {
                 let values: Vec<f64> = train.iter().map(|&i| matrix[c][i] as f64).collect();
-                (name.to_string(), Histogram::of(&values))
+                InputHistogram {
+                    name: name.to_string(),
+                    histogram: Histogram::of(&values),
+                }
             })
             .collect(),
         prediction: Histogram::of(&evaluator_scores(&mut evaluator, &matrix, &train)?),
@@ -222,7 +256,7 @@ pub fn pipeline() -> serde_json::Value {
         "features": [
             {"name": "booking_velocity_1h", "view": "user_risk"},
             {"name": "failed_payments_24h", "view": "user_risk"},
-            {"name": "account_age_days", "view": "user_risk"},
+            {"name": "account_age_days", "view": "user_account"},
             {"name": "distance_from_home_km", "default": 0},
             {"name": "seats", "default": 2},
             {"name": "amount", "default": 24},
@@ -266,6 +300,7 @@ fn rule_score(matrix: &[Vec<f32>], i: usize) -> f64 {
 
 /// Each booking: who, when, what it says itself, and its label.
 struct BookingRows {
+    booking_id: Vec<String>,
     user_id: Vec<String>,
     booked_ms: Vec<i64>,
     distance_km: Vec<f64>,
@@ -360,6 +395,7 @@ fn booking_rows(
         new_device[i] = seen.insert((user_id[i].as_str(), devices[i].as_str()));
     }
     Ok(BookingRows {
+        booking_id: ids,
         distance_km: floats(
             column(bookings, "distance_from_home_km", table)?,
             "distance_from_home_km",
@@ -379,7 +415,7 @@ fn booking_rows(
 
 /// The bookings with the user's risk features as of each booking (the feature store's
 /// point-in-time join over the world's own definitions).
-async fn with_user_risk(
+async fn with_stored_features(
     options: &TrainOptions,
     rows: &BookingRows,
 ) -> Result<RecordBatch, TrainingError> {
@@ -388,17 +424,9 @@ async fn with_user_risk(
         Definitions::load(std::path::Path::new(&definitions_location)).map_err(|e| {
             TrainingError::Data(format!("{e} (a world from marquee data generate has one)"))
         })?;
-    let view = definitions
-        .view("user_risk")
+    let references: Vec<String> = STORED.iter().map(|r| r.to_string()).collect();
+    let features = marquee_feature_store::jobs::parse_feature_refs(&definitions, &references)
         .map_err(|e| TrainingError::Data(e.to_string()))?;
-    let features = STORED
-        .iter()
-        .map(|name| {
-            view.feature(name).map(|(_, f)| (view, f)).ok_or_else(|| {
-                TrainingError::Data(format!("feature view 'user_risk' has no feature '{name}'"))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let entities = RecordBatch::try_from_iter([
         (
             "user_id",
@@ -469,11 +497,12 @@ fn row_major(matrix: &[Vec<f32>], rows: &[usize]) -> Vec<f32> {
     out
 }
 
-fn write_training_set(
+/// Writes `rows` of the model's columns, then `extra` columns, as Parquet.
+fn write_rows(
     path: &std::path::Path,
     matrix: &[Vec<f32>],
-    labels: &[bool],
     rows: &[usize],
+    extra: Vec<(&str, ArrayRef)>,
 ) -> Result<(), TrainingError> {
     let mut columns: Vec<(&str, ArrayRef)> = COLUMNS
         .iter()
@@ -487,12 +516,7 @@ fn write_training_set(
             )
         })
         .collect();
-    columns.push((
-        "is_fraud",
-        Arc::new(BooleanArray::from_iter(
-            rows.iter().map(|&i| Some(labels[i])),
-        )),
-    ));
+    columns.extend(extra);
     let batch =
         RecordBatch::try_from_iter(columns).map_err(|e| TrainingError::Output(e.to_string()))?;
     let bytes = crate::data::write::parquet(&batch)?;
