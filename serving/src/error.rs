@@ -138,6 +138,18 @@ impl From<crate::tensor::TensorError> for ServingError {
 impl IntoResponse for ServingError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.to_string() });
+        self.response_with(body)
+    }
+}
+
+impl ServingError {
+    /// The error as `/v1/embeddings` answers it: OpenAI's body, the same status.
+    pub fn openai_response(self, param: Option<&str>) -> Response {
+        let body = self.openai_body(param);
+        self.response_with(body)
+    }
+
+    fn response_with(self, body: serde_json::Value) -> Response {
         let mut response = (self.http_status(), axum::Json(body)).into_response();
         if matches!(self, ServingError::Overloaded { .. }) {
             response.headers_mut().insert(
@@ -146,6 +158,20 @@ impl IntoResponse for ServingError {
             );
         }
         response
+    }
+
+    /// OpenAI's error body (`/v1/embeddings`): `type` and `code` from the status, `param` the
+    /// request field the error is about, if known.
+    fn openai_body(&self, param: Option<&str>) -> serde_json::Value {
+        let (kind, code) = match self.http_status() {
+            StatusCode::NOT_FOUND => ("invalid_request_error", Some("model_not_found")),
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => ("server_error", None),
+            status if status.is_client_error() => ("invalid_request_error", None),
+            _ => ("server_error", None),
+        };
+        serde_json::json!({
+            "error": {"message": self.to_string(), "type": kind, "param": param, "code": code}
+        })
     }
 }
 

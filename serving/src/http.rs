@@ -20,6 +20,7 @@ use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::embeddings::{EmbeddingsError, EmbeddingsRequest};
 use crate::error::ServingError;
 use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype};
 use crate::metrics::Metrics;
@@ -72,6 +73,11 @@ pub fn router(service: Arc<Service>, max_body: usize) -> Router {
         .route(
             "/v1/predict",
             post(predict).route_layer(axum::middleware::from_fn_with_state(service.clone(), admit)),
+        )
+        .route(
+            "/v1/embeddings",
+            post(embeddings)
+                .route_layer(axum::middleware::from_fn_with_state(service.clone(), admit)),
         )
         .route("/v1/openapi.json", get(openapi))
         .route("/v2/repository/index", post(repository_index))
@@ -356,6 +362,26 @@ async fn predict(
     Ok(Json(
         serde_json::to_value(response).map_err(|e| ServingError::Internal(e.to_string()))?,
     ))
+}
+
+/// OpenAI's embeddings API over a served embedding model (see `embeddings.rs`); errors in
+/// OpenAI's shape.
+async fn embeddings(
+    State(s): State<AppState>,
+    Extension(admitted): Extension<Arc<Admitted>>,
+    body: Bytes,
+) -> Response {
+    let answer = match serde_json::from_slice::<EmbeddingsRequest>(&body) {
+        Ok(request) => s.service.embeddings(&admitted, request).await,
+        Err(e) => Err(EmbeddingsError {
+            error: ServingError::InvalidInput(format!("invalid JSON body: {e}")),
+            param: None,
+        }),
+    };
+    match answer {
+        Ok(answer) => Json(answer).into_response(),
+        Err(EmbeddingsError { error, param }) => error.openai_response(param.as_deref()),
+    }
 }
 
 async fn repository_unload(

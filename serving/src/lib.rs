@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod embeddings;
 pub mod error;
 pub mod grpc;
 pub mod http;

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::model::spec::{self, ModelDefaults};
 use crate::model::{LoadedModel, PipelineState};
 use crate::predict::ModelPipeline;
-use crate::predict::pipeline::Pipeline;
+use crate::predict::pipeline::{self, Pipeline};
 use crate::source::{ModelSource, PlannedVersion, load_failed};
 
 /// What the repository index reports for a model or version.
@@ -379,7 +379,21 @@ impl ModelManager {
             model
         } else {
             // A pipeline that cannot run costs the model its /v1/predict, not its /v2 serving.
-            let pipeline = match Pipeline::parse(&planned.pipeline, model.spec(), &self.features) {
+            let mut assets = std::collections::HashMap::new();
+            let mut missing = None;
+            for file in pipeline::asset_names(&planned.pipeline) {
+                match self.source.file(name, planned, &file).await {
+                    Ok(bytes) => {
+                        assets.insert(file, bytes);
+                    }
+                    Err(e) => missing = Some(format!("file '{file}': {e}")),
+                }
+            }
+            let parsed = match missing {
+                Some(reason) => Err(reason),
+                None => Pipeline::parse(&planned.pipeline, model.spec(), &self.features, &assets),
+            };
+            let pipeline = match parsed {
                 Ok(pipeline) => PipelineState::Ready(Box::new(ModelPipeline::new(pipeline))),
                 Err(reason) => {
                     tracing::error!(model = name, version, %reason, "/v1/predict pipeline refused; /v2 serves on");

@@ -12,8 +12,10 @@
 use std::sync::Arc;
 
 use marquee_proto::inference::{ModelConfig, ModelStatistics};
+use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::embeddings::{EmbeddingsError, EmbeddingsRequest};
 use crate::error::{Overload, ServingError};
 use crate::infer::{InferRequest, InferResponse};
 use crate::metrics::Metrics;
@@ -237,6 +239,16 @@ impl Service {
         self.count_rejection(result)
     }
 
+    pub async fn embeddings(
+        &self,
+        _admitted: &Admitted,
+        request: EmbeddingsRequest,
+    ) -> Result<Value, EmbeddingsError> {
+        self.predictor.embeddings(request).await.inspect_err(|e| {
+            self.count_rejected(&e.error);
+        })
+    }
+
     /// A place among the requests in flight, or an immediate overload answer. Transports take it
     /// before they read or decode a request body and hold it until the answer is encoded, so the
     /// limit bounds the memory and CPU of requests in flight, not only their inference.
@@ -255,11 +267,19 @@ impl Service {
     }
 
     fn count_rejection<T>(&self, result: Result<T, ServingError>) -> Result<T, ServingError> {
-        if let Err(error @ (ServingError::Overloaded { .. } | ServingError::PayloadTooLarge(_))) =
-            &result
-        {
-            self.metrics.rejected(error.reason());
+        if let Err(error) = &result {
+            self.count_rejected(error);
         }
         result
+    }
+
+    /// Counts a request turned away for load or size (not one that failed on its own input).
+    fn count_rejected(&self, error: &ServingError) {
+        if matches!(
+            error,
+            ServingError::Overloaded { .. } | ServingError::PayloadTooLarge(_)
+        ) {
+            self.metrics.rejected(error.reason());
+        }
     }
 }

@@ -160,7 +160,18 @@ impl ModelSource {
         name: &str,
         planned: &PlannedVersion,
     ) -> Result<Bytes, ServingError> {
-        let filename = spec::model_filename(&planned.config);
+        self.file(name, planned, spec::model_filename(&planned.config))
+            .await
+    }
+
+    /// One file of a version (the artifact, or one its pipeline names); from the registry,
+    /// checked against its manifest's sha256.
+    pub async fn file(
+        &self,
+        name: &str,
+        planned: &PlannedVersion,
+        filename: &str,
+    ) -> Result<Bytes, ServingError> {
         match self {
             ModelSource::Repository(repository) => repository
                 .artifact(name, planned.version, filename)

@@ -565,6 +565,11 @@ async fn the_openapi_document_describes_predict() {
             "{field}: {request}"
         );
     }
-    assert!(document["components"]["schemas"]["Prediction"]["properties"]["degraded"].is_object());
+    for field in ["degraded", "prediction", "label", "outputs"] {
+        assert!(
+            document["components"]["schemas"]["Prediction"]["properties"][field].is_object(),
+            "Prediction.{field}"
+        );
+    }
     server.stop().await;
 }

@@ -14,6 +14,9 @@ use super::pipeline::CacheSpec;
 
 pub type CacheKey = [u8; 32];
 
+/// A cached answer: its outputs and the tokens its text took.
+pub type CachedAnswer = (serde_json::Map<String, Value>, usize);
+
 pub struct ResponseCache {
     spec: CacheSpec,
     entries: Mutex<Entries>,
@@ -21,7 +24,7 @@ pub struct ResponseCache {
 
 #[derive(Default)]
 struct Entries {
-    answers: HashMap<CacheKey, (Instant, serde_json::Map<String, Value>)>,
+    answers: HashMap<CacheKey, (Instant, CachedAnswer)>,
     /// Keys in insertion order, for eviction.
     order: VecDeque<CacheKey>,
 }
@@ -52,7 +55,7 @@ impl ResponseCache {
     }
 
     /// A fresh answer (younger than the TTL).
-    pub fn fresh(&self, key: &CacheKey) -> Option<serde_json::Map<String, Value>> {
+    pub fn fresh(&self, key: &CacheKey) -> Option<CachedAnswer> {
         let entries = self.entries.lock().expect("cache lock");
         entries
             .answers
@@ -62,7 +65,7 @@ impl ResponseCache {
     }
 
     /// Any answer still held, however old: for when the alternative is no answer at all.
-    pub fn any(&self, key: &CacheKey) -> Option<(Duration, serde_json::Map<String, Value>)> {
+    pub fn any(&self, key: &CacheKey) -> Option<(Duration, CachedAnswer)> {
         let entries = self.entries.lock().expect("cache lock");
         entries
             .answers
@@ -70,7 +73,7 @@ impl ResponseCache {
             .map(|(at, answer)| (at.elapsed(), answer.clone()))
     }
 
-    pub fn insert(&self, key: CacheKey, answer: serde_json::Map<String, Value>) {
+    pub fn insert(&self, key: CacheKey, answer: CachedAnswer) {
         let mut entries = self.entries.lock().expect("cache lock");
         if entries
             .answers

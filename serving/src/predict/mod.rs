@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod pipeline;
+pub mod steps;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +26,8 @@ use crate::model::{LoadedModel, PipelineState};
 use crate::models::ModelManager;
 use crate::tensor::{DataType, Tensor, TensorData};
 use cache::{CacheKey, ResponseCache};
-use pipeline::Pipeline;
+use pipeline::{Body, Pipeline, RowModel, number};
+use steps::Column;
 
 /// A model version's pipeline and its response cache, built when the version loads.
 pub struct ModelPipeline {
@@ -89,13 +91,53 @@ pub struct PredictOptions {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Prediction {
     pub prediction_id: String,
-    /// The output tensor's value by name, plus `label` and `top_k` where the pipeline asks.
+    /// The pipeline's main value again (a score, a price, a vector): the platform API's
+    /// top-level field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub prediction: Option<Value>,
+    /// The answer's label, where the pipeline gives one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The output tensor's value by name, plus `label` and `top_k` where the pipeline asks; or
+    /// the values a step pipeline's `outputs` name.
     #[schema(value_type = Object)]
     pub outputs: Map<String, Value>,
     pub cache_hit: bool,
     /// What fell back: `features` (store unavailable: defaults used), `timeout` (budget spent).
     #[schema(value_type = Vec<String>)]
     pub degraded: Vec<&'static str>,
+    /// Tokens the instance's text took (step pipelines that tokenize; `/v1/embeddings` usage).
+    #[serde(skip)]
+    pub tokens: usize,
+}
+
+impl Prediction {
+    /// A freshly computed answer with these outputs, its summary fields filled by the pipeline.
+    fn new(
+        pipeline: &Pipeline,
+        prediction_id: String,
+        outputs: Map<String, Value>,
+        tokens: usize,
+    ) -> Self {
+        let summary = pipeline.summary(&outputs);
+        Self {
+            prediction_id,
+            prediction: summary.prediction,
+            label: summary.label,
+            outputs,
+            cache_hit: false,
+            degraded: Vec::new(),
+            tokens,
+        }
+    }
+
+    fn cached(self) -> Self {
+        Self {
+            cache_hit: true,
+            ..self
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -218,11 +260,8 @@ impl Predictor {
                 if declared.cache.is_some() {
                     self.metrics.predict_cache(&request.model, hit.is_some());
                 }
-                hit.map(|outputs| Prediction {
-                    prediction_id: new_id(),
-                    outputs,
-                    cache_hit: true,
-                    degraded: Vec::new(),
+                hit.map(|(outputs, tokens)| {
+                    Prediction::new(&declared.pipeline, new_id(), outputs, tokens).cached()
                 })
             })
             .collect();
@@ -261,7 +300,8 @@ impl Predictor {
         })
     }
 
-    /// Fetches, merges, encodes and runs the instances at `missing`; caches what it computes.
+    /// Fetches, merges, and runs the instances at `missing` through the pipeline's body; caches
+    /// what it computes.
     async fn compute(
         &self,
         model: &Arc<LoadedModel>,
@@ -272,46 +312,62 @@ impl Predictor {
         let pipeline = &declared.pipeline;
         let model_name = &model.spec().name;
         let (stored, features_degraded) = self.fetch(pipeline, prepared, missing, model_name).await;
-        let mut rows = Vec::with_capacity(missing.len() * pipeline.width);
-        for (slot, &index) in missing.iter().enumerate() {
-            let values: Vec<FeatureValue> = pipeline
-                .features
-                .iter()
-                .enumerate()
-                .map(|(position, feature)| {
-                    prepared[index].given[position]
-                        .clone()
-                        .or_else(|| {
-                            let (view, in_view) = feature.view?;
-                            stored
-                                .get(slot * pipeline.views.len() + view)?
-                                .as_ref()?
-                                .values
-                                .get(in_view)?
-                                .clone()
-                        })
-                        .unwrap_or_else(|| feature.default.clone())
-                })
-                .collect();
-            pipeline.encode(&values, &mut rows);
-        }
+        let values: Vec<Vec<FeatureValue>> = missing
+            .iter()
+            .enumerate()
+            .map(|(slot, &index)| {
+                pipeline
+                    .features
+                    .iter()
+                    .enumerate()
+                    .map(|(position, feature)| {
+                        prepared[index].given[position]
+                            .clone()
+                            .or_else(|| {
+                                let (view, in_view) = feature.view?;
+                                stored
+                                    .get(slot * pipeline.views.len() + view)?
+                                    .as_ref()?
+                                    .values
+                                    .get(in_view)?
+                                    .clone()
+                            })
+                            .unwrap_or_else(|| feature.default.clone())
+                    })
+                    .collect()
+            })
+            .collect();
         let prediction_ids: Vec<String> = missing.iter().map(|_| new_id()).collect();
-        // Rows go to the model in requests of at most its max_batch_size, a few at a time (see
-        // CHUNKS_IN_FLIGHT), answers kept in order.
-        let chunk_rows = model.spec().max_batch_size.max(1);
-        let chunks: Vec<_> = rows
-            .chunks(chunk_rows * pipeline.width)
-            .zip(prediction_ids.chunks(chunk_rows))
-            .map(|(chunk, ids)| self.infer_rows(model, pipeline, chunk, &ids[0]))
-            .collect();
-        let values: Vec<f64> = futures::stream::iter(chunks)
-            .buffered(CHUNKS_IN_FLIGHT)
-            .try_collect::<Vec<Vec<f64>>>()
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
-        let per_row = values.len() / missing.len().max(1);
+        let (answers, tokens) = match &pipeline.body {
+            Body::Row(row) => (
+                self.run_rows(model, row, &values, &prediction_ids).await?,
+                vec![0; missing.len()],
+            ),
+            Body::Steps(steps) => {
+                let columns = pipeline
+                    .features
+                    .iter()
+                    .enumerate()
+                    .map(|(position, feature)| {
+                        let column = if feature.dtype == marquee_feature_store::DType::String {
+                            Column::Text(values.iter().map(|v| v[position].to_string()).collect())
+                        } else {
+                            Column::Number(values.iter().map(|v| number(&v[position])).collect())
+                        };
+                        (feature.name.clone(), column)
+                    })
+                    .collect();
+                steps
+                    .run(
+                        model,
+                        &self.models,
+                        columns,
+                        missing.len(),
+                        &prediction_ids[0],
+                    )
+                    .await?
+            }
+        };
         let degraded: Vec<&'static str> = if features_degraded {
             vec!["features"]
         } else {
@@ -320,24 +376,54 @@ impl Predictor {
         Ok(missing
             .iter()
             .zip(prediction_ids)
-            .enumerate()
-            .map(|(slot, (&index, prediction_id))| {
-                let outputs = pipeline.answer(&values[slot * per_row..(slot + 1) * per_row]);
+            .zip(answers.into_iter().zip(tokens))
+            .map(|((&index, prediction_id), (outputs, tokens))| {
                 // Answers made from defaults for want of the store are not worth remembering.
                 if let (Some(cache), Some(key), false) = (
                     &declared.cache,
                     prepared[index].cache_key,
                     features_degraded,
                 ) {
-                    cache.insert(key, outputs.clone());
+                    cache.insert(key, (outputs.clone(), tokens));
                 }
                 Prediction {
-                    prediction_id,
-                    outputs,
-                    cache_hit: false,
                     degraded: degraded.clone(),
+                    ..Prediction::new(pipeline, prediction_id, outputs, tokens)
                 }
             })
+            .collect())
+    }
+
+    /// Encodes each instance's values into a row and runs the rows through the model, in
+    /// requests of at most its max_batch_size, a few at a time (see CHUNKS_IN_FLIGHT); one
+    /// answer per instance, in order.
+    async fn run_rows(
+        &self,
+        model: &Arc<LoadedModel>,
+        row: &RowModel,
+        values: &[Vec<FeatureValue>],
+        prediction_ids: &[String],
+    ) -> Result<Vec<Map<String, Value>>, ServingError> {
+        let mut rows = Vec::with_capacity(values.len() * row.width);
+        for instance in values {
+            row.encode(instance, &mut rows);
+        }
+        let chunk_rows = model.spec().max_batch_size.max(1);
+        let chunks: Vec<_> = rows
+            .chunks(chunk_rows * row.width)
+            .zip(prediction_ids.chunks(chunk_rows))
+            .map(|(chunk, ids)| self.infer_rows(model, row, chunk, &ids[0]))
+            .collect();
+        let outputs: Vec<f64> = futures::stream::iter(chunks)
+            .buffered(CHUNKS_IN_FLIGHT)
+            .try_collect::<Vec<Vec<f64>>>()
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        let per_row = outputs.len() / values.len().max(1);
+        Ok((0..values.len())
+            .map(|slot| row.answer(&outputs[slot * per_row..(slot + 1) * per_row]))
             .collect())
     }
 
@@ -346,21 +432,21 @@ impl Predictor {
     async fn infer_rows(
         &self,
         model: &LoadedModel,
-        pipeline: &Pipeline,
+        row: &RowModel,
         rows: &[f32],
         id: &str,
     ) -> Result<Vec<f64>, ServingError> {
         let input = Tensor::new(
-            pipeline.input.clone(),
+            row.input.clone(),
             DataType::Fp32,
-            vec![(rows.len() / pipeline.width) as i64, pipeline.width as i64],
+            vec![(rows.len() / row.width) as i64, row.width as i64],
             TensorData::Fixed(Bytes::from(bytemuck::cast_slice::<f32, u8>(rows).to_vec())),
         )?;
         let response = model
             .infer(InferRequest {
                 id: id.to_string(),
                 inputs: vec![input],
-                outputs: vec![RequestedOutput::named(pipeline.output.tensor.clone())],
+                outputs: vec![RequestedOutput::named(row.output.tensor.clone())],
                 ..Default::default()
             })
             .await?;
@@ -450,10 +536,10 @@ impl Predictor {
                         .collect();
                     pipeline.fallback.as_ref()?.answer(&values)
                 };
-                let (outputs, cache_hit) = match cached {
-                    Some((_, outputs)) => (outputs, true),
+                let ((outputs, tokens), cache_hit) = match cached {
+                    Some((_, answer)) => (answer, true),
                     None => match fallback() {
-                        Some(outputs) => (outputs, false),
+                        Some(outputs) => ((outputs, 0), false),
                         None => {
                             return Err(ServingError::Timeout(format!(
                                 "no prediction within timeout_ms {budget_ms}, and no fallback of model '{model_name}' applies"
@@ -463,10 +549,9 @@ impl Predictor {
                 };
                 self.metrics.predict_degraded(model_name, "timeout", 1);
                 Ok(Prediction {
-                    prediction_id: new_id(),
-                    outputs,
                     cache_hit,
                     degraded: vec!["timeout"],
+                    ..Prediction::new(pipeline, new_id(), outputs, tokens)
                 })
             })
             .collect()
@@ -505,6 +590,17 @@ fn prepare(
             ServingError::InvalidInput(format!("{at}features.{name}: {e}, got {value}"))
         })?;
         given[position] = Some(typed);
+    }
+    if let Some(absent) = pipeline
+        .features
+        .iter()
+        .zip(&given)
+        .find(|(feature, value)| feature.required && value.is_none())
+    {
+        return Err(ServingError::InvalidInput(format!(
+            "{at}features.{} is required by model '{model_name}'",
+            absent.0.name
+        )));
     }
     let mut keys = Vec::with_capacity(pipeline.views.len());
     for view in &pipeline.views {

@@ -1,36 +1,66 @@
 //! A model's `/v1/predict` pipeline, declared with the model (`pipeline.json` in a repository,
 //! `pipeline` in a registry manifest) rather than written in code per model: which named
-//! features make up the input row (from the feature store or the request), how each is encoded
-//! (standardise, clip, one-hot, hash buckets), and how the output becomes an answer (labels by
-//! threshold, top-k classes). Checked against the model's signature and the feature definitions
-//! when the version loads, so a request never meets a pipeline that cannot run.
+//! features an instance has (from the feature store or the request), and what becomes of them.
+//! Two forms: a row pipeline encodes the features into one FP32 row (standardise, clip, one-hot,
+//! hash buckets) for the model's one input and turns its output into an answer (labels by
+//! threshold, top-k classes); a step pipeline runs declared steps (`steps.rs`: tokenize, model
+//! calls, pooling...) and shows the values its `outputs` name. Checked against the model's
+//! signature, the feature definitions and the version's files when the version loads, so a
+//! request never meets a pipeline that cannot run.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use bytes::Bytes;
 use marquee_feature_store::{DType, Definitions, FeatureValue, FeatureView};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::steps::{Kind, StepFile, Steps};
 use crate::model::ModelSpec;
 use crate::tensor::DataType;
 
 /// A validated pipeline.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Pipeline {
-    /// The FP32 model input the encoded row goes into.
-    pub input: String,
     pub features: Vec<PipelineFeature>,
     /// Feature views read, in order (their join keys name the entities a request must carry).
     pub views: Vec<FeatureView>,
-    /// Encoded row width (the input's last dimension).
-    pub width: usize,
-    pub output: OutputSpec,
+    pub body: Body,
+    /// The answer field shown again as the answer's top-level `prediction`.
+    pub prediction: Option<String>,
     pub cache: Option<CacheSpec>,
     /// Rules that answer when the time budget runs out and nothing is cached.
     pub fallback: Option<Fallback>,
 }
 
-/// One named feature of the row.
+/// What a pipeline does with an instance's features.
+#[derive(Debug)]
+pub enum Body {
+    Row(RowModel),
+    Steps(Steps),
+}
+
+/// One encoded FP32 row into the model's one input, one output tensor out.
+#[derive(Debug)]
+pub struct RowModel {
+    /// The FP32 model input the encoded row goes into.
+    pub input: String,
+    /// Encoded row width (the input's last dimension).
+    pub width: usize,
+    pub output: OutputSpec,
+    /// The encoding of each feature, in feature order.
+    pub transforms: Vec<Transform>,
+}
+
+/// The answer's top-level summary fields, from its outputs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    /// The pipeline's main value (a score, a price, a vector).
+    pub prediction: Option<Value>,
+    pub label: Option<String>,
+}
+
+/// One named feature of an instance.
 #[derive(Debug, Clone)]
 pub struct PipelineFeature {
     pub name: String,
@@ -38,7 +68,8 @@ pub struct PipelineFeature {
     pub view: Option<(usize, usize)>,
     pub dtype: DType,
     pub default: FeatureValue,
-    pub transform: Transform,
+    /// The request must give it (a text to embed has no sensible default).
+    pub required: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -87,9 +118,15 @@ pub struct CacheSpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PipelineFile {
-    input: String,
+    /// Row pipelines: the model input the row goes into, and what its output becomes.
+    input: Option<String>,
+    output: Option<OutputFile>,
     features: Vec<FeatureFile>,
-    output: OutputFile,
+    /// Step pipelines: the steps, and answer field -> value name.
+    steps: Option<Vec<StepFile>>,
+    outputs: Option<BTreeMap<String, String>>,
+    /// The answer field repeated as the top-level `prediction` (row pipelines: the output tensor).
+    prediction: Option<String>,
     cache: Option<CacheFile>,
     fallback: Option<FallbackFile>,
 }
@@ -160,6 +197,8 @@ struct FeatureFile {
     dtype: Option<String>,
     default: Option<Value>,
     #[serde(default)]
+    required: bool,
+    #[serde(default)]
     transform: Option<TransformFile>,
 }
 
@@ -207,60 +246,194 @@ fn default_cache_entries() -> usize {
     10_000
 }
 
+/// The version files a declared pipeline needs (a tokenizer, an index), to be fetched before it
+/// is parsed; none for a declaration that does not parse (parsing says why).
+pub fn asset_names(declared: &Value) -> Vec<String> {
+    let Some(steps) = declared.get("steps").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    steps
+        .iter()
+        .filter_map(|step| serde_json::from_value::<StepFile>(step.clone()).ok())
+        .filter_map(|step| step.assets().map(str::to_string))
+        .collect()
+}
+
 impl Pipeline {
-    /// Parses and checks a declared pipeline against the model and the feature definitions.
+    /// Parses and checks a declared pipeline against the model, the feature definitions and the
+    /// version files it names (`assets`).
     pub fn parse(
         declared: &Value,
         spec: &ModelSpec,
         definitions: &Definitions,
+        assets: &HashMap<String, Bytes>,
     ) -> Result<Self, String> {
         let file: PipelineFile =
             serde_json::from_value(declared.clone()).map_err(|e| e.to_string())?;
-        let (_, input) = spec.input(&file.input).ok_or_else(|| {
-            format!(
-                "input '{}' is not a model input (inputs: {})",
-                file.input,
-                names(spec.inputs.iter().map(|t| &t.name))
-            )
-        })?;
-        if spec.inputs.len() != 1 {
-            return Err("a pipeline feeds models with exactly one input".into());
-        }
-        if input.dtype != DataType::Fp32 || input.dims.len() != 1 || spec.max_batch_size == 0 {
-            return Err(format!(
-                "input '{}' must be a batched FP32 vector ([-1, n]) to take encoded features",
-                file.input
-            ));
-        }
         let mut views: Vec<FeatureView> = Vec::new();
         let mut seen = BTreeSet::new();
         let mut features = Vec::new();
+        let mut transforms = Vec::new();
         for feature in file.features {
             if !seen.insert(feature.name.clone()) {
                 return Err(format!("feature '{}' is listed twice", feature.name));
             }
-            let built = build_feature(feature, definitions, &mut views)?;
+            let (built, transform) = build_feature(feature, definitions, &mut views)?;
             features.push(built);
+            transforms.push(transform);
         }
-        let width: usize = features.iter().map(|f| f.transform.width()).sum();
+        let (body, prediction) = match (file.steps, file.input, file.output) {
+            (Some(steps), None, None) => {
+                if transforms.iter().any(|t| t.is_some()) {
+                    return Err(
+                        "feature transforms encode a row pipeline's row; a step pipeline reads features as they are".into(),
+                    );
+                }
+                let given: Vec<(String, Kind)> = features
+                    .iter()
+                    .map(|f| {
+                        let kind = if f.dtype == DType::String {
+                            Kind::Text
+                        } else {
+                            Kind::Number
+                        };
+                        (f.name.clone(), kind)
+                    })
+                    .collect();
+                let outputs = file.outputs.unwrap_or_default();
+                if let Some(field) = &file.prediction
+                    && !outputs.contains_key(field)
+                {
+                    return Err(format!("prediction '{field}' is not one of the outputs"));
+                }
+                let steps = Steps::parse(steps, outputs, &given, spec, assets)?;
+                (Body::Steps(steps), file.prediction)
+            }
+            (None, Some(input), Some(output)) => {
+                if file.outputs.is_some() {
+                    return Err(
+                        "outputs belongs to step pipelines; a row pipeline has output".into(),
+                    );
+                }
+                let transforms = features
+                    .iter()
+                    .zip(transforms)
+                    .map(|(feature, transform)| check_transform(feature, transform))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let row = RowModel::parse(input, output, transforms, spec)?;
+                if file.prediction.is_some() {
+                    return Err(
+                        "a row pipeline's prediction is its output tensor; leave prediction out"
+                            .into(),
+                    );
+                }
+                let prediction = Some(row.output.tensor.clone());
+                (Body::Row(row), prediction)
+            }
+            (Some(_), _, _) => {
+                return Err("a step pipeline has steps and outputs, not input and output".into());
+            }
+            _ => {
+                return Err(
+                    "a pipeline needs input and output (one encoded row for the model) or steps and outputs".into(),
+                );
+            }
+        };
+        let fallback = file
+            .fallback
+            .map(|f| parse_fallback(f, &features))
+            .transpose()?;
+        Ok(Self {
+            features,
+            views,
+            body,
+            prediction,
+            cache: file.cache.map(|c| CacheSpec {
+                ttl: std::time::Duration::from_millis(c.ttl_ms),
+                max_entries: c.max_entries.max(1),
+            }),
+            fallback,
+        })
+    }
+
+    /// The summary fields of an answer with these outputs.
+    pub fn summary(&self, outputs: &serde_json::Map<String, Value>) -> Summary {
+        Summary {
+            prediction: self
+                .prediction
+                .as_ref()
+                .and_then(|field| outputs.get(field))
+                .cloned(),
+            label: outputs
+                .get("label")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        }
+    }
+
+    /// Whether the answer has the field `field` (step pipelines' `outputs`).
+    pub fn shows(&self, field: &str) -> bool {
+        match &self.body {
+            Body::Steps(steps) => steps.outputs.iter().any(|(name, _)| name == field),
+            Body::Row(row) => row.output.tensor == field,
+        }
+    }
+
+    /// The one text feature a request gives (what `/v1/embeddings` fills), if the pipeline has
+    /// exactly one.
+    pub fn text_feature(&self) -> Option<&str> {
+        let mut texts = self
+            .features
+            .iter()
+            .filter(|f| f.dtype == DType::String && f.view.is_none());
+        match (texts.next(), texts.next()) {
+            (Some(only), None) => Some(&only.name),
+            _ => None,
+        }
+    }
+}
+
+impl RowModel {
+    fn parse(
+        input_name: String,
+        output: OutputFile,
+        transforms: Vec<Transform>,
+        spec: &ModelSpec,
+    ) -> Result<Self, String> {
+        let (_, input) = spec.input(&input_name).ok_or_else(|| {
+            format!(
+                "input '{}' is not a model input (inputs: {})",
+                input_name,
+                names(spec.inputs.iter().map(|t| &t.name))
+            )
+        })?;
+        if spec.inputs.len() != 1 {
+            return Err("a row pipeline feeds models with exactly one input".into());
+        }
+        if input.dtype != DataType::Fp32 || input.dims.len() != 1 || spec.max_batch_size == 0 {
+            return Err(format!(
+                "input '{}' must be a batched FP32 vector ([-1, n]) to take encoded features",
+                input_name
+            ));
+        }
+        let width: usize = transforms.iter().map(Transform::width).sum();
         if width == 0 {
             return Err("the pipeline declares no features".into());
         }
         if input.dims[0] >= 0 && input.dims[0] as usize != width {
             return Err(format!(
                 "the features encode to {width} columns but input '{}' takes {}",
-                file.input, input.dims[0]
+                input_name, input.dims[0]
             ));
         }
-        if spec.output(&file.output.tensor).is_none() {
+        if spec.output(&output.tensor).is_none() {
             return Err(format!(
                 "output '{}' is not a model output (outputs: {})",
-                file.output.tensor,
+                output.tensor,
                 names(spec.outputs.iter().map(|t| &t.name))
             ));
         }
-        let mut thresholds: Vec<(Option<f64>, String)> = file
-            .output
+        let mut thresholds: Vec<(Option<f64>, String)> = output
             .thresholds
             .into_iter()
             .map(|t| (t.min, t.label))
@@ -270,49 +443,39 @@ impl Pipeline {
                 .total_cmp(&a.0.unwrap_or(f64::NEG_INFINITY))
         });
         let named = |key: &str| {
-            (file.output.tensor == key)
+            (output.tensor == key)
                 .then(|| format!("output '{key}' would be hidden by the answer's own '{key}'"))
         };
         if let Some(clash) = (!thresholds.is_empty())
             .then(|| named("label"))
             .flatten()
-            .or_else(|| file.output.top_k.as_ref().and_then(|_| named("top_k")))
+            .or_else(|| output.top_k.as_ref().and_then(|_| named("top_k")))
         {
             return Err(clash);
         }
-        let top_k = match file.output.top_k {
+        let top_k = match output.top_k {
             Some(top) if top.k == 0 || top.labels.is_empty() => {
                 return Err("top_k needs k >= 1 and the class labels".into());
             }
             Some(top) => Some((top.k, top.labels)),
             None => None,
         };
-        let fallback = file
-            .fallback
-            .map(|f| parse_fallback(f, &features))
-            .transpose()?;
         Ok(Self {
-            input: file.input,
-            features,
-            views,
+            input: input_name,
             width,
             output: OutputSpec {
-                tensor: file.output.tensor,
+                tensor: output.tensor,
                 thresholds,
                 top_k,
             },
-            cache: file.cache.map(|c| CacheSpec {
-                ttl: std::time::Duration::from_millis(c.ttl_ms),
-                max_entries: c.max_entries.max(1),
-            }),
-            fallback,
+            transforms,
         })
     }
 
     /// Encodes one row of feature values (in `features` order) into `row`.
     pub fn encode(&self, values: &[FeatureValue], row: &mut Vec<f32>) {
-        for (feature, value) in self.features.iter().zip(values) {
-            match (&feature.transform, value) {
+        for (transform, value) in self.transforms.iter().zip(values) {
+            match (transform, value) {
                 (Transform::OneHot(categories), v) => {
                     let text = v.to_string();
                     row.extend(
@@ -374,7 +537,7 @@ fn build_feature(
     feature: FeatureFile,
     definitions: &Definitions,
     views: &mut Vec<FeatureView>,
-) -> Result<PipelineFeature, String> {
+) -> Result<(PipelineFeature, Option<TransformFile>), String> {
     let at = |e: String| format!("feature '{}': {e}", feature.name);
     let (view, dtype, default) = match &feature.view {
         Some(view_name) => {
@@ -410,41 +573,50 @@ fn build_feature(
             (None, dtype, default)
         }
     };
-    let transform = match feature.transform {
+    if feature.required && (view.is_some() || feature.default.is_some()) {
+        return Err(at(
+            "a required feature comes from the request only: no view, no default".into(),
+        ));
+    }
+    Ok((
+        PipelineFeature {
+            name: feature.name,
+            view,
+            dtype,
+            default,
+            required: feature.required,
+        },
+        feature.transform,
+    ))
+}
+
+/// A row pipeline's encoding of `feature`.
+fn check_transform(
+    feature: &PipelineFeature,
+    transform: Option<TransformFile>,
+) -> Result<Transform, String> {
+    let at = |e: &str| format!("feature '{}': {e}", feature.name);
+    let transform = match transform {
         None => Transform::Identity,
         Some(TransformFile::Standardize { mean, std }) if std > 0.0 => {
             Transform::Standardize { mean, std }
         }
-        Some(TransformFile::Standardize { .. }) => {
-            return Err(at("standardize needs std > 0".into()));
-        }
+        Some(TransformFile::Standardize { .. }) => return Err(at("standardize needs std > 0")),
         Some(TransformFile::Clip([min, max])) if min <= max => Transform::Clip { min, max },
-        Some(TransformFile::Clip(_)) => {
-            return Err(at("clip needs [min, max] with min <= max".into()));
-        }
+        Some(TransformFile::Clip(_)) => return Err(at("clip needs [min, max] with min <= max")),
         Some(TransformFile::OneHot(categories)) if !categories.is_empty() => {
             Transform::OneHot(categories)
         }
         Some(TransformFile::HashBuckets(buckets)) if buckets > 0 => Transform::HashBuckets(buckets),
-        Some(_) => {
-            return Err(at(
-                "one_hot needs categories and hash_buckets at least 1".into()
-            ));
-        }
+        Some(_) => return Err(at("one_hot needs categories and hash_buckets at least 1")),
     };
     let categorical = matches!(transform, Transform::OneHot(_) | Transform::HashBuckets(_));
-    if dtype == DType::String && !categorical {
+    if feature.dtype == DType::String && !categorical {
         return Err(at(
-            "a string feature needs one_hot or hash_buckets to become numbers".into(),
+            "a string feature needs one_hot or hash_buckets to become numbers",
         ));
     }
-    Ok(PipelineFeature {
-        name: feature.name,
-        view,
-        dtype,
-        default,
-        transform,
-    })
+    Ok(transform)
 }
 
 fn parse_fallback(file: FallbackFile, features: &[PipelineFeature]) -> Result<Fallback, String> {
@@ -494,7 +666,8 @@ fn parse_fallback(file: FallbackFile, features: &[PipelineFeature]) -> Result<Fa
     Ok(Fallback { rules })
 }
 
-fn number(value: &FeatureValue) -> f64 {
+/// A feature value as a number (booleans 0/1, text 0).
+pub(crate) fn number(value: &FeatureValue) -> f64 {
     match value {
         FeatureValue::Int(v) => *v as f64,
         FeatureValue::Float(v) => *v,

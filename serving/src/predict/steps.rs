@@ -1,0 +1,767 @@
+//! Multi-stage pipelines: what a model needs around it when "one row of numbers in, one tensor
+//! out" is not enough. A pipeline with `steps` runs them in order over every instance of a
+//! request at once: each step reads named values (the pipeline's features to begin with) and
+//! writes new ones, and `outputs` names which become the answer. Steps are few and general
+//! (tokenize text, call a model, pool, normalise) so a new model is a new declaration, not new
+//! code. Every name a step reads is checked when the version loads: a pipeline that could not run
+//! is refused then, never met by a request. Model calls go through the called model's own batcher,
+//! exactly as `/v2` requests do.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::error::ServingError;
+use crate::infer::{InferRequest, RequestedOutput};
+use crate::model::{LoadedModel, ModelSpec};
+use crate::models::ModelManager;
+use crate::tensor::{DataType, Tensor, TensorData};
+
+/// Model calls of one step kept queued at once (see `predict::CHUNKS_IN_FLIGHT`).
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// What a named value holds for each instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Number,
+    Text,
+    /// A variable-length integer sequence (token ids, an attention mask).
+    Ints,
+    /// A float array with a shape (a model output, a pooled vector).
+    Array,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Number => "a number",
+            Kind::Text => "text",
+            Kind::Ints => "an integer sequence",
+            Kind::Array => "an array",
+        }
+    }
+}
+
+/// A float array of one instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Array {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// One named value across the instances of a request, one entry per instance.
+#[derive(Debug, Clone)]
+pub enum Column {
+    Number(Vec<f64>),
+    Text(Vec<String>),
+    Ints(Vec<Vec<i64>>),
+    Array(Vec<Array>),
+}
+
+impl Column {
+    fn kind(&self) -> Kind {
+        match self {
+            Column::Number(_) => Kind::Number,
+            Column::Text(_) => Kind::Text,
+            Column::Ints(_) => Kind::Ints,
+            Column::Array(_) => Kind::Array,
+        }
+    }
+
+    /// Instance `i`'s value as JSON (arrays nested by their shape).
+    fn json(&self, i: usize) -> Value {
+        match self {
+            Column::Number(values) => json_number(values[i]),
+            Column::Text(values) => Value::String(values[i].clone()),
+            Column::Ints(values) => Value::Array(values[i].iter().map(|&v| v.into()).collect()),
+            Column::Array(values) => nested(&values[i].shape, &values[i].data),
+        }
+    }
+}
+
+/// A loaded tokenizer: the version's `tokenizer.json`, truncating at `max_length` and padding
+/// nothing (a model call pads its batch to the longest instance).
+pub struct TextTokenizer {
+    tokenizer: tokenizers::Tokenizer,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TextTokenizer")
+    }
+}
+
+impl TextTokenizer {
+    pub fn from_bytes(bytes: &[u8], max_length: usize) -> Result<Self, String> {
+        let mut tokenizer = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| e.to_string())?;
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length,
+                ..Default::default()
+            }))
+            .map_err(|e| e.to_string())?;
+        Ok(Self { tokenizer })
+    }
+
+    /// Token ids, attention mask and token type ids of `text`.
+    pub fn encode(&self, text: &str) -> Result<[Vec<i64>; 3], String> {
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| e.to_string())?;
+        let widen = |values: &[u32]| values.iter().map(|&v| i64::from(v)).collect();
+        Ok([
+            widen(encoding.get_ids()),
+            widen(encoding.get_attention_mask()),
+            widen(encoding.get_type_ids()),
+        ])
+    }
+}
+
+/// One step, checked.
+#[derive(Debug)]
+pub enum Step {
+    /// Text to `into.input_ids`, `into.attention_mask` and `into.token_type_ids`.
+    Tokenize {
+        text: String,
+        tokenizer: Arc<TextTokenizer>,
+        into: String,
+    },
+    /// A model call, batched: the model's inputs from named values, its outputs to new names.
+    /// `model` is another served model (its default version), or `None` for this version.
+    Model {
+        model: Option<String>,
+        inputs: Vec<(String, String)>,
+        outputs: Vec<(String, String)>,
+    },
+    /// The mean of `of`'s rows ([tokens, d]) where `mask` is 1: a sentence vector [d].
+    MeanPool {
+        of: String,
+        mask: String,
+        into: String,
+    },
+    /// `of` divided by its Euclidean norm.
+    L2Normalize { of: String, into: String },
+}
+
+/// The steps of a pipeline and what its answer shows.
+#[derive(Debug)]
+pub struct Steps {
+    pub steps: Vec<Step>,
+    /// (answer field, value name), in declaration order.
+    pub outputs: Vec<(String, String)>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub(crate) enum StepFile {
+    Tokenize {
+        text: String,
+        /// A file of the version (a Hugging Face `tokenizer.json`).
+        tokenizer: String,
+        #[serde(default = "default_max_length")]
+        max_length: usize,
+        into: String,
+    },
+    Model {
+        #[serde(default)]
+        model: Option<String>,
+        inputs: BTreeMap<String, String>,
+        outputs: BTreeMap<String, String>,
+    },
+    MeanPool {
+        of: String,
+        mask: String,
+        into: String,
+    },
+    L2Normalize {
+        of: String,
+        into: String,
+    },
+}
+
+fn default_max_length() -> usize {
+    256
+}
+
+impl StepFile {
+    /// The version files this step needs loaded before it can be checked.
+    pub(crate) fn assets(&self) -> Option<&str> {
+        match self {
+            StepFile::Tokenize { tokenizer, .. } => Some(tokenizer),
+            _ => None,
+        }
+    }
+}
+
+/// The kinds of the values named so far, for checking each step's reads and writes.
+struct Names(HashMap<String, Kind>);
+
+impl Names {
+    fn read(&self, step: usize, name: &str, want: Kind) -> Result<(), String> {
+        match self.0.get(name) {
+            Some(&kind) if kind == want => Ok(()),
+            Some(&kind) => Err(format!(
+                "step {step} reads '{name}' as {}, but it is {}",
+                want.name(),
+                kind.name()
+            )),
+            None => Err(format!(
+                "step {step} reads '{name}', which no feature or earlier step provides"
+            )),
+        }
+    }
+
+    fn write(&mut self, step: usize, name: &str, kind: Kind) -> Result<(), String> {
+        if self.0.insert(name.to_string(), kind).is_some() {
+            return Err(format!("step {step} writes '{name}', which already exists"));
+        }
+        Ok(())
+    }
+}
+
+impl Steps {
+    /// Checks `files` against the values the features provide (`given`) and this version's
+    /// model; `assets` holds the version files the steps name.
+    pub(crate) fn parse(
+        files: Vec<StepFile>,
+        outputs: BTreeMap<String, String>,
+        given: &[(String, Kind)],
+        own: &ModelSpec,
+        assets: &HashMap<String, Bytes>,
+    ) -> Result<Self, String> {
+        if files.is_empty() {
+            return Err("steps is empty".into());
+        }
+        let mut names = Names(given.iter().cloned().collect());
+        let mut steps = Vec::with_capacity(files.len());
+        for (i, file) in files.into_iter().enumerate() {
+            let step = match file {
+                StepFile::Tokenize {
+                    text,
+                    tokenizer,
+                    max_length,
+                    into,
+                } => {
+                    names.read(i, &text, Kind::Text)?;
+                    let bytes = assets.get(&tokenizer).ok_or_else(|| {
+                        format!("step {i}: the version has no file '{tokenizer}'")
+                    })?;
+                    if max_length == 0 {
+                        return Err(format!("step {i}: max_length must be at least 1"));
+                    }
+                    let loaded = TextTokenizer::from_bytes(bytes, max_length)
+                        .map_err(|e| format!("step {i}: tokenizer '{tokenizer}': {e}"))?;
+                    for part in TOKEN_PARTS {
+                        names.write(i, &format!("{into}.{part}"), Kind::Ints)?;
+                    }
+                    Step::Tokenize {
+                        text,
+                        tokenizer: Arc::new(loaded),
+                        into,
+                    }
+                }
+                StepFile::Model {
+                    model,
+                    inputs,
+                    outputs,
+                } => {
+                    let inputs: Vec<(String, String)> = inputs.into_iter().collect();
+                    let outputs: Vec<(String, String)> = outputs.into_iter().collect();
+                    let mut kinds = Vec::with_capacity(inputs.len());
+                    for (_, value) in &inputs {
+                        let kind = names.0.get(value).copied().ok_or_else(|| {
+                            format!("step {i} reads '{value}', which no feature or earlier step provides")
+                        })?;
+                        kinds.push(kind);
+                    }
+                    if model.is_none() {
+                        check_call(own, &inputs, &kinds, &outputs)
+                            .map_err(|e| format!("step {i} (model '{}'): {e}", own.name))?;
+                    }
+                    for (_, value) in &outputs {
+                        names.write(i, value, Kind::Array)?;
+                    }
+                    Step::Model {
+                        model,
+                        inputs,
+                        outputs,
+                    }
+                }
+                StepFile::MeanPool { of, mask, into } => {
+                    names.read(i, &of, Kind::Array)?;
+                    names.read(i, &mask, Kind::Ints)?;
+                    names.write(i, &into, Kind::Array)?;
+                    Step::MeanPool { of, mask, into }
+                }
+                StepFile::L2Normalize { of, into } => {
+                    names.read(i, &of, Kind::Array)?;
+                    names.write(i, &into, Kind::Array)?;
+                    Step::L2Normalize { of, into }
+                }
+            };
+            steps.push(step);
+        }
+        if outputs.is_empty() {
+            return Err("outputs is empty: name the values the answer shows".into());
+        }
+        for (field, value) in &outputs {
+            if !names.0.contains_key(value) {
+                return Err(format!(
+                    "output '{field}' shows '{value}', which no feature or step provides"
+                ));
+            }
+        }
+        Ok(Self {
+            steps,
+            outputs: outputs.into_iter().collect(),
+        })
+    }
+
+    /// Runs the steps over `n` instances whose features are `columns`; one answer per instance,
+    /// and the tokens each instance's text took (0 without a tokenize step).
+    pub async fn run(
+        &self,
+        own: &Arc<LoadedModel>,
+        models: &ModelManager,
+        mut columns: HashMap<String, Column>,
+        n: usize,
+        request_id: &str,
+    ) -> Result<(Vec<Map<String, Value>>, Vec<usize>), ServingError> {
+        let mut tokens = vec![0usize; n];
+        for (i, step) in self.steps.iter().enumerate() {
+            match step {
+                Step::Tokenize {
+                    text,
+                    tokenizer,
+                    into,
+                } => {
+                    let Some(Column::Text(texts)) = columns.get(text) else {
+                        return Err(missing(i, text));
+                    };
+                    let mut parts: [Vec<Vec<i64>>; 3] = Default::default();
+                    for (instance, text) in texts.iter().enumerate() {
+                        let encoded = tokenizer.encode(text).map_err(|e| {
+                            ServingError::InvalidInput(format!("cannot tokenize the text: {e}"))
+                        })?;
+                        tokens[instance] += encoded[0].len();
+                        for (part, values) in parts.iter_mut().zip(encoded) {
+                            part.push(values);
+                        }
+                    }
+                    for (name, values) in TOKEN_PARTS.iter().zip(parts) {
+                        columns.insert(format!("{into}.{name}"), Column::Ints(values));
+                    }
+                }
+                Step::Model {
+                    model,
+                    inputs,
+                    outputs,
+                } => {
+                    let target = match model {
+                        None => own.clone(),
+                        Some(name) => {
+                            let target = models.get(name, "")?;
+                            let kinds: Vec<Kind> = inputs
+                                .iter()
+                                .map(|(_, value)| columns[value].kind())
+                                .collect();
+                            check_call(target.spec(), inputs, &kinds, outputs).map_err(|e| {
+                                ServingError::Unavailable(format!(
+                                    "pipeline step {i} cannot call model '{name}': {e}"
+                                ))
+                            })?;
+                            target
+                        }
+                    };
+                    let produced = call(&target, inputs, outputs, &columns, n, request_id).await?;
+                    for ((_, name), column) in outputs.iter().zip(produced) {
+                        columns.insert(name.clone(), column);
+                    }
+                }
+                Step::MeanPool { of, mask, into } => {
+                    let (Some(Column::Array(arrays)), Some(Column::Ints(masks))) =
+                        (columns.get(of), columns.get(mask))
+                    else {
+                        return Err(missing(i, of));
+                    };
+                    let pooled = arrays
+                        .iter()
+                        .zip(masks)
+                        .map(|(array, mask)| mean_pool(array, mask))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| ServingError::Internal(format!("pipeline step {i}: {e}")))?;
+                    columns.insert(into.clone(), Column::Array(pooled));
+                }
+                Step::L2Normalize { of, into } => {
+                    let Some(Column::Array(arrays)) = columns.get(of) else {
+                        return Err(missing(i, of));
+                    };
+                    let normalised = arrays.iter().map(l2_normalize).collect();
+                    columns.insert(into.clone(), Column::Array(normalised));
+                }
+            }
+        }
+        let answers = (0..n)
+            .map(|instance| {
+                self.outputs
+                    .iter()
+                    .map(|(field, value)| (field.clone(), columns[value].json(instance)))
+                    .collect()
+            })
+            .collect();
+        Ok((answers, tokens))
+    }
+}
+
+const TOKEN_PARTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
+
+fn missing(step: usize, name: &str) -> ServingError {
+    ServingError::Internal(format!("pipeline step {step}: '{name}' is missing"))
+}
+
+/// Whether `spec` can take a call with these inputs (value kinds in order) and outputs.
+fn check_call(
+    spec: &ModelSpec,
+    inputs: &[(String, String)],
+    kinds: &[Kind],
+    outputs: &[(String, String)],
+) -> Result<(), String> {
+    if spec.max_batch_size == 0 {
+        return Err(
+            "it does not batch (max_batch_size 0), so instances cannot share a call".into(),
+        );
+    }
+    for tensor in &spec.inputs {
+        if !inputs.iter().any(|(name, _)| *name == tensor.name) {
+            return Err(format!("its input '{}' is not given", tensor.name));
+        }
+    }
+    for ((tensor, value), kind) in inputs.iter().zip(kinds) {
+        let (_, declared) = spec
+            .input(tensor)
+            .ok_or_else(|| format!("it has no input '{tensor}'"))?;
+        let fits = match kind {
+            Kind::Ints => matches!(declared.dtype, DataType::Int64 | DataType::Int32),
+            Kind::Number | Kind::Array => declared.dtype == DataType::Fp32,
+            Kind::Text => declared.dtype == DataType::Bytes,
+        };
+        if !fits {
+            return Err(format!(
+                "input '{tensor}' is {} and cannot take '{value}' ({})",
+                declared.dtype,
+                kind.name()
+            ));
+        }
+    }
+    for (tensor, _) in outputs {
+        let (_, declared) = spec
+            .output(tensor)
+            .ok_or_else(|| format!("it has no output '{tensor}'"))?;
+        if declared.dtype.size().is_none() || declared.dtype == DataType::Bool {
+            return Err(format!(
+                "output '{tensor}' is {}, not numeric",
+                declared.dtype
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Calls `model` for all `n` instances in requests of at most its `max_batch_size`; one column
+/// per output, one array per instance.
+async fn call(
+    model: &Arc<LoadedModel>,
+    inputs: &[(String, String)],
+    outputs: &[(String, String)],
+    columns: &HashMap<String, Column>,
+    n: usize,
+    request_id: &str,
+) -> Result<Vec<Column>, ServingError> {
+    let chunk = model.spec().max_batch_size.max(1);
+    let starts: Vec<usize> = (0..n).step_by(chunk).collect();
+    let requests = starts
+        .iter()
+        .map(|&start| {
+            let rows = start..(start + chunk).min(n);
+            let tensors = inputs
+                .iter()
+                .map(|(tensor, value)| {
+                    let (_, declared) = model
+                        .spec()
+                        .input(tensor)
+                        .ok_or_else(|| ServingError::Internal(format!("no input '{tensor}'")))?;
+                    input_tensor(tensor, declared.dtype, &columns[value], rows.clone())
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(InferRequest {
+                id: request_id.to_string(),
+                inputs: tensors,
+                outputs: outputs
+                    .iter()
+                    .map(|(tensor, _)| RequestedOutput::named(tensor.clone()))
+                    .collect(),
+                ..Default::default()
+            })
+        })
+        .collect::<Result<Vec<_>, ServingError>>()?;
+    let responses: Vec<_> = futures::stream::iter(requests.into_iter().map(|r| model.infer(r)))
+        .buffered(CHUNKS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    let mut produced: Vec<Vec<Array>> = outputs.iter().map(|_| Vec::with_capacity(n)).collect();
+    for response in responses {
+        for (column, tensor) in produced.iter_mut().zip(&response.outputs) {
+            column.extend(split_rows(tensor)?);
+        }
+    }
+    Ok(produced.into_iter().map(Column::Array).collect())
+}
+
+/// Rows `rows` of `column` as the model input `name` of type `dtype`: integer sequences padded
+/// with 0 to the longest, arrays stacked (all of one shape), numbers as one column.
+fn input_tensor(
+    name: &str,
+    dtype: DataType,
+    column: &Column,
+    rows: std::ops::Range<usize>,
+) -> Result<Tensor, ServingError> {
+    let count = rows.len() as i64;
+    let (shape, bytes): (Vec<i64>, Vec<u8>) = match column {
+        Column::Ints(sequences) => {
+            let sequences = &sequences[rows];
+            let longest = sequences.iter().map(Vec::len).max().unwrap_or(0).max(1);
+            let mut bytes = Vec::with_capacity(sequences.len() * longest * 8);
+            for sequence in sequences {
+                for t in 0..longest {
+                    let value = sequence.get(t).copied().unwrap_or(0);
+                    if dtype == DataType::Int32 {
+                        bytes.extend_from_slice(&(value as i32).to_le_bytes());
+                    } else {
+                        bytes.extend_from_slice(&value.to_le_bytes());
+                    }
+                }
+            }
+            (vec![count, longest as i64], bytes)
+        }
+        Column::Array(arrays) => {
+            let arrays = &arrays[rows];
+            let shape = arrays.first().map(|a| a.shape.clone()).unwrap_or_default();
+            if arrays.iter().any(|a| a.shape != shape) {
+                return Err(ServingError::InvalidInput(format!(
+                    "the instances give model input '{name}' arrays of different shapes"
+                )));
+            }
+            let mut full = vec![count];
+            full.extend(shape.iter().map(|&d| d as i64));
+            let data: Vec<f32> = arrays.iter().flat_map(|a| a.data.iter().copied()).collect();
+            (full, bytemuck::cast_slice(&data).to_vec())
+        }
+        Column::Number(values) => {
+            let data: Vec<f32> = values[rows].iter().map(|&v| v as f32).collect();
+            (vec![count, 1], bytemuck::cast_slice(&data).to_vec())
+        }
+        Column::Text(texts) => {
+            let items = texts[rows].iter().map(|t| Bytes::from(t.clone())).collect();
+            return Tensor::new(
+                name,
+                DataType::Bytes,
+                vec![count, 1],
+                TensorData::Strings(items),
+            )
+            .map_err(ServingError::from);
+        }
+    };
+    Tensor::new(name, dtype, shape, TensorData::Fixed(Bytes::from(bytes))).map_err(Into::into)
+}
+
+/// A batched output split into one float array per row.
+fn split_rows(tensor: &Tensor) -> Result<Vec<Array>, ServingError> {
+    let floats = floats(tensor)?;
+    let rows = tensor.shape.first().copied().unwrap_or(0).max(0) as usize;
+    let shape: Vec<usize> = tensor.shape[1..]
+        .iter()
+        .map(|&d| d.max(0) as usize)
+        .collect();
+    let per_row = shape.iter().product::<usize>();
+    if floats.len() != rows * per_row {
+        return Err(ServingError::Internal(format!(
+            "output '{}' has {} values for shape {:?}",
+            tensor.name,
+            floats.len(),
+            tensor.shape
+        )));
+    }
+    Ok(floats
+        .chunks(per_row.max(1))
+        .take(rows)
+        .map(|row| Array {
+            shape: shape.clone(),
+            data: row.to_vec(),
+        })
+        .collect())
+}
+
+/// A numeric tensor's elements as f32.
+fn floats(tensor: &Tensor) -> Result<Vec<f32>, ServingError> {
+    let bytes = tensor.fixed_bytes().ok_or_else(|| {
+        ServingError::Internal(format!("output '{}' is not numeric", tensor.name))
+    })?;
+    let read = |size: usize| bytes.chunks_exact(size);
+    Ok(match tensor.dtype {
+        DataType::Fp32 => read(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        DataType::Fp64 => read(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        DataType::Fp16 => read(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DataType::Bf16 => read(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DataType::Int64 => read(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        DataType::Int32 => read(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32)
+            .collect(),
+        other => {
+            return Err(ServingError::Internal(format!(
+                "output '{}' is {other}, which pipelines do not read",
+                tensor.name
+            )));
+        }
+    })
+}
+
+/// The mean over the rows of `array` ([tokens, d]) that `mask` marks 1.
+fn mean_pool(array: &Array, mask: &[i64]) -> Result<Array, String> {
+    let [tokens, width] = array.shape[..] else {
+        return Err(format!(
+            "mean_pool needs [tokens, d] per instance, got {:?}",
+            array.shape
+        ));
+    };
+    let mut sum = vec![0f32; width];
+    let mut weight = 0f32;
+    for (t, &m) in mask.iter().enumerate().take(tokens) {
+        if m != 0 {
+            weight += 1.0;
+            for (s, &x) in sum.iter_mut().zip(&array.data[t * width..(t + 1) * width]) {
+                *s += x;
+            }
+        }
+    }
+    let weight = weight.max(1e-9);
+    Ok(Array {
+        shape: vec![width],
+        data: sum.into_iter().map(|s| s / weight).collect(),
+    })
+}
+
+fn l2_normalize(array: &Array) -> Array {
+    let norm = array
+        .data
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(1e-12);
+    Array {
+        shape: array.shape.clone(),
+        data: array.data.iter().map(|x| x / norm).collect(),
+    }
+}
+
+fn nested(shape: &[usize], data: &[f32]) -> Value {
+    match shape {
+        [] => data
+            .first()
+            .map_or(Value::Null, |&v| json_number(f64::from(v))),
+        [_] => Value::Array(data.iter().map(|&v| json_number(f64::from(v))).collect()),
+        [_, rest @ ..] => {
+            let size = rest.iter().product::<usize>().max(1);
+            Value::Array(data.chunks(size).map(|c| nested(rest, c)).collect())
+        }
+    }
+}
+
+/// f32 values are shown with f32's shortest text (as `/v2` does), not f64's long one.
+fn json_number(value: f64) -> Value {
+    let short = (value as f32).to_string().parse().unwrap_or(value);
+    serde_json::Number::from_f64(short).map_or(Value::Null, Value::Number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_pool_averages_the_masked_rows_only() {
+        let array = Array {
+            shape: vec![3, 2],
+            data: vec![1.0, 2.0, 3.0, 4.0, 100.0, 100.0],
+        };
+        let pooled = mean_pool(&array, &[1, 1]).unwrap();
+        assert_eq!(pooled.shape, [2]);
+        assert_eq!(pooled.data, [2.0, 3.0]);
+        assert!(mean_pool(&pooled, &[1]).is_err());
+    }
+
+    #[test]
+    fn l2_normalize_gives_unit_length() {
+        let unit = l2_normalize(&Array {
+            shape: vec![2],
+            data: vec![3.0, 4.0],
+        });
+        assert_eq!(unit.data, [0.6, 0.8]);
+        assert_eq!(
+            l2_normalize(&Array {
+                shape: vec![2],
+                data: vec![0.0, 0.0]
+            })
+            .data,
+            [0.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn integer_sequences_are_padded_to_the_longest() {
+        let column = Column::Ints(vec![vec![5, 6, 7], vec![8]]);
+        let tensor = input_tensor("ids", DataType::Int64, &column, 0..2).unwrap();
+        assert_eq!(tensor.shape, [2, 3]);
+        let values: Vec<i64> = tensor
+            .fixed_bytes()
+            .unwrap()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(values, [5, 6, 7, 8, 0, 0]);
+    }
+
+    #[test]
+    fn outputs_split_into_rows_and_nest_by_shape() {
+        let data: Vec<f32> = (0..8).map(|v| v as f32).collect();
+        let tensor = Tensor::new(
+            "y",
+            DataType::Fp32,
+            vec![2, 2, 2],
+            TensorData::Fixed(Bytes::from(bytemuck::cast_slice(&data).to_vec())),
+        )
+        .unwrap();
+        let rows = split_rows(&tensor).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].data, [4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(
+            nested(&rows[1].shape, &rows[1].data),
+            serde_json::json!([[4.0, 5.0], [6.0, 7.0]])
+        );
+    }
+}
