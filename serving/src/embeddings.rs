@@ -75,23 +75,12 @@ impl Predictor {
             }
         };
         let texts = texts(&request.input)?;
-        if texts.len() > self.max_instances {
-            return Err(invalid(
-                "input",
-                format!(
-                    "input has {} texts; this server takes at most {} per request (--max-predict-instances)",
-                    texts.len(),
-                    self.max_instances
-                ),
-            ));
-        }
         let model = self.models.get(&request.model, "")?;
         let text_feature = match model.pipeline() {
-            PipelineState::Ready(declared) => declared
+            PipelineState::Ready(declared) if declared.pipeline.shows("embedding") => declared
                 .pipeline
                 .text_feature()
-                .map(str::to_string)
-                .filter(|_| declared.pipeline.shows("embedding")),
+                .map(str::to_string),
             _ => None,
         }
         .ok_or_else(|| {
@@ -103,31 +92,35 @@ impl Predictor {
                 ),
             )
         })?;
-        let instances = texts
-            .into_iter()
-            .map(|text| {
-                let mut features = Map::new();
-                features.insert(text_feature.clone(), Value::String(text));
-                Instance {
+        // One /v1/predict request per --max-predict-instances texts, all on the same version.
+        let mut predictions = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(self.max_instances.max(1)) {
+            let instances = chunk
+                .iter()
+                .map(|text| {
+                    let mut features = Map::new();
+                    features.insert(text_feature.clone(), Value::String(text.clone()));
+                    Instance {
+                        entities: Map::new(),
+                        features,
+                    }
+                })
+                .collect();
+            let response = self
+                .predict(PredictRequest {
+                    model: request.model.clone(),
+                    version: Some(model.spec().version.into()),
                     entities: Map::new(),
-                    features,
-                }
-            })
-            .collect();
-        let response = self
-            .predict(PredictRequest {
-                model: request.model.clone(),
-                version: Some(model.spec().version.into()),
-                entities: Map::new(),
-                features: Map::new(),
-                instances: Some(instances),
-                options: Default::default(),
-            })
-            .await?;
-        let predictions = match response.answer {
-            Answer::Many { predictions } => predictions,
-            Answer::One(one) => vec![one],
-        };
+                    features: Map::new(),
+                    instances: Some(instances),
+                    options: Default::default(),
+                })
+                .await?;
+            match response.answer {
+                Answer::Many { predictions: some } => predictions.extend(some),
+                Answer::One(one) => predictions.push(one),
+            }
+        }
         let mut tokens = 0;
         let mut data = Vec::with_capacity(predictions.len());
         for (index, prediction) in predictions.into_iter().enumerate() {
@@ -136,15 +129,15 @@ impl Predictor {
                 .outputs
                 .get("embedding")
                 .and_then(Value::as_array)
-                .map(|values| {
+                .and_then(|values| {
                     values
                         .iter()
-                        .map(|v| v.as_f64().unwrap_or(f64::NAN) as f32)
-                        .collect()
+                        .map(|v| v.as_f64().map(|x| x as f32))
+                        .collect::<Option<Vec<f32>>>()
                 })
                 .ok_or_else(|| {
                     ServingError::Internal(format!(
-                        "model '{}' answered without an embedding vector",
+                        "model '{}' answered 'embedding' with something other than a vector of numbers",
                         request.model
                     ))
                 })?;

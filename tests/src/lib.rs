@@ -749,3 +749,81 @@ pub fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
     let batches: Vec<arrow_array::RecordBatch> = reader.map(|b| b.expect("a batch")).collect();
     arrow_select::concat::concat_batches(&batches[0].schema(), &batches).expect("one schema")
 }
+
+/// A scratch folder holding a small generated world and room for a registry and a job's work.
+pub struct TrainingRun {
+    _dir: tempfile::TempDir,
+    pub world: PathBuf,
+    pub registry: PathBuf,
+    pub work: PathBuf,
+}
+
+impl TrainingRun {
+    /// Generates the small world of `seed`.
+    pub fn small_world(seed: u64) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = |name: &str| dir.path().join(name);
+        let (world, registry, work) = (path("world"), path("registry"), path("work"));
+        let generated = run_marquee(
+            &[
+                "data",
+                "generate",
+                "--scale",
+                "small",
+                "--seed",
+                &seed.to_string(),
+                "--out",
+                world.to_str().expect("UTF-8 path"),
+            ],
+            &[],
+        );
+        assert_eq!(generated.code, 0, "{}", generated.stderr);
+        Self {
+            _dir: dir,
+            world,
+            registry,
+            work,
+        }
+    }
+
+    /// `marquee train <model> --json` on the world into the registry, with `extra` arguments;
+    /// the job's report (`trained`).
+    pub fn train(&self, model: &str, extra: &[&str]) -> serde_json::Value {
+        let text = |p: &Path| p.to_str().expect("UTF-8 path").to_string();
+        let (world, registry, work) = (text(&self.world), text(&self.registry), text(&self.work));
+        let mut args = vec![
+            "train",
+            model,
+            "--data",
+            &world,
+            "--registry",
+            &registry,
+            "--work",
+            &work,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let trained = run_marquee(&args, &[]);
+        assert_eq!(trained.code, 0, "{}", trained.stderr);
+        trained.json()["trained"].clone()
+    }
+
+    /// `marquee registry show <model> <version> --json`: the manifest with stage and aliases.
+    pub fn show(&self, model: &str, version: &str) -> serde_json::Value {
+        let registry = self.registry.to_str().expect("UTF-8 path");
+        let shown = run_marquee(
+            &[
+                "registry",
+                "--registry",
+                registry,
+                "show",
+                model,
+                version,
+                "--json",
+            ],
+            &[],
+        );
+        assert_eq!(shown.code, 0, "{}", shown.stderr);
+        shown.json()
+    }
+}

@@ -157,7 +157,27 @@ async fn openai_embeddings_take_a_string_or_a_list_and_count_tokens() {
         .collect();
     assert_same_vector(&vector, &floats(&references[0]["embedding"]), "base64");
 
+    // More texts than one batch (max_batch_size 32), of mixed lengths: three chunks, each padded
+    // to its own longest, every vector still its sentence's.
+    let many: Vec<&Value> = (0..70).map(|i| texts[i % texts.len()]).collect();
+    let (status, answer) = server
+        .post(
+            "/v1/embeddings",
+            json!({"model": "embedding", "input": many}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    for (i, item) in answer["data"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(item["index"], i);
+        assert_same_vector(
+            &floats(&item["embedding"]),
+            &floats(&references[i % references.len()]["embedding"]),
+            "many",
+        );
+    }
+
     // OpenAI's error shape, naming the field.
+
     for (body, status, param, says) in [
         (
             json!({"model": "embedding", "input": []}),
@@ -197,6 +217,20 @@ async fn openai_embeddings_take_a_string_or_a_list_and_count_tokens() {
         );
     }
     let (status, refused) = server
+        .post(
+            "/v1/embeddings",
+            json!({"model": "embedding", "input": "x".repeat(70_000)}),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 65536"),
+        "{refused}"
+    );
+    let (status, refused) = server
         .post("/v1/embeddings", json!({"model": "nope", "input": "hi"}))
         .await;
     assert_eq!(status, 404, "{refused}");
@@ -211,4 +245,56 @@ async fn openai_embeddings_take_a_string_or_a_list_and_count_tokens() {
         "{refused}"
     );
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_pipeline_that_cannot_run_is_refused_when_the_version_loads() {
+    let broken = [
+        (
+            json!({"features": [{"name": "text", "dtype": "string"}],
+                   "steps": [{"op": "mean_pool", "of": "hidden", "mask": "text", "into": "v"}],
+                   "outputs": {"v": "v"}}),
+            "reads 'hidden', which no feature or earlier step provides",
+        ),
+        (
+            json!({"features": [{"name": "text", "dtype": "string"}],
+                   "steps": [{"op": "tokenize", "text": "text", "tokenizer": "vocab.json", "into": "t"}],
+                   "outputs": {"ids": "t.input_ids"}}),
+            "'vocab.json'",
+        ),
+        (
+            json!({"features": [{"name": "text", "dtype": "string"}],
+                   "steps": [{"op": "tokenize", "text": "text", "tokenizer": "tokenizer.json", "into": "t"},
+                             {"op": "model", "inputs": {"input_ids": "t.input_ids"}, "outputs": {"last_hidden_state": "h"}}],
+                   "outputs": {"h": "h"}}),
+            "its input 'attention_mask' is not given",
+        ),
+        (
+            json!({"features": [{"name": "text", "dtype": "string", "transform": {"hash_buckets": 4}}],
+                   "steps": [{"op": "l2_normalize", "of": "text", "into": "v"}],
+                   "outputs": {"v": "v"}}),
+            "a step pipeline reads features as they are",
+        ),
+    ];
+    for (pipeline, says) in broken {
+        let repository = Repository::new()
+            .add("embedding", "minilm", None)
+            .write("embedding/pipeline.json", pipeline.to_string().as_bytes());
+        let server = TestServer::start(repository).await;
+        let (status, refused) = server
+            .post(
+                "/v1/predict",
+                json!({"model": "embedding", "features": {"text": "hi"}}),
+            )
+            .await;
+        assert_eq!(status, 503, "{pipeline}: {refused}");
+        assert!(
+            refused["error"].as_str().unwrap().contains(says),
+            "{pipeline}: {refused}"
+        );
+        // /v2 serves on.
+        let (status, _) = server.get("/v2/models/embedding/ready").await;
+        assert_eq!(status, 200);
+        server.stop().await;
+    }
 }

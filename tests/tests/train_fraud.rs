@@ -6,7 +6,7 @@
 use arrow_array::RecordBatch;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Float64Type};
-use marquee_tests::{TestServer, read_parquet, run_marquee};
+use marquee_tests::{TestServer, TrainingRun, read_parquet};
 use serde_json::{Value, json};
 
 const COLUMNS: [&str; 8] = [
@@ -44,46 +44,9 @@ fn features_of(rows: &RecordBatch, i: usize) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trained_fraud_model_is_registered_served_and_scores_as_evaluated() {
-    let dir = tempfile::tempdir().unwrap();
-    let (world, registry, work) = (
-        dir.path().join("world"),
-        dir.path().join("registry"),
-        dir.path().join("work"),
-    );
-    let generated = run_marquee(
-        &[
-            "data",
-            "generate",
-            "--scale",
-            "small",
-            "--seed",
-            "3",
-            "--out",
-            world.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert_eq!(generated.code, 0, "{}", generated.stderr);
-
-    let trained = run_marquee(
-        &[
-            "train",
-            "fraud",
-            "--data",
-            world.to_str().unwrap(),
-            "--registry",
-            registry.to_str().unwrap(),
-            "--work",
-            work.to_str().unwrap(),
-            "--seed",
-            "3",
-            "--json",
-        ],
-        &[],
-    );
-    assert_eq!(trained.code, 0, "{}", trained.stderr);
-    let output = trained.json();
-    let report = &output["trained"];
+    let run = TrainingRun::small_world(3);
+    let (world, registry, work) = (&run.world, &run.registry, &run.work);
+    let report = run.train("fraud", &["--seed", "3"]);
     assert_eq!(report["model"], "fraud");
     assert_eq!(report["version"], 1);
     let metrics = &report["metrics"];
@@ -96,20 +59,7 @@ async fn a_trained_fraud_model_is_registered_served_and_scores_as_evaluated() {
     assert!(number("test_positives") > 10.0, "{metrics}");
 
     // The registry holds what the job measured, where it came from and what drift is judged by.
-    let inspected = run_marquee(
-        &[
-            "registry",
-            "--registry",
-            registry.to_str().unwrap(),
-            "show",
-            "fraud",
-            "1",
-            "--json",
-        ],
-        &[],
-    );
-    assert_eq!(inspected.code, 0, "{}", inspected.stderr);
-    let manifest = inspected.json();
+    let manifest = run.show("fraud", "1");
     assert_eq!(manifest["metrics"]["roc_auc"], metrics["roc_auc"]);
     assert_eq!(manifest["lineage"]["parameters"]["seed"], 3);
     assert_eq!(manifest["lineage"]["dataset_uri"], world.to_str().unwrap());

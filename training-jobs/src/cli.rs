@@ -120,6 +120,8 @@ pub struct TrainArgs {
 pub enum TrainedModel {
     /// The booking fraud score.
     Fraud,
+    /// Text embedding (MiniLM int8 with its tokenizer), measured against its fp32 weights.
+    Embedding,
 }
 
 pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
@@ -160,6 +162,7 @@ pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
     let started = Instant::now();
     let trained = match args.model {
         TrainedModel::Fraud => train::fraud::train(&options).await?,
+        TrainedModel::Embedding => train::embedding::train(&options).await?,
     };
     if args.json {
         println!(

@@ -46,5 +46,5 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (spec, definitions) = context();
-    let _ = Pipeline::parse(&declared, spec, definitions);
+    let _ = Pipeline::parse(&declared, spec, definitions, &std::collections::HashMap::new());
 });

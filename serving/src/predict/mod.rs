@@ -170,7 +170,7 @@ pub struct Predictor {
 /// Chunks (requests of at most `max_batch_size` rows) one `/v1/predict` request keeps queued at
 /// once: enough for the batcher to run them back to back, few enough that one large request
 /// cannot fill the model's queue and turn everyone else away.
-const CHUNKS_IN_FLIGHT: usize = 4;
+pub(crate) const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// One instance after validation: its feature values so far and where the store must fill in.
 struct Prepared {

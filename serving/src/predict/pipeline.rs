@@ -371,11 +371,11 @@ impl Pipeline {
         }
     }
 
-    /// Whether the answer has the field `field` (step pipelines' `outputs`).
+    /// Whether a step pipeline's answer has the field `field`.
     pub fn shows(&self, field: &str) -> bool {
         match &self.body {
             Body::Steps(steps) => steps.outputs.iter().any(|(name, _)| name == field),
-            Body::Row(row) => row.output.tensor == field,
+            Body::Row(_) => false,
         }
     }
 

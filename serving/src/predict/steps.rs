@@ -21,8 +21,11 @@ use crate::model::{LoadedModel, ModelSpec};
 use crate::models::ModelManager;
 use crate::tensor::{DataType, Tensor, TensorData};
 
-/// Model calls of one step kept queued at once (see `predict::CHUNKS_IN_FLIGHT`).
-const CHUNKS_IN_FLIGHT: usize = 4;
+use super::CHUNKS_IN_FLIGHT;
+
+/// The longest text a tokenize step takes, in bytes: the tokenizer reads a text whole before
+/// truncating it, so a longer one would only cost time.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 
 /// What a named value holds for each instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +66,25 @@ pub enum Column {
 }
 
 impl Column {
+    fn len(&self) -> usize {
+        match self {
+            Column::Number(v) => v.len(),
+            Column::Text(v) => v.len(),
+            Column::Ints(v) => v.len(),
+            Column::Array(v) => v.len(),
+        }
+    }
+
+    /// Instances `range` only.
+    fn slice(&self, range: std::ops::Range<usize>) -> Column {
+        match self {
+            Column::Number(v) => Column::Number(v[range].to_vec()),
+            Column::Text(v) => Column::Text(v[range].to_vec()),
+            Column::Ints(v) => Column::Ints(v[range].to_vec()),
+            Column::Array(v) => Column::Array(v[range].to_vec()),
+        }
+    }
+
     fn kind(&self) -> Kind {
         match self {
             Column::Number(_) => Kind::Number,
@@ -273,6 +295,9 @@ impl Steps {
                 } => {
                     let inputs: Vec<(String, String)> = inputs.into_iter().collect();
                     let outputs: Vec<(String, String)> = outputs.into_iter().collect();
+                    if outputs.is_empty() {
+                        return Err(format!("step {i}: a model step names the outputs it keeps"));
+                    }
                     let mut kinds = Vec::with_capacity(inputs.len());
                     for (_, value) in &inputs {
                         let kind = names.0.get(value).copied().ok_or_else(|| {
@@ -324,18 +349,53 @@ impl Steps {
     }
 
     /// Runs the steps over `n` instances whose features are `columns`; one answer per instance,
-    /// and the tokens each instance's text took (0 without a tokenize step).
+    /// and the tokens each instance's text took (0 without a tokenize step). Instances go
+    /// through the steps in chunks of this version's `max_batch_size`, a few chunks at a time, so
+    /// what a request holds at once (a model's hidden states, say) is bounded by the chunk, not
+    /// by how many instances it brought.
     pub async fn run(
         &self,
         own: &Arc<LoadedModel>,
         models: &ModelManager,
-        mut columns: HashMap<String, Column>,
+        columns: HashMap<String, Column>,
         n: usize,
         request_id: &str,
     ) -> Result<(Vec<Map<String, Value>>, Vec<usize>), ServingError> {
+        let chunk = own.spec().max_batch_size.max(1);
+        let chunks = (0..n).step_by(chunk).map(|start| {
+            let range = start..(start + chunk).min(n);
+            let part: HashMap<String, Column> = columns
+                .iter()
+                .map(|(name, column)| (name.clone(), column.slice(range.clone())))
+                .collect();
+            self.run_chunk(own, models, part, range, request_id)
+        });
+        let done: Vec<_> = futures::stream::iter(chunks)
+            .buffered(CHUNKS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        let mut answers = Vec::with_capacity(n);
+        let mut tokens = Vec::with_capacity(n);
+        for (chunk_answers, chunk_tokens) in done {
+            answers.extend(chunk_answers);
+            tokens.extend(chunk_tokens);
+        }
+        Ok((answers, tokens))
+    }
+
+    /// The steps over the instances `range` of the request (`columns` holds just those).
+    async fn run_chunk(
+        &self,
+        own: &Arc<LoadedModel>,
+        models: &ModelManager,
+        mut columns: HashMap<String, Column>,
+        range: std::ops::Range<usize>,
+        request_id: &str,
+    ) -> Result<(Vec<Map<String, Value>>, Vec<usize>), ServingError> {
+        let n = range.len();
         let mut tokens = vec![0usize; n];
         for (i, step) in self.steps.iter().enumerate() {
-            match step {
+            let written: Vec<String> = match step {
                 Step::Tokenize {
                     text,
                     tokenizer,
@@ -344,19 +404,48 @@ impl Steps {
                     let Some(Column::Text(texts)) = columns.get(text) else {
                         return Err(missing(i, text));
                     };
-                    let mut parts: [Vec<Vec<i64>>; 3] = Default::default();
-                    for (instance, text) in texts.iter().enumerate() {
-                        let encoded = tokenizer.encode(text).map_err(|e| {
-                            ServingError::InvalidInput(format!("cannot tokenize the text: {e}"))
-                        })?;
-                        tokens[instance] += encoded[0].len();
-                        for (part, values) in parts.iter_mut().zip(encoded) {
-                            part.push(values);
+                    if let Some((at, long)) = texts
+                        .iter()
+                        .enumerate()
+                        .find(|(_, t)| t.len() > MAX_TEXT_BYTES)
+                    {
+                        return Err(ServingError::InvalidInput(format!(
+                            "instance {}: '{text}' is {} bytes; texts may be at most {MAX_TEXT_BYTES}",
+                            range.start + at,
+                            long.len()
+                        )));
+                    }
+                    let (tokenizer, texts, first) = (tokenizer.clone(), texts.clone(), range.start);
+                    // Tokenizing is CPU work: off the async runtime, like inference.
+                    let parts = tokio::task::spawn_blocking(move || {
+                        let mut parts: [Vec<Vec<i64>>; 3] = Default::default();
+                        for (at, text) in texts.iter().enumerate() {
+                            let encoded = tokenizer.encode(text).map_err(|e| {
+                                ServingError::InvalidInput(format!(
+                                    "instance {}: cannot tokenize the text: {e}",
+                                    first + at
+                                ))
+                            })?;
+                            for (part, values) in parts.iter_mut().zip(encoded) {
+                                part.push(values);
+                            }
                         }
+                        Ok::<_, ServingError>(parts)
+                    })
+                    .await
+                    .map_err(|e| ServingError::Internal(format!("tokenizing failed: {e}")))??;
+                    for (count, ids) in tokens.iter_mut().zip(&parts[0]) {
+                        *count += ids.len();
                     }
-                    for (name, values) in TOKEN_PARTS.iter().zip(parts) {
-                        columns.insert(format!("{into}.{name}"), Column::Ints(values));
-                    }
+                    TOKEN_PARTS
+                        .iter()
+                        .zip(parts)
+                        .map(|(part, values)| {
+                            let name = format!("{into}.{part}");
+                            columns.insert(name.clone(), Column::Ints(values));
+                            name
+                        })
+                        .collect()
                 }
                 Step::Model {
                     model,
@@ -366,11 +455,20 @@ impl Steps {
                     let target = match model {
                         None => own.clone(),
                         Some(name) => {
-                            let target = models.get(name, "")?;
-                            let kinds: Vec<Kind> = inputs
+                            let target = models.get(name, "").map_err(|e| {
+                                ServingError::Unavailable(format!(
+                                    "pipeline step {i} calls model '{name}', which is not serving: {e}"
+                                ))
+                            })?;
+                            let kinds = inputs
                                 .iter()
-                                .map(|(_, value)| columns[value].kind())
-                                .collect();
+                                .map(|(_, value)| {
+                                    columns
+                                        .get(value)
+                                        .map(Column::kind)
+                                        .ok_or_else(|| missing(i, value))
+                                })
+                                .collect::<Result<Vec<Kind>, _>>()?;
                             check_call(target.spec(), inputs, &kinds, outputs).map_err(|e| {
                                 ServingError::Unavailable(format!(
                                     "pipeline step {i} cannot call model '{name}': {e}"
@@ -380,9 +478,14 @@ impl Steps {
                         }
                     };
                     let produced = call(&target, inputs, outputs, &columns, n, request_id).await?;
-                    for ((_, name), column) in outputs.iter().zip(produced) {
-                        columns.insert(name.clone(), column);
-                    }
+                    outputs
+                        .iter()
+                        .zip(produced)
+                        .map(|((_, name), column)| {
+                            columns.insert(name.clone(), column);
+                            name.clone()
+                        })
+                        .collect()
                 }
                 Step::MeanPool { of, mask, into } => {
                     let (Some(Column::Array(arrays)), Some(Column::Ints(masks))) =
@@ -397,6 +500,7 @@ impl Steps {
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(|e| ServingError::Internal(format!("pipeline step {i}: {e}")))?;
                     columns.insert(into.clone(), Column::Array(pooled));
+                    vec![into.clone()]
                 }
                 Step::L2Normalize { of, into } => {
                     let Some(Column::Array(arrays)) = columns.get(of) else {
@@ -404,14 +508,38 @@ impl Steps {
                     };
                     let normalised = arrays.iter().map(l2_normalize).collect();
                     columns.insert(into.clone(), Column::Array(normalised));
+                    vec![into.clone()]
                 }
+            };
+            // Every value holds one entry per instance, or the answers would misalign.
+            if let Some(short) = written
+                .iter()
+                .find(|name| columns.get(*name).map(Column::len) != Some(n))
+            {
+                return Err(ServingError::Internal(format!(
+                    "pipeline step {i} made '{short}' for {} of {n} instances",
+                    columns.get(short).map_or(0, Column::len)
+                )));
             }
         }
+        let shown = self
+            .outputs
+            .iter()
+            .map(|(field, value)| {
+                columns
+                    .get(value)
+                    .filter(|column| column.len() == n)
+                    .map(|column| (field, column))
+                    .ok_or_else(|| {
+                        ServingError::Internal(format!("output '{field}': '{value}' is missing"))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let answers = (0..n)
             .map(|instance| {
-                self.outputs
+                shown
                     .iter()
-                    .map(|(field, value)| (field.clone(), columns[value].json(instance)))
+                    .map(|(field, column)| ((*field).clone(), column.json(instance)))
                     .collect()
             })
             .collect();
@@ -420,6 +548,16 @@ impl Steps {
 }
 
 const TOKEN_PARTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
+
+/// The output types [`floats`] reads.
+const READABLE: [DataType; 6] = [
+    DataType::Fp32,
+    DataType::Fp64,
+    DataType::Fp16,
+    DataType::Bf16,
+    DataType::Int32,
+    DataType::Int64,
+];
 
 fn missing(step: usize, name: &str) -> ServingError {
     ServingError::Internal(format!("pipeline step {step}: '{name}' is missing"))
@@ -458,14 +596,32 @@ fn check_call(
                 kind.name()
             ));
         }
+        // Sequences and numbers go in as [batch, length] and [batch, 1].
+        let shaped = match kind {
+            Kind::Ints => declared.dims.len() == 1 && declared.dims[0] < 0,
+            Kind::Number | Kind::Text => matches!(declared.dims[..], [1] | [-1]),
+            Kind::Array => true,
+        };
+        if !shaped {
+            return Err(format!(
+                "input '{tensor}' has dims {:?}; '{value}' ({}) goes in as {}",
+                declared.dims,
+                kind.name(),
+                if *kind == Kind::Ints {
+                    "[-1] (any length)"
+                } else {
+                    "[1]"
+                }
+            ));
+        }
     }
     for (tensor, _) in outputs {
         let (_, declared) = spec
             .output(tensor)
             .ok_or_else(|| format!("it has no output '{tensor}'"))?;
-        if declared.dtype.size().is_none() || declared.dtype == DataType::Bool {
+        if !READABLE.contains(&declared.dtype) {
             return Err(format!(
-                "output '{tensor}' is {}, not numeric",
+                "output '{tensor}' is {}; steps read FP32, FP64, FP16, BF16, INT32 and INT64",
                 declared.dtype
             ));
         }
@@ -496,7 +652,10 @@ async fn call(
                         .spec()
                         .input(tensor)
                         .ok_or_else(|| ServingError::Internal(format!("no input '{tensor}'")))?;
-                    input_tensor(tensor, declared.dtype, &columns[value], rows.clone())
+                    let column = columns
+                        .get(value)
+                        .ok_or_else(|| ServingError::Internal(format!("'{value}' is missing")))?;
+                    input_tensor(tensor, declared.dtype, column, rows.clone())
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(InferRequest {
@@ -553,7 +712,7 @@ fn input_tensor(
             let arrays = &arrays[rows];
             let shape = arrays.first().map(|a| a.shape.clone()).unwrap_or_default();
             if arrays.iter().any(|a| a.shape != shape) {
-                return Err(ServingError::InvalidInput(format!(
+                return Err(ServingError::Internal(format!(
                     "the instances give model input '{name}' arrays of different shapes"
                 )));
             }
@@ -584,7 +743,10 @@ fn input_tensor(
 fn split_rows(tensor: &Tensor) -> Result<Vec<Array>, ServingError> {
     let floats = floats(tensor)?;
     let rows = tensor.shape.first().copied().unwrap_or(0).max(0) as usize;
-    let shape: Vec<usize> = tensor.shape[1..]
+    let shape: Vec<usize> = tensor
+        .shape
+        .get(1..)
+        .unwrap_or_default()
         .iter()
         .map(|&d| d.max(0) as usize)
         .collect();

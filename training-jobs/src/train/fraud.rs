@@ -89,7 +89,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         TRAINER,
         &[
             "--train",
-            path_text(&train_path)?,
+            super::path_text(&train_path)?,
             "--columns",
             &COLUMNS.join(","),
             "--label",
@@ -97,7 +97,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
             "--seed",
             &seed,
             "--out",
-            path_text(&model_path)?,
+            super::path_text(&model_path)?,
         ],
     )?;
     let model = std::fs::read(&model_path)
@@ -522,9 +522,4 @@ fn write_rows(
     let bytes = crate::data::write::parquet(&batch)?;
     std::fs::write(path, bytes)
         .map_err(|e| TrainingError::Output(format!("{}: {e}", path.display())))
-}
-
-fn path_text(path: &std::path::Path) -> Result<&str, TrainingError> {
-    path.to_str()
-        .ok_or_else(|| TrainingError::Invalid(format!("{} is not UTF-8", path.display())))
 }

@@ -7,6 +7,7 @@
 //! The jobs differ in their data and their measures; these steps are shared.
 
 pub mod baseline;
+pub mod embedding;
 pub mod fraud;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,8 @@ use marquee_serving::backend::onnx::OnnxRuntime;
 use marquee_serving::backend::{
     Backend, Binding, BoundTensor, ComputeRecorder, ComputeTimes, InferJob, Instance, SessionConfig,
 };
+use marquee_serving::config::ServeConfig;
+use marquee_serving::server::Server;
 use marquee_serving::tensor::{DataType, Tensor, TensorData};
 
 use crate::TrainingError;
@@ -75,6 +78,12 @@ pub fn source_location(data: &str, path: &str) -> String {
         let local = data.strip_prefix("file://").unwrap_or(data);
         Path::new(local).join(path).to_string_lossy().into_owned()
     }
+}
+
+/// A path as the text a trainer's command line takes.
+pub fn path_text(path: &Path) -> Result<&str, TrainingError> {
+    path.to_str()
+        .ok_or_else(|| TrainingError::Invalid(format!("{} is not UTF-8", path.display())))
 }
 
 /// Runs a trainer script (embedded in the binary, written to the work folder) and returns the
@@ -215,12 +224,123 @@ pub async fn push(
     files: Vec<PushFile>,
     manifest: serde_json::Value,
 ) -> Result<Manifest, TrainingError> {
-    let registry =
-        Registry::open(&options.registry).map_err(|e| TrainingError::Registry(e.to_string()))?;
+    push_to(&options.registry, model, files, manifest).await
+}
+
+async fn push_to(
+    location: &str,
+    model: &str,
+    files: Vec<PushFile>,
+    manifest: serde_json::Value,
+) -> Result<Manifest, TrainingError> {
+    let registry = Registry::open(location).map_err(|e| TrainingError::Registry(e.to_string()))?;
     let manifest: Manifest = serde_json::from_value(manifest)
         .map_err(|e| TrainingError::Registry(format!("the manifest: {e}")))?;
     registry
         .push(model, files, manifest, &Quiet)
         .await
         .map_err(|e| TrainingError::Registry(e.to_string()))
+}
+
+/// A candidate version served in this process exactly as `marquee serve` would serve it (from a
+/// scratch registry in the work folder, on loopback), so a job measures its pipeline, not only
+/// its bare model: what `/v1/predict` answers is what the metrics are about.
+pub struct Candidate {
+    server: Server,
+    url: String,
+    model: String,
+    client: reqwest::Client,
+}
+
+/// Instances sent per `/v1/predict` request while evaluating.
+const EVALUATION_CHUNK: usize = 256;
+
+impl Candidate {
+    /// Pushes `files` with `manifest` as version 1 of `model` to a fresh scratch registry and
+    /// serves it; fails with the server's reason if the version does not load.
+    pub async fn start(
+        options: &TrainOptions,
+        model: &str,
+        files: Vec<PushFile>,
+        manifest: serde_json::Value,
+    ) -> Result<Self, TrainingError> {
+        let scratch = options.work.join("candidate-registry");
+        if scratch.exists() {
+            std::fs::remove_dir_all(&scratch)
+                .map_err(|e| TrainingError::Output(format!("{}: {e}", scratch.display())))?;
+        }
+        let location = scratch.to_string_lossy().into_owned();
+        push_to(&location, model, files, manifest).await?;
+        let config = ServeConfig {
+            registry: Some(location),
+            pins: vec![format!("{model}:1")],
+            ort_library: Some(options.onnxruntime.clone()),
+            host: [127, 0, 0, 1].into(),
+            http_port: 0,
+            grpc_port: 0,
+            metrics_port: 0,
+            ..ServeConfig::default()
+        };
+        let server = Server::start(&config).await.map_err(|e| {
+            TrainingError::Evaluation(format!("the candidate cannot be served: {e}"))
+        })?;
+        if let Err(e) = server.models().get(model, "1") {
+            server.shutdown().await;
+            return Err(TrainingError::Evaluation(format!(
+                "the candidate does not load: {e}"
+            )));
+        }
+        Ok(Self {
+            url: format!("http://{}/v1/predict", server.http_addr()),
+            server,
+            model: model.to_string(),
+            client: reqwest::Client::new(),
+        })
+    }
+
+    /// `/v1/predict` answers for `instances` (`{"entities", "features"}` each), in order.
+    pub async fn predict(
+        &self,
+        instances: &[serde_json::Value],
+    ) -> Result<Vec<serde_json::Value>, TrainingError> {
+        let mut answers = Vec::with_capacity(instances.len());
+        for chunk in instances.chunks(EVALUATION_CHUNK) {
+            let body = serde_json::json!({"model": self.model, "version": 1, "instances": chunk});
+            let response = self
+                .client
+                .post(&self.url)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| TrainingError::Evaluation(format!("/v1/predict: {e}")))?;
+            let status = response.status();
+            let answer: serde_json::Value = response
+                .json()
+                .await
+                .map_err(|e| TrainingError::Evaluation(format!("/v1/predict answer: {e}")))?;
+            if !status.is_success() {
+                return Err(TrainingError::Evaluation(format!(
+                    "/v1/predict refused the evaluation rows ({status}): {}",
+                    answer["error"]
+                )));
+            }
+            match answer["predictions"].as_array() {
+                Some(predictions) if predictions.len() == chunk.len() => {
+                    answers.extend(predictions.iter().cloned());
+                }
+                _ => {
+                    return Err(TrainingError::Evaluation(format!(
+                        "/v1/predict answered {} predictions for {} instances",
+                        answer["predictions"].as_array().map_or(0, Vec::len),
+                        chunk.len()
+                    )));
+                }
+            }
+        }
+        Ok(answers)
+    }
+
+    pub async fn stop(self) {
+        self.server.shutdown().await;
+    }
 }
