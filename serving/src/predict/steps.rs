@@ -15,11 +15,13 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::pipeline::Body;
 use crate::error::ServingError;
 use crate::infer::{InferRequest, RequestedOutput};
-use crate::model::{LoadedModel, ModelSpec};
+use crate::model::{LoadedModel, ModelSpec, PipelineState};
 use crate::models::ModelManager;
 use crate::tensor::{DataType, Tensor, TensorData};
+use marquee_feature_store::DType;
 
 use super::CHUNKS_IN_FLIGHT;
 
@@ -36,6 +38,8 @@ pub enum Kind {
     Ints,
     /// A float array with a shape (a model output, a pooled vector).
     Array,
+    /// A ranked list of items (JSON objects: a top-k's result).
+    Items,
 }
 
 impl Kind {
@@ -45,6 +49,7 @@ impl Kind {
             Kind::Text => "text",
             Kind::Ints => "an integer sequence",
             Kind::Array => "an array",
+            Kind::Items => "a list of items",
         }
     }
 }
@@ -63,6 +68,7 @@ pub enum Column {
     Text(Vec<String>),
     Ints(Vec<Vec<i64>>),
     Array(Vec<Array>),
+    Items(Vec<Vec<Value>>),
 }
 
 impl Column {
@@ -72,6 +78,7 @@ impl Column {
             Column::Text(v) => v.len(),
             Column::Ints(v) => v.len(),
             Column::Array(v) => v.len(),
+            Column::Items(v) => v.len(),
         }
     }
 
@@ -82,6 +89,7 @@ impl Column {
             Column::Text(v) => Column::Text(v[range].to_vec()),
             Column::Ints(v) => Column::Ints(v[range].to_vec()),
             Column::Array(v) => Column::Array(v[range].to_vec()),
+            Column::Items(v) => Column::Items(v[range].to_vec()),
         }
     }
 
@@ -91,6 +99,7 @@ impl Column {
             Column::Text(_) => Kind::Text,
             Column::Ints(_) => Kind::Ints,
             Column::Array(_) => Kind::Array,
+            Column::Items(_) => Kind::Items,
         }
     }
 
@@ -101,6 +110,7 @@ impl Column {
             Column::Text(values) => Value::String(values[i].clone()),
             Column::Ints(values) => Value::Array(values[i].iter().map(|&v| v.into()).collect()),
             Column::Array(values) => nested(&values[i].shape, &values[i].data),
+            Column::Items(values) => Value::Array(values[i].clone()),
         }
     }
 }
@@ -169,6 +179,23 @@ pub enum Step {
     },
     /// `of` divided by its Euclidean norm.
     L2Normalize { of: String, into: String },
+    /// Another served model's step pipeline: its features from named values (the rest take
+    /// their defaults), its answer fields (numeric arrays) to new names.
+    Predict {
+        model: String,
+        inputs: Vec<(String, String)>,
+        outputs: Vec<(String, String)>,
+    },
+    /// The `k` best-scoring items of a version file (`scores` holds one score per item, in the
+    /// file's order), each shown with its score; `filter` keeps only items whose field equals the
+    /// named text value (or, for a list field, contains it; an empty value filters nothing).
+    TopK {
+        scores: String,
+        items: Arc<Vec<Map<String, Value>>>,
+        k: usize,
+        filter: Vec<(String, String)>,
+        into: String,
+    },
 }
 
 /// The steps of a pipeline and what its answer shows.
@@ -205,7 +232,24 @@ pub(crate) enum StepFile {
         of: String,
         into: String,
     },
+    Predict {
+        model: String,
+        inputs: BTreeMap<String, String>,
+        outputs: BTreeMap<String, String>,
+    },
+    TopK {
+        scores: String,
+        /// A file of the version: a JSON list of objects, one per score.
+        items: String,
+        k: usize,
+        #[serde(default)]
+        filter: BTreeMap<String, String>,
+        into: String,
+    },
 }
+
+/// How deep pipelines may call each other's (a cycle stops here instead of recursing forever).
+const MAX_PIPELINE_DEPTH: usize = 4;
 
 fn default_max_length() -> usize {
     256
@@ -216,6 +260,7 @@ impl StepFile {
     pub(crate) fn assets(&self) -> Option<&str> {
         match self {
             StepFile::Tokenize { tokenizer, .. } => Some(tokenizer),
+            StepFile::TopK { items, .. } => Some(items),
             _ => None,
         }
     }
@@ -329,6 +374,77 @@ impl Steps {
                     names.write(i, &into, Kind::Array)?;
                     Step::L2Normalize { of, into }
                 }
+                StepFile::Predict {
+                    model,
+                    inputs,
+                    outputs,
+                } => {
+                    if model == own.name {
+                        return Err(format!("step {i}: a pipeline cannot predict with itself"));
+                    }
+                    for value in inputs.values() {
+                        match names.0.get(value) {
+                            Some(Kind::Text | Kind::Number) => {}
+                            Some(kind) => {
+                                return Err(format!(
+                                    "step {i} gives '{value}' ({}) as a feature; features are text or numbers",
+                                    kind.name()
+                                ));
+                            }
+                            None => {
+                                return Err(format!(
+                                    "step {i} reads '{value}', which no feature or earlier step provides"
+                                ));
+                            }
+                        }
+                    }
+                    if outputs.is_empty() {
+                        return Err(format!(
+                            "step {i}: a predict step names the outputs it keeps"
+                        ));
+                    }
+                    for value in outputs.values() {
+                        names.write(i, value, Kind::Array)?;
+                    }
+                    Step::Predict {
+                        model,
+                        inputs: inputs.into_iter().collect(),
+                        outputs: outputs.into_iter().collect(),
+                    }
+                }
+                StepFile::TopK {
+                    scores,
+                    items,
+                    k,
+                    filter,
+                    into,
+                } => {
+                    names.read(i, &scores, Kind::Array)?;
+                    for value in filter.values() {
+                        names.read(i, value, Kind::Text)?;
+                    }
+                    if k == 0 {
+                        return Err(format!("step {i}: k must be at least 1"));
+                    }
+                    let bytes = assets
+                        .get(&items)
+                        .ok_or_else(|| format!("step {i}: the version has no file '{items}'"))?;
+                    let listed: Vec<Map<String, Value>> =
+                        serde_json::from_slice(bytes).map_err(|e| {
+                            format!("step {i}: '{items}' must be a JSON list of objects: {e}")
+                        })?;
+                    if listed.is_empty() {
+                        return Err(format!("step {i}: '{items}' lists no items"));
+                    }
+                    names.write(i, &into, Kind::Items)?;
+                    Step::TopK {
+                        scores,
+                        items: Arc::new(listed),
+                        k,
+                        filter: filter.into_iter().collect(),
+                        into,
+                    }
+                }
             };
             steps.push(step);
         }
@@ -368,7 +484,7 @@ impl Steps {
                 .iter()
                 .map(|(name, column)| (name.clone(), column.slice(range.clone())))
                 .collect();
-            self.run_chunk(own, models, part, range, request_id)
+            self.answer_chunk(own, models, part, range, request_id)
         });
         let done: Vec<_> = futures::stream::iter(chunks)
             .buffered(CHUNKS_IN_FLIGHT)
@@ -383,15 +499,66 @@ impl Steps {
         Ok((answers, tokens))
     }
 
-    /// The steps over the instances `range` of the request (`columns` holds just those).
-    async fn run_chunk(
+    /// The answers of the instances `range` of the request (`columns` holds just those).
+    async fn answer_chunk(
+        &self,
+        own: &Arc<LoadedModel>,
+        models: &ModelManager,
+        columns: HashMap<String, Column>,
+        range: std::ops::Range<usize>,
+        request_id: &str,
+    ) -> Result<(Vec<Map<String, Value>>, Vec<usize>), ServingError> {
+        let n = range.len();
+        let (columns, tokens) = self
+            .run_chunk(own, models, columns, range, request_id, 0)
+            .await?;
+        let shown = self
+            .outputs
+            .iter()
+            .map(|(field, value)| {
+                columns
+                    .get(value)
+                    .filter(|column| column.len() == n)
+                    .map(|column| (field, column))
+                    .ok_or_else(|| {
+                        ServingError::Internal(format!("output '{field}': '{value}' is missing"))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let answers = (0..n)
+            .map(|instance| {
+                shown
+                    .iter()
+                    .map(|(field, column)| ((*field).clone(), column.json(instance)))
+                    .collect()
+            })
+            .collect();
+        Ok((answers, tokens))
+    }
+
+    /// The steps over the instances `range` (`columns` holds just those): every value they
+    /// made, and the tokens each instance took. `depth` counts the pipelines calling this one.
+    fn run_chunk<'a>(
+        &'a self,
+        own: &'a Arc<LoadedModel>,
+        models: &'a ModelManager,
+        columns: HashMap<String, Column>,
+        range: std::ops::Range<usize>,
+        request_id: &'a str,
+        depth: usize,
+    ) -> futures::future::BoxFuture<'a, Result<Computed, ServingError>> {
+        Box::pin(self.run_steps(own, models, columns, range, request_id, depth))
+    }
+
+    async fn run_steps(
         &self,
         own: &Arc<LoadedModel>,
         models: &ModelManager,
         mut columns: HashMap<String, Column>,
         range: std::ops::Range<usize>,
         request_id: &str,
-    ) -> Result<(Vec<Map<String, Value>>, Vec<usize>), ServingError> {
+        depth: usize,
+    ) -> Result<Computed, ServingError> {
         let n = range.len();
         let mut tokens = vec![0usize; n];
         for (i, step) in self.steps.iter().enumerate() {
@@ -510,6 +677,64 @@ impl Steps {
                     columns.insert(into.clone(), Column::Array(normalised));
                     vec![into.clone()]
                 }
+                Step::Predict {
+                    model,
+                    inputs,
+                    outputs,
+                } => {
+                    let (produced, used) = self
+                        .predict_step(
+                            i, model, inputs, outputs, &columns, &range, models, request_id, depth,
+                        )
+                        .await?;
+                    for (count, more) in tokens.iter_mut().zip(used) {
+                        *count += more;
+                    }
+                    outputs
+                        .iter()
+                        .zip(produced)
+                        .map(|((_, name), column)| {
+                            columns.insert(name.clone(), column);
+                            name.clone()
+                        })
+                        .collect()
+                }
+                Step::TopK {
+                    scores,
+                    items,
+                    k,
+                    filter,
+                    into,
+                } => {
+                    let Some(Column::Array(scored)) = columns.get(scores) else {
+                        return Err(missing(i, scores));
+                    };
+                    let mut wanted = Vec::with_capacity(filter.len());
+                    for (field, value) in filter {
+                        let Some(Column::Text(values)) = columns.get(value) else {
+                            return Err(missing(i, value));
+                        };
+                        wanted.push((field, values));
+                    }
+                    let mut ranked = Vec::with_capacity(n);
+                    for (instance, row) in scored.iter().enumerate() {
+                        if row.data.len() != items.len() {
+                            return Err(ServingError::Internal(format!(
+                                "pipeline step {i}: '{scores}' has {} scores for {} items",
+                                row.data.len(),
+                                items.len()
+                            )));
+                        }
+                        let conditions: Vec<(&String, &str)> = wanted
+                            .iter()
+                            .map(|(field, values)| (*field, values[instance].as_str()))
+                            .filter(|(_, value)| !value.is_empty())
+                            .collect();
+                        ranked.push(top_k(items, &row.data, *k, &conditions));
+                    }
+                    columns.insert(into.clone(), Column::Items(ranked));
+                    vec![into.clone()]
+                }
             };
             // Every value holds one entry per instance, or the answers would misalign.
             if let Some(short) = written
@@ -522,30 +747,152 @@ impl Steps {
                 )));
             }
         }
-        let shown = self
-            .outputs
-            .iter()
-            .map(|(field, value)| {
-                columns
-                    .get(value)
-                    .filter(|column| column.len() == n)
-                    .map(|column| (field, column))
-                    .ok_or_else(|| {
-                        ServingError::Internal(format!("output '{field}': '{value}' is missing"))
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let answers = (0..n)
-            .map(|instance| {
-                shown
-                    .iter()
-                    .map(|(field, column)| ((*field).clone(), column.json(instance)))
-                    .collect()
-            })
-            .collect();
-        Ok((answers, tokens))
+        Ok((columns, tokens))
     }
 }
+
+impl Steps {
+    /// Runs another model's step pipeline on these instances: its features from `inputs`
+    /// (the others at their defaults), its answer fields in `outputs` back as columns.
+    #[allow(clippy::too_many_arguments)]
+    async fn predict_step(
+        &self,
+        step: usize,
+        model: &str,
+        inputs: &[(String, String)],
+        outputs: &[(String, String)],
+        columns: &HashMap<String, Column>,
+        range: &std::ops::Range<usize>,
+        models: &ModelManager,
+        request_id: &str,
+        depth: usize,
+    ) -> Result<(Vec<Column>, Vec<usize>), ServingError> {
+        let unavailable = |e: String| {
+            ServingError::Unavailable(format!(
+                "pipeline step {step} cannot run the pipeline of model '{model}': {e}"
+            ))
+        };
+        if depth >= MAX_PIPELINE_DEPTH {
+            return Err(unavailable(format!(
+                "pipelines call each other more than {MAX_PIPELINE_DEPTH} deep"
+            )));
+        }
+        let target = models
+            .get(model, "")
+            .map_err(|e| unavailable(e.to_string()))?;
+        let PipelineState::Ready(declared) = target.pipeline() else {
+            return Err(unavailable("it has no pipeline that runs".into()));
+        };
+        let pipeline = &declared.pipeline;
+        let Body::Steps(steps) = &pipeline.body else {
+            return Err(unavailable("its pipeline has no steps".into()));
+        };
+        let n = range.len();
+        let mut given = HashMap::new();
+        for feature in &pipeline.features {
+            let source = inputs.iter().find(|(name, _)| *name == feature.name);
+            let column = match source {
+                Some((_, value)) => {
+                    let column = columns.get(value).ok_or_else(|| missing(step, value))?;
+                    let want = if feature.dtype == DType::String {
+                        Kind::Text
+                    } else {
+                        Kind::Number
+                    };
+                    if column.kind() != want {
+                        return Err(unavailable(format!(
+                            "its feature '{}' is {}, and '{value}' is {}",
+                            feature.name,
+                            want.name(),
+                            column.kind().name()
+                        )));
+                    }
+                    column.clone()
+                }
+                None if feature.view.is_some() => {
+                    return Err(unavailable(format!(
+                        "its feature '{}' comes from the feature store, which a predict step does not read: give it",
+                        feature.name
+                    )));
+                }
+                None if feature.required => {
+                    return Err(unavailable(format!(
+                        "its feature '{}' is required and the step does not give it",
+                        feature.name
+                    )));
+                }
+                None if feature.dtype == DType::String => {
+                    Column::Text(vec![feature.default.to_string(); n])
+                }
+                None => Column::Number(vec![super::pipeline::number(&feature.default); n]),
+            };
+            given.insert(feature.name.clone(), column);
+        }
+        if let Some((name, _)) = inputs
+            .iter()
+            .find(|(name, _)| !pipeline.features.iter().any(|f| f.name == *name))
+        {
+            return Err(unavailable(format!("it has no feature '{name}'")));
+        }
+        let (mut made, used) = steps
+            .run_chunk(&target, models, given, range.clone(), request_id, depth + 1)
+            .await?;
+        let produced = outputs
+            .iter()
+            .map(|(field, _)| {
+                let value = steps
+                    .outputs
+                    .iter()
+                    .find(|(name, _)| name == field)
+                    .map(|(_, value)| value)
+                    .ok_or_else(|| unavailable(format!("its answer has no field '{field}'")))?;
+                match made.remove(value) {
+                    Some(column @ Column::Array(_)) => Ok(column),
+                    _ => Err(unavailable(format!(
+                        "its answer field '{field}' is not a numeric array"
+                    ))),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((produced, used))
+    }
+}
+
+/// The `k` best items by `scores` (descending, ties in file order) meeting every `(field,
+/// value)` condition, each with its `score`.
+fn top_k(
+    items: &[Map<String, Value>],
+    scores: &[f32],
+    k: usize,
+    conditions: &[(&String, &str)],
+) -> Vec<Value> {
+    let holds = |item: &Map<String, Value>| {
+        conditions
+            .iter()
+            .all(|(field, value)| match item.get(*field) {
+                Some(Value::String(text)) => text == value,
+                Some(Value::Array(list)) => list.iter().any(|v| v.as_str() == Some(*value)),
+                _ => false,
+            })
+    };
+    // A NaN score ranks nowhere: it is no evidence for the item.
+    let mut order: Vec<usize> = (0..items.len())
+        .filter(|&i| !scores[i].is_nan() && holds(&items[i]))
+        .collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    order
+        .into_iter()
+        .take(k)
+        .map(|i| {
+            let mut item = items[i].clone();
+            item.insert("score".into(), json_number(f64::from(scores[i])));
+            Value::Object(item)
+        })
+        .collect()
+}
+
+/// What the steps made of some instances: every named value, and the tokens each took.
+type Computed = (HashMap<String, Column>, Vec<usize>);
 
 const TOKEN_PARTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
 
@@ -585,6 +932,7 @@ fn check_call(
             .input(tensor)
             .ok_or_else(|| format!("it has no input '{tensor}'"))?;
         let fits = match kind {
+            Kind::Items => false,
             Kind::Ints => matches!(declared.dtype, DataType::Int64 | DataType::Int32),
             Kind::Number | Kind::Array => declared.dtype == DataType::Fp32,
             Kind::Text => declared.dtype == DataType::Bytes,
@@ -600,7 +948,7 @@ fn check_call(
         let shaped = match kind {
             Kind::Ints => declared.dims.len() == 1 && declared.dims[0] < 0,
             Kind::Number | Kind::Text => matches!(declared.dims[..], [1] | [-1]),
-            Kind::Array => true,
+            Kind::Array | Kind::Items => true,
         };
         if !shaped {
             return Err(format!(
@@ -724,6 +1072,11 @@ fn input_tensor(
         Column::Number(values) => {
             let data: Vec<f32> = values[rows].iter().map(|&v| v as f32).collect();
             (vec![count, 1], bytemuck::cast_slice(&data).to_vec())
+        }
+        Column::Items(_) => {
+            return Err(ServingError::Internal(format!(
+                "model input '{name}' cannot take a list of items"
+            )));
         }
         Column::Text(texts) => {
             let items = texts[rows].iter().map(|t| Bytes::from(t.clone())).collect();
@@ -864,6 +1217,38 @@ fn json_number(value: f64) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_k_ranks_filters_and_skips_nan() {
+        let items: Vec<Map<String, Value>> = [
+            serde_json::json!({"id": "a", "genres": ["x", "y"]}),
+            serde_json::json!({"id": "b", "genres": "x"}),
+            serde_json::json!({"id": "c", "genres": ["y"]}),
+            serde_json::json!({"id": "d"}),
+        ]
+        .into_iter()
+        .map(|v| v.as_object().unwrap().clone())
+        .collect();
+        let ids = |ranked: Vec<Value>| -> Vec<String> {
+            ranked
+                .iter()
+                .map(|v| v["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let scores = [0.5, f32::NAN, 0.9, 0.5];
+        assert_eq!(ids(top_k(&items, &scores, 10, &[])), ["c", "a", "d"]);
+        assert_eq!(ids(top_k(&items, &scores, 1, &[])), ["c"]);
+        let genre = "genres".to_string();
+        assert_eq!(ids(top_k(&items, &scores, 10, &[(&genre, "x")])), ["a"]);
+        assert_eq!(
+            ids(top_k(&items, &[0.1, 0.2, 0.3, 0.4], 10, &[(&genre, "x")])),
+            ["b", "a"]
+        );
+        assert_eq!(
+            top_k(&items, &scores, 10, &[])[0]["score"],
+            serde_json::json!(0.9)
+        );
+    }
 
     #[test]
     fn mean_pool_averages_the_masked_rows_only() {
