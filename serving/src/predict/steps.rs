@@ -484,7 +484,13 @@ impl Steps {
                 .iter()
                 .map(|(name, column)| (name.clone(), column.slice(range.clone())))
                 .collect();
-            self.answer_chunk(own, models, part, range, request_id)
+            let cx = Context {
+                own,
+                models,
+                request_id,
+                depth: 0,
+            };
+            self.answer_chunk(cx, part, range)
         });
         let done: Vec<_> = futures::stream::iter(chunks)
             .buffered(CHUNKS_IN_FLIGHT)
@@ -502,16 +508,12 @@ impl Steps {
     /// The answers of the instances `range` of the request (`columns` holds just those).
     async fn answer_chunk(
         &self,
-        own: &Arc<LoadedModel>,
-        models: &ModelManager,
+        cx: Context<'_>,
         columns: HashMap<String, Column>,
         range: std::ops::Range<usize>,
-        request_id: &str,
     ) -> Result<(Vec<Map<String, Value>>, Vec<usize>), ServingError> {
         let n = range.len();
-        let (columns, tokens) = self
-            .run_chunk(own, models, columns, range, request_id, 0)
-            .await?;
+        let (columns, tokens) = self.run_chunk(cx, columns, range).await?;
         let shown = self
             .outputs
             .iter()
@@ -537,27 +539,22 @@ impl Steps {
     }
 
     /// The steps over the instances `range` (`columns` holds just those): every value they
-    /// made, and the tokens each instance took. `depth` counts the pipelines calling this one.
+    /// made, and the tokens each instance took. Boxed: a `predict` step runs another
+    /// pipeline's steps through it.
     fn run_chunk<'a>(
         &'a self,
-        own: &'a Arc<LoadedModel>,
-        models: &'a ModelManager,
+        cx: Context<'a>,
         columns: HashMap<String, Column>,
         range: std::ops::Range<usize>,
-        request_id: &'a str,
-        depth: usize,
     ) -> futures::future::BoxFuture<'a, Result<Computed, ServingError>> {
-        Box::pin(self.run_steps(own, models, columns, range, request_id, depth))
+        Box::pin(self.run_steps(cx, columns, range))
     }
 
     async fn run_steps(
         &self,
-        own: &Arc<LoadedModel>,
-        models: &ModelManager,
+        cx: Context<'_>,
         mut columns: HashMap<String, Column>,
         range: std::ops::Range<usize>,
-        request_id: &str,
-        depth: usize,
     ) -> Result<Computed, ServingError> {
         let n = range.len();
         let mut tokens = vec![0usize; n];
@@ -620,9 +617,9 @@ impl Steps {
                     outputs,
                 } => {
                     let target = match model {
-                        None => own.clone(),
+                        None => cx.own.clone(),
                         Some(name) => {
-                            let target = models.get(name, "").map_err(|e| {
+                            let target = cx.models.get(name, "").map_err(|e| {
                                 ServingError::Unavailable(format!(
                                     "pipeline step {i} calls model '{name}', which is not serving: {e}"
                                 ))
@@ -644,7 +641,8 @@ impl Steps {
                             target
                         }
                     };
-                    let produced = call(&target, inputs, outputs, &columns, n, request_id).await?;
+                    let produced =
+                        call(&target, inputs, outputs, &columns, n, cx.request_id).await?;
                     outputs
                         .iter()
                         .zip(produced)
@@ -682,11 +680,8 @@ impl Steps {
                     inputs,
                     outputs,
                 } => {
-                    let (produced, used) = self
-                        .predict_step(
-                            i, model, inputs, outputs, &columns, &range, models, request_id, depth,
-                        )
-                        .await?;
+                    let (produced, used) =
+                        predict_step(cx, i, model, inputs, outputs, &columns, &range).await?;
                     for (count, more) in tokens.iter_mut().zip(used) {
                         *count += more;
                     }
@@ -751,111 +746,119 @@ impl Steps {
     }
 }
 
-impl Steps {
-    /// Runs another model's step pipeline on these instances: its features from `inputs`
-    /// (the others at their defaults), its answer fields in `outputs` back as columns.
-    #[allow(clippy::too_many_arguments)]
-    async fn predict_step(
-        &self,
-        step: usize,
-        model: &str,
-        inputs: &[(String, String)],
-        outputs: &[(String, String)],
-        columns: &HashMap<String, Column>,
-        range: &std::ops::Range<usize>,
-        models: &ModelManager,
-        request_id: &str,
-        depth: usize,
-    ) -> Result<(Vec<Column>, Vec<usize>), ServingError> {
-        let unavailable = |e: String| {
-            ServingError::Unavailable(format!(
-                "pipeline step {step} cannot run the pipeline of model '{model}': {e}"
-            ))
-        };
-        if depth >= MAX_PIPELINE_DEPTH {
-            return Err(unavailable(format!(
-                "pipelines call each other more than {MAX_PIPELINE_DEPTH} deep"
-            )));
-        }
-        let target = models
-            .get(model, "")
-            .map_err(|e| unavailable(e.to_string()))?;
-        let PipelineState::Ready(declared) = target.pipeline() else {
-            return Err(unavailable("it has no pipeline that runs".into()));
-        };
-        let pipeline = &declared.pipeline;
-        let Body::Steps(steps) = &pipeline.body else {
-            return Err(unavailable("its pipeline has no steps".into()));
-        };
-        let n = range.len();
-        let mut given = HashMap::new();
-        for feature in &pipeline.features {
-            let source = inputs.iter().find(|(name, _)| *name == feature.name);
-            let column = match source {
-                Some((_, value)) => {
-                    let column = columns.get(value).ok_or_else(|| missing(step, value))?;
-                    let want = if feature.dtype == DType::String {
-                        Kind::Text
-                    } else {
-                        Kind::Number
-                    };
-                    if column.kind() != want {
-                        return Err(unavailable(format!(
-                            "its feature '{}' is {}, and '{value}' is {}",
-                            feature.name,
-                            want.name(),
-                            column.kind().name()
-                        )));
-                    }
-                    column.clone()
-                }
-                None if feature.view.is_some() => {
-                    return Err(unavailable(format!(
-                        "its feature '{}' comes from the feature store, which a predict step does not read: give it",
-                        feature.name
-                    )));
-                }
-                None if feature.required => {
-                    return Err(unavailable(format!(
-                        "its feature '{}' is required and the step does not give it",
-                        feature.name
-                    )));
-                }
-                None if feature.dtype == DType::String => {
-                    Column::Text(vec![feature.default.to_string(); n])
-                }
-                None => Column::Number(vec![super::pipeline::number(&feature.default); n]),
-            };
-            given.insert(feature.name.clone(), column);
-        }
-        if let Some((name, _)) = inputs
-            .iter()
-            .find(|(name, _)| !pipeline.features.iter().any(|f| f.name == *name))
-        {
-            return Err(unavailable(format!("it has no feature '{name}'")));
-        }
-        let (mut made, used) = steps
-            .run_chunk(&target, models, given, range.clone(), request_id, depth + 1)
-            .await?;
-        let produced = outputs
-            .iter()
-            .map(|(field, _)| {
-                let value = steps
-                    .outputs
-                    .iter()
-                    .find(|(name, _)| name == field)
-                    .map(|(_, value)| value)
-                    .ok_or_else(|| unavailable(format!("its answer has no field '{field}'")))?;
-                match made.remove(value) {
-                    Some(column @ Column::Array(_)) => Ok(column),
-                    _ => Err(unavailable(format!(
-                        "its answer field '{field}' is not a numeric array"
-                    ))),
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((produced, used))
+/// Where steps run: the version whose pipeline they are, the models they may call, the request
+/// they serve, and how many pipelines called this one.
+#[derive(Clone, Copy)]
+struct Context<'a> {
+    own: &'a Arc<LoadedModel>,
+    models: &'a ModelManager,
+    request_id: &'a str,
+    depth: usize,
+}
+
+/// Runs another model's step pipeline on these instances: its features from `inputs` (the others
+/// at their defaults), its answer fields in `outputs` back as columns, and the tokens it took.
+async fn predict_step(
+    cx: Context<'_>,
+    step: usize,
+    model: &str,
+    inputs: &[(String, String)],
+    outputs: &[(String, String)],
+    columns: &HashMap<String, Column>,
+    range: &std::ops::Range<usize>,
+) -> Result<(Vec<Column>, Vec<usize>), ServingError> {
+    let unavailable = |e: String| {
+        ServingError::Unavailable(format!(
+            "pipeline step {step} cannot run the pipeline of model '{model}': {e}"
+        ))
+    };
+    if cx.depth >= MAX_PIPELINE_DEPTH {
+        return Err(unavailable(format!(
+            "pipelines call each other more than {MAX_PIPELINE_DEPTH} deep"
+        )));
     }
+    let target = cx
+        .models
+        .get(model, "")
+        .map_err(|e| unavailable(e.to_string()))?;
+    let PipelineState::Ready(declared) = target.pipeline() else {
+        return Err(unavailable("it has no pipeline that runs".into()));
+    };
+    let pipeline = &declared.pipeline;
+    let Body::Steps(steps) = &pipeline.body else {
+        return Err(unavailable("its pipeline has no steps".into()));
+    };
+    let n = range.len();
+    let mut given = HashMap::new();
+    for feature in &pipeline.features {
+        let source = inputs.iter().find(|(name, _)| *name == feature.name);
+        let column = match source {
+            Some((_, value)) => {
+                let column = columns.get(value).ok_or_else(|| missing(step, value))?;
+                let want = if feature.dtype == DType::String {
+                    Kind::Text
+                } else {
+                    Kind::Number
+                };
+                if column.kind() != want {
+                    return Err(unavailable(format!(
+                        "its feature '{}' is {}, and '{value}' is {}",
+                        feature.name,
+                        want.name(),
+                        column.kind().name()
+                    )));
+                }
+                column.clone()
+            }
+            None if feature.view.is_some() => {
+                return Err(unavailable(format!(
+                    "its feature '{}' comes from the feature store, which a predict step does not read: give it",
+                    feature.name
+                )));
+            }
+            None if feature.required => {
+                return Err(unavailable(format!(
+                    "its feature '{}' is required and the step does not give it",
+                    feature.name
+                )));
+            }
+            None if feature.dtype == DType::String => {
+                Column::Text(vec![feature.default.to_string(); n])
+            }
+            None => Column::Number(vec![super::pipeline::number(&feature.default); n]),
+        };
+        given.insert(feature.name.clone(), column);
+    }
+    if let Some((name, _)) = inputs
+        .iter()
+        .find(|(name, _)| !pipeline.features.iter().any(|f| f.name == *name))
+    {
+        return Err(unavailable(format!("it has no feature '{name}'")));
+    }
+    let nested = Context {
+        own: &target,
+        depth: cx.depth + 1,
+        ..cx
+    };
+    let (mut made, used) = steps.run_chunk(nested, given, range.clone()).await?;
+    let produced = outputs
+        .iter()
+        .map(|(field, _)| {
+            let value = steps
+                .outputs
+                .iter()
+                .find(|(name, _)| name == field)
+                .map(|(_, value)| value)
+                .ok_or_else(|| unavailable(format!("its answer has no field '{field}'")))?;
+            match made.remove(value) {
+                Some(column @ Column::Array(_)) => Ok(column),
+                _ => Err(unavailable(format!(
+                    "its answer field '{field}' is not a numeric array"
+                ))),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((produced, used))
 }
 
 /// The `k` best items by `scores` (descending, ties in file order) meeting every `(field,
