@@ -118,3 +118,30 @@ async fn a_search_whose_embedding_model_is_missing_says_so() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_on_a_field_no_item_has_is_refused_at_load() {
+    let read = |path: &str| std::fs::read(fixtures().join("models").join(path)).unwrap();
+    let pipeline = String::from_utf8(read("movie_search/pipeline.json"))
+        .unwrap()
+        .replace("\"genres\": \"genre\"", "\"genre\": \"genre\"");
+    let repository = Repository::new()
+        .add("movie_search", "movie_search", None)
+        .write("movie_search/pipeline.json", pipeline.as_bytes());
+    let server = TestServer::start(repository).await;
+    let (status, refused) = server
+        .post(
+            "/v1/predict",
+            json!({"model": "movie_search", "features": {"query": "dogs"}}),
+        )
+        .await;
+    assert_eq!(status, 503, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("field 'genre' to filter on"),
+        "{refused}"
+    );
+    server.stop().await;
+}

@@ -436,6 +436,26 @@ impl Steps {
                     if listed.is_empty() {
                         return Err(format!("step {i}: '{items}' lists no items"));
                     }
+                    if listed.iter().any(|item| item.contains_key("score")) {
+                        return Err(format!(
+                            "step {i}: items of '{items}' have a 'score' field, which top_k writes"
+                        ));
+                    }
+                    // A misspelt field would filter every item out, silently.
+                    for field in filter.keys() {
+                        let usable = |v: &Value| {
+                            v.is_string()
+                                || v.as_array().is_some_and(|l| l.iter().all(Value::is_string))
+                        };
+                        if !listed
+                            .iter()
+                            .any(|item| item.get(field).is_some_and(usable))
+                        {
+                            return Err(format!(
+                                "step {i}: no item of '{items}' has a text or text-list field '{field}' to filter on"
+                            ));
+                        }
+                    }
                     names.write(i, &into, Kind::Items)?;
                     Step::TopK {
                         scores,
