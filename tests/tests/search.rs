@@ -7,22 +7,37 @@
 use marquee_tests::{Repository, TestServer, fixtures};
 use serde_json::{Value, json};
 
-async fn server() -> TestServer {
-    let read = |path: &str| std::fs::read(fixtures().join("models").join(path)).unwrap();
-    let repository = Repository::new()
-        .add("minilm", "minilm", None)
-        .write("minilm/pipeline.json", &read("minilm/pipeline.json"))
+fn fixture(path: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join("models").join(path)).unwrap()
+}
+
+/// A server with `movie_search` under `pipeline`, and with `minilm` (text in) if `with_minilm`.
+async fn serve(pipeline: &[u8], with_minilm: bool) -> TestServer {
+    let mut repository = Repository::new();
+    if with_minilm {
+        repository = repository
+            .add("minilm", "minilm", None)
+            .write("minilm/pipeline.json", &fixture("minilm/pipeline.json"));
+    }
+    let repository = repository
         .add("movie_search", "movie_search", None)
-        .write(
-            "movie_search/pipeline.json",
-            &read("movie_search/pipeline.json"),
-        );
+        .write("movie_search/pipeline.json", pipeline);
     TestServer::start(repository).await
+}
+
+/// What a search `movie_search` cannot run answers: the status and the error text.
+async fn refused_search(server: &TestServer) -> (u16, Value) {
+    server
+        .post(
+            "/v1/predict",
+            json!({"model": "movie_search", "features": {"query": "dogs"}}),
+        )
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_ranks_movies_as_python_does_and_filters_by_genre() {
-    let server = server().await;
+    let server = serve(&fixture("movie_search/pipeline.json"), true).await;
     let references: Vec<Value> = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("search_reference.json")).unwrap(),
     )
@@ -94,20 +109,8 @@ async fn search_ranks_movies_as_python_does_and_filters_by_genre() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_search_whose_embedding_model_is_missing_says_so() {
-    let read = |path: &str| std::fs::read(fixtures().join("models").join(path)).unwrap();
-    let repository = Repository::new()
-        .add("movie_search", "movie_search", None)
-        .write(
-            "movie_search/pipeline.json",
-            &read("movie_search/pipeline.json"),
-        );
-    let server = TestServer::start(repository).await;
-    let (status, refused) = server
-        .post(
-            "/v1/predict",
-            json!({"model": "movie_search", "features": {"query": "dogs"}}),
-        )
-        .await;
+    let server = serve(&fixture("movie_search/pipeline.json"), false).await;
+    let (status, refused) = refused_search(&server).await;
     assert_eq!(status, 503, "{refused}");
     assert!(
         refused["error"]
@@ -121,20 +124,11 @@ async fn a_search_whose_embedding_model_is_missing_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_on_a_field_no_item_has_is_refused_at_load() {
-    let read = |path: &str| std::fs::read(fixtures().join("models").join(path)).unwrap();
-    let pipeline = String::from_utf8(read("movie_search/pipeline.json"))
+    let pipeline = String::from_utf8(fixture("movie_search/pipeline.json"))
         .unwrap()
         .replace("\"genres\": \"genre\"", "\"genre\": \"genre\"");
-    let repository = Repository::new()
-        .add("movie_search", "movie_search", None)
-        .write("movie_search/pipeline.json", pipeline.as_bytes());
-    let server = TestServer::start(repository).await;
-    let (status, refused) = server
-        .post(
-            "/v1/predict",
-            json!({"model": "movie_search", "features": {"query": "dogs"}}),
-        )
-        .await;
+    let server = serve(pipeline.as_bytes(), false).await;
+    let (status, refused) = refused_search(&server).await;
     assert_eq!(status, 503, "{refused}");
     assert!(
         refused["error"]

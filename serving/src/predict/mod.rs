@@ -26,7 +26,7 @@ use crate::model::{LoadedModel, PipelineState};
 use crate::models::ModelManager;
 use crate::tensor::{DataType, Tensor, TensorData};
 use cache::{CacheKey, ResponseCache};
-use pipeline::{Body, Pipeline, RowModel, number};
+use pipeline::{Body, Pipeline, RowModel};
 use steps::Column;
 
 /// A model version's pipeline and its response cache, built when the version loads.
@@ -349,11 +349,8 @@ impl Predictor {
                     .iter()
                     .enumerate()
                     .map(|(position, feature)| {
-                        let column = if feature.dtype == marquee_feature_store::DType::String {
-                            Column::Text(values.iter().map(|v| v[position].to_string()).collect())
-                        } else {
-                            Column::Number(values.iter().map(|v| number(&v[position])).collect())
-                        };
+                        let column =
+                            Column::of_feature(feature.dtype, values.iter().map(|v| &v[position]));
                         (feature.name.clone(), column)
                     })
                     .collect();

@@ -291,14 +291,7 @@ impl Pipeline {
                 }
                 let given: Vec<(String, Kind)> = features
                     .iter()
-                    .map(|f| {
-                        let kind = if f.dtype == DType::String {
-                            Kind::Text
-                        } else {
-                            Kind::Number
-                        };
-                        (f.name.clone(), kind)
-                    })
+                    .map(|f| (f.name.clone(), Kind::of(f.dtype)))
                     .collect();
                 let outputs = file.outputs.unwrap_or_default();
                 if let Some(field) = &file.prediction

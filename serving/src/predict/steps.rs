@@ -21,7 +21,7 @@ use crate::infer::{InferRequest, RequestedOutput};
 use crate::model::{LoadedModel, ModelSpec, PipelineState};
 use crate::models::ModelManager;
 use crate::tensor::{DataType, Tensor, TensorData};
-use marquee_feature_store::DType;
+use marquee_feature_store::{DType, FeatureValue};
 
 use super::CHUNKS_IN_FLIGHT;
 
@@ -43,6 +43,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// How a feature of `dtype` enters the steps: text as text, everything else as a number.
+    pub(crate) fn of(dtype: DType) -> Self {
+        if dtype == DType::String {
+            Kind::Text
+        } else {
+            Kind::Number
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::Number => "a number",
@@ -72,6 +81,17 @@ pub enum Column {
 }
 
 impl Column {
+    /// A feature of `dtype` with these values, one per instance, as the steps read it.
+    pub(crate) fn of_feature<'a>(
+        dtype: DType,
+        values: impl Iterator<Item = &'a FeatureValue>,
+    ) -> Column {
+        match Kind::of(dtype) {
+            Kind::Text => Column::Text(values.map(ToString::to_string).collect()),
+            _ => Column::Number(values.map(super::pipeline::number).collect()),
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Column::Number(v) => v.len(),
@@ -663,14 +683,7 @@ impl Steps {
                     };
                     let produced =
                         call(&target, inputs, outputs, &columns, n, cx.request_id).await?;
-                    outputs
-                        .iter()
-                        .zip(produced)
-                        .map(|((_, name), column)| {
-                            columns.insert(name.clone(), column);
-                            name.clone()
-                        })
-                        .collect()
+                    keep(&mut columns, outputs, produced)
                 }
                 Step::MeanPool { of, mask, into } => {
                     let (Some(Column::Array(arrays)), Some(Column::Ints(masks))) =
@@ -705,14 +718,7 @@ impl Steps {
                     for (count, more) in tokens.iter_mut().zip(used) {
                         *count += more;
                     }
-                    outputs
-                        .iter()
-                        .zip(produced)
-                        .map(|((_, name), column)| {
-                            columns.insert(name.clone(), column);
-                            name.clone()
-                        })
-                        .collect()
+                    keep(&mut columns, outputs, produced)
                 }
                 Step::TopK {
                     scores,
@@ -766,6 +772,22 @@ impl Steps {
     }
 }
 
+/// Stores what a call produced under the names its `outputs` give; the names written.
+fn keep(
+    columns: &mut HashMap<String, Column>,
+    outputs: &[(String, String)],
+    produced: Vec<Column>,
+) -> Vec<String> {
+    outputs
+        .iter()
+        .zip(produced)
+        .map(|((_, name), column)| {
+            columns.insert(name.clone(), column);
+            name.clone()
+        })
+        .collect()
+}
+
 /// Where steps run: the version whose pipeline they are, the models they may call, the request
 /// they serve, and how many pipelines called this one.
 #[derive(Clone, Copy)]
@@ -815,11 +837,7 @@ async fn predict_step(
         let column = match source {
             Some((_, value)) => {
                 let column = columns.get(value).ok_or_else(|| missing(step, value))?;
-                let want = if feature.dtype == DType::String {
-                    Kind::Text
-                } else {
-                    Kind::Number
-                };
+                let want = Kind::of(feature.dtype);
                 if column.kind() != want {
                     return Err(unavailable(format!(
                         "its feature '{}' is {}, and '{value}' is {}",
@@ -842,10 +860,7 @@ async fn predict_step(
                     feature.name
                 )));
             }
-            None if feature.dtype == DType::String => {
-                Column::Text(vec![feature.default.to_string(); n])
-            }
-            None => Column::Number(vec![super::pipeline::number(&feature.default); n]),
+            None => Column::of_feature(feature.dtype, std::iter::repeat_n(&feature.default, n)),
         };
         given.insert(feature.name.clone(), column);
     }
