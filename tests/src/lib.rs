@@ -789,6 +789,13 @@ impl TrainingRun {
     /// `marquee train <model> --json` on the world into the registry, with `extra` arguments;
     /// the job's report (`trained`).
     pub fn train(&self, model: &str, extra: &[&str]) -> serde_json::Value {
+        let trained = self.run_job(model, extra);
+        assert_eq!(trained.code, 0, "{}", trained.stderr);
+        trained.json()["trained"].clone()
+    }
+
+    /// `marquee train <model> --json` as it ran, whether or not it succeeded.
+    pub fn run_job(&self, model: &str, extra: &[&str]) -> CliRun {
         let text = |p: &Path| p.to_str().expect("UTF-8 path").to_string();
         let (world, registry, work) = (text(&self.world), text(&self.registry), text(&self.work));
         let mut args = vec![
@@ -803,9 +810,7 @@ impl TrainingRun {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let trained = run_marquee(&args, &[]);
-        assert_eq!(trained.code, 0, "{}", trained.stderr);
-        trained.json()["trained"].clone()
+        run_marquee(&args, &[])
     }
 
     /// `marquee registry show <model> <version> --json`: the manifest with stage and aliases.

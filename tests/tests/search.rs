@@ -139,3 +139,52 @@ async fn a_filter_on_a_field_no_item_has_is_refused_at_load() {
     );
     server.stop().await;
 }
+
+/// The fixture's pipeline with its predict step pinned to minilm `version` (JSON text).
+fn pinned(version: &str) -> Vec<u8> {
+    String::from_utf8(fixture("movie_search/pipeline.json"))
+        .unwrap()
+        .replace(
+            "\"model\": \"minilm\"",
+            &format!("\"model\": \"minilm\", \"version\": {version}"),
+        )
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_pinned_to_an_embedding_version_uses_that_version_or_says_it_is_missing() {
+    let server = serve(&pinned("1"), true).await;
+    let (status, answer) = server
+        .post(
+            "/v1/predict",
+            json!({"model": "movie_search", "features": {"query": "dogs"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["outputs"]["movies"].as_array().unwrap().len(), 3);
+    server.stop().await;
+
+    let server = serve(&pinned("2"), true).await;
+    let (status, refused) = refused_search(&server).await;
+    assert_eq!(status, 503, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("model 'minilm' version 2"),
+        "{refused}"
+    );
+    server.stop().await;
+
+    let server = serve(&pinned("true"), true).await;
+    let (status, refused) = refused_search(&server).await;
+    assert_eq!(status, 503, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("version must be a version number (from 1) or an alias, not true"),
+        "{refused}"
+    );
+    server.stop().await;
+}

@@ -122,6 +122,9 @@ pub enum TrainedModel {
     Fraud,
     /// Text embedding (MiniLM int8 with its tokenizer), measured against its fp32 weights.
     Embedding,
+    /// Movie search (`movie_search`): the descriptions embedded by the registry's `embedding`
+    /// as an index, measured on the labelled queries against keyword search.
+    MovieIndex,
 }
 
 pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
@@ -163,6 +166,7 @@ pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
     let trained = match args.model {
         TrainedModel::Fraud => train::fraud::train(&options).await?,
         TrainedModel::Embedding => train::embedding::train(&options).await?,
+        TrainedModel::MovieIndex => train::movie_index::train(&options).await?,
     };
     if args.json {
         println!(

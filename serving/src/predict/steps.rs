@@ -185,9 +185,9 @@ pub enum Step {
         into: String,
     },
     /// A model call, batched: the model's inputs from named values, its outputs to new names.
-    /// `model` is another served model (its default version), or `None` for this version.
+    /// `model` is another served model, or `None` for this version.
     Model {
-        model: Option<String>,
+        model: Option<Called>,
         inputs: Vec<(String, String)>,
         outputs: Vec<(String, String)>,
     },
@@ -202,7 +202,7 @@ pub enum Step {
     /// Another served model's step pipeline: its features from named values (the rest take
     /// their defaults), its answer fields (numeric arrays) to new names.
     Predict {
-        model: String,
+        model: Called,
         inputs: Vec<(String, String)>,
         outputs: Vec<(String, String)>,
     },
@@ -216,6 +216,41 @@ pub enum Step {
         filter: Vec<(String, String)>,
         into: String,
     },
+}
+
+/// Another served model a step calls, at a version reference (a number or an alias; empty for
+/// its default version). A pipeline whose values depend on one version of another model (an
+/// index of its vectors) pins that version, so a new default cannot silently change them.
+#[derive(Debug, Clone)]
+pub struct Called {
+    pub name: String,
+    pub version: String,
+}
+
+impl Called {
+    fn new(step: usize, name: String, version: Option<Value>) -> Result<Self, String> {
+        let version = match version {
+            None => String::new(),
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v >= 1) => n.to_string(),
+            Some(Value::String(alias)) if !alias.is_empty() => alias,
+            Some(other) => {
+                return Err(format!(
+                    "step {step}: version must be a version number (from 1) or an alias, not {other}"
+                ));
+            }
+        };
+        Ok(Self { name, version })
+    }
+}
+
+impl std::fmt::Display for Called {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.version.is_empty() {
+            write!(f, "model '{}'", self.name)
+        } else {
+            write!(f, "model '{}' version {}", self.name, self.version)
+        }
+    }
 }
 
 /// The steps of a pipeline and what its answer shows.
@@ -240,6 +275,9 @@ pub(crate) enum StepFile {
     Model {
         #[serde(default)]
         model: Option<String>,
+        /// With `model`: which of its versions (a number or an alias; default: its default).
+        #[serde(default)]
+        version: Option<Value>,
         inputs: BTreeMap<String, String>,
         outputs: BTreeMap<String, String>,
     },
@@ -254,6 +292,8 @@ pub(crate) enum StepFile {
     },
     Predict {
         model: String,
+        #[serde(default)]
+        version: Option<Value>,
         inputs: BTreeMap<String, String>,
         outputs: BTreeMap<String, String>,
     },
@@ -355,9 +395,19 @@ impl Steps {
                 }
                 StepFile::Model {
                     model,
+                    version,
                     inputs,
                     outputs,
                 } => {
+                    let model = match (model, version) {
+                        (Some(name), version) => Some(Called::new(i, name, version)?),
+                        (None, None) => None,
+                        (None, Some(_)) => {
+                            return Err(format!(
+                                "step {i}: version names a version of another model: give model too"
+                            ));
+                        }
+                    };
                     let inputs: Vec<(String, String)> = inputs.into_iter().collect();
                     let outputs: Vec<(String, String)> = outputs.into_iter().collect();
                     if outputs.is_empty() {
@@ -396,6 +446,7 @@ impl Steps {
                 }
                 StepFile::Predict {
                     model,
+                    version,
                     inputs,
                     outputs,
                 } => {
@@ -427,7 +478,7 @@ impl Steps {
                         names.write(i, value, Kind::Array)?;
                     }
                     Step::Predict {
-                        model,
+                        model: Called::new(i, model, version)?,
                         inputs: inputs.into_iter().collect(),
                         outputs: outputs.into_iter().collect(),
                     }
@@ -658,12 +709,13 @@ impl Steps {
                 } => {
                     let target = match model {
                         None => cx.own.clone(),
-                        Some(name) => {
-                            let target = cx.models.get(name, "").map_err(|e| {
-                                ServingError::Unavailable(format!(
-                                    "pipeline step {i} calls model '{name}', which is not serving: {e}"
-                                ))
-                            })?;
+                        Some(called) => {
+                            let target =
+                                cx.models.get(&called.name, &called.version).map_err(|e| {
+                                    ServingError::Unavailable(format!(
+                                        "pipeline step {i} calls {called}, which is not serving: {e}"
+                                    ))
+                                })?;
                             let kinds = inputs
                                 .iter()
                                 .map(|(_, value)| {
@@ -675,7 +727,7 @@ impl Steps {
                                 .collect::<Result<Vec<Kind>, _>>()?;
                             check_call(target.spec(), inputs, &kinds, outputs).map_err(|e| {
                                 ServingError::Unavailable(format!(
-                                    "pipeline step {i} cannot call model '{name}': {e}"
+                                    "pipeline step {i} cannot call {called}: {e}"
                                 ))
                             })?;
                             target
@@ -803,7 +855,7 @@ struct Context<'a> {
 async fn predict_step(
     cx: Context<'_>,
     step: usize,
-    model: &str,
+    model: &Called,
     inputs: &[(String, String)],
     outputs: &[(String, String)],
     columns: &HashMap<String, Column>,
@@ -811,7 +863,7 @@ async fn predict_step(
 ) -> Result<(Vec<Column>, Vec<usize>), ServingError> {
     let unavailable = |e: String| {
         ServingError::Unavailable(format!(
-            "pipeline step {step} cannot run the pipeline of model '{model}': {e}"
+            "pipeline step {step} cannot run the pipeline of {model}: {e}"
         ))
     };
     if cx.depth >= MAX_PIPELINE_DEPTH {
@@ -821,7 +873,7 @@ async fn predict_step(
     }
     let target = cx
         .models
-        .get(model, "")
+        .get(&model.name, &model.version)
         .map_err(|e| unavailable(e.to_string()))?;
     let PipelineState::Ready(declared) = target.pipeline() else {
         return Err(unavailable("it has no pipeline that runs".into()));
@@ -1255,6 +1307,34 @@ fn json_number(value: f64) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_called_version_is_a_number_from_1_or_an_alias() {
+        let called = |v: Option<Value>| Called::new(2, "m".into(), v).map(|c| c.to_string());
+        assert_eq!(called(None).unwrap(), "model 'm'");
+        assert_eq!(
+            called(Some(serde_json::json!(3))).unwrap(),
+            "model 'm' version 3"
+        );
+        assert_eq!(
+            called(Some(serde_json::json!("production"))).unwrap(),
+            "model 'm' version production"
+        );
+        for refused in [
+            serde_json::json!(0),
+            serde_json::json!(-1),
+            serde_json::json!(1.5),
+            serde_json::json!(""),
+            serde_json::json!(null),
+            serde_json::json!(["1"]),
+        ] {
+            let error = called(Some(refused.clone())).unwrap_err();
+            assert!(
+                error.starts_with("step 2: version must be"),
+                "{refused}: {error}"
+            );
+        }
+    }
 
     #[test]
     fn top_k_ranks_filters_and_skips_nan() {

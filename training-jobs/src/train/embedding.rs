@@ -15,7 +15,7 @@ use marquee_registry::PushFile;
 use serde_json::{Value, json};
 
 use super::baseline::{DriftBaseline, Histogram, InputHistogram};
-use super::{Candidate, TrainOptions, Trained};
+use super::{Candidate, ServedVersion, TrainOptions, Trained};
 use crate::TrainingError;
 
 const TRAINER: &str = include_str!("../../trainers/embedding.py");
@@ -130,16 +130,18 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
     };
     let candidate = Candidate::start(
         options,
-        "embedding",
-        files(),
-        manifest(&BTreeMap::new(), None),
+        vec![ServedVersion {
+            model: "embedding".into(),
+            files: files(),
+            manifest: manifest(&BTreeMap::new(), None),
+        }],
     )
     .await?;
     let instances: Vec<Value> = sentences
         .iter()
         .map(|s| json!({"features": {"text": s}}))
         .collect();
-    let answers = candidate.predict(&instances).await;
+    let answers = candidate.predict("embedding", &instances).await;
     candidate.stop().await;
     let served: Vec<Vec<f32>> = answers?
         .iter()

@@ -9,6 +9,7 @@
 pub mod baseline;
 pub mod embedding;
 pub mod fraud;
+pub mod movie_index;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -248,21 +249,27 @@ async fn push_to(
 pub struct Candidate {
     server: Server,
     url: String,
-    model: String,
     client: reqwest::Client,
+}
+
+/// A version a [`Candidate`] serves: version 1 of `model` in the scratch registry.
+pub struct ServedVersion {
+    pub model: String,
+    pub files: Vec<PushFile>,
+    /// The manifest fields (the registry fills name, version, files and checksums).
+    pub manifest: serde_json::Value,
 }
 
 /// Instances sent per `/v1/predict` request while evaluating.
 const EVALUATION_CHUNK: usize = 256;
 
 impl Candidate {
-    /// Pushes `files` with `manifest` as version 1 of `model` to a fresh scratch registry and
-    /// serves it; fails with the server's reason if the version does not load.
+    /// Pushes each of `versions` as version 1 of its model to a fresh scratch registry and
+    /// serves them together (a pipeline may call another's model); fails with the server's
+    /// reason if one does not load.
     pub async fn start(
         options: &TrainOptions,
-        model: &str,
-        files: Vec<PushFile>,
-        manifest: serde_json::Value,
+        versions: Vec<ServedVersion>,
     ) -> Result<Self, TrainingError> {
         let scratch = options.work.join("candidate-registry");
         if scratch.exists() {
@@ -270,10 +277,20 @@ impl Candidate {
                 .map_err(|e| TrainingError::Output(format!("{}: {e}", scratch.display())))?;
         }
         let location = scratch.to_string_lossy().into_owned();
-        push_to(&location, model, files, manifest).await?;
+        let mut pins: Vec<String> = Vec::with_capacity(versions.len());
+        for version in versions {
+            if pins.contains(&version.model) {
+                return Err(TrainingError::Invalid(format!(
+                    "the candidate serves '{}' twice",
+                    version.model
+                )));
+            }
+            push_to(&location, &version.model, version.files, version.manifest).await?;
+            pins.push(version.model);
+        }
         let config = ServeConfig {
             registry: Some(location),
-            pins: vec![format!("{model}:1")],
+            pins: pins.iter().map(|model| format!("{model}:1")).collect(),
             ort_library: Some(options.onnxruntime.clone()),
             host: [127, 0, 0, 1].into(),
             http_port: 0,
@@ -284,28 +301,31 @@ impl Candidate {
         let server = Server::start(&config).await.map_err(|e| {
             TrainingError::Evaluation(format!("the candidate cannot be served: {e}"))
         })?;
-        if let Err(e) = server.models().get(model, "1") {
-            server.shutdown().await;
-            return Err(TrainingError::Evaluation(format!(
-                "the candidate does not load: {e}"
-            )));
+        for model in &pins {
+            if let Err(e) = server.models().get(model, "1") {
+                server.shutdown().await;
+                return Err(TrainingError::Evaluation(format!(
+                    "the candidate '{model}' does not load: {e}"
+                )));
+            }
         }
         Ok(Self {
             url: format!("http://{}/v1/predict", server.http_addr()),
             server,
-            model: model.to_string(),
             client: reqwest::Client::new(),
         })
     }
 
-    /// `/v1/predict` answers for `instances` (`{"entities", "features"}` each), in order.
+    /// `/v1/predict` answers of `model` for `instances` (`{"entities", "features"}` each), in
+    /// order.
     pub async fn predict(
         &self,
+        model: &str,
         instances: &[serde_json::Value],
     ) -> Result<Vec<serde_json::Value>, TrainingError> {
         let mut answers = Vec::with_capacity(instances.len());
         for chunk in instances.chunks(EVALUATION_CHUNK) {
-            let body = serde_json::json!({"model": self.model, "version": 1, "instances": chunk});
+            let body = serde_json::json!({"model": model, "version": 1, "instances": chunk});
             let response = self
                 .client
                 .post(&self.url)
