@@ -35,6 +35,8 @@ pub const HEADER_LENGTH: &str = "inference-header-content-length";
 #[derive(Clone)]
 struct AppState {
     service: Arc<Service>,
+    /// `--max-request-bytes`, for the routes that word their own errors.
+    max_body: usize,
 }
 
 /// All v2 and v1 routes, hardened (see the module comment).
@@ -76,8 +78,10 @@ pub fn router(service: Arc<Service>, max_body: usize) -> Router {
         )
         .route(
             "/v1/embeddings",
-            post(embeddings)
-                .route_layer(axum::middleware::from_fn_with_state(service.clone(), admit)),
+            post(embeddings).route_layer(axum::middleware::from_fn_with_state(
+                service.clone(),
+                admit_openai,
+            )),
         )
         .route("/v1/openapi.json", get(openapi))
         .route("/v2/repository/index", post(repository_index))
@@ -93,7 +97,7 @@ pub fn router(service: Arc<Service>, max_body: usize) -> Router {
         )
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::decompression::RequestDecompressionLayer::new())
-        .with_state(AppState { service });
+        .with_state(AppState { service, max_body });
     harden(routes, metrics, max_body)
 }
 
@@ -101,15 +105,33 @@ pub fn router(service: Arc<Service>, max_body: usize) -> Router {
 /// the answer is encoded; the handler finds it in the request's extensions.
 async fn admit(
     State(service): State<Arc<Service>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    admit_or(&service, request, next, ServingError::into_response).await
+}
+
+/// [`admit`] for OpenAI's routes: an overloaded server answers in OpenAI's error shape.
+async fn admit_openai(
+    State(service): State<Arc<Service>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    admit_or(&service, request, next, |e| e.openai_response(None)).await
+}
+
+async fn admit_or(
+    service: &Service,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
+    refuse: impl FnOnce(ServingError) -> Response,
 ) -> Response {
     match service.admit() {
         Ok(admitted) => {
             request.extensions_mut().insert(Arc::new(admitted));
             next.run(request).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => refuse(e),
     }
 }
 
@@ -369,8 +391,20 @@ async fn predict(
 async fn embeddings(
     State(s): State<AppState>,
     Extension(admitted): Extension<Arc<Admitted>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let error = ServingError::over_request_limit("body", s.max_body);
+            s.service.metrics_handle().rejected(error.reason());
+            return error.openai_response(None);
+        }
+        Err(e) => {
+            return ServingError::InvalidInput(format!("cannot read the request body: {e}"))
+                .openai_response(None);
+        }
+    };
     let answer = match serde_json::from_slice::<EmbeddingsRequest>(&body) {
         Ok(request) => s.service.embeddings(&admitted, request).await,
         Err(e) => Err(EmbeddingsError {

@@ -40,12 +40,39 @@ fn assert_same_vector(got: &[f32], want: &[f32], what: &str) {
     );
 }
 
-async fn server() -> TestServer {
+fn repository() -> Repository {
     let pipeline = std::fs::read(root().join("deploy/models/minilm/pipeline.json")).unwrap();
-    let repository = Repository::new()
+    Repository::new()
         .add("embedding", "minilm", None)
-        .write("embedding/pipeline.json", &pipeline);
-    TestServer::start(repository).await
+        .write("embedding/pipeline.json", &pipeline)
+}
+
+async fn server() -> TestServer {
+    TestServer::start(repository()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_is_refused_in_openai_shape() {
+    let server = TestServer::start_with(repository(), |c| c.max_request_bytes = 4096).await;
+    let (status, refused) = server
+        .post(
+            "/v1/embeddings",
+            json!({"model": "embedding", "input": "x".repeat(8192)}),
+        )
+        .await;
+    assert_eq!(status, 413, "{refused}");
+    assert_eq!(
+        refused["error"]["type"], "invalid_request_error",
+        "{refused}"
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than the server's limit of 4096 bytes"),
+        "{refused}"
+    );
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,6 +62,25 @@ async fn past_the_in_flight_limit_requests_get_503_with_retry_after_on_both_tran
             .contains("--max-concurrent-requests"),
         "{body}"
     );
+    // OpenAI's route refuses in OpenAI's error shape, which its clients read.
+    let refused = server
+        .client
+        .post(format!("{}/v1/embeddings", server.http))
+        .json(&json!({"model": "embedding", "input": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-concurrent-requests"),
+        "{body}"
+    );
     let mut grpc = server.grpc_client().await;
     let status = grpc
         .model_infer(gbr_grpc_request("slow", 1))
