@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 
-use arrow_array::cast::AsArray;
 use bytes::Bytes;
 use marquee_registry::PushFile;
 use serde_json::{Value, json};
@@ -200,23 +199,16 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
 async fn sentences(options: &TrainOptions) -> Result<Vec<String>, TrainingError> {
     let movies = super::read_table(&options.data, "movies.parquet").await?;
     let queries = super::read_table(&options.data, "labels/search_queries.parquet").await?;
-    let column = |batch: &arrow_array::RecordBatch, name: &str, table: &str| {
-        batch
-            .column_by_name(name)
-            .and_then(|c| c.as_string_opt::<i32>())
-            .map(|c| c.iter().flatten().map(str::to_string).collect::<Vec<_>>())
-            .ok_or_else(|| TrainingError::Data(format!("{table} has no text column '{name}'")))
-    };
     let spread = |all: Vec<String>, most: usize| -> Vec<String> {
         let step = all.len().div_ceil(most).max(1);
         all.into_iter().step_by(step).collect()
     };
     let mut sentences = spread(
-        column(&movies, "description", "movies.parquet")?,
+        super::text_column(&movies, "description", "movies.parquet")?,
         MAX_DESCRIPTIONS,
     );
     sentences.extend(spread(
-        column(&queries, "query", "labels/search_queries.parquet")?,
+        super::text_column(&queries, "query", "labels/search_queries.parquet")?,
         MAX_QUERIES,
     ));
     if sentences.is_empty() {

@@ -14,7 +14,8 @@ pub mod movie_index;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::RecordBatch;
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, RecordBatch};
 use bytes::Bytes;
 use marquee_feature_store::offline::StorePath;
 use marquee_registry::{Manifest, PushFile, Quiet, Registry};
@@ -69,6 +70,25 @@ pub async fn read_table(data: &str, name: &str) -> Result<RecordBatch, TrainingE
     };
     arrow_select::concat::concat_batches(&first.schema(), &batches)
         .map_err(|e| TrainingError::Data(format!("{location}: {e}")))
+}
+
+/// A text column of a world table, every row given (a null is bad data, not an empty text).
+pub fn text_column(
+    batch: &RecordBatch,
+    name: &str,
+    table: &str,
+) -> Result<Vec<String>, TrainingError> {
+    let column = batch
+        .column_by_name(name)
+        .and_then(|c| c.as_string_opt::<i32>())
+        .ok_or_else(|| TrainingError::Data(format!("{table} has no text column '{name}'")))?;
+    if column.null_count() > 0 {
+        return Err(TrainingError::Data(format!(
+            "{table}: '{name}' has {} empty rows",
+            column.null_count()
+        )));
+    }
+    Ok(column.iter().flatten().map(str::to_string).collect())
 }
 
 /// `path` inside the world at `data`: joined as a URL for object stores, as a path locally.

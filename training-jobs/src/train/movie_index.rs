@@ -9,9 +9,9 @@
 
 use std::collections::BTreeMap;
 
+use arrow_array::Array;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{TimestampMillisecondType, UInt32Type};
-use arrow_array::{Array, RecordBatch};
 use bytes::Bytes;
 use marquee_registry::{PushFile, Registry, Stage};
 use serde_json::{Value, json};
@@ -465,7 +465,7 @@ struct Query {
 impl Catalogue {
     async fn read(options: &TrainOptions) -> Result<Self, TrainingError> {
         let table = super::read_table(&options.data, "movies.parquet").await?;
-        let text = |name: &str| strings(&table, name, "movies.parquet");
+        let text = |name: &str| super::text_column(&table, name, "movies.parquet");
         let (ids, titles, descriptions, primary) = (
             text("movie_id")?,
             text("title")?,
@@ -530,8 +530,8 @@ impl Catalogue {
             }
         }
         let table = super::read_table(&options.data, "labels/search_queries.parquet").await?;
-        let texts = strings(&table, "query", "labels/search_queries.parquet")?;
-        let targets = strings(&table, "movie_id", "labels/search_queries.parquet")?;
+        let texts = super::text_column(&table, "query", "labels/search_queries.parquet")?;
+        let targets = super::text_column(&table, "movie_id", "labels/search_queries.parquet")?;
         let queries = texts
             .into_iter()
             .zip(targets)
@@ -590,20 +590,6 @@ impl Catalogue {
             })
             .collect()
     }
-}
-
-fn strings(batch: &RecordBatch, name: &str, table: &str) -> Result<Vec<String>, TrainingError> {
-    let column = batch
-        .column_by_name(name)
-        .and_then(|c| c.as_string_opt::<i32>())
-        .ok_or_else(|| TrainingError::Data(format!("{table} has no text column '{name}'")))?;
-    if column.null_count() > 0 {
-        return Err(TrainingError::Data(format!(
-            "{table}: '{name}' has {} empty rows",
-            column.null_count()
-        )));
-    }
-    Ok(column.iter().flatten().map(str::to_string).collect())
 }
 
 /// The UTC day, `YYYY-MM-DD`, of milliseconds since the epoch (before 1970 too): the civil
