@@ -46,7 +46,8 @@ impl Progress for Quiet {
     fn finish(&self) {}
 }
 
-/// One file to push: its path inside the version, and its bytes.
+/// One file to push: its path inside the version, and its bytes (shared, so a copy is cheap).
+#[derive(Clone)]
 pub struct PushFile {
     pub path: String,
     pub contents: Bytes,

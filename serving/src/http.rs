@@ -168,9 +168,7 @@ async fn json_error_body(response: Response, metrics: &Metrics, max_body: usize)
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         .unwrap_or_default();
     let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        let error = ServingError::over_request_limit("body", max_body);
-        metrics.rejected(error.reason());
-        error.to_string()
+        body_over_limit(metrics, max_body).to_string()
     } else if text.is_empty() {
         status
             .canonical_reason()
@@ -187,6 +185,13 @@ async fn json_error_body(response: Response, metrics: &Metrics, max_body: usize)
     let body = serde_json::to_vec(&serde_json::json!({ "error": message }))
         .unwrap_or_else(|_| b"{\"error\":\"request failed\"}".to_vec());
     Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// A body over `--max-request-bytes`, counted as rejected, in the words every route uses.
+fn body_over_limit(metrics: &Metrics, max_body: usize) -> ServingError {
+    let error = ServingError::over_request_limit("body", max_body);
+    metrics.rejected(error.reason());
+    error
 }
 
 #[derive(Deserialize)]
@@ -396,9 +401,7 @@ async fn embeddings(
     let body = match body {
         Ok(body) => body,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            let error = ServingError::over_request_limit("body", s.max_body);
-            s.service.metrics_handle().rejected(error.reason());
-            return error.openai_response(None);
+            return body_over_limit(&s.service.metrics_handle(), s.max_body).openai_response(None);
         }
         Err(e) => {
             return ServingError::InvalidInput(format!("cannot read the request body: {e}"))

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
 use marquee_registry::PushFile;
 use serde_json::{Value, json};
 
@@ -32,11 +31,10 @@ const MAX_QUERIES: usize = 100;
 pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
     let sentences = sentences(options).await?;
     let sentences_path = options.work.join("embedding-sentences.json");
-    std::fs::write(
+    super::write_file(
         &sentences_path,
-        serde_json::to_vec(&sentences).map_err(|e| TrainingError::Output(e.to_string()))?,
-    )
-    .map_err(|e| TrainingError::Output(format!("{}: {e}", sentences_path.display())))?;
+        &serde_json::to_vec(&sentences).map_err(|e| TrainingError::Output(e.to_string()))?,
+    )?;
     let reference = marquee_serving::server::in_checkout("minilm/model.safetensors")
         .and_then(|weights| weights.parent().map(std::path::Path::to_path_buf))
         .ok_or_else(|| {
@@ -58,11 +56,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
             super::path_text(&out)?,
         ],
     )?;
-    let read = |name: &str| {
-        std::fs::read(out.join(name))
-            .map(Bytes::from)
-            .map_err(|e| TrainingError::Trainer(format!("{}: {e}", out.join(name).display())))
-    };
+    let read = |name: &str| super::read_trainer_output(&out.join(name));
     let (model, tokenizer, fp32) = (
         read("model.onnx")?,
         read("tokenizer.json")?,
@@ -82,18 +76,17 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
     }
     let pipeline: Value = serde_json::from_str(PIPELINE)
         .map_err(|e| TrainingError::Invalid(format!("the embedding pipeline: {e}")))?;
-    let files = || {
-        vec![
-            PushFile {
-                path: "model.onnx".into(),
-                contents: model.clone(),
-            },
-            PushFile {
-                path: "tokenizer.json".into(),
-                contents: tokenizer.clone(),
-            },
-        ]
-    };
+    let signature = marquee_registry::onnx::signature(&model).map_err(TrainingError::Trainer)?;
+    let files = vec![
+        PushFile {
+            path: "model.onnx".into(),
+            contents: model,
+        },
+        PushFile {
+            path: "tokenizer.json".into(),
+            contents: tokenizer,
+        },
+    ];
     let manifest = |metrics: &BTreeMap<String, f64>, baseline: Option<&DriftBaseline>| {
         json!({
             "schema_version": marquee_registry::manifest::SCHEMA_VERSION,
@@ -104,7 +97,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
             "created_by": options.by,
             "description": "Text embedding: all-MiniLM-L6-v2 int8, text in, a 384-d unit vector out (marquee train embedding)",
             "files": [],
-            "signature": marquee_registry::onnx::signature(&model).ok(),
+            "signature": signature,
             "config": {
                 "max_batch_size": 32,
                 "dynamic_batching": {"preferred_batch_size": [8, 16, 32], "max_queue_delay_microseconds": 2000},
@@ -131,7 +124,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         options,
         vec![ServedVersion {
             model: "embedding".into(),
-            files: files(),
+            files: files.clone(),
             manifest: manifest(&BTreeMap::new(), None),
         }],
     )
@@ -142,21 +135,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         .collect();
     let answers = candidate.predict("embedding", &instances).await;
     candidate.stop().await;
-    let served: Vec<Vec<f32>> = answers?
-        .iter()
-        .map(|answer| {
-            answer["outputs"]["embedding"]
-                .as_array()
-                .map(|v| {
-                    v.iter()
-                        .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
-                        .collect()
-                })
-                .ok_or_else(|| {
-                    TrainingError::Evaluation(format!("no embedding in the answer {answer}"))
-                })
-        })
-        .collect::<Result<_, _>>()?;
+    let served = served_vectors(&answers?)?;
     let cosines: Vec<f64> = served
         .iter()
         .zip(fp32.chunks(dimension))
@@ -182,7 +161,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
     let pushed = super::push(
         options,
         "embedding",
-        files(),
+        files,
         manifest(&metrics, Some(&baseline(&report, &served))),
     )
     .await?;
@@ -217,6 +196,32 @@ async fn sentences(options: &TrainOptions) -> Result<Vec<String>, TrainingError>
         ));
     }
     Ok(sentences)
+}
+
+/// The vectors in `/v1/predict` answers of the embedding pipeline, one per answer, all of one
+/// dimension.
+pub(super) fn served_vectors(answers: &[Value]) -> Result<Vec<Vec<f32>>, TrainingError> {
+    let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(answers.len());
+    for answer in answers {
+        let vector = answer["outputs"]["embedding"]
+            .as_array()
+            .filter(|v| !v.is_empty() && vectors.first().is_none_or(|first| v.len() == first.len()))
+            .ok_or_else(|| {
+                TrainingError::Evaluation(format!(
+                    "the embedding answered without a vector like the others: {answer}"
+                ))
+            })?;
+        let values = vector
+            .iter()
+            .map(|x| {
+                x.as_f64().map(|x| x as f32).ok_or_else(|| {
+                    TrainingError::Evaluation(format!("the embedding answered a non-number {x}"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        vectors.push(values);
+    }
+    Ok(vectors)
 }
 
 /// Token counts per sentence (the input) and each served vector's cosine to their mean (the

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray};
-use bytes::Bytes;
 use marquee_feature_store::Definitions;
 use marquee_feature_store::offline::{self, StorePath};
 use marquee_registry::PushFile;
@@ -100,8 +99,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
             super::path_text(&model_path)?,
         ],
     )?;
-    let model = std::fs::read(&model_path)
-        .map_err(|e| TrainingError::Trainer(format!("{}: {e}", model_path.display())))?;
+    let model = super::read_trainer_output(&model_path)?;
 
     let mut evaluator = Evaluator::onnx(options, &model, "X", "fraud_probability")?;
     let scores = evaluator_scores(&mut evaluator, &matrix, &test)?;
@@ -222,7 +220,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         "fraud",
         vec![PushFile {
             path: "model.onnx".into(),
-            contents: Bytes::from(model),
+            contents: model,
         }],
         manifest,
     )
@@ -520,6 +518,5 @@ fn write_rows(
     let batch =
         RecordBatch::try_from_iter(columns).map_err(|e| TrainingError::Output(e.to_string()))?;
     let bytes = crate::data::write::parquet(&batch)?;
-    std::fs::write(path, bytes)
-        .map_err(|e| TrainingError::Output(format!("{}: {e}", path.display())))
+    super::write_file(path, &bytes)
 }

@@ -101,6 +101,19 @@ pub fn source_location(data: &str, path: &str) -> String {
     }
 }
 
+/// Writes a job's file (an input for its trainer, a result kept for inspection).
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), TrainingError> {
+    std::fs::write(path, bytes)
+        .map_err(|e| TrainingError::Output(format!("{}: {e}", path.display())))
+}
+
+/// Reads a file a trainer wrote; missing, the trainer failed to make it.
+pub fn read_trainer_output(path: &Path) -> Result<Bytes, TrainingError> {
+    std::fs::read(path)
+        .map(Bytes::from)
+        .map_err(|e| TrainingError::Trainer(format!("{}: {e}", path.display())))
+}
+
 /// A path as the text a trainer's command line takes.
 pub fn path_text(path: &Path) -> Result<&str, TrainingError> {
     path.to_str()
@@ -116,8 +129,7 @@ pub fn run_trainer(
     args: &[&str],
 ) -> Result<serde_json::Value, TrainingError> {
     let path = options.work.join(script_name);
-    std::fs::write(&path, script)
-        .map_err(|e| TrainingError::Output(format!("{}: {e}", path.display())))?;
+    write_file(&path, script.as_bytes())?;
     let output = std::process::Command::new(&options.python)
         .arg(&path)
         .args(args)

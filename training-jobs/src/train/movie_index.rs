@@ -45,13 +45,13 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         .collect();
     let answers = candidate.predict(EMBEDDING, &described).await;
     candidate.stop().await;
-    let vectors = vectors(&answers?)?;
+    let vectors = super::embedding::served_vectors(&answers?)?.concat();
 
     let catalog_path = options.work.join("movie-index-catalog.json");
     let vectors_path = options.work.join("movie-index-vectors.f32");
     let tokenizer_path = options.work.join("movie-index-tokenizer.json");
     let out = options.work.join("movie-index");
-    write(
+    super::write_file(
         &catalog_path,
         &serde_json::to_vec(&json!({
             "descriptions": catalogue.movies.iter().map(|m| &m.description).collect::<Vec<_>>(),
@@ -60,8 +60,8 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         }))
         .map_err(|e| TrainingError::Output(e.to_string()))?,
     )?;
-    write(&vectors_path, bytemuck::cast_slice(&vectors))?;
-    write(&tokenizer_path, &embedding.tokenizer()?)?;
+    super::write_file(&vectors_path, bytemuck::cast_slice(&vectors))?;
+    super::write_file(&tokenizer_path, &embedding.tokenizer()?)?;
     let max_tokens = embedding.max_tokens().to_string();
     let report = super::run_trainer(
         options,
@@ -90,27 +90,21 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
             catalogue.movies.len()
         )));
     }
-    let model = std::fs::read(out.join("model.onnx"))
-        .map(Bytes::from)
-        .map_err(|e| {
-            TrainingError::Trainer(format!("{}: {e}", out.join("model.onnx").display()))
-        })?;
+    let model = super::read_trainer_output(&out.join("model.onnx"))?;
     let items = Bytes::from(
         serde_json::to_vec(&catalogue.items()).map_err(|e| TrainingError::Output(e.to_string()))?,
     );
-    let files = || {
-        vec![
-            PushFile {
-                path: "model.onnx".into(),
-                contents: model.clone(),
-            },
-            PushFile {
-                path: "movies.json".into(),
-                contents: items.clone(),
-            },
-        ]
-    };
     let signature = marquee_registry::onnx::signature(&model).map_err(TrainingError::Trainer)?;
+    let files = vec![
+        PushFile {
+            path: "model.onnx".into(),
+            contents: model,
+        },
+        PushFile {
+            path: "movies.json".into(),
+            contents: items,
+        },
+    ];
     let manifest = |pinned: u64,
                     metrics: &BTreeMap<String, f64>,
                     baseline: Option<&DriftBaseline>| {
@@ -163,7 +157,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
             embedding.served(),
             ServedVersion {
                 model: "movie_search".into(),
-                files: files(),
+                files: files.clone(),
                 manifest: manifest(1, &BTreeMap::new(), None),
             },
         ],
@@ -199,7 +193,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         .zip(&plain)
         .map(|(query, answer)| json!({"query": query.text, "movies": answer["outputs"]["movies"]}))
         .collect();
-    write(
+    super::write_file(
         &options.work.join("movie-search-answers.json"),
         &serde_json::to_vec(&answered).map_err(|e| TrainingError::Output(e.to_string()))?,
     )?;
@@ -248,7 +242,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
     let pushed = super::push(
         options,
         "movie_search",
-        files(),
+        files,
         manifest(embedding.version, &metrics, Some(&baseline)),
     )
     .await?;
@@ -281,7 +275,8 @@ fn pipeline(pinned: u64) -> Value {
     })
 }
 
-/// Hit rates at 1, 3 and [`RESULTS`] (all a search answers) and the mean reciprocal rank (a miss counts 0), named with `prefix`.
+/// Hit rates at 1, 3 and [`RESULTS`] (all a search answers) and the mean reciprocal rank (a
+/// miss counts 0), named with `prefix`.
 fn measures(prefix: &str, ranks: &[Option<usize>]) -> BTreeMap<String, f64> {
     let n = ranks.len().max(1) as f64;
     let hit = |k: usize| ranks.iter().filter(|r| r.is_some_and(|r| r <= k)).count() as f64 / n;
@@ -290,7 +285,7 @@ fn measures(prefix: &str, ranks: &[Option<usize>]) -> BTreeMap<String, f64> {
         (format!("{prefix}hit_at_1"), hit(1)),
         (format!("{prefix}hit_at_3"), hit(3)),
         (format!("{prefix}hit_at_{RESULTS}"), hit(RESULTS)),
-        (format!("{prefix}mrr_at_10"), mrr),
+        (format!("{prefix}mrr_at_{RESULTS}"), mrr),
     ])
 }
 
@@ -313,34 +308,6 @@ fn baseline(report: &Value, answers: &[Value]) -> DriftBaseline {
         }],
         prediction: Histogram::of(&best),
     }
-}
-
-fn vectors(answers: &[Value]) -> Result<Vec<f32>, TrainingError> {
-    let mut vectors = Vec::new();
-    let mut dimension = None;
-    for answer in answers {
-        let vector = answer["outputs"]["embedding"]
-            .as_array()
-            .filter(|v| !v.is_empty() && dimension.is_none_or(|d| v.len() == d))
-            .ok_or_else(|| {
-                TrainingError::Evaluation(format!(
-                    "{EMBEDDING} answered without a vector like the others: {answer}"
-                ))
-            })?;
-        dimension = Some(vector.len());
-        for x in vector {
-            let x = x.as_f64().ok_or_else(|| {
-                TrainingError::Evaluation(format!("{EMBEDDING} answered a non-number {x}"))
-            })?;
-            vectors.push(x as f32);
-        }
-    }
-    Ok(vectors)
-}
-
-fn write(path: &std::path::Path, bytes: &[u8]) -> Result<(), TrainingError> {
-    std::fs::write(path, bytes)
-        .map_err(|e| TrainingError::Output(format!("{}: {e}", path.display())))
 }
 
 /// The registry's `embedding` at its production version, else its newest version not archived,
@@ -398,14 +365,7 @@ impl RegisteredEmbedding {
         manifest["files"] = json!([]);
         ServedVersion {
             model: EMBEDDING.into(),
-            files: self
-                .files
-                .iter()
-                .map(|file| PushFile {
-                    path: file.path.clone(),
-                    contents: file.contents.clone(),
-                })
-                .collect(),
+            files: self.files.clone(),
             manifest,
         }
     }
