@@ -6,6 +6,7 @@
 //! request's time budget is honoured with the cached answer or the declared fallback.
 
 pub mod cache;
+pub mod expression;
 pub mod pipeline;
 pub mod steps;
 
@@ -269,15 +270,17 @@ impl Predictor {
             .filter(|&i| answers[i].is_none())
             .collect();
         if !missing.is_empty() {
-            let work = self.compute(&model, declared, &prepared, &missing);
+            let work = || self.compute(&model, declared, &prepared, &missing);
             let computed = match request.options.timeout_ms {
-                Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), work).await {
+                // No time at all: the cache or the fallback, without starting the work.
+                Some(0) => self.out_of_time(&request.model, declared, &prepared, &missing, 0)?,
+                Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), work()).await {
                     Ok(result) => result?,
                     Err(_) => {
                         self.out_of_time(&request.model, declared, &prepared, &missing, ms)?
                     }
                 },
-                None => work.await?,
+                None => work().await?,
             };
             for (index, prediction) in missing.into_iter().zip(computed) {
                 answers[index] = Some(prediction);
@@ -586,6 +589,15 @@ fn prepare(
         let typed = FeatureValue::from_json(feature.dtype, value).map_err(|e| {
             ServingError::InvalidInput(format!("{at}features.{name}: {e}, got {value}"))
         })?;
+        if let Some((min, max)) = feature.range {
+            let number = pipeline::number(&typed);
+            // NaN is outside every range.
+            if !(min..=max).contains(&number) {
+                return Err(ServingError::InvalidInput(format!(
+                    "{at}features.{name} must be from {min} to {max}, got {value}"
+                )));
+            }
+        }
         given[position] = Some(typed);
     }
     if let Some(absent) = pipeline

@@ -15,6 +15,7 @@ use marquee_feature_store::{DType, Definitions, FeatureValue, FeatureView};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::expression::Expression;
 use super::steps::{Kind, StepFile, Steps};
 use crate::model::ModelSpec;
 use crate::tensor::DataType;
@@ -70,6 +71,8 @@ pub struct PipelineFeature {
     pub default: FeatureValue,
     /// The request must give it (a text to embed has no sensible default).
     pub required: bool,
+    /// The values a request may give, inclusive (a weekday is 0 to 6).
+    pub range: Option<(f64, f64)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -145,6 +148,8 @@ struct RuleFile {
     /// Feature name -> a value it must equal, or `{"min": x, "max": y}` (either may be left out).
     #[serde(default)]
     when: serde_json::Map<String, Value>,
+    /// Answer field -> a fixed value, or `{"expr": "..."}` computed from the features
+    /// (`expression.rs`: a rule table's price is arithmetic on the base price).
     outputs: serde_json::Map<String, Value>,
 }
 
@@ -159,7 +164,14 @@ pub struct Fallback {
 struct Rule {
     /// (feature position, condition)
     conditions: Vec<(usize, Condition)>,
-    outputs: serde_json::Map<String, Value>,
+    outputs: Vec<(String, RuleOutput)>,
+}
+
+#[derive(Debug, Clone)]
+enum RuleOutput {
+    Fixed(Value),
+    /// An expression and the feature positions of the names it reads.
+    Computed(Expression, Vec<usize>),
 }
 
 #[derive(Debug, Clone)]
@@ -185,7 +197,24 @@ impl Fallback {
                     }
                 })
             })
-            .map(|rule| rule.outputs.clone())
+            .map(|rule| {
+                rule.outputs
+                    .iter()
+                    .map(|(field, output)| {
+                        let value = match output {
+                            RuleOutput::Fixed(value) => value.clone(),
+                            RuleOutput::Computed(expression, positions) => {
+                                let operands: Vec<f64> =
+                                    positions.iter().map(|&p| number(&values[p])).collect();
+                                expression
+                                    .eval(&operands)
+                                    .map_or(Value::Null, super::steps::json_number)
+                            }
+                        };
+                        (field.clone(), value)
+                    })
+                    .collect()
+            })
     }
 }
 
@@ -198,6 +227,8 @@ struct FeatureFile {
     default: Option<Value>,
     #[serde(default)]
     required: bool,
+    /// [min, max]: what a request may give, inclusive.
+    range: Option<[f64; 2]>,
     #[serde(default)]
     transform: Option<TransformFile>,
 }
@@ -571,6 +602,14 @@ fn build_feature(
             "a required feature comes from the request only: no view, no default".into(),
         ));
     }
+    let range = match feature.range {
+        Some(_) if dtype == DType::String => {
+            return Err(at("range bounds numbers; this feature is text".into()));
+        }
+        Some([min, max]) if min <= max => Some((min, max)),
+        Some(_) => return Err(at("range needs [min, max] with min <= max".into())),
+        None => None,
+    };
     Ok((
         PipelineFeature {
             name: feature.name,
@@ -578,6 +617,7 @@ fn build_feature(
             dtype,
             default,
             required: feature.required,
+            range,
         },
         feature.transform,
     ))
@@ -650,9 +690,46 @@ fn parse_fallback(file: FallbackFile, features: &[PipelineFeature]) -> Result<Fa
                     Ok((position, condition))
                 })
                 .collect::<Result<Vec<_>, String>>()?;
+            let outputs = rule
+                .outputs
+                .into_iter()
+                .map(|(field, value)| {
+                    let at = |e: String| format!("fallback rule {i}: output '{field}': {e}");
+                    let output = match value {
+                        Value::Object(object) if object.contains_key("expr") => {
+                            let text = match (object.get("expr"), object.len()) {
+                                (Some(Value::String(text)), 1) => text,
+                                _ => {
+                                    return Err(at(
+                                        "a computed output is {\"expr\": \"...\"} alone".into(),
+                                    ));
+                                }
+                            };
+                            let expression = Expression::parse(text).map_err(at)?;
+                            let positions = expression
+                                .names()
+                                .iter()
+                                .map(|name| {
+                                    features
+                                        .iter()
+                                        .position(|f| f.name == *name && f.dtype != DType::String)
+                                        .ok_or_else(|| {
+                                            at(format!(
+                                                "'{name}' is not a numeric feature of the pipeline"
+                                            ))
+                                        })
+                                })
+                                .collect::<Result<Vec<_>, _>>()?;
+                            RuleOutput::Computed(expression, positions)
+                        }
+                        value => RuleOutput::Fixed(value),
+                    };
+                    Ok((field, output))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
             Ok(Rule {
                 conditions,
-                outputs: rule.outputs,
+                outputs,
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -682,4 +759,74 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
         (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feature(name: &str, dtype: DType) -> PipelineFeature {
+        PipelineFeature {
+            name: name.into(),
+            view: None,
+            dtype,
+            default: dtype.zero(),
+            required: false,
+            range: None,
+        }
+    }
+
+    fn fallback(declared: Value, features: &[PipelineFeature]) -> Result<Fallback, String> {
+        parse_fallback(serde_json::from_value(declared).unwrap(), features)
+    }
+
+    #[test]
+    fn a_fallback_output_may_be_computed_from_the_features() {
+        let features = [
+            feature("base_price", DType::Float64),
+            feature("weekday", DType::Int64),
+            feature("city", DType::String),
+        ];
+        let rules = fallback(
+            serde_json::json!({"rules": [
+                {"when": {"weekday": {"min": 5}}, "outputs": {"price": {"expr": "base_price * 1.15"}, "rule": "weekend"}},
+                {"outputs": {"price": {"expr": "base_price"}, "rule": "weekday"}}
+            ]}),
+            &features,
+        )
+        .unwrap();
+        let answer = |weekday| {
+            rules
+                .answer(&[
+                    FeatureValue::Float(10.0),
+                    FeatureValue::Int(weekday),
+                    FeatureValue::String("x".into()),
+                ])
+                .unwrap()
+        };
+        assert_eq!(answer(6)["price"], serde_json::json!(11.5));
+        assert_eq!(answer(6)["rule"], "weekend");
+        assert_eq!(answer(1)["price"], serde_json::json!(10.0));
+        for (declared, says) in [
+            (
+                serde_json::json!({"outputs": {"price": {"expr": "city * 2"}}}),
+                "not a numeric feature",
+            ),
+            (
+                serde_json::json!({"outputs": {"price": {"expr": "nothing + 1"}}}),
+                "'nothing'",
+            ),
+            (
+                serde_json::json!({"outputs": {"price": {"expr": "base_price", "unit": "EUR"}}}),
+                "alone",
+            ),
+            (
+                serde_json::json!({"outputs": {"price": {"expr": "base_price +"}}}),
+                "expression",
+            ),
+        ] {
+            let error = fallback(declared.clone(), &features).unwrap_err();
+            assert!(error.contains(says), "{declared}: {error}");
+        }
+    }
 }

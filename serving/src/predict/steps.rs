@@ -2,11 +2,14 @@
 //! out" is not enough. A pipeline with `steps` runs them in order over every instance of a
 //! request at once: each step reads named values (the pipeline's features to begin with) and
 //! writes new ones, and `outputs` names which become the answer. Steps are few and general
-//! (tokenize text, call a model, pool, normalise) so a new model is a new declaration, not new
-//! code. Every name a step reads is checked when the version loads: a pipeline that could not run
-//! is refused then, never met by a request. Model calls go through the called model's own batcher,
-//! exactly as `/v2` requests do.
+//! (tokenize text, call a model, pool, normalise, rank, make a grid of candidates, stack values
+//! into rows, compute, pick the best) so a new model is a new declaration, not new code. Every
+//! name a step reads is checked when the version loads: a pipeline that could not run is refused
+//! then, never met by a request. Model calls go through the called model's own batcher, exactly
+//! as `/v2` requests do; an instance may bring several rows to a call (the candidates a search
+//! scores), and they are batched with everyone else's.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -15,6 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::expression::Expression;
 use super::pipeline::Body;
 use crate::error::ServingError;
 use crate::infer::{InferRequest, RequestedOutput};
@@ -110,6 +114,24 @@ impl Column {
             Column::Ints(v) => Column::Ints(v[range].to_vec()),
             Column::Array(v) => Column::Array(v[range].to_vec()),
             Column::Items(v) => Column::Items(v[range].to_vec()),
+        }
+    }
+
+    /// Each instance's value `counts[i]` times over (its rows of a several-row model call).
+    fn repeat(&self, counts: &[usize]) -> Column {
+        fn each<T: Clone>(values: &[T], counts: &[usize]) -> Vec<T> {
+            values
+                .iter()
+                .zip(counts)
+                .flat_map(|(value, &count)| std::iter::repeat_n(value.clone(), count))
+                .collect()
+        }
+        match self {
+            Column::Number(v) => Column::Number(each(v, counts)),
+            Column::Text(v) => Column::Text(each(v, counts)),
+            Column::Ints(v) => Column::Ints(each(v, counts)),
+            Column::Array(v) => Column::Array(each(v, counts)),
+            Column::Items(v) => Column::Items(each(v, counts)),
         }
     }
 
@@ -216,6 +238,30 @@ pub enum Step {
         filter: Vec<(String, String)>,
         into: String,
     },
+    /// `count` evenly spaced numbers from `from` to `to`, both included: the candidates a search
+    /// scores (prices, say).
+    Grid {
+        from: String,
+        to: String,
+        count: usize,
+        into: String,
+    },
+    /// Named values side by side as the columns of a matrix [rows, columns]: an array gives one
+    /// element per row (all of one length), a number repeats on every row. What a model scores
+    /// as several rows of one instance.
+    Stack { columns: Vec<String>, into: String },
+    /// An expression over named numbers and arrays, element by element over arrays: a number,
+    /// or an array shaped as the first array it reads.
+    Arithmetic {
+        expression: Expression,
+        into: String,
+    },
+    /// Where `of` is largest: the element of `pick` there, or the position without `pick`.
+    Argmax {
+        of: String,
+        pick: Option<String>,
+        into: String,
+    },
 }
 
 /// Another served model a step calls, at a version reference (a number or an alias; empty for
@@ -306,7 +352,30 @@ pub(crate) enum StepFile {
         filter: BTreeMap<String, String>,
         into: String,
     },
+    Grid {
+        from: String,
+        to: String,
+        count: usize,
+        into: String,
+    },
+    Stack {
+        columns: Vec<String>,
+        into: String,
+    },
+    Arithmetic {
+        expr: String,
+        into: String,
+    },
+    Argmax {
+        of: String,
+        #[serde(default)]
+        pick: Option<String>,
+        into: String,
+    },
 }
+
+/// The most candidates a grid step makes per instance.
+const MAX_GRID: usize = 4096;
 
 /// How deep pipelines may call each other's (a cycle stops here instead of recursing forever).
 const MAX_PIPELINE_DEPTH: usize = 4;
@@ -336,6 +405,20 @@ impl Names {
             Some(&kind) => Err(format!(
                 "step {step} reads '{name}' as {}, but it is {}",
                 want.name(),
+                kind.name()
+            )),
+            None => Err(format!(
+                "step {step} reads '{name}', which no feature or earlier step provides"
+            )),
+        }
+    }
+
+    /// Reads `name` as a number or an array; which it is.
+    fn numeric(&self, step: usize, name: &str) -> Result<Kind, String> {
+        match self.0.get(name) {
+            Some(&kind @ (Kind::Number | Kind::Array)) => Ok(kind),
+            Some(&kind) => Err(format!(
+                "step {step} reads '{name}' as a number or an array, but it is {}",
                 kind.name()
             )),
             None => Err(format!(
@@ -535,6 +618,57 @@ impl Steps {
                         filter: filter.into_iter().collect(),
                         into,
                     }
+                }
+                StepFile::Grid {
+                    from,
+                    to,
+                    count,
+                    into,
+                } => {
+                    names.read(i, &from, Kind::Number)?;
+                    names.read(i, &to, Kind::Number)?;
+                    if !(2..=MAX_GRID).contains(&count) {
+                        return Err(format!(
+                            "step {i}: count must be from 2 to {MAX_GRID}, not {count}"
+                        ));
+                    }
+                    names.write(i, &into, Kind::Array)?;
+                    Step::Grid {
+                        from,
+                        to,
+                        count,
+                        into,
+                    }
+                }
+                StepFile::Stack { columns, into } => {
+                    if columns.is_empty() {
+                        return Err(format!("step {i}: stack names no columns"));
+                    }
+                    for column in &columns {
+                        names.numeric(i, column)?;
+                    }
+                    names.write(i, &into, Kind::Array)?;
+                    Step::Stack { columns, into }
+                }
+                StepFile::Arithmetic { expr, into } => {
+                    let expression =
+                        Expression::parse(&expr).map_err(|e| format!("step {i}: {e}"))?;
+                    let mut kind = Kind::Number;
+                    for name in expression.names() {
+                        if names.numeric(i, name)? == Kind::Array {
+                            kind = Kind::Array;
+                        }
+                    }
+                    names.write(i, &into, kind)?;
+                    Step::Arithmetic { expression, into }
+                }
+                StepFile::Argmax { of, pick, into } => {
+                    names.read(i, &of, Kind::Array)?;
+                    if let Some(pick) = &pick {
+                        names.read(i, pick, Kind::Array)?;
+                    }
+                    names.write(i, &into, Kind::Number)?;
+                    Step::Argmax { of, pick, into }
                 }
             };
             steps.push(step);
@@ -808,6 +942,90 @@ impl Steps {
                     columns.insert(into.clone(), Column::Items(ranked));
                     vec![into.clone()]
                 }
+                Step::Grid {
+                    from,
+                    to,
+                    count,
+                    into,
+                } => {
+                    let (Some(Column::Number(low)), Some(Column::Number(high))) =
+                        (columns.get(from), columns.get(to))
+                    else {
+                        return Err(missing(i, from));
+                    };
+                    let grids = low
+                        .iter()
+                        .zip(high)
+                        .map(|(&low, &high)| grid(low, high, *count))
+                        .collect();
+                    columns.insert(into.clone(), Column::Array(grids));
+                    vec![into.clone()]
+                }
+                Step::Stack {
+                    columns: stacked,
+                    into,
+                } => {
+                    let parts = stacked
+                        .iter()
+                        .map(|name| {
+                            columns
+                                .get(name)
+                                .map(|c| (name, c))
+                                .ok_or_else(|| missing(i, name))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let matrices = (0..n)
+                        .map(|instance| stack(&parts, instance))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| ServingError::Internal(format!("pipeline step {i}: {e}")))?;
+                    columns.insert(into.clone(), Column::Array(matrices));
+                    vec![into.clone()]
+                }
+                Step::Arithmetic { expression, into } => {
+                    let operands = expression
+                        .names()
+                        .iter()
+                        .map(|name| {
+                            columns
+                                .get(name)
+                                .map(|c| (name, c))
+                                .ok_or_else(|| missing(i, name))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let result = evaluate(expression, &operands, n).map_err(|e| {
+                        ServingError::Internal(format!(
+                            "pipeline step {i} ('{}'): {e}",
+                            expression.text()
+                        ))
+                    })?;
+                    columns.insert(into.clone(), result);
+                    vec![into.clone()]
+                }
+                Step::Argmax { of, pick, into } => {
+                    let Some(Column::Array(scored)) = columns.get(of) else {
+                        return Err(missing(i, of));
+                    };
+                    let picked = match pick {
+                        Some(name) => match columns.get(name) {
+                            Some(Column::Array(values)) => Some(values),
+                            _ => return Err(missing(i, name)),
+                        },
+                        None => None,
+                    };
+                    let best = scored
+                        .iter()
+                        .enumerate()
+                        .map(|(instance, scores)| {
+                            argmax(
+                                &scores.data,
+                                picked.map(|values| &values[instance].data[..]),
+                            )
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| ServingError::Internal(format!("pipeline step {i}: {e}")))?;
+                    columns.insert(into.clone(), Column::Number(best));
+                    vec![into.clone()]
+                }
             };
             // Every value holds one entry per instance, or the answers would misalign.
             if let Some(short) = written
@@ -1067,8 +1285,11 @@ fn check_call(
     Ok(())
 }
 
-/// Calls `model` for all `n` instances in requests of at most its `max_batch_size`; one column
-/// per output, one array per instance.
+/// Calls `model` for all `n` instances in requests of at most its `max_batch_size` rows; one
+/// column per output, one array per instance. An instance is one row, or several where an input
+/// array has one dimension more than the model input's rows (its first dimension counts them:
+/// a grid of candidates to score); then the instance's single-row inputs repeat on each of its
+/// rows, and its outputs come back stacked, [rows, ...].
 async fn call(
     model: &Arc<LoadedModel>,
     inputs: &[(String, String)],
@@ -1077,23 +1298,49 @@ async fn call(
     n: usize,
     request_id: &str,
 ) -> Result<Vec<Column>, ServingError> {
+    let mut given = Vec::with_capacity(inputs.len());
+    let mut counts: Option<Vec<usize>> = None;
+    for (tensor, value) in inputs {
+        let (_, declared) = model
+            .spec()
+            .input(tensor)
+            .ok_or_else(|| ServingError::Internal(format!("no input '{tensor}'")))?;
+        let column = columns
+            .get(value)
+            .ok_or_else(|| ServingError::Internal(format!("'{value}' is missing")))?;
+        let (rows, per_instance) = model_rows(tensor, declared.dims.len(), column)?;
+        let several = per_instance.is_some();
+        if let Some(per_instance) = per_instance {
+            match &counts {
+                Some(known) if *known != per_instance => {
+                    return Err(ServingError::Internal(format!(
+                        "the inputs of model '{}' give different numbers of rows per instance",
+                        model.spec().name
+                    )));
+                }
+                Some(_) => {}
+                None => counts = Some(per_instance),
+            }
+        }
+        given.push((tensor, declared.dtype, rows, several));
+    }
+    if let Some(counts) = &counts {
+        for (_, _, rows, several) in &mut given {
+            if !*several {
+                *rows = Cow::Owned(rows.repeat(counts));
+            }
+        }
+    }
+    let total = counts.as_ref().map_or(n, |c| c.iter().sum());
     let chunk = model.spec().max_batch_size.max(1);
-    let starts: Vec<usize> = (0..n).step_by(chunk).collect();
-    let requests = starts
-        .iter()
-        .map(|&start| {
-            let rows = start..(start + chunk).min(n);
-            let tensors = inputs
+    let requests = (0..total)
+        .step_by(chunk)
+        .map(|start| {
+            let rows = start..(start + chunk).min(total);
+            let tensors = given
                 .iter()
-                .map(|(tensor, value)| {
-                    let (_, declared) = model
-                        .spec()
-                        .input(tensor)
-                        .ok_or_else(|| ServingError::Internal(format!("no input '{tensor}'")))?;
-                    let column = columns
-                        .get(value)
-                        .ok_or_else(|| ServingError::Internal(format!("'{value}' is missing")))?;
-                    input_tensor(tensor, declared.dtype, column, rows.clone())
+                .map(|(tensor, dtype, column, _)| {
+                    input_tensor(tensor, *dtype, column, rows.clone())
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(InferRequest {
@@ -1111,13 +1358,85 @@ async fn call(
         .buffered(CHUNKS_IN_FLIGHT)
         .try_collect()
         .await?;
-    let mut produced: Vec<Vec<Array>> = outputs.iter().map(|_| Vec::with_capacity(n)).collect();
+    let mut produced: Vec<Vec<Array>> = outputs.iter().map(|_| Vec::with_capacity(total)).collect();
     for response in responses {
         for (column, tensor) in produced.iter_mut().zip(&response.outputs) {
             column.extend(split_rows(tensor)?);
         }
     }
-    Ok(produced.into_iter().map(Column::Array).collect())
+    produced
+        .into_iter()
+        .map(|rows| match &counts {
+            None => Ok(Column::Array(rows)),
+            Some(counts) => regroup(rows, counts).map(Column::Array),
+        })
+        .collect()
+}
+
+/// `column` as rows of a model input whose rows have `rank` dimensions, and how many rows each
+/// instance gives where an instance's array has one dimension more (several rows); else the
+/// column as it is, one row per instance.
+fn model_rows<'a>(
+    tensor: &str,
+    rank: usize,
+    column: &'a Column,
+) -> Result<(Cow<'a, Column>, Option<Vec<usize>>), ServingError> {
+    let Column::Array(arrays) = column else {
+        return Ok((Cow::Borrowed(column), None));
+    };
+    if !arrays.iter().any(|a| a.shape.len() == rank + 1) {
+        return Ok((Cow::Borrowed(column), None));
+    }
+    let mut rows = Vec::new();
+    let mut counts = Vec::with_capacity(arrays.len());
+    for (instance, array) in arrays.iter().enumerate() {
+        let (count, row_shape) = match array.shape.split_first() {
+            Some((&count, row_shape)) if array.shape.len() == rank + 1 => (count, row_shape),
+            _ => {
+                return Err(ServingError::Internal(format!(
+                    "model input '{tensor}' takes rows of {rank} dimensions, several per instance or one; instance {instance} gives shape {:?}",
+                    array.shape
+                )));
+            }
+        };
+        let size = row_shape.iter().product::<usize>();
+        if array.data.len() != count * size {
+            return Err(ServingError::Internal(format!(
+                "instance {instance}'s '{tensor}' has {} values for shape {:?}",
+                array.data.len(),
+                array.shape
+            )));
+        }
+        rows.extend((0..count).map(|r| Array {
+            shape: row_shape.to_vec(),
+            data: array.data[r * size..(r + 1) * size].to_vec(),
+        }));
+        counts.push(count);
+    }
+    Ok((Cow::Owned(Column::Array(rows)), Some(counts)))
+}
+
+/// One output's rows back into one array per instance, `counts[i]` rows stacked for instance i.
+fn regroup(rows: Vec<Array>, counts: &[usize]) -> Result<Vec<Array>, ServingError> {
+    let mut rows = rows.into_iter();
+    counts
+        .iter()
+        .map(|&count| {
+            let taken: Vec<Array> = rows.by_ref().take(count).collect();
+            let row_shape = taken.first().map(|r| r.shape.clone()).unwrap_or_default();
+            if taken.len() != count || taken.iter().any(|r| r.shape != row_shape) {
+                return Err(ServingError::Internal(
+                    "a model's output rows do not stack back into their instances".into(),
+                ));
+            }
+            let mut shape = vec![count];
+            shape.extend(row_shape);
+            Ok(Array {
+                shape,
+                data: taken.into_iter().flat_map(|r| r.data).collect(),
+            })
+        })
+        .collect()
 }
 
 /// Rows `rows` of `column` as the model input `name` of type `dtype`: integer sequences padded
@@ -1285,6 +1604,140 @@ fn l2_normalize(array: &Array) -> Array {
     }
 }
 
+/// `count` numbers from `low` to `high`, evenly spaced, both ends included.
+fn grid(low: f64, high: f64, count: usize) -> Array {
+    let step = (high - low) / (count - 1) as f64;
+    Array {
+        shape: vec![count],
+        data: (0..count)
+            .map(|i| {
+                (if i + 1 == count {
+                    high
+                } else {
+                    low + step * i as f64
+                }) as f32
+            })
+            .collect(),
+    }
+}
+
+/// One instance's matrix of `parts` as columns: arrays give one element per row, numbers repeat.
+fn stack(parts: &[(&String, &Column)], instance: usize) -> Result<Array, String> {
+    let rows = common_length(parts, instance)?.unwrap_or(1);
+    let mut data = Vec::with_capacity(rows * parts.len());
+    for row in 0..rows {
+        for (_, column) in parts {
+            data.push(element(column, instance, row));
+        }
+    }
+    Ok(Array {
+        shape: vec![rows, parts.len()],
+        data,
+    })
+}
+
+/// The element count every array among `parts` has at `instance` (`None` when none is an
+/// array), or which two differ.
+fn common_length(parts: &[(&String, &Column)], instance: usize) -> Result<Option<usize>, String> {
+    let mut common: Option<(&String, usize)> = None;
+    for (name, column) in parts {
+        if let Column::Array(arrays) = column {
+            let length = arrays[instance].data.len();
+            match common {
+                None => common = Some((name, length)),
+                Some((first, expected)) if expected != length => {
+                    return Err(format!(
+                        "'{first}' has {expected} elements and '{name}' {length}; element by element needs one length"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(common.map(|(_, length)| length))
+}
+
+/// Element `at` of a number or array column at `instance`, as f32 (a number is every element).
+fn element(column: &Column, instance: usize, at: usize) -> f32 {
+    match column {
+        Column::Number(values) => values[instance] as f32,
+        Column::Array(arrays) => arrays[instance].data[at],
+        _ => f32::NAN,
+    }
+}
+
+/// `expression` over `operands` for each of `n` instances: numbers for numbers, and element by
+/// element over arrays (shaped as the first array read).
+fn evaluate(
+    expression: &Expression,
+    operands: &[(&String, &Column)],
+    n: usize,
+) -> Result<Column, String> {
+    let mut values = vec![0.0; operands.len()];
+    let Some(shaper) = operands.iter().find_map(|(_, column)| match column {
+        Column::Array(arrays) => Some(arrays),
+        _ => None,
+    }) else {
+        let mut numbers = Vec::with_capacity(n);
+        for instance in 0..n {
+            for (value, (_, column)) in values.iter_mut().zip(operands) {
+                *value = match column {
+                    Column::Number(v) => v[instance],
+                    _ => f64::NAN,
+                };
+            }
+            numbers.push(expression.eval(&values)?);
+        }
+        return Ok(Column::Number(numbers));
+    };
+    let mut arrays = Vec::with_capacity(n);
+    for instance in 0..n {
+        let length = common_length(operands, instance)?.unwrap_or(0);
+        let mut data = Vec::with_capacity(length);
+        for at in 0..length {
+            for (value, (_, column)) in values.iter_mut().zip(operands) {
+                // Numbers stay f64: a price bound keeps its precision.
+                *value = match column {
+                    Column::Number(v) => v[instance],
+                    other => f64::from(element(other, instance, at)),
+                };
+            }
+            data.push(expression.eval(&values)? as f32);
+        }
+        arrays.push(Array {
+            shape: shaper[instance].shape.clone(),
+            data,
+        });
+    }
+    Ok(Column::Array(arrays))
+}
+
+/// The element of `pick` (or the position) where `scores` is largest, the first on ties; NaN
+/// scores are passed over, and NaN is the answer when every score is NaN.
+fn argmax(scores: &[f32], pick: Option<&[f32]>) -> Result<f64, String> {
+    if let Some(pick) = pick
+        && pick.len() != scores.len()
+    {
+        return Err(format!(
+            "argmax has {} scores for {} values to pick from",
+            scores.len(),
+            pick.len()
+        ));
+    }
+    let best = scores.iter().enumerate().filter(|(_, s)| !s.is_nan()).fold(
+        None,
+        |best: Option<(usize, f32)>, (i, &s)| match best {
+            Some((_, b)) if b >= s => best,
+            _ => Some((i, s)),
+        },
+    );
+    Ok(match (best, pick) {
+        (None, _) => f64::NAN,
+        (Some((i, _)), Some(pick)) => f64::from(pick[i]),
+        (Some((i, _)), None) => i as f64,
+    })
+}
+
 fn nested(shape: &[usize], data: &[f32]) -> Value {
     match shape {
         [] => data
@@ -1299,7 +1752,7 @@ fn nested(shape: &[usize], data: &[f32]) -> Value {
 }
 
 /// f32 values are shown with f32's shortest text (as `/v2` does), not f64's long one.
-fn json_number(value: f64) -> Value {
+pub(crate) fn json_number(value: f64) -> Value {
     let short = (value as f32).to_string().parse().unwrap_or(value);
     serde_json::Number::from_f64(short).map_or(Value::Null, Value::Number)
 }
@@ -1409,6 +1862,149 @@ mod tests {
             .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
             .collect();
         assert_eq!(values, [5, 6, 7, 8, 0, 0]);
+    }
+
+    fn named(columns: &[(&str, Column)]) -> Vec<(String, Column)> {
+        columns
+            .iter()
+            .map(|(name, column)| (name.to_string(), column.clone()))
+            .collect()
+    }
+
+    fn refs(columns: &[(String, Column)]) -> Vec<(&String, &Column)> {
+        columns
+            .iter()
+            .map(|(name, column)| (name, column))
+            .collect()
+    }
+
+    #[test]
+    fn a_grid_spans_both_ends_evenly() {
+        let grid = grid(0.5, 1.5, 5);
+        assert_eq!(grid.shape, [5]);
+        assert_eq!(grid.data, [0.5, 0.75, 1.0, 1.25, 1.5]);
+    }
+
+    #[test]
+    fn stack_puts_arrays_in_rows_and_repeats_numbers() {
+        let columns = named(&[
+            (
+                "m",
+                Column::Array(vec![Array {
+                    shape: vec![3],
+                    data: vec![1.0, 2.0, 3.0],
+                }]),
+            ),
+            ("h", Column::Number(vec![9.0])),
+        ]);
+        let matrix = stack(&refs(&columns), 0).unwrap();
+        assert_eq!(matrix.shape, [3, 2]);
+        assert_eq!(matrix.data, [1.0, 9.0, 2.0, 9.0, 3.0, 9.0]);
+        let uneven = named(&[
+            ("m", columns[0].1.clone()),
+            (
+                "k",
+                Column::Array(vec![Array {
+                    shape: vec![2],
+                    data: vec![1.0, 2.0],
+                }]),
+            ),
+        ]);
+        assert!(stack(&refs(&uneven), 0).unwrap_err().contains("one length"));
+    }
+
+    #[test]
+    fn arithmetic_goes_element_by_element_over_arrays() {
+        let columns = named(&[
+            (
+                "m",
+                Column::Array(vec![Array {
+                    shape: vec![2],
+                    data: vec![1.0, 2.0],
+                }]),
+            ),
+            (
+                "d",
+                Column::Array(vec![Array {
+                    shape: vec![2, 1],
+                    data: vec![0.5, 0.25],
+                }]),
+            ),
+            ("base", Column::Number(vec![10.0])),
+        ]);
+        let expression = Expression::parse("m * d * base").unwrap();
+        let operands: Vec<(&String, &Column)> = expression
+            .names()
+            .iter()
+            .map(|name| {
+                let (name, column) = columns.iter().find(|(n, _)| n == name).unwrap();
+                (name, column)
+            })
+            .collect();
+        let Column::Array(result) = evaluate(&expression, &operands, 1).unwrap() else {
+            panic!("an array");
+        };
+        assert_eq!(result[0].shape, [2]);
+        assert_eq!(result[0].data, [5.0, 5.0]);
+        let numbers = named(&[("base", Column::Number(vec![10.0, 20.0]))]);
+        let halved = Expression::parse("base / 2").unwrap();
+        let Column::Number(values) = evaluate(&halved, &refs(&numbers), 2).unwrap() else {
+            panic!("numbers");
+        };
+        assert_eq!(values, [5.0, 10.0]);
+    }
+
+    #[test]
+    fn argmax_picks_the_first_best_and_passes_over_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0], None).unwrap(), 1.0);
+        assert_eq!(
+            argmax(&[f32::NAN, 1.0, 0.5], Some(&[7.0, 8.0, 9.0])).unwrap(),
+            8.0
+        );
+        assert!(argmax(&[f32::NAN], None).unwrap().is_nan());
+        assert!(argmax(&[1.0], Some(&[1.0, 2.0])).is_err());
+    }
+
+    #[test]
+    fn an_instance_with_an_extra_dimension_gives_several_rows() {
+        let column = Column::Array(vec![
+            Array {
+                shape: vec![2, 3],
+                data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            },
+            Array {
+                shape: vec![1, 3],
+                data: vec![7.0, 8.0, 9.0],
+            },
+        ]);
+        let (rows, counts) = model_rows("X", 1, &column).unwrap();
+        assert_eq!(counts, Some(vec![2, 1]));
+        let Column::Array(rows) = rows.as_ref() else {
+            panic!("rows");
+        };
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[1].data, [4.0, 5.0, 6.0]);
+        let regrouped = regroup(rows.clone(), &[2, 1]).unwrap();
+        assert_eq!(regrouped[0].shape, [2, 3]);
+        assert_eq!(regrouped[1].data, [7.0, 8.0, 9.0]);
+        // One row per instance stays as it is; a shape of neither rank is refused.
+        let single = Column::Array(vec![Array {
+            shape: vec![3],
+            data: vec![1.0, 2.0, 3.0],
+        }]);
+        assert_eq!(model_rows("X", 1, &single).unwrap().1, None);
+        let mixed = Column::Array(vec![
+            Array {
+                shape: vec![1, 3],
+                data: vec![1.0, 2.0, 3.0],
+            },
+            Array {
+                shape: vec![3],
+                data: vec![1.0, 2.0, 3.0],
+            },
+        ]);
+        assert!(model_rows("X", 1, &mixed).is_err());
+        assert_eq!(Column::Number(vec![1.0, 2.0]).repeat(&[2, 1]).len(), 3);
     }
 
     #[test]
