@@ -125,6 +125,9 @@ pub enum TrainedModel {
     /// Movie search (`movie_search`): the descriptions embedded by the registry's `embedding`
     /// as an index, measured on the labelled queries against keyword search.
     MovieIndex,
+    /// Ticket prices: a LightGBM demand model searched over candidate prices within the
+    /// constraints, measured in the world's demand curve against the rule table.
+    Pricing,
 }
 
 pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
@@ -167,6 +170,7 @@ pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
         TrainedModel::Fraud => train::fraud::train(&options).await?,
         TrainedModel::Embedding => train::embedding::train(&options).await?,
         TrainedModel::MovieIndex => train::movie_index::train(&options).await?,
+        TrainedModel::Pricing => train::pricing::train(&options).await?,
     };
     if args.json {
         println!(

@@ -12,15 +12,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray};
-use marquee_feature_store::Definitions;
-use marquee_feature_store::offline::{self, StorePath};
+use marquee_feature_store::offline;
 use marquee_registry::PushFile;
 use serde_json::json;
 
 use super::baseline::{DriftBaseline, Histogram, InputHistogram};
-use super::{Evaluator, TrainOptions, Trained};
+use super::{Evaluator, TrainOptions, Trained, column, numbers, times_ms};
 use crate::TrainingError;
 use crate::metrics::{recall_at_fpr, roc_auc};
 
@@ -74,8 +72,9 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
             subset.iter().map(|&i| Some(rows.is_fraud[i])),
         ))
     };
-    write_rows(
+    super::write_rows(
         &train_path,
+        &COLUMNS,
         &matrix,
         &train,
         vec![("is_fraud", is_fraud(&train))],
@@ -113,8 +112,9 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         Ok((auc, recall))
     };
     // The test rows as the served model saw them, with its scores: what serving must reproduce.
-    write_rows(
+    super::write_rows(
         &options.work.join("fraud-test-scores.parquet"),
+        &COLUMNS,
         &matrix,
         &test,
         vec![
@@ -239,7 +239,7 @@ fn evaluator_scores(
     rows: &[usize],
 ) -> Result<Vec<f64>, TrainingError> {
     Ok(evaluator
-        .score(&row_major(matrix, rows), COLUMNS.len())?
+        .score(&super::row_major(matrix, rows), COLUMNS.len())?
         .into_iter()
         .map(f64::from)
         .collect())
@@ -315,16 +315,6 @@ impl BookingRows {
     }
 }
 
-fn column<'a>(
-    batch: &'a RecordBatch,
-    name: &str,
-    table: &str,
-) -> Result<&'a ArrayRef, TrainingError> {
-    batch
-        .column_by_name(name)
-        .ok_or_else(|| TrainingError::Data(format!("{table} has no column '{name}'")))
-}
-
 /// A text column, nulls as empty (the feature store's reader, which also takes integer ids).
 fn strings(array: &ArrayRef, name: &str) -> Result<Vec<String>, TrainingError> {
     Ok(offline::key_strings(array, name)
@@ -332,25 +322,6 @@ fn strings(array: &ArrayRef, name: &str) -> Result<Vec<String>, TrainingError> {
         .into_iter()
         .map(Option::unwrap_or_default)
         .collect())
-}
-
-fn floats(array: &ArrayRef, name: &str) -> Result<Vec<f64>, TrainingError> {
-    if let Some(ints) = array.as_primitive_opt::<Int64Type>() {
-        return Ok(ints.iter().map(|v| v.unwrap_or(0) as f64).collect());
-    }
-    let floats = array
-        .as_primitive_opt::<Float64Type>()
-        .ok_or_else(|| TrainingError::Data(format!("column '{name}' is not numeric")))?;
-    Ok(floats.iter().map(|v| v.unwrap_or(0.0)).collect())
-}
-
-/// Event times in ms (the feature store's reader: any timestamp unit, ms integers, RFC 3339).
-fn millis(array: &ArrayRef, name: &str) -> Result<Vec<i64>, TrainingError> {
-    offline::timestamps_ms(array, name)
-        .map_err(|e| TrainingError::Data(e.to_string()))?
-        .into_iter()
-        .map(|t| t.ok_or_else(|| TrainingError::Data(format!("column '{name}' has a null time"))))
-        .collect()
 }
 
 fn booking_rows(
@@ -361,7 +332,7 @@ fn booking_rows(
     let ids = strings(column(bookings, "booking_id", table)?, "booking_id")?;
     let user_id = strings(column(bookings, "user_id", table)?, "user_id")?;
     let devices = strings(column(bookings, "device_id", table)?, "device_id")?;
-    let booked_ms = millis(column(bookings, "booked_at", table)?, "booked_at")?;
+    let booked_ms = times_ms(column(bookings, "booked_at", table)?, "booked_at")?;
     let label_ids = strings(
         column(labels, "booking_id", "labels/fraud.parquet")?,
         "booking_id",
@@ -394,12 +365,12 @@ fn booking_rows(
     }
     Ok(BookingRows {
         booking_id: ids,
-        distance_km: floats(
+        distance_km: numbers(
             column(bookings, "distance_from_home_km", table)?,
             "distance_from_home_km",
         )?,
-        seats: floats(column(bookings, "seats", table)?, "seats")?,
-        amount: floats(column(bookings, "amount", table)?, "amount")?,
+        seats: numbers(column(bookings, "seats", table)?, "seats")?,
+        amount: numbers(column(bookings, "amount", table)?, "amount")?,
         hour_of_day: booked_ms
             .iter()
             .map(|ms| ms.rem_euclid(DAY_MS) as f64 / HOUR_MS as f64)
@@ -417,14 +388,6 @@ async fn with_stored_features(
     options: &TrainOptions,
     rows: &BookingRows,
 ) -> Result<RecordBatch, TrainingError> {
-    let definitions_location = super::source_location(&options.data, "features.toml");
-    let definitions =
-        Definitions::load(std::path::Path::new(&definitions_location)).map_err(|e| {
-            TrainingError::Data(format!("{e} (a world from marquee data generate has one)"))
-        })?;
-    let references: Vec<String> = STORED.iter().map(|r| r.to_string()).collect();
-    let features = marquee_feature_store::jobs::parse_feature_refs(&definitions, &references)
-        .map_err(|e| TrainingError::Data(e.to_string()))?;
     let entities = RecordBatch::try_from_iter([
         (
             "user_id",
@@ -452,22 +415,7 @@ async fn with_stored_features(
         ),
     ])
     .map_err(|e| TrainingError::Data(e.to_string()))?;
-    let data = options.data.clone();
-    marquee_feature_store::jobs::training_set(&entities, "booked_at", &features, |view| {
-        let source = view.source.as_ref().ok_or_else(|| {
-            marquee_feature_store::FeatureStoreError::Offline(format!(
-                "feature view '{}' has no offline source",
-                view.name
-            ))
-        })?;
-        StorePath::open(
-            &super::source_location(&data, &source.path),
-            std::path::Path::new("."),
-            &[],
-        )
-    })
-    .await
-    .map_err(|e| TrainingError::Data(e.to_string()))
+    super::point_in_time(options, &entities, "booked_at", &STORED).await
 }
 
 /// The model columns of the joined set, as f32 (booleans 0/1), column by column.
@@ -482,41 +430,10 @@ fn columns(set: &RecordBatch) -> Result<Vec<Vec<f32>>, TrainingError> {
                     .map(|v| f32::from(u8::from(v.unwrap_or(false))))
                     .collect());
             }
-            Ok(floats(array, name)?.into_iter().map(|v| v as f32).collect())
+            Ok(numbers(array, name)?
+                .into_iter()
+                .map(|v| v as f32)
+                .collect())
         })
         .collect()
-}
-
-fn row_major(matrix: &[Vec<f32>], rows: &[usize]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows.len() * matrix.len());
-    for &i in rows {
-        out.extend(matrix.iter().map(|column| column[i]));
-    }
-    out
-}
-
-/// Writes `rows` of the model's columns, then `extra` columns, as Parquet.
-fn write_rows(
-    path: &std::path::Path,
-    matrix: &[Vec<f32>],
-    rows: &[usize],
-    extra: Vec<(&str, ArrayRef)>,
-) -> Result<(), TrainingError> {
-    let mut columns: Vec<(&str, ArrayRef)> = COLUMNS
-        .iter()
-        .zip(matrix)
-        .map(|(name, column)| {
-            (
-                *name,
-                Arc::new(arrow_array::Float32Array::from_iter_values(
-                    rows.iter().map(|&i| column[i]),
-                )) as ArrayRef,
-            )
-        })
-        .collect();
-    columns.extend(extra);
-    let batch =
-        RecordBatch::try_from_iter(columns).map_err(|e| TrainingError::Output(e.to_string()))?;
-    let bytes = crate::data::write::parquet(&batch)?;
-    super::write_file(path, &bytes)
 }

@@ -10,14 +10,17 @@ pub mod baseline;
 pub mod embedding;
 pub mod fraud;
 pub mod movie_index;
+pub mod pricing;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
-use arrow_array::{Array, RecordBatch};
+use arrow_array::types::{Float32Type, Float64Type, Int64Type};
+use arrow_array::{Array, ArrayRef, RecordBatch};
 use bytes::Bytes;
-use marquee_feature_store::offline::StorePath;
+use marquee_feature_store::Definitions;
+use marquee_feature_store::offline::{self, StorePath};
 use marquee_registry::{Manifest, PushFile, Quiet, Registry};
 use marquee_serving::backend::onnx::OnnxRuntime;
 use marquee_serving::backend::{
@@ -91,6 +94,70 @@ pub fn text_column(
     Ok(column.iter().flatten().map(str::to_string).collect())
 }
 
+/// A column of a world table, by name.
+pub fn column<'a>(
+    batch: &'a RecordBatch,
+    name: &str,
+    table: &str,
+) -> Result<&'a ArrayRef, TrainingError> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| TrainingError::Data(format!("{table} has no column '{name}'")))
+}
+
+/// A numeric column (int64, float32 or float64) as f64, nulls as 0.
+pub fn numbers(array: &ArrayRef, name: &str) -> Result<Vec<f64>, TrainingError> {
+    if let Some(ints) = array.as_primitive_opt::<Int64Type>() {
+        return Ok(ints.iter().map(|v| v.unwrap_or(0) as f64).collect());
+    }
+    if let Some(floats) = array.as_primitive_opt::<Float32Type>() {
+        return Ok(floats.iter().map(|v| f64::from(v.unwrap_or(0.0))).collect());
+    }
+    let floats = array
+        .as_primitive_opt::<Float64Type>()
+        .ok_or_else(|| TrainingError::Data(format!("column '{name}' is not numeric")))?;
+    Ok(floats.iter().map(|v| v.unwrap_or(0.0)).collect())
+}
+
+/// Event times in ms (the feature store's reader: any timestamp unit, ms integers, RFC 3339).
+pub fn times_ms(array: &ArrayRef, name: &str) -> Result<Vec<i64>, TrainingError> {
+    offline::timestamps_ms(array, name)
+        .map_err(|e| TrainingError::Data(e.to_string()))?
+        .into_iter()
+        .map(|t| t.ok_or_else(|| TrainingError::Data(format!("column '{name}' has a null time"))))
+        .collect()
+}
+
+/// `entities` with the stored features `references` (`view:feature`) as of each row's
+/// `time_column`: the feature store's point-in-time join over the world's own definitions, the
+/// ones serving reads.
+pub async fn point_in_time(
+    options: &TrainOptions,
+    entities: &RecordBatch,
+    time_column: &str,
+    references: &[&str],
+) -> Result<RecordBatch, TrainingError> {
+    let definitions_location = source_location(&options.data, "features.toml");
+    let definitions = Definitions::load(Path::new(&definitions_location)).map_err(|e| {
+        TrainingError::Data(format!("{e} (a world from marquee data generate has one)"))
+    })?;
+    let references: Vec<String> = references.iter().map(|r| r.to_string()).collect();
+    let features = marquee_feature_store::jobs::parse_feature_refs(&definitions, &references)
+        .map_err(|e| TrainingError::Data(e.to_string()))?;
+    let data = options.data.clone();
+    marquee_feature_store::jobs::training_set(entities, time_column, &features, |view| {
+        let source = view.source.as_ref().ok_or_else(|| {
+            marquee_feature_store::FeatureStoreError::Offline(format!(
+                "feature view '{}' has no offline source",
+                view.name
+            ))
+        })?;
+        StorePath::open(&source_location(&data, &source.path), Path::new("."), &[])
+    })
+    .await
+    .map_err(|e| TrainingError::Data(e.to_string()))
+}
+
 /// `path` inside the world at `data`: joined as a URL for object stores, as a path locally.
 pub fn source_location(data: &str, path: &str) -> String {
     if data.contains("://") && !data.starts_with("file://") {
@@ -112,6 +179,42 @@ pub fn read_trainer_output(path: &Path) -> Result<Bytes, TrainingError> {
     std::fs::read(path)
         .map(Bytes::from)
         .map_err(|e| TrainingError::Trainer(format!("{}: {e}", path.display())))
+}
+
+/// `rows` of a column-major matrix, row after row (what a model input takes).
+pub fn row_major(matrix: &[Vec<f32>], rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * matrix.len());
+    for &i in rows {
+        out.extend(matrix.iter().map(|column| column[i]));
+    }
+    out
+}
+
+/// Writes `rows` of the matrix's columns (named `names`), then `extra` columns, as Parquet.
+pub fn write_rows(
+    path: &Path,
+    names: &[&str],
+    matrix: &[Vec<f32>],
+    rows: &[usize],
+    extra: Vec<(&str, ArrayRef)>,
+) -> Result<(), TrainingError> {
+    let mut columns: Vec<(&str, ArrayRef)> = names
+        .iter()
+        .zip(matrix)
+        .map(|(name, column)| {
+            (
+                *name,
+                Arc::new(arrow_array::Float32Array::from_iter_values(
+                    rows.iter().map(|&i| column[i]),
+                )) as ArrayRef,
+            )
+        })
+        .collect();
+    columns.extend(extra);
+    let batch =
+        RecordBatch::try_from_iter(columns).map_err(|e| TrainingError::Output(e.to_string()))?;
+    let bytes = crate::data::write::parquet(&batch)?;
+    write_file(path, &bytes)
 }
 
 /// A path as the text a trainer's command line takes.
@@ -320,9 +423,12 @@ impl Candidate {
             push_to(&location, &version.model, version.files, version.manifest).await?;
             pins.push(version.model);
         }
+        // The world's feature definitions, for pipelines that read feature views.
+        let features = PathBuf::from(source_location(&options.data, "features.toml"));
         let config = ServeConfig {
             registry: Some(location),
             pins: pins.iter().map(|model| format!("{model}:1")).collect(),
+            features: features.is_file().then_some(features),
             ort_library: Some(options.onnxruntime.clone()),
             host: [127, 0, 0, 1].into(),
             http_port: 0,
