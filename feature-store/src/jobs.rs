@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use arrow_array::builder::{
-    BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, StringBuilder,
+    BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
 };
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
@@ -215,6 +215,9 @@ fn arrow_type(dtype: DType) -> DataType {
         DType::Float64 => DataType::Float64,
         DType::Bool => DataType::Boolean,
         DType::String => DataType::Utf8,
+        DType::Int64List => DataType::new_list(DataType::Int64, true),
+        DType::Float32List => DataType::new_list(DataType::Float32, true),
+        DType::StringList => DataType::new_list(DataType::Utf8, true),
     }
 }
 
@@ -269,6 +272,39 @@ fn build_column(dtype: DType, values: impl Iterator<Item = FeatureValue>) -> Arr
             values.for_each(|v| {
                 b.append_option(if let FeatureValue::String(x) = v {
                     Some(x)
+                } else {
+                    None
+                })
+            });
+            Arc::new(b.finish())
+        }
+        DType::Int64List => {
+            let mut b = ListBuilder::new(Int64Builder::new());
+            values.for_each(|v| {
+                b.append_option(if let FeatureValue::Ints(x) = v {
+                    Some(x.into_iter().map(Some))
+                } else {
+                    None
+                })
+            });
+            Arc::new(b.finish())
+        }
+        DType::Float32List => {
+            let mut b = ListBuilder::new(Float32Builder::new());
+            values.for_each(|v| {
+                b.append_option(if let FeatureValue::Floats(x) = v {
+                    Some(x.into_iter().map(Some))
+                } else {
+                    None
+                })
+            });
+            Arc::new(b.finish())
+        }
+        DType::StringList => {
+            let mut b = ListBuilder::new(StringBuilder::new());
+            values.for_each(|v| {
+                b.append_option(if let FeatureValue::Strings(x) = v {
+                    Some(x.into_iter().map(Some))
                 } else {
                     None
                 })

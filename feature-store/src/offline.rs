@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType};
+use arrow_array::types::{Float32Type, Float64Type, Int64Type, TimestampMillisecondType};
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
 use bytes::Bytes;
@@ -309,10 +309,12 @@ fn feature_values(
         DType::Int64 => source.is_integer(),
         DType::Float32 | DType::Float64 => source.is_integer() || source.is_floating(),
         DType::Bool => *source == DataType::Boolean,
-        DType::String => matches!(
-            source,
-            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-        ),
+        DType::String => is_text(source),
+        DType::Int64List => list_item(source).is_some_and(DataType::is_integer),
+        DType::Float32List => {
+            list_item(source).is_some_and(|item| item.is_integer() || item.is_floating())
+        }
+        DType::StringList => list_item(source).is_some_and(is_text),
     };
     if !compatible {
         return Err(FeatureStoreError::Offline(format!(
@@ -324,6 +326,7 @@ fn feature_values(
         arrow_cast::cast(array, to)
             .map_err(|e| FeatureStoreError::Offline(format!("column '{name}': {e}")))
     };
+    let list_of = |item: DataType| DataType::new_list(item, true);
     Ok(match dtype {
         DType::Int64 => cast(&DataType::Int64)?
             .as_primitive::<Int64Type>()
@@ -350,7 +353,69 @@ fn feature_values(
             .iter()
             .map(|v| v.map(|v| FeatureValue::String(v.to_string())))
             .collect(),
+        // A null inside a list has no value to stand for: the list is refused, not shortened.
+        DType::Int64List => lists(&cast(&list_of(DataType::Int64))?, name, |items| {
+            items
+                .as_primitive::<Int64Type>()
+                .iter()
+                .collect::<Option<Vec<_>>>()
+                .map(FeatureValue::Ints)
+        })?,
+        DType::Float32List => lists(&cast(&list_of(DataType::Float32))?, name, |items| {
+            items
+                .as_primitive::<Float32Type>()
+                .iter()
+                .collect::<Option<Vec<_>>>()
+                .map(FeatureValue::Floats)
+        })?,
+        DType::StringList => lists(&cast(&list_of(DataType::Utf8))?, name, |items| {
+            items
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .map(FeatureValue::Strings)
+        })?,
     })
+}
+
+fn is_text(data_type: &DataType) -> bool {
+    matches!(
+        data_type,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    )
+}
+
+/// The item type of a list column of any layout.
+fn list_item(data_type: &DataType) -> Option<&DataType> {
+    match data_type {
+        DataType::List(field)
+        | DataType::LargeList(field)
+        | DataType::ListView(field)
+        | DataType::FixedSizeList(field, _) => Some(field.data_type()),
+        _ => None,
+    }
+}
+
+/// Each row of a list column (cast to `List`) read by `read`; a list holding a null is refused.
+fn lists(
+    array: &ArrayRef,
+    name: &str,
+    read: impl Fn(&ArrayRef) -> Option<FeatureValue>,
+) -> Result<Vec<Option<FeatureValue>>, FeatureStoreError> {
+    let lists = array.as_list::<i32>();
+    (0..lists.len())
+        .map(|row| {
+            if lists.is_null(row) {
+                return Ok(None);
+            }
+            read(&lists.value(row)).map(Some).ok_or_else(|| {
+                FeatureStoreError::Offline(format!(
+                    "column '{name}', row {row}: a list holds a null"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// For each query (entity key, event time), the index in `history` of the row valid then: the
@@ -453,6 +518,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn list_columns_of_any_layout_read_as_lists() {
+        use arrow_array::builder::{
+            FixedSizeListBuilder, Float64Builder, ListBuilder, StringBuilder,
+        };
+        let mut texts = ListBuilder::new(StringBuilder::new());
+        texts.append_value([Some("m1"), Some("m2")]);
+        texts.append_null();
+        texts.append_value(Vec::<Option<&str>>::new());
+        let texts: ArrayRef = Arc::new(texts.finish());
+        assert_eq!(
+            feature_values(&texts, DType::StringList, "booked").unwrap(),
+            vec![
+                Some(FeatureValue::Strings(vec!["m1".into(), "m2".into()])),
+                None,
+                Some(FeatureValue::Strings(Vec::new())),
+            ]
+        );
+        // A fixed-size list of f64 (how a vector column is often written) is a float32 vector.
+        let mut vectors = FixedSizeListBuilder::new(Float64Builder::new(), 2);
+        vectors.values().append_slice(&[0.5, -1.25]);
+        vectors.append(true);
+        let vectors: ArrayRef = Arc::new(vectors.finish());
+        assert_eq!(
+            feature_values(&vectors, DType::Float32List, "taste").unwrap(),
+            vec![Some(FeatureValue::Floats(vec![0.5, -1.25]))]
+        );
+        let mut holed = ListBuilder::new(StringBuilder::new());
+        holed.append_value([Some("m1"), None]);
+        let holed: ArrayRef = Arc::new(holed.finish());
+        let refused = feature_values(&holed, DType::StringList, "booked").unwrap_err();
+        assert!(
+            refused.to_string().contains("row 0: a list holds a null"),
+            "{refused}"
+        );
+        let refused = feature_values(&texts, DType::Float32List, "booked").unwrap_err();
+        assert!(
+            refused.to_string().contains("cannot be the list<float32>"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Feature values and their types. One small closed set (integers, floats, booleans, strings)
-//! covers what the platform's models read; its JSON form is what requests carry and what the
-//! Redis store keeps, so a value reads back exactly as it was written.
+//! Feature values and their types. One small closed set (integers, floats, booleans, strings, and
+//! lists of integers, float32s or strings: a user's vector, the movies they booked) covers what
+//! the platform's models read; its JSON form is what requests carry and what the Redis store
+//! keeps, so a value reads back exactly as it was written.
 
 use std::fmt;
 
@@ -12,6 +13,10 @@ pub enum DType {
     Float64,
     Bool,
     String,
+    Int64List,
+    /// A vector (an embedding).
+    Float32List,
+    StringList,
 }
 
 impl DType {
@@ -22,9 +27,12 @@ impl DType {
             "float64" => DType::Float64,
             "bool" => DType::Bool,
             "string" => DType::String,
+            "list<int64>" => DType::Int64List,
+            "list<float32>" => DType::Float32List,
+            "list<string>" => DType::StringList,
             other => {
                 return Err(format!(
-                    "unknown dtype '{other}' (int64, float32, float64, bool, string)"
+                    "unknown dtype '{other}' (int64, float32, float64, bool, string, list<int64>, list<float32>, list<string>)"
                 ));
             }
         })
@@ -37,7 +45,25 @@ impl DType {
             DType::Float64 => "float64",
             DType::Bool => "bool",
             DType::String => "string",
+            DType::Int64List => "list<int64>",
+            DType::Float32List => "list<float32>",
+            DType::StringList => "list<string>",
         }
+    }
+
+    /// Whether a value of this type is one number (booleans count: 0 or 1).
+    pub fn is_number(self) -> bool {
+        matches!(
+            self,
+            DType::Int64 | DType::Float32 | DType::Float64 | DType::Bool
+        )
+    }
+
+    pub fn is_list(self) -> bool {
+        matches!(
+            self,
+            DType::Int64List | DType::Float32List | DType::StringList
+        )
     }
 
     /// The default of a feature that declares none.
@@ -47,6 +73,9 @@ impl DType {
             DType::Float32 | DType::Float64 => FeatureValue::Float(0.0),
             DType::Bool => FeatureValue::Bool(false),
             DType::String => FeatureValue::String(String::new()),
+            DType::Int64List => FeatureValue::Ints(Vec::new()),
+            DType::Float32List => FeatureValue::Floats(Vec::new()),
+            DType::StringList => FeatureValue::Strings(Vec::new()),
         }
     }
 }
@@ -59,6 +88,9 @@ pub enum FeatureValue {
     Float(f64),
     Bool(bool),
     String(String),
+    Ints(Vec<i64>),
+    Floats(Vec<f32>),
+    Strings(Vec<String>),
 }
 
 impl FeatureValue {
@@ -84,10 +116,24 @@ impl FeatureValue {
             }
             (DType::Bool, Value::Bool(b)) => Ok(FeatureValue::Bool(*b)),
             (DType::String, Value::String(s)) => Ok(FeatureValue::String(s.clone())),
+            (DType::Int64List, Value::Array(items)) => {
+                list(items, |item| item.as_i64(), "an integer").map(FeatureValue::Ints)
+            }
+            (DType::Float32List, Value::Array(items)) => {
+                list(items, |item| item.as_f64().map(|v| v as f32), "a number")
+                    .map(FeatureValue::Floats)
+            }
+            (DType::StringList, Value::Array(items)) => {
+                list(items, |item| item.as_str().map(str::to_string), "a string")
+                    .map(FeatureValue::Strings)
+            }
             (DType::Int64, _) => Err("expected an integer".into()),
             (DType::Float32 | DType::Float64, _) => Err("expected a number".into()),
             (DType::Bool, _) => Err("expected true or false".into()),
             (DType::String, _) => Err("expected a string".into()),
+            (DType::Int64List, _) => Err("expected a list of integers".into()),
+            (DType::Float32List, _) => Err("expected a list of numbers".into()),
+            (DType::StringList, _) => Err("expected a list of strings".into()),
         }
     }
 
@@ -99,8 +145,30 @@ impl FeatureValue {
                 .unwrap_or(serde_json::Value::Null),
             FeatureValue::Bool(v) => (*v).into(),
             FeatureValue::String(v) => v.clone().into(),
+            FeatureValue::Ints(v) => v.clone().into(),
+            FeatureValue::Floats(v) => v
+                .iter()
+                .map(|&x| {
+                    serde_json::Number::from_f64(f64::from(x))
+                        .map_or(serde_json::Value::Null, serde_json::Value::Number)
+                })
+                .collect(),
+            FeatureValue::Strings(v) => v.clone().into(),
         }
     }
+}
+
+/// The items of a JSON list, each read by `item` (`what` names what it must be).
+fn list<T>(
+    items: &[serde_json::Value],
+    item: impl Fn(&serde_json::Value) -> Option<T>,
+    what: &str,
+) -> Result<Vec<T>, String> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, value)| item(value).ok_or_else(|| format!("item {i}: expected {what}")))
+        .collect()
 }
 
 impl fmt::Display for FeatureValue {
@@ -111,6 +179,9 @@ impl fmt::Display for FeatureValue {
             FeatureValue::Float(v) => write!(f, "{v}"),
             FeatureValue::Bool(v) => write!(f, "{v}"),
             FeatureValue::String(v) => f.write_str(v),
+            FeatureValue::Ints(_) | FeatureValue::Floats(_) | FeatureValue::Strings(_) => {
+                write!(f, "{}", self.to_json())
+            }
         }
     }
 }
@@ -122,12 +193,15 @@ mod tests {
 
     proptest! {
         #[test]
-        fn json_forms_read_back_as_the_same_value(i in any::<i64>(), x in -1e300..1e300f64, s in ".*", b in any::<bool>()) {
+        fn json_forms_read_back_as_the_same_value(i in any::<i64>(), x in -1e300..1e300f64, y in -1e30..1e30f32, s in ".*", b in any::<bool>()) {
             for (dtype, value) in [
                 (DType::Int64, FeatureValue::Int(i)),
                 (DType::Float64, FeatureValue::Float(x)),
                 (DType::String, FeatureValue::String(s.clone())),
                 (DType::Bool, FeatureValue::Bool(b)),
+                (DType::Int64List, FeatureValue::Ints(vec![i, 0, -1])),
+                (DType::Float32List, FeatureValue::Floats(vec![y, 0.1, -2.5e-30])),
+                (DType::StringList, FeatureValue::Strings(vec![s.clone(), String::new()])),
             ] {
                 let text = value.to_json().to_string();
                 let back: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -150,6 +224,18 @@ mod tests {
         assert_eq!(
             FeatureValue::from_json(DType::Bool, &json!("yes")).unwrap_err(),
             "expected true or false"
+        );
+        assert_eq!(
+            FeatureValue::from_json(DType::StringList, &json!(["m1", 2])).unwrap_err(),
+            "item 1: expected a string"
+        );
+        assert_eq!(
+            FeatureValue::from_json(DType::Float32List, &json!("0.5")).unwrap_err(),
+            "expected a list of numbers"
+        );
+        assert_eq!(
+            DType::parse("list<float32>").unwrap().zero(),
+            FeatureValue::Floats(Vec::new())
         );
     }
 }

@@ -45,6 +45,12 @@ pub struct ServeConfig {
     #[arg(long, env = "MARQUEE_ONLINE_STORE", default_value = "memory")]
     pub online_store: String,
 
+    /// Before serving, copy the latest offline values of every feature view with an offline
+    /// source into the online store (the in-process store starts empty: how the quick start
+    /// serves a generated world's features).
+    #[arg(long)]
+    pub materialize: bool,
+
     /// Longest wait for the online store per request, in milliseconds; past it `/v1/predict`
     /// answers with defaults, flagged as degraded.
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
@@ -123,6 +129,7 @@ impl Default for ServeConfig {
             pins: Vec::new(),
             features: None,
             online_store: "memory".into(),
+            materialize: false,
             online_timeout_ms: DEFAULT_TIMEOUT_MS,
             host: IpAddr::from([0, 0, 0, 0]),
             http_port: 8000,

@@ -90,7 +90,7 @@ impl Server {
         let source = model_source(config)?;
         let polls = source.is_registry();
         let metrics = Arc::new(Metrics::new());
-        let (features, online) = feature_store(config)?;
+        let (features, online) = feature_store(config).await?;
         let models = Arc::new(ModelManager::new(
             source,
             Backends::new(runtime),
@@ -220,8 +220,9 @@ impl Server {
     }
 }
 
-/// The feature definitions and the online store `/v1/predict` reads.
-fn feature_store(
+/// The feature definitions and the online store `/v1/predict` reads, materialised first when
+/// `--materialize` asks.
+async fn feature_store(
     config: &ServeConfig,
 ) -> Result<(Arc<Definitions>, Arc<dyn OnlineStore>), StartError> {
     let definitions = match &config.features {
@@ -232,7 +233,43 @@ fn feature_store(
     };
     let online = open_online(&config.online_store, config.online_timeout_ms)
         .map_err(|e| StartError::Config(format!("--online-store: {e}")))?;
+    if config.materialize {
+        materialize(config, &definitions, online.as_ref()).await?;
+    }
     Ok((Arc::new(definitions), online))
+}
+
+/// Copies every sourced view's latest offline values (up to now) into `online`.
+async fn materialize(
+    config: &ServeConfig,
+    definitions: &Definitions,
+    online: &dyn OnlineStore,
+) -> Result<(), StartError> {
+    let Some(path) = &config.features else {
+        return Err(StartError::Config(
+            "--materialize needs --features (the views to copy)".into(),
+        ));
+    };
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let options = marquee_registry::cli::parse_options(&config.store_options)
+        .map_err(|e| StartError::Config(format!("--store-option: {e}")))?;
+    let now = marquee_feature_store::online::now_ms();
+    for view in definitions.views() {
+        let Some(source) = &view.source else {
+            continue;
+        };
+        let failed = |e: marquee_feature_store::FeatureStoreError| {
+            StartError::Config(format!("--materialize: feature view '{}': {e}", view.name))
+        };
+        let store = marquee_feature_store::offline::StorePath::open(&source.path, &base, &options)
+            .map_err(failed)?;
+        let report =
+            marquee_feature_store::jobs::materialize(view, &store, online, None, now, &|_, _| {})
+                .await
+                .map_err(failed)?;
+        tracing::info!(view = %view.name, entities = report.entities_written, "materialised");
+    }
+    Ok(())
 }
 
 fn model_source(config: &ServeConfig) -> Result<ModelSource, StartError> {

@@ -1,5 +1,5 @@
 //! The online stores against a real Redis (started on a loopback port by the test) and in
-//! process: the same round trips, newest-event-wins and TTL expiry on both; one round trip for a
+//! process: the same round trips (list and vector features included), newest-event-wins and TTL expiry on both; one round trip for a
 //! whole request's lookups, counted on the wire; Redis killed mid-test fails fast and recovers.
 
 use std::time::{Duration, Instant};
@@ -26,6 +26,8 @@ feature = [
   { name = "avg_ticket_price", dtype = "float64", default = 12.5 },
   { name = "favourite_genre", dtype = "string", default = "drama" },
   { name = "is_member", dtype = "bool" },
+  { name = "booked_movies", dtype = "list<string>", default = [] },
+  { name = "taste", dtype = "list<float32>" },
 ]
 
 [[feature_view]]
@@ -55,6 +57,11 @@ fn activity(user: &str, bookings: i64, event_time_ms: i64) -> OnlineRow {
             Some(FeatureValue::Float(bookings as f64 * 1.25)),
             Some(FeatureValue::String(format!("genre {user}"))),
             None,
+            Some(FeatureValue::Strings(vec![
+                "m1".into(),
+                format!("m-{user}"),
+            ])),
+            Some(FeatureValue::Floats(vec![0.1, -2.5e-3, bookings as f32])),
         ],
         event_time_ms,
     }
@@ -99,9 +106,11 @@ async fn round_trips(store: &dyn OnlineStore) {
             Some(FeatureValue::Int(3)),
             Some(FeatureValue::Float(3.75)),
             Some(FeatureValue::String("genre u1".into())),
-            None
+            None,
+            Some(FeatureValue::Strings(vec!["m1".into(), "m-u1".into()])),
+            Some(FeatureValue::Floats(vec![0.1, -2.5e-3, 3.0])),
         ],
-        "values come back exactly; an unset feature is None"
+        "values come back exactly (lists and vectors too); an unset feature is None"
     );
     assert_eq!(
         read_one(store, &definitions, "user_activity", "nobody").await,

@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod expression;
+pub mod items;
 pub mod pipeline;
 pub mod steps;
 

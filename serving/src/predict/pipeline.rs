@@ -603,8 +603,11 @@ fn build_feature(
         ));
     }
     let range = match feature.range {
-        Some(_) if dtype == DType::String => {
-            return Err(at("range bounds numbers; this feature is text".into()));
+        Some(_) if !dtype.is_number() => {
+            return Err(at(format!(
+                "range bounds numbers; this feature is {}",
+                dtype.name()
+            )));
         }
         Some([min, max]) if min <= max => Some((min, max)),
         Some(_) => return Err(at("range needs [min, max] with min <= max".into())),
@@ -643,6 +646,11 @@ fn check_transform(
         Some(TransformFile::HashBuckets(buckets)) if buckets > 0 => Transform::HashBuckets(buckets),
         Some(_) => return Err(at("one_hot needs categories and hash_buckets at least 1")),
     };
+    if feature.dtype.is_list() {
+        return Err(at(
+            "a list feature is read by steps; a row pipeline encodes single values",
+        ));
+    }
     let categorical = matches!(transform, Transform::OneHot(_) | Transform::HashBuckets(_));
     if feature.dtype == DType::String && !categorical {
         return Err(at(
@@ -712,7 +720,7 @@ fn parse_fallback(file: FallbackFile, features: &[PipelineFeature]) -> Result<Fa
                                 .map(|name| {
                                     features
                                         .iter()
-                                        .position(|f| f.name == *name && f.dtype != DType::String)
+                                        .position(|f| f.name == *name && f.dtype.is_number())
                                         .ok_or_else(|| {
                                             at(format!(
                                                 "'{name}' is not a numeric feature of the pipeline"
@@ -736,13 +744,16 @@ fn parse_fallback(file: FallbackFile, features: &[PipelineFeature]) -> Result<Fa
     Ok(Fallback { rules })
 }
 
-/// A feature value as a number (booleans 0/1, text 0).
+/// A feature value as a number (booleans 0/1; text and lists, which no step reads as a number, 0).
 pub(crate) fn number(value: &FeatureValue) -> f64 {
     match value {
         FeatureValue::Int(v) => *v as f64,
         FeatureValue::Float(v) => *v,
         FeatureValue::Bool(v) => f64::from(u8::from(*v)),
-        FeatureValue::String(_) => 0.0,
+        FeatureValue::String(_)
+        | FeatureValue::Ints(_)
+        | FeatureValue::Floats(_)
+        | FeatureValue::Strings(_) => 0.0,
     }
 }
 

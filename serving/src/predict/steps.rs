@@ -10,7 +10,7 @@
 //! scores), and they are batched with everyone else's.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::expression::Expression;
+use super::items::{Cap, ItemIndex, diverse_order};
 use super::pipeline::Body;
 use crate::error::ServingError;
 use crate::infer::{InferRequest, RequestedOutput};
@@ -38,6 +39,8 @@ pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 pub enum Kind {
     Number,
     Text,
+    /// A list of texts (the ids of the movies a user booked).
+    Texts,
     /// A variable-length integer sequence (token ids, an attention mask).
     Ints,
     /// A float array with a shape (a model output, a pooled vector).
@@ -47,12 +50,15 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// How a feature of `dtype` enters the steps: text as text, everything else as a number.
+    /// How a feature of `dtype` enters the steps: text as text, a vector as a 1-d array, an
+    /// integer list as a sequence, a text list as texts, everything else as a number.
     pub(crate) fn of(dtype: DType) -> Self {
-        if dtype == DType::String {
-            Kind::Text
-        } else {
-            Kind::Number
+        match dtype {
+            DType::String => Kind::Text,
+            DType::StringList => Kind::Texts,
+            DType::Int64List => Kind::Ints,
+            DType::Float32List => Kind::Array,
+            DType::Int64 | DType::Float32 | DType::Float64 | DType::Bool => Kind::Number,
         }
     }
 
@@ -60,6 +66,7 @@ impl Kind {
         match self {
             Kind::Number => "a number",
             Kind::Text => "text",
+            Kind::Texts => "a list of texts",
             Kind::Ints => "an integer sequence",
             Kind::Array => "an array",
             Kind::Items => "a list of items",
@@ -79,6 +86,7 @@ pub struct Array {
 pub enum Column {
     Number(Vec<f64>),
     Text(Vec<String>),
+    Texts(Vec<Vec<String>>),
     Ints(Vec<Vec<i64>>),
     Array(Vec<Array>),
     Items(Vec<Vec<Value>>),
@@ -90,9 +98,38 @@ impl Column {
         dtype: DType,
         values: impl Iterator<Item = &'a FeatureValue>,
     ) -> Column {
+        let lists = |value: &FeatureValue| match value {
+            FeatureValue::Strings(texts) => texts.clone(),
+            _ => Vec::new(),
+        };
         match Kind::of(dtype) {
             Kind::Text => Column::Text(values.map(ToString::to_string).collect()),
-            _ => Column::Number(values.map(super::pipeline::number).collect()),
+            Kind::Texts => Column::Texts(values.map(lists).collect()),
+            Kind::Ints => Column::Ints(
+                values
+                    .map(|value| match value {
+                        FeatureValue::Ints(ints) => ints.clone(),
+                        _ => Vec::new(),
+                    })
+                    .collect(),
+            ),
+            Kind::Array => Column::Array(
+                values
+                    .map(|value| {
+                        let data = match value {
+                            FeatureValue::Floats(floats) => floats.clone(),
+                            _ => Vec::new(),
+                        };
+                        Array {
+                            shape: vec![data.len()],
+                            data,
+                        }
+                    })
+                    .collect(),
+            ),
+            Kind::Number | Kind::Items => {
+                Column::Number(values.map(super::pipeline::number).collect())
+            }
         }
     }
 
@@ -100,6 +137,7 @@ impl Column {
         match self {
             Column::Number(v) => v.len(),
             Column::Text(v) => v.len(),
+            Column::Texts(v) => v.len(),
             Column::Ints(v) => v.len(),
             Column::Array(v) => v.len(),
             Column::Items(v) => v.len(),
@@ -111,6 +149,7 @@ impl Column {
         match self {
             Column::Number(v) => Column::Number(v[range].to_vec()),
             Column::Text(v) => Column::Text(v[range].to_vec()),
+            Column::Texts(v) => Column::Texts(v[range].to_vec()),
             Column::Ints(v) => Column::Ints(v[range].to_vec()),
             Column::Array(v) => Column::Array(v[range].to_vec()),
             Column::Items(v) => Column::Items(v[range].to_vec()),
@@ -129,6 +168,7 @@ impl Column {
         match self {
             Column::Number(v) => Column::Number(each(v, counts)),
             Column::Text(v) => Column::Text(each(v, counts)),
+            Column::Texts(v) => Column::Texts(each(v, counts)),
             Column::Ints(v) => Column::Ints(each(v, counts)),
             Column::Array(v) => Column::Array(each(v, counts)),
             Column::Items(v) => Column::Items(each(v, counts)),
@@ -139,6 +179,7 @@ impl Column {
         match self {
             Column::Number(_) => Kind::Number,
             Column::Text(_) => Kind::Text,
+            Column::Texts(_) => Kind::Texts,
             Column::Ints(_) => Kind::Ints,
             Column::Array(_) => Kind::Array,
             Column::Items(_) => Kind::Items,
@@ -150,6 +191,9 @@ impl Column {
         match self {
             Column::Number(values) => json_number(values[i]),
             Column::Text(values) => Value::String(values[i].clone()),
+            Column::Texts(values) => {
+                Value::Array(values[i].iter().map(|t| Value::String(t.clone())).collect())
+            }
             Column::Ints(values) => Value::Array(values[i].iter().map(|&v| v.into()).collect()),
             Column::Array(values) => nested(&values[i].shape, &values[i].data),
             Column::Items(values) => Value::Array(values[i].clone()),
@@ -262,6 +306,49 @@ pub enum Step {
         pick: Option<String>,
         into: String,
     },
+    /// The `k` items of a version's item index most similar to what `history` (item keys) stands
+    /// for, and the `popular` most popular besides, the history left out; exactly the items
+    /// `among` lists where it lists any; the most popular where the history says nothing. Each
+    /// item shows its `similarity`, and `into.cold_start` is 1 where the history said nothing.
+    Nearest {
+        index: Arc<ItemIndex>,
+        history: String,
+        among: Option<String>,
+        k: usize,
+        popular: usize,
+        into: String,
+    },
+    /// A numeric field of every item, as an array.
+    ItemValues {
+        items: String,
+        field: String,
+        into: String,
+    },
+    /// The elements of `of` at the positions `at` holds (0 where a position is outside `of`).
+    Take {
+        of: String,
+        at: String,
+        into: String,
+    },
+    /// `items` by `scores`, highest first, the best `k`, with at most `at_most` of one field value
+    /// in its first places while others remain; where `keep_order_if` is not 0, the items keep
+    /// their order instead.
+    Rank {
+        items: String,
+        scores: String,
+        k: Count,
+        at_most: Option<(String, Cap)>,
+        keep_order_if: Option<String>,
+        into: String,
+    },
+}
+
+/// A count a step takes: fixed in the declaration, or a named number of each instance (how many
+/// results a caller asks for).
+#[derive(Debug, Clone)]
+pub enum Count {
+    Fixed(usize),
+    Named(String),
 }
 
 /// Another served model a step calls, at a version reference (a number or an alias; empty for
@@ -372,7 +459,60 @@ pub(crate) enum StepFile {
         pick: Option<String>,
         into: String,
     },
+    Nearest {
+        /// A file of the version: a JSON list of items, each with a text `key`, a numeric
+        /// `popularity` and a `vector`.
+        index: String,
+        key: String,
+        popularity: String,
+        history: String,
+        #[serde(default)]
+        among: Option<String>,
+        k: usize,
+        /// Also the most popular items, this many (a second source of candidates).
+        #[serde(default)]
+        popular: usize,
+        into: String,
+    },
+    ItemValues {
+        items: String,
+        field: String,
+        into: String,
+    },
+    Take {
+        of: String,
+        at: String,
+        into: String,
+    },
+    Rank {
+        items: String,
+        scores: String,
+        /// A number, or the name of a number.
+        k: Value,
+        #[serde(default)]
+        at_most: Option<AtMostFile>,
+        #[serde(default)]
+        keep_order_if: Option<String>,
+        into: String,
+    },
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AtMostFile {
+    field: String,
+    count: usize,
+    /// How many first places the cap holds in (default: all).
+    #[serde(default)]
+    within: Option<usize>,
+}
+
+/// The longest list of texts a nearest step reads per instance (a history, the candidates).
+pub const MAX_LIST_ITEMS: usize = 10_000;
+
+/// How many more results than `k` a nearest step's graph search gives, so that leaving out a
+/// history seldom needs the exact scan.
+const SEARCH_SLACK: usize = 64;
 
 /// The most candidates a grid step makes per instance.
 const MAX_GRID: usize = 4096;
@@ -390,6 +530,7 @@ impl StepFile {
         match self {
             StepFile::Tokenize { tokenizer, .. } => Some(tokenizer),
             StepFile::TopK { items, .. } => Some(items),
+            StepFile::Nearest { index, .. } => Some(index),
             _ => None,
         }
     }
@@ -538,13 +679,12 @@ impl Steps {
                     }
                     for value in inputs.values() {
                         match names.0.get(value) {
-                            Some(Kind::Text | Kind::Number) => {}
-                            Some(kind) => {
+                            Some(Kind::Items) => {
                                 return Err(format!(
-                                    "step {i} gives '{value}' ({}) as a feature; features are text or numbers",
-                                    kind.name()
+                                    "step {i} gives '{value}' (a list of items) as a feature; features are numbers, text or lists"
                                 ));
                             }
+                            Some(_) => {}
                             None => {
                                 return Err(format!(
                                     "step {i} reads '{value}', which no feature or earlier step provides"
@@ -669,6 +809,116 @@ impl Steps {
                     }
                     names.write(i, &into, Kind::Number)?;
                     Step::Argmax { of, pick, into }
+                }
+                StepFile::Nearest {
+                    index,
+                    key,
+                    popularity,
+                    history,
+                    among,
+                    k,
+                    popular,
+                    into,
+                } => {
+                    names.read(i, &history, Kind::Texts)?;
+                    if let Some(among) = &among {
+                        names.read(i, among, Kind::Texts)?;
+                    }
+                    if k == 0 {
+                        return Err(format!("step {i}: k must be at least 1"));
+                    }
+                    let bytes = assets
+                        .get(&index)
+                        .ok_or_else(|| format!("step {i}: the version has no file '{index}'"))?;
+                    let loaded = ItemIndex::parse(bytes, &key, &popularity, k + SEARCH_SLACK)
+                        .map_err(|e| format!("step {i}: '{index}': {e}"))?;
+                    if (0..loaded.len()).any(|p| loaded.item(p).contains_key("similarity")) {
+                        return Err(format!(
+                            "step {i}: items of '{index}' have a 'similarity' field, which nearest writes"
+                        ));
+                    }
+                    names.write(i, &into, Kind::Items)?;
+                    names.write(i, &format!("{into}.cold_start"), Kind::Number)?;
+                    Step::Nearest {
+                        index: Arc::new(loaded),
+                        history,
+                        among,
+                        k,
+                        popular,
+                        into,
+                    }
+                }
+                StepFile::ItemValues { items, field, into } => {
+                    names.read(i, &items, Kind::Items)?;
+                    names.write(i, &into, Kind::Array)?;
+                    Step::ItemValues { items, field, into }
+                }
+                StepFile::Take { of, at, into } => {
+                    names.read(i, &of, Kind::Array)?;
+                    names.read(i, &at, Kind::Array)?;
+                    names.write(i, &into, Kind::Array)?;
+                    Step::Take { of, at, into }
+                }
+                StepFile::Rank {
+                    items,
+                    scores,
+                    k,
+                    at_most,
+                    keep_order_if,
+                    into,
+                } => {
+                    names.read(i, &items, Kind::Items)?;
+                    names.read(i, &scores, Kind::Array)?;
+                    let k = match k {
+                        Value::Number(n) if n.as_u64().is_some_and(|k| k >= 1) => {
+                            Count::Fixed(n.as_u64().unwrap_or(1) as usize)
+                        }
+                        Value::String(name) => {
+                            names.read(i, &name, Kind::Number)?;
+                            Count::Named(name)
+                        }
+                        other => {
+                            return Err(format!(
+                                "step {i}: k is a count of at least 1 or the name of a number, not {other}"
+                            ));
+                        }
+                    };
+                    let at_most = match at_most {
+                        Some(
+                            AtMostFile { count: 0, .. }
+                            | AtMostFile {
+                                within: Some(0), ..
+                            },
+                        ) => {
+                            return Err(format!(
+                                "step {i}: at_most.count and at_most.within must be at least 1"
+                            ));
+                        }
+                        Some(AtMostFile {
+                            field,
+                            count,
+                            within,
+                        }) => Some((
+                            field,
+                            Cap {
+                                count,
+                                within: within.unwrap_or(usize::MAX),
+                            },
+                        )),
+                        None => None,
+                    };
+                    if let Some(name) = &keep_order_if {
+                        names.read(i, name, Kind::Number)?;
+                    }
+                    names.write(i, &into, Kind::Items)?;
+                    Step::Rank {
+                        items,
+                        scores,
+                        k,
+                        at_most,
+                        keep_order_if,
+                        into,
+                    }
                 }
             };
             steps.push(step);
@@ -1026,6 +1276,133 @@ impl Steps {
                     columns.insert(into.clone(), Column::Number(best));
                     vec![into.clone()]
                 }
+                Step::Nearest {
+                    index,
+                    history,
+                    among,
+                    k,
+                    popular,
+                    into,
+                } => {
+                    let Some(Column::Texts(histories)) = columns.get(history) else {
+                        return Err(missing(i, history));
+                    };
+                    let among = match among {
+                        Some(name) => match columns.get(name) {
+                            Some(Column::Texts(lists)) => Some((name, lists)),
+                            _ => return Err(missing(i, name)),
+                        },
+                        None => None,
+                    };
+                    for (name, lists) in std::iter::once((history, histories)).chain(among) {
+                        if let Some((at, long)) = lists
+                            .iter()
+                            .enumerate()
+                            .find(|(_, list)| list.len() > MAX_LIST_ITEMS)
+                        {
+                            return Err(ServingError::InvalidInput(format!(
+                                "instance {}: '{name}' lists {} items; at most {MAX_LIST_ITEMS}",
+                                range.start + at,
+                                long.len()
+                            )));
+                        }
+                    }
+                    let (index, histories, among, wanted) = (
+                        index.clone(),
+                        histories.clone(),
+                        among.map(|(_, lists)| lists.clone()),
+                        (*k, *popular),
+                    );
+                    // Searching is CPU work: off the async runtime, like inference.
+                    let (found, cold) = tokio::task::spawn_blocking(move || {
+                        nearest(&index, &histories, among.as_deref(), wanted)
+                    })
+                    .await
+                    .map_err(|e| ServingError::Internal(format!("the search failed: {e}")))?;
+                    let flag = format!("{into}.cold_start");
+                    columns.insert(into.clone(), Column::Items(found));
+                    columns.insert(flag.clone(), Column::Number(cold));
+                    vec![into.clone(), flag]
+                }
+                Step::ItemValues { items, field, into } => {
+                    let Some(Column::Items(lists)) = columns.get(items) else {
+                        return Err(missing(i, items));
+                    };
+                    let values = lists
+                        .iter()
+                        .map(|list| item_values(list, field))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| ServingError::Internal(format!("pipeline step {i}: {e}")))?;
+                    columns.insert(into.clone(), Column::Array(values));
+                    vec![into.clone()]
+                }
+                Step::Take { of, at, into } => {
+                    let (Some(Column::Array(sources)), Some(Column::Array(positions))) =
+                        (columns.get(of), columns.get(at))
+                    else {
+                        return Err(missing(i, of));
+                    };
+                    let taken = sources
+                        .iter()
+                        .zip(positions)
+                        .map(|(source, positions)| take(&source.data, &positions.data))
+                        .collect();
+                    columns.insert(into.clone(), Column::Array(taken));
+                    vec![into.clone()]
+                }
+                Step::Rank {
+                    items,
+                    scores,
+                    k,
+                    at_most,
+                    keep_order_if,
+                    into,
+                } => {
+                    let (Some(Column::Items(lists)), Some(Column::Array(scored))) =
+                        (columns.get(items), columns.get(scores))
+                    else {
+                        return Err(missing(i, items));
+                    };
+                    let counts: Vec<usize> = match k {
+                        Count::Fixed(k) => vec![*k; n],
+                        Count::Named(name) => match columns.get(name) {
+                            Some(Column::Number(values)) => values
+                                .iter()
+                                .map(|&v| {
+                                    if v.is_finite() && v >= 1.0 {
+                                        v as usize
+                                    } else {
+                                        1
+                                    }
+                                })
+                                .collect(),
+                            _ => return Err(missing(i, name)),
+                        },
+                    };
+                    let kept: Vec<bool> = match keep_order_if {
+                        Some(name) => match columns.get(name) {
+                            Some(Column::Number(values)) => {
+                                values.iter().map(|&v| v != 0.0).collect()
+                            }
+                            _ => return Err(missing(i, name)),
+                        },
+                        None => vec![false; n],
+                    };
+                    let ranked = (0..n)
+                        .map(|instance| {
+                            rank(
+                                &lists[instance],
+                                &scored[instance].data,
+                                counts[instance],
+                                at_most.as_ref(),
+                                kept[instance],
+                            )
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| ServingError::Internal(format!("pipeline step {i}: {e}")))?;
+                    columns.insert(into.clone(), Column::Items(ranked));
+                    vec![into.clone()]
+                }
             };
             // Every value holds one entry per instance, or the answers would misalign.
             if let Some(short) = written
@@ -1240,7 +1617,7 @@ fn check_call(
             .input(tensor)
             .ok_or_else(|| format!("it has no input '{tensor}'"))?;
         let fits = match kind {
-            Kind::Items => false,
+            Kind::Items | Kind::Texts => false,
             Kind::Ints => matches!(declared.dtype, DataType::Int64 | DataType::Int32),
             Kind::Number | Kind::Array => declared.dtype == DataType::Fp32,
             Kind::Text => declared.dtype == DataType::Bytes,
@@ -1256,7 +1633,7 @@ fn check_call(
         let shaped = match kind {
             Kind::Ints => declared.dims.len() == 1 && declared.dims[0] < 0,
             Kind::Number | Kind::Text => matches!(declared.dims[..], [1] | [-1]),
-            Kind::Array | Kind::Items => true,
+            Kind::Array | Kind::Items | Kind::Texts => true,
         };
         if !shaped {
             return Err(format!(
@@ -1482,9 +1859,10 @@ fn input_tensor(
             let data: Vec<f32> = values[rows].iter().map(|&v| v as f32).collect();
             (vec![count, 1], bytemuck::cast_slice(&data).to_vec())
         }
-        Column::Items(_) => {
+        Column::Items(_) | Column::Texts(_) => {
             return Err(ServingError::Internal(format!(
-                "model input '{name}' cannot take a list of items"
+                "model input '{name}' cannot take {}",
+                column.kind().name()
             )));
         }
         Column::Text(texts) => {
@@ -1710,6 +2088,152 @@ fn evaluate(
         });
     }
     Ok(Column::Array(arrays))
+}
+
+/// What a nearest step finds for each instance (`wanted`: how many nearest, how many popular
+/// besides): its items, and 1 where its history said nothing (no key the index holds), so the
+/// most popular stood in.
+fn nearest(
+    index: &ItemIndex,
+    histories: &[Vec<String>],
+    among: Option<&[Vec<String>]>,
+    (k, popular): (usize, usize),
+) -> (Vec<Vec<Value>>, Vec<f64>) {
+    let mut found = Vec::with_capacity(histories.len());
+    let mut cold = Vec::with_capacity(histories.len());
+    for (instance, history) in histories.iter().enumerate() {
+        let booked: Vec<usize> = history
+            .iter()
+            .filter_map(|key| index.position(key))
+            .collect();
+        let exclude: HashSet<usize> = booked.iter().copied().collect();
+        let query = index.fold_in(&booked);
+        let given = among
+            .map(|lists| &lists[instance])
+            .filter(|list| !list.is_empty());
+        let items = match (given, &query) {
+            (Some(keys), query) => {
+                let mut seen = HashSet::new();
+                let mut positions: Vec<usize> = keys
+                    .iter()
+                    .filter_map(|key| index.position(key))
+                    .filter(|p| !exclude.contains(p) && seen.insert(*p))
+                    .collect();
+                if query.is_none() {
+                    index.by_popularity(&mut positions);
+                }
+                let mut scored = index.score(query.as_deref(), &positions);
+                if query.is_some() {
+                    scored.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
+                }
+                scored.truncate(k + popular);
+                scored
+            }
+            (None, Some(query)) => {
+                let mut found = index.nearest(query, k, &exclude);
+                let mut taken = exclude.clone();
+                taken.extend(found.iter().map(|f| f.position));
+                let extra: Vec<usize> = index
+                    .popular(popular, &taken)
+                    .iter()
+                    .map(|f| f.position)
+                    .collect();
+                found.extend(index.score(Some(query), &extra));
+                found
+            }
+            (None, None) => index.popular(k + popular, &exclude),
+        };
+        cold.push(if query.is_none() { 1.0 } else { 0.0 });
+        found.push(
+            items
+                .into_iter()
+                .map(|f| {
+                    let mut item = index.item(f.position).clone();
+                    item.insert("similarity".into(), json_number(f64::from(f.similarity)));
+                    Value::Object(item)
+                })
+                .collect(),
+        );
+    }
+    (found, cold)
+}
+
+/// The numeric `field` of every item in `items`, as a 1-d array.
+fn item_values(items: &[Value], field: &str) -> Result<Array, String> {
+    let data = items
+        .iter()
+        .enumerate()
+        .map(|(at, item)| {
+            item.get(field)
+                .and_then(Value::as_f64)
+                .map(|v| v as f32)
+                .ok_or_else(|| format!("item {at} has no numeric field '{field}'"))
+        })
+        .collect::<Result<Vec<f32>, String>>()?;
+    Ok(Array {
+        shape: vec![data.len()],
+        data,
+    })
+}
+
+/// `source`'s elements at `positions` (a position that is not a whole number inside `source`
+/// takes 0: a genre the user's shares do not cover).
+fn take(source: &[f32], positions: &[f32]) -> Array {
+    let data: Vec<f32> = positions
+        .iter()
+        .map(|&p| {
+            let whole = p >= 0.0 && p.fract() == 0.0;
+            if whole {
+                source.get(p as usize).copied().unwrap_or(0.0)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Array {
+        shape: vec![data.len()],
+        data,
+    }
+}
+
+/// `items` in the order [`diverse_order`] gives for `scores` (their own order where `keep`),
+/// the best `k`, each with its `score` unless their order was kept.
+fn rank(
+    items: &[Value],
+    scores: &[f32],
+    k: usize,
+    at_most: Option<&(String, Cap)>,
+    keep: bool,
+) -> Result<Vec<Value>, String> {
+    if scores.len() != items.len() {
+        return Err(format!("{} scores for {} items", scores.len(), items.len()));
+    }
+    let field = at_most.map(|(field, _)| field.as_str());
+    let groups: Vec<Option<&str>> = items
+        .iter()
+        .map(|item| {
+            field
+                .and_then(|field| item.get(field))
+                .and_then(Value::as_str)
+        })
+        .collect();
+    let order_scores: Vec<f32> = if keep {
+        (0..items.len()).map(|i| -(i as f32)).collect()
+    } else {
+        scores.to_vec()
+    };
+    Ok(
+        diverse_order(&order_scores, &groups, k, at_most.map(|(_, cap)| *cap))
+            .into_iter()
+            .map(|i| {
+                let mut item = items[i].clone();
+                if let (false, Value::Object(fields)) = (keep, &mut item) {
+                    fields.insert("score".into(), json_number(f64::from(scores[i])));
+                }
+                item
+            })
+            .collect(),
+    )
 }
 
 /// The element of `pick` (or the position) where `scores` is largest, the first on ties; NaN
