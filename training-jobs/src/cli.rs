@@ -111,6 +111,9 @@ pub struct TrainArgs {
     /// `libonnxruntime.so` (default: as `marquee serve` finds it).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<std::path::PathBuf>,
+    /// Train only models the registry holds no version of (a second run trains nothing).
+    #[arg(long)]
+    pub missing_only: bool,
     /// Print machine-readable JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -118,6 +121,9 @@ pub struct TrainArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TrainedModel {
+    /// Every hosted model, in the order they need each other: embedding, movie-index, fraud,
+    /// pricing, recommendation.
+    All,
     /// The booking fraud score.
     Fraud,
     /// Text embedding (MiniLM int8 with its tokenizer), measured against its fp32 weights.
@@ -128,6 +134,44 @@ pub enum TrainedModel {
     /// Ticket prices: a LightGBM demand model searched over candidate prices within the
     /// constraints, measured in the world's demand curve against the rule table.
     Pricing,
+    /// Movies for a user: collaborative retrieval through an HNSW index and a LambdaRank
+    /// ranker, measured leave-last-out against popularity.
+    Recommendation,
+}
+
+impl TrainedModel {
+    const EVERY: [TrainedModel; 5] = [
+        TrainedModel::Embedding,
+        TrainedModel::MovieIndex,
+        TrainedModel::Fraud,
+        TrainedModel::Pricing,
+        TrainedModel::Recommendation,
+    ];
+
+    /// The registry model a job pushes.
+    fn registered(self) -> &'static str {
+        match self {
+            TrainedModel::All => "all",
+            TrainedModel::Fraud => "fraud",
+            TrainedModel::Embedding => "embedding",
+            TrainedModel::MovieIndex => "movie_search",
+            TrainedModel::Pricing => "pricing",
+            TrainedModel::Recommendation => "recommendation",
+        }
+    }
+
+    async fn run(self, options: &TrainOptions) -> Result<train::Trained, TrainingError> {
+        match self {
+            TrainedModel::Fraud => train::fraud::train(options).await,
+            TrainedModel::Embedding => train::embedding::train(options).await,
+            TrainedModel::MovieIndex => train::movie_index::train(options).await,
+            TrainedModel::Pricing => train::pricing::train(options).await,
+            TrainedModel::Recommendation => train::recommendation::train(options).await,
+            TrainedModel::All => Err(TrainingError::Invalid(
+                "'all' is a list of jobs, not a job".into(),
+            )),
+        }
+    }
 }
 
 pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
@@ -165,32 +209,57 @@ pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
         onnxruntime,
         by: std::env::var("USER").unwrap_or_else(|_| "marquee train".into()),
     };
-    let started = Instant::now();
-    let trained = match args.model {
-        TrainedModel::Fraud => train::fraud::train(&options).await?,
-        TrainedModel::Embedding => train::embedding::train(&options).await?,
-        TrainedModel::MovieIndex => train::movie_index::train(&options).await?,
-        TrainedModel::Pricing => train::pricing::train(&options).await?,
+    let jobs: Vec<TrainedModel> = match args.model {
+        TrainedModel::All => TrainedModel::EVERY.to_vec(),
+        one => vec![one],
     };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"trained": trained, "seconds": started.elapsed().as_secs_f64()})
-        );
-    } else {
-        println!(
-            "{} version {} pushed to {} in {:.1} s",
-            trained.model,
-            trained.version,
-            options.registry,
-            started.elapsed().as_secs_f64()
-        );
-        for (name, value) in &trained.metrics {
-            println!("  {name:28} {value:.4}");
+    let registry = marquee_registry::Registry::open(&options.registry)
+        .map_err(|e| TrainingError::Registry(e.to_string()))?;
+    let mut reports = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let model = job.registered();
+        if args.missing_only {
+            let versions = registry
+                .versions(model)
+                .await
+                .map_err(|e| TrainingError::Registry(e.to_string()))?;
+            if let Some(latest) = versions.last() {
+                if args.json {
+                    reports.push(serde_json::json!({"model": model, "skipped": format!("version {latest} is in the registry")}));
+                } else {
+                    println!("{model}: version {latest} is in the registry; not trained again");
+                }
+                continue;
+            }
         }
-        for (gate, held) in &trained.gates {
-            println!("  gate {gate}: {}", if *held { "held" } else { "failed" });
+        let started = Instant::now();
+        let trained = job.run(&options).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        if args.json {
+            reports.push(serde_json::json!({"trained": trained, "seconds": seconds}));
+        } else {
+            print_trained(&trained, &options.registry, seconds);
+        }
+    }
+    if args.json {
+        if args.model == TrainedModel::All {
+            println!("{}", serde_json::json!({"jobs": reports}));
+        } else if let Some(report) = reports.first() {
+            println!("{report}");
         }
     }
     Ok(())
+}
+
+fn print_trained(trained: &train::Trained, registry: &str, seconds: f64) {
+    println!(
+        "{} version {} pushed to {registry} in {seconds:.1} s",
+        trained.model, trained.version
+    );
+    for (name, value) in &trained.metrics {
+        println!("  {name:28} {value:.4}");
+    }
+    for (gate, held) in &trained.gates {
+        println!("  gate {gate}: {}", if *held { "held" } else { "failed" });
+    }
 }

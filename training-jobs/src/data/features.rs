@@ -73,6 +73,19 @@ feature = [
   { name = "sales_24h", dtype = "float32", default = 0.0 },
 ]
 
+# What a user booked so far, for recommendations: the movies (distinct, oldest first, the last
+# 50) and the share of them in each genre (the genres of `marquee data generate`, in order). A
+# history is kept for a year.
+[[feature_view]]
+name = "user_history"
+entities = ["user"]
+ttl = "365days"
+source = { path = "features/user_history.parquet", timestamp_column = "event_time" }
+feature = [
+  { name = "booked_movies", dtype = "list<string>", default = [] },
+  { name = "genre_shares", dtype = "list<float32>", default = [] },
+]
+
 [[feature_view]]
 name = "movie_stats"
 entities = ["movie"]
@@ -96,7 +109,12 @@ pub enum Column {
     Int64(Vec<i64>),
     Float64(Vec<f64>),
     Float32(Vec<f32>),
+    StringLists(Vec<Vec<String>>),
+    Float32Lists(Vec<Vec<f32>>),
 }
+
+/// The most movies `booked_movies` holds: the latest ones.
+pub const HISTORY_LENGTH: usize = 50;
 
 /// Events of one entity in time order, for counting those in a window ending at a moment.
 #[derive(Default)]
@@ -122,8 +140,42 @@ pub fn histories(world: &World) -> Vec<History> {
         user_risk(world),
         user_account(world),
         show_demand(world),
+        user_history(world),
         movie_stats(world),
     ]
+}
+
+/// A row each time a user books a movie they had not booked before.
+fn user_history(world: &World) -> History {
+    let genres = super::catalog::GENRES.len();
+    let mut booked: Vec<Vec<usize>> = vec![Vec::new(); world.users.len()];
+    let mut counts: Vec<Vec<u32>> = vec![vec![0; genres]; world.users.len()];
+    let (mut keys, mut times, mut movies, mut shares) = (vec![], vec![], vec![], vec![]);
+    for booking in &world.bookings {
+        let movie = world.shows[booking.show].movie;
+        let user = booking.user;
+        if booked[user].contains(&movie) {
+            continue;
+        }
+        booked[user].push(movie);
+        counts[user][world.movies[movie].genres[0]] += 1;
+        let total = booked[user].len() as f32;
+        let recent = &booked[user][booked[user].len().saturating_sub(HISTORY_LENGTH)..];
+        keys.push(world.users[user].id.clone());
+        times.push(booking.booked_ms + PIPELINE_LAG_MS);
+        movies.push(recent.iter().map(|&m| world.movies[m].id.clone()).collect());
+        shares.push(counts[user].iter().map(|&c| c as f32 / total).collect());
+    }
+    History {
+        view: "user_history",
+        key_column: "user_id",
+        keys,
+        times_ms: times,
+        columns: vec![
+            ("booked_movies", Column::StringLists(movies)),
+            ("genre_shares", Column::Float32Lists(shares)),
+        ],
+    }
 }
 
 fn user_activity(world: &World) -> History {
@@ -339,8 +391,45 @@ mod tests {
     }
 
     #[test]
+    fn a_users_history_lists_each_movie_once_with_genre_shares() {
+        let world = World::generate(super::super::Scale::Small, 4, &mut |_| {});
+        let history = user_history(&world);
+        let (Column::StringLists(movies), Column::Float32Lists(shares)) =
+            (&history.columns[0].1, &history.columns[1].1)
+        else {
+            panic!("booked_movies and genre_shares, in that order");
+        };
+        let mut latest: std::collections::HashMap<&str, usize> = Default::default();
+        for (row, key) in history.keys.iter().enumerate() {
+            latest.insert(key, row);
+        }
+        let mut seen: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+        for booking in &world.bookings {
+            let user = world.users[booking.user].id.as_str();
+            let movie = world.movies[world.shows[booking.show].movie].id.as_str();
+            let list = seen.entry(user).or_default();
+            if !list.contains(&movie) {
+                list.push(movie);
+            }
+        }
+        assert_eq!(latest.len(), seen.len());
+        for (user, row) in latest {
+            let all = &seen[user];
+            let recent = &all[all.len().saturating_sub(HISTORY_LENGTH)..];
+            assert_eq!(
+                movies[row],
+                recent.iter().map(|m| m.to_string()).collect::<Vec<_>>()
+            );
+            let total: f32 = shares[row].iter().sum();
+            assert!((total - 1.0).abs() < 1e-5, "{user}: shares sum to {total}");
+            assert_eq!(shares[row].len(), super::super::catalog::GENRES.len());
+        }
+        assert!(history.times_ms.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
     fn the_definitions_parse() {
         let definitions = marquee_feature_store::Definitions::from_toml(DEFINITIONS).unwrap();
-        assert_eq!(definitions.views().count(), 5);
+        assert_eq!(definitions.views().count(), 6);
     }
 }

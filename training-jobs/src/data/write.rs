@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use arrow_array::builder::{ListBuilder, StringBuilder};
+use arrow_array::builder::{Float32Builder, ListBuilder, StringBuilder};
 use arrow_array::{
     ArrayRef, BooleanArray, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray,
     TimestampMillisecondArray, UInt32Array,
@@ -354,6 +354,20 @@ fn history_batch(history: History) -> Result<RecordBatch, TrainingError> {
             Column::Int64(values) => Arc::new(Int64Array::from(values)),
             Column::Float64(values) => Arc::new(Float64Array::from(values)),
             Column::Float32(values) => Arc::new(Float32Array::from(values)),
+            Column::StringLists(lists) => {
+                let mut builder = ListBuilder::new(StringBuilder::new());
+                for list in lists {
+                    builder.append_value(list.into_iter().map(Some));
+                }
+                Arc::new(builder.finish())
+            }
+            Column::Float32Lists(lists) => {
+                let mut builder = ListBuilder::new(Float32Builder::new());
+                for list in lists {
+                    builder.append_value(list.into_iter().map(Some));
+                }
+                Arc::new(builder.finish())
+            }
         };
         columns.push((name, array));
     }

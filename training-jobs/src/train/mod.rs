@@ -11,6 +11,7 @@ pub mod embedding;
 pub mod fraud;
 pub mod movie_index;
 pub mod pricing;
+pub mod recommendation;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
