@@ -119,10 +119,12 @@ impl FeatureValue {
             (DType::Int64List, Value::Array(items)) => {
                 list(items, |item| item.as_i64(), "an integer").map(FeatureValue::Ints)
             }
-            (DType::Float32List, Value::Array(items)) => {
-                list(items, |item| item.as_f64().map(|v| v as f32), "a number")
-                    .map(FeatureValue::Floats)
-            }
+            (DType::Float32List, Value::Array(items)) => list(
+                items,
+                |item| item.as_f64().map(|v| v as f32).filter(|v| v.is_finite()),
+                "a number within float32's range",
+            )
+            .map(FeatureValue::Floats),
             (DType::StringList, Value::Array(items)) => {
                 list(items, |item| item.as_str().map(str::to_string), "a string")
                     .map(FeatureValue::Strings)

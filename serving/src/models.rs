@@ -391,7 +391,20 @@ impl ModelManager {
             }
             let parsed = match missing {
                 Some(reason) => Err(reason),
-                None => Pipeline::parse(&planned.pipeline, model.spec(), &self.features, &assets),
+                None => {
+                    // Parsing builds what steps need (tokenizers, item graphs): CPU work, off
+                    // the async runtime, so a hot load never stalls requests.
+                    let (declared, spec, features) = (
+                        planned.pipeline.clone(),
+                        model.spec().clone(),
+                        self.features.clone(),
+                    );
+                    tokio::task::spawn_blocking(move || {
+                        Pipeline::parse(&declared, &spec, &features, &assets)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("parsing the pipeline failed: {e}")))
+                }
             };
             let pipeline = match parsed {
                 Ok(pipeline) => PipelineState::Ready(Box::new(ModelPipeline::new(pipeline))),

@@ -75,8 +75,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def example_server():
-    """The quick start's server: the example repository (deploy/models, with /v1/predict
-    pipelines) and its feature definitions, on the in-process online store."""
+    """The example repository's server (deploy/models, with /v1/predict pipelines) and its
+    feature definitions, on the in-process online store."""
     assert (ROOT / "deploy/models/gbr/1").is_dir(), "example models missing: run deploy/setup.sh"
     yield from serve(["--model-repository", str(ROOT / "deploy/models"),
                       "--features", str(ROOT / "deploy/features.toml")], "pytest-example-server.log")

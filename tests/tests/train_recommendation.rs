@@ -232,13 +232,23 @@ fn a_trained_recommender_beats_popularity_and_serves_from_the_feature_store() {
             "{refused}"
         );
     }
-    let long: Vec<String> = (0..10_001).map(|i| format!("m{i}")).collect();
-    let (status, refused) = ask(user, json!({"candidates": long}));
+    // Lists are bounded: all given candidates are ranked (at most what retrieval gives), and a
+    // history longer than any the store keeps would only cost everyone time.
+    for (feature, items, limit) in [
+        ("candidates", 101, "at most 100"),
+        ("booked_movies", 1001, "at most 1000"),
+    ] {
+        let long: Vec<String> = (0..items).map(|i| format!("m{i}")).collect();
+        let (status, refused) = ask(user, json!({feature: long}));
+        assert_eq!(status, 400, "{refused}");
+        let error = refused["error"].as_str().unwrap();
+        assert!(
+            error.contains(limit) && error.contains(feature),
+            "{refused}"
+        );
+    }
+    let (status, refused) = ask(user, json!({"genre_shares": [1e300]}));
     assert_eq!(status, 400, "{refused}");
-    assert!(
-        refused["error"].as_str().unwrap().contains("at most 10000"),
-        "{refused}"
-    );
     let (status, refused) = post(json!({"model": "recommendation", "features": {}}));
     assert_eq!(status, 400, "{refused}");
     assert!(

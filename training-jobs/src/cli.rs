@@ -122,7 +122,8 @@ pub struct TrainArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TrainedModel {
     /// Every hosted model, in the order they need each other: embedding, movie-index, fraud,
-    /// pricing, recommendation.
+    /// pricing, recommendation. A job that fails does not stop the others; the exit status is
+    /// the first failure's.
     All,
     /// The booking fraud score.
     Fraud,
@@ -216,6 +217,7 @@ pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
     let registry = marquee_registry::Registry::open(&options.registry)
         .map_err(|e| TrainingError::Registry(e.to_string()))?;
     let mut reports = Vec::with_capacity(jobs.len());
+    let mut failed: Option<TrainingError> = None;
     for job in jobs {
         let model = job.registered();
         if args.missing_only {
@@ -233,7 +235,21 @@ pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
             }
         }
         let started = Instant::now();
-        let trained = job.run(&options).await?;
+        // One job failing (a gate, say) does not stop the others; the first failure is the
+        // exit status once all have run.
+        let trained = match job.run(&options).await {
+            Ok(trained) => trained,
+            Err(e) if args.model == TrainedModel::All => {
+                if args.json {
+                    reports.push(serde_json::json!({"model": model, "error": e.to_string()}));
+                } else {
+                    eprintln!("{model}: {e}");
+                }
+                failed.get_or_insert(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let seconds = started.elapsed().as_secs_f64();
         if args.json {
             reports.push(serde_json::json!({"trained": trained, "seconds": seconds}));
@@ -247,6 +263,9 @@ pub async fn train(args: TrainArgs) -> Result<(), TrainingError> {
         } else if let Some(report) = reports.first() {
             println!("{report}");
         }
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     Ok(())
 }

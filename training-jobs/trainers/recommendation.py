@@ -2,10 +2,10 @@
 
 Retrieval is collaborative: a truncated SVD (scikit-learn) of the users x movies matrix of who
 booked what gives every movie a vector, and a user's vector is folded in from the movies they
-booked (the mean of their unit vectors, made unit): the factorisation's own projection of a user
-row onto the movie factors, so it is exact for a user who booked after training too, and serving
-computes it from the booked-movies feature instead of storing a second, version-bound vector per
-user. A movie nobody booked takes its genre's mean vector. The server searches these vectors
+booked (the mean of their unit vectors, made unit): the factorisation's projection of a user row
+onto the movie factors, up to the scaling applied here, so it follows a user who booked after
+training too, and serving computes it the same way from the booked-movies feature instead of
+storing a second, version-bound vector per user. A movie nobody booked takes its genre's mean vector. The server searches these vectors
 with an approximate-nearest-neighbour index.
 
 Ranking is a LightGBM LambdaRank model over each candidate's features, exported to ONNX with

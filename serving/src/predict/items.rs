@@ -4,9 +4,10 @@
 //! with a cap per field value (genre diversity). It knows items and vectors, not requests, so the
 //! search is tested and benchmarked on its own.
 //!
-//! The graph is built when the version loads, from the vectors in the version's file and a fixed
-//! seed: the version's file is the artifact (readable, checksummed like every file), and the graph
-//! is a cache of it that no other program needs to read.
+//! The graph is built when the version loads (off the async runtime), from the vectors in the
+//! version's file, on one thread and with a fixed seed, so one file gives one graph everywhere:
+//! the version's file is the artifact (readable, checksummed like every file), and the graph is a
+//! cache of it that no other program needs to read.
 
 use std::collections::{HashMap, HashSet};
 
@@ -124,11 +125,20 @@ impl ItemIndex {
             items.push(item);
         }
         let breadth = breadth.max(1);
-        let graph = instant_distance::Builder::default()
-            .ef_construction(EF_CONSTRUCTION)
-            .ef_search(breadth)
-            .seed(GRAPH_SEED)
-            .build(points, (0..items.len()).collect());
+        // instant-distance inserts in parallel (rayon); on one thread the insertion order, and
+        // so the graph, is the same on every load and every replica.
+        let one_thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .map_err(|e| format!("cannot build the graph: {e}"))?;
+        let positions_list = (0..items.len()).collect();
+        let graph = one_thread.install(|| {
+            instant_distance::Builder::default()
+                .ef_construction(EF_CONSTRUCTION)
+                .ef_search(breadth)
+                .seed(GRAPH_SEED)
+                .build(points, positions_list)
+        });
         let mut popular: Vec<usize> = (0..items.len()).collect();
         popular.sort_by(|&a, &b| popularities[b].total_cmp(&popularities[a]).then(a.cmp(&b)));
         let mut popularity_rank = vec![0; popular.len()];

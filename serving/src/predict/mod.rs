@@ -588,7 +588,7 @@ fn prepare(
                 ))
             })?;
         let typed = FeatureValue::from_json(feature.dtype, value).map_err(|e| {
-            ServingError::InvalidInput(format!("{at}features.{name}: {e}, got {value}"))
+            ServingError::InvalidInput(format!("{at}features.{name}: {e}, got {}", shown(value)))
         })?;
         if let Some((min, max)) = feature.range {
             let number = pipeline::number(&typed);
@@ -665,4 +665,14 @@ fn prepare(
 
 fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
+}
+
+/// A request value as an error message shows it: whole when short, else its first 80 characters
+/// (a 10,000-item list would bury the message).
+fn shown(value: &Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(80) {
+        Some((cut, _)) => format!("{}… ({} characters)", &text[..cut], text.len()),
+        None => text,
+    }
 }

@@ -507,8 +507,9 @@ pub(crate) struct AtMostFile {
     within: Option<usize>,
 }
 
-/// The longest list of texts a nearest step reads per instance (a history, the candidates).
-pub const MAX_LIST_ITEMS: usize = 10_000;
+/// The longest history a nearest step reads per instance (a user's bookings; the feature store
+/// keeps 50): a longer one would only cost every other request time.
+pub const MAX_HISTORY_ITEMS: usize = 1_000;
 
 /// How many more results than `k` a nearest step's graph search gives, so that leaving out a
 /// history seldom needs the exact scan.
@@ -830,8 +831,15 @@ impl Steps {
                     let bytes = assets
                         .get(&index)
                         .ok_or_else(|| format!("step {i}: the version has no file '{index}'"))?;
-                    let loaded = ItemIndex::parse(bytes, &key, &popularity, k + SEARCH_SLACK)
-                        .map_err(|e| format!("step {i}: '{index}': {e}"))?;
+                    let loaded =
+                        ItemIndex::parse(bytes, &key, &popularity, k.saturating_add(SEARCH_SLACK))
+                            .map_err(|e| format!("step {i}: '{index}': {e}"))?;
+                    if k > loaded.len() || popular > loaded.len() {
+                        return Err(format!(
+                            "step {i}: k ({k}) and popular ({popular}) must be at most the {} items of '{index}'",
+                            loaded.len()
+                        ));
+                    }
                     if (0..loaded.len()).any(|p| loaded.item(p).contains_key("similarity")) {
                         return Err(format!(
                             "step {i}: items of '{index}' have a 'similarity' field, which nearest writes"
@@ -1294,14 +1302,18 @@ impl Steps {
                         },
                         None => None,
                     };
-                    for (name, lists) in std::iter::once((history, histories)).chain(among) {
+                    // The candidates a caller gives are all ranked, so at most what retrieval
+                    // would give.
+                    let limits = std::iter::once((history, histories, MAX_HISTORY_ITEMS))
+                        .chain(among.map(|(name, lists)| (name, lists, *k + *popular)));
+                    for (name, lists, limit) in limits {
                         if let Some((at, long)) = lists
                             .iter()
                             .enumerate()
-                            .find(|(_, list)| list.len() > MAX_LIST_ITEMS)
+                            .find(|(_, list)| list.len() > limit)
                         {
                             return Err(ServingError::InvalidInput(format!(
-                                "instance {}: '{name}' lists {} items; at most {MAX_LIST_ITEMS}",
+                                "instance {}: features.{name} lists {} items; at most {limit}",
                                 range.start + at,
                                 long.len()
                             )));
@@ -1337,10 +1349,11 @@ impl Steps {
                     vec![into.clone()]
                 }
                 Step::Take { of, at, into } => {
-                    let (Some(Column::Array(sources)), Some(Column::Array(positions))) =
-                        (columns.get(of), columns.get(at))
-                    else {
+                    let Some(Column::Array(sources)) = columns.get(of) else {
                         return Err(missing(i, of));
+                    };
+                    let Some(Column::Array(positions)) = columns.get(at) else {
+                        return Err(missing(i, at));
                     };
                     let taken = sources
                         .iter()
@@ -1358,10 +1371,11 @@ impl Steps {
                     keep_order_if,
                     into,
                 } => {
-                    let (Some(Column::Items(lists)), Some(Column::Array(scored))) =
-                        (columns.get(items), columns.get(scores))
-                    else {
+                    let Some(Column::Items(lists)) = columns.get(items) else {
                         return Err(missing(i, items));
+                    };
+                    let Some(Column::Array(scored)) = columns.get(scores) else {
+                        return Err(missing(i, scores));
                     };
                     let counts: Vec<usize> = match k {
                         Count::Fixed(k) => vec![*k; n],

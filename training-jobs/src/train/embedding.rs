@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use marquee_registry::PushFile;
+use marquee_registry::manifest::GateOp;
 use serde_json::{Value, json};
 
 use super::baseline::{DriftBaseline, Histogram, InputHistogram};
@@ -104,7 +105,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
                 "instance_group": [{"count": 1, "kind": "KIND_CPU"}]
             },
             "metrics": metrics,
-            "gates": [{"metric": "min_cosine_vs_fp32", "op": ">=", "value": MIN_COSINE}],
+            "gates": gates(),
             "tags": {"task": "embedding", "trainer": "trainers/embedding.py"},
             "lineage": {
                 "dataset_uri": options.data,
@@ -149,15 +150,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         ("sentences".to_string(), sentences.len() as f64),
         ("dimension".to_string(), dimension as f64),
     ]);
-    let gates = vec![(
-        format!("min_cosine_vs_fp32 >= {MIN_COSINE}"),
-        min >= MIN_COSINE,
-    )];
-    if min < MIN_COSINE {
-        return Err(TrainingError::Gate(format!(
-            "the int8 embedding strays from the fp32 weights: min cosine {min:.4} < {MIN_COSINE}; not pushed"
-        )));
-    }
+    let judged = super::judge("embedding", &gates(), &metrics)?;
     let pushed = super::push(
         options,
         "embedding",
@@ -169,8 +162,13 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         model: "embedding".into(),
         version: pushed.version,
         metrics,
-        gates,
+        gates: judged,
     })
+}
+
+/// The int8 model must stay close to the fp32 weights on every sentence.
+fn gates() -> Vec<marquee_registry::manifest::Gate> {
+    vec![super::gate("min_cosine_vs_fp32", GateOp::Ge, MIN_COSINE)]
 }
 
 /// Descriptions (evenly spaced over the catalogue) and search queries: the texts the platform

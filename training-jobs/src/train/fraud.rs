@@ -15,6 +15,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray};
 use marquee_feature_store::offline;
 use marquee_registry::PushFile;
+use marquee_registry::manifest::GateOp;
 use serde_json::json;
 
 use super::baseline::{DriftBaseline, Histogram, InputHistogram};
@@ -150,20 +151,10 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         metrics.insert("export_max_abs_error".into(), error);
     }
     let gates = vec![
-        (
-            format!("roc_auc > {rules_auc:.4} (the rules')"),
-            auc > rules_auc,
-        ),
-        (
-            format!("recall_at_2pct_fpr > {rules_recall:.4} (the rules')"),
-            recall > rules_recall,
-        ),
+        super::gate("roc_auc", GateOp::Gt, rules_auc),
+        super::gate("recall_at_2pct_fpr", GateOp::Gt, rules_recall),
     ];
-    if let Some((gate, _)) = gates.iter().find(|(_, held)| !held) {
-        return Err(TrainingError::Gate(format!(
-            "the fraud model does not beat its fallback: {gate} failed (roc_auc {auc:.4}, recall at 2% FPR {recall:.4}); not pushed"
-        )));
-    }
+    let judged = super::judge("fraud", &gates, &metrics)?;
 
     let baseline = DriftBaseline {
         rows: train.len(),
@@ -197,10 +188,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
             "parameters": {"intra_op_thread_count": {"string_value": "1"}}
         },
         "metrics": metrics,
-        "gates": [
-            {"metric": "roc_auc", "op": ">", "value": rules_auc},
-            {"metric": "recall_at_2pct_fpr", "op": ">", "value": rules_recall}
-        ],
+        "gates": gates,
         "tags": {"task": "fraud", "trainer": "trainers/fraud.py"},
         "lineage": {
             "dataset_uri": options.data,
@@ -229,7 +217,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         model: "fraud".into(),
         version: pushed.version,
         metrics,
-        gates,
+        gates: judged,
     })
 }
 

@@ -22,6 +22,7 @@ use arrow_array::{Array, ArrayRef, RecordBatch};
 use bytes::Bytes;
 use marquee_feature_store::Definitions;
 use marquee_feature_store::offline::{self, StorePath};
+use marquee_registry::manifest::{Gate, GateOp};
 use marquee_registry::{Manifest, PushFile, Quiet, Registry};
 use marquee_serving::backend::onnx::OnnxRuntime;
 use marquee_serving::backend::{
@@ -58,6 +59,31 @@ pub struct Trained {
     pub metrics: std::collections::BTreeMap<String, f64>,
     /// Each gate the job checked, as `metric op value` with whether it held.
     pub gates: Vec<(String, bool)>,
+}
+
+/// A gate a version must pass before it is pushed: `metric op value`, where the value is usually
+/// its fallback's score on the same test.
+pub fn gate(metric: &str, op: GateOp, value: f64) -> Gate {
+    Gate {
+        metric: metric.to_string(),
+        op,
+        value,
+    }
+}
+
+/// Judges `gates` on `metrics`, the way the registry judges them again at promotion: each as
+/// text with whether it held, or, where one fails, the job's error naming it (nothing is pushed).
+pub fn judge(
+    model: &str,
+    gates: &[Gate],
+    metrics: &std::collections::BTreeMap<String, f64>,
+) -> Result<Vec<(String, bool)>, TrainingError> {
+    if let Some(failure) = gates.iter().find_map(|gate| gate.failure(metrics)) {
+        return Err(TrainingError::Gate(format!(
+            "{model} does not beat its fallback: {failure}; not pushed"
+        )));
+    }
+    Ok(gates.iter().map(|gate| (gate.to_string(), true)).collect())
 }
 
 /// Reads a whole Parquet table of the world (`name` relative to its location).

@@ -13,6 +13,7 @@ use arrow_array::Array;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{TimestampMillisecondType, UInt32Type};
 use bytes::Bytes;
+use marquee_registry::manifest::GateOp;
 use marquee_registry::{PushFile, Registry, Stage};
 use serde_json::{Value, json};
 
@@ -127,10 +128,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
                 "instance_group": [{"count": 1, "kind": "KIND_CPU"}]
             },
             "metrics": metrics,
-            "gates": metrics.get("keyword_hit_at_3").map_or_else(Vec::new, |keyword| vec![
-                json!({"metric": "hit_at_3", "op": ">", "value": keyword}),
-                json!({"metric": "hit_at_3", "op": ">=", "value": MIN_HIT_AT_3}),
-            ]),
+            "gates": gates(metrics),
             "tags": {"task": "search", "trainer": "trainers/movie_index.py"},
             "lineage": {
                 "dataset_uri": options.data,
@@ -225,19 +223,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
     );
     metrics.insert("movies".into(), catalogue.movies.len() as f64);
     metrics.insert("queries".into(), catalogue.queries.len() as f64);
-    let (hit, keyword) = (metrics["hit_at_3"], metrics["keyword_hit_at_3"]);
-    let gates = vec![
-        (
-            format!("hit_at_3 > {keyword:.4} (keyword search's)"),
-            hit > keyword,
-        ),
-        (format!("hit_at_3 >= {MIN_HIT_AT_3}"), hit >= MIN_HIT_AT_3),
-    ];
-    if let Some((gate, _)) = gates.iter().find(|(_, held)| !held) {
-        return Err(TrainingError::Gate(format!(
-            "the search is not good enough: {gate} failed (hit_at_3 {hit:.4}); not pushed"
-        )));
-    }
+    let judged = super::judge("movie_search", &gates(&metrics), &metrics)?;
     let baseline = baseline(&report, &plain);
     let pushed = super::push(
         options,
@@ -250,8 +236,21 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         model: "movie_search".into(),
         version: pushed.version,
         metrics,
-        gates,
+        gates: judged,
     })
+}
+
+/// The search must beat keyword search and reach a floor whatever keyword search does (no gates
+/// before the measures exist: the candidate served for measuring has none).
+fn gates(metrics: &BTreeMap<String, f64>) -> Vec<marquee_registry::manifest::Gate> {
+    metrics
+        .get("keyword_hit_at_3")
+        .map_or_else(Vec::new, |&keyword| {
+            vec![
+                super::gate("hit_at_3", GateOp::Gt, keyword),
+                super::gate("hit_at_3", GateOp::Ge, MIN_HIT_AT_3),
+            ]
+        })
 }
 
 /// The search pipeline, its query embedded by the `embedding` version `pinned`: the index holds

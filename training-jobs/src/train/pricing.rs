@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use marquee_registry::PushFile;
+use marquee_registry::manifest::GateOp;
 use serde_json::{Value, json};
 
 use super::baseline::{DriftBaseline, Histogram, InputHistogram};
@@ -226,21 +227,10 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         metrics.insert("export_max_abs_error".into(), error);
     }
     let gates = vec![
-        (
-            format!("revenue_per_seat > {rules_revenue:.4} (the rule table's)"),
-            revenue > rules_revenue,
-        ),
-        (
-            "constraint_violations <= 0".to_string(),
-            served.violations == 0,
-        ),
+        super::gate("revenue_per_seat", GateOp::Gt, rules_revenue),
+        super::gate("constraint_violations", GateOp::Le, 0.0),
     ];
-    if let Some((gate, _)) = gates.iter().find(|(_, held)| !held) {
-        return Err(TrainingError::Gate(format!(
-            "the pricing model does not beat its fallback: {gate} failed (revenue per seat {revenue:.4}, {} constraint violations in {} quotes); not pushed",
-            served.violations, served.quotes
-        )));
-    }
+    let judged = super::judge("pricing", &gates, &metrics)?;
 
     let mut evaluator = Evaluator::onnx(options, &model, "X", "occupancy")?;
     let predicted = evaluator.score(&super::row_major(&matrix, &train), COLUMNS.len())?;
@@ -267,10 +257,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         files,
         manifest(
             &metrics,
-            json!([
-                {"metric": "revenue_per_seat", "op": ">", "value": rules_revenue},
-                {"metric": "constraint_violations", "op": "<=", "value": 0}
-            ]),
+            json!(gates),
             serde_json::to_value(&baseline).map_err(|e| TrainingError::Output(e.to_string()))?,
         ),
     )
@@ -279,7 +266,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         model: "pricing".into(),
         version: pushed.version,
         metrics,
-        gates,
+        gates: judged,
     })
 }
 
