@@ -14,8 +14,8 @@ onnxmltools, scoring all of a user's candidates as one batch:
     X [n, 3] = similarity (user . movie), popularity, genre affinity -> trees -> score [n, 1]
 
 The ranker learns from one query per user: the movies booked before the user's second-to-last
-booking are the history, that booking is the positive, and the negatives are what serving
-retrieves (the nearest movies and the most popular, the history left out) and random movies. The last booking is the job's test
+booking are the history, that booking is the positive, and random movies the user had not
+booked are the negatives. The last booking is the job's test
 and never reaches this script.
 
     python recommendation.py --interactions train.parquet --movies movies.parquet \
@@ -55,11 +55,12 @@ RANKER = {
     "min_child_samples": 50,
 }
 
-# Negatives per training query: the nearest movies by similarity and the most popular (the two
-# sources serving retrieves from), and random ones (what the sampled evaluation ranks among).
-NEAREST_NEGATIVES = 30
-POPULAR_NEGATIVES = 30
-RANDOM_NEGATIVES = 40
+# Negatives per training query: movies the user had not booked, drawn at random. Measured on the
+# medium world's ranker queries (80/20 by user): random negatives gave HR@10 0.84 among 99 sampled
+# and recall@20 0.55 over nearest-50 + popular-50, where the retrieval's own nearest and popular
+# movies as negatives gave 0.62 and 0.37 (popularity: 0.78, 0.44): hard negatives taught the
+# ranker to distrust popularity, which is most of what a next booking follows.
+RANDOM_NEGATIVES = 100
 
 
 def unit_rows(matrix):
@@ -134,19 +135,15 @@ def main():
     vectors = unit_rows(vectors)
     vectors.astype("<f4").tofile(out / "vectors.f32")
 
-    by_popularity = np.argsort(-popularity, kind="stable")
     queries = pq.read_table(args.queries).to_pylist()
     rows, labels, groups = [], [], []
     for query in queries:
         history = query["history"]
         user = user_vector(vectors, history)
         seen = set(history)
-        order = np.argsort(-(vectors @ user), kind="stable")
-        nearest = [int(m) for m in order if int(m) not in seen][:NEAREST_NEGATIVES]
-        popular = [int(m) for m in by_popularity if int(m) not in seen][:POPULAR_NEGATIVES]
-        extra = [int(m) for m in rng.choice(n_movies, size=min(RANDOM_NEGATIVES, n_movies), replace=False)]
-        candidates = list(dict.fromkeys(
-            [query["positive"]] + [m for m in nearest + popular + extra if m not in seen]))
+        drawn = [int(m) for m in rng.choice(n_movies, size=min(RANDOM_NEGATIVES, n_movies),
+                                              replace=False)]
+        candidates = list(dict.fromkeys([query["positive"]] + [m for m in drawn if m not in seen]))
         rows.append(features(vectors, popularity, genre, user, query["genre_shares"],
                              candidates))
         labels.extend([1] + [0] * (len(candidates) - 1))
