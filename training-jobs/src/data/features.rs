@@ -75,11 +75,11 @@ feature = [
 
 # What a user booked so far, for recommendations: the movies (distinct, oldest first, the last
 # 50) and the share of them in each genre (the genres of `marquee data generate`, in order). A
-# history is kept for a year.
+# history does not go stale as a counter does: it is kept for ten years.
 [[feature_view]]
 name = "user_history"
 entities = ["user"]
-ttl = "365days"
+ttl = "3650days"
 source = { path = "features/user_history.parquet", timestamp_column = "event_time" }
 feature = [
   { name = "booked_movies", dtype = "list<string>", default = [] },
