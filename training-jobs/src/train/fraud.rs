@@ -67,39 +67,18 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         .collect();
     let matrix = columns(&set)?;
 
-    let train_path = options.work.join("fraud-train.parquet");
     let is_fraud = |subset: &[usize]| -> ArrayRef {
         Arc::new(BooleanArray::from_iter(
             subset.iter().map(|&i| Some(rows.is_fraud[i])),
         ))
     };
-    super::write_rows(
-        &train_path,
-        &COLUMNS,
-        &matrix,
-        &train,
-        vec![("is_fraud", is_fraud(&train))],
-    )?;
-    let model_path = options.work.join("fraud.onnx");
-    let seed = options.seed.to_string();
-    let report = super::run_trainer(
+    let (report, model) = super::fit_table(
         options,
-        "fraud.py",
+        "fraud",
         TRAINER,
-        &[
-            "--train",
-            super::path_text(&train_path)?,
-            "--columns",
-            &COLUMNS.join(","),
-            "--label",
-            "is_fraud",
-            "--seed",
-            &seed,
-            "--out",
-            super::path_text(&model_path)?,
-        ],
+        (&COLUMNS, &matrix, &train),
+        ("is_fraud", is_fraud(&train)),
     )?;
-    let model = super::read_trainer_output(&model_path)?;
 
     let mut evaluator = Evaluator::onnx(options, &model, "X", "fraud_probability")?;
     let scores = evaluator_scores(&mut evaluator, &matrix, &test)?;

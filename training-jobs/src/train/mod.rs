@@ -244,6 +244,40 @@ pub fn write_rows(
     write_file(path, &bytes)
 }
 
+/// A tabular fit: writes `rows` of the matrix (columns `names`) with its `label` column as
+/// `{job}-train.parquet`, runs the trainer `script` (`{job}.py`: `--train --columns --label
+/// --seed --out`), and returns its JSON report and the ONNX model it exported (`{job}.onnx`).
+pub fn fit_table(
+    options: &TrainOptions,
+    job: &str,
+    script: &str,
+    (names, matrix, rows): (&[&str], &[Vec<f32>], &[usize]),
+    label: (&str, ArrayRef),
+) -> Result<(serde_json::Value, Bytes), TrainingError> {
+    let train_path = options.work.join(format!("{job}-train.parquet"));
+    write_rows(&train_path, names, matrix, rows, vec![(label.0, label.1)])?;
+    let model_path = options.work.join(format!("{job}.onnx"));
+    let seed = options.seed.to_string();
+    let report = run_trainer(
+        options,
+        &format!("{job}.py"),
+        script,
+        &[
+            "--train",
+            path_text(&train_path)?,
+            "--columns",
+            &names.join(","),
+            "--label",
+            label.0,
+            "--seed",
+            &seed,
+            "--out",
+            path_text(&model_path)?,
+        ],
+    )?;
+    Ok((report, read_trainer_output(&model_path)?))
+}
+
 /// A path as the text a trainer's command line takes.
 pub fn path_text(path: &Path) -> Result<&str, TrainingError> {
     path.to_str()

@@ -88,39 +88,16 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         )));
     }
 
-    let train_path = options.work.join("pricing-train.parquet");
-    let occupancy = |subset: &[usize]| -> ArrayRef {
-        Arc::new(Float64Array::from_iter_values(
-            subset.iter().map(|&q| shows.occupancy[quotes[q].show]),
-        ))
-    };
-    super::write_rows(
-        &train_path,
-        &COLUMNS,
-        &matrix,
-        &train,
-        vec![("occupancy", occupancy(&train))],
-    )?;
-    let model_path = options.work.join("pricing.onnx");
-    let seed = options.seed.to_string();
-    let report = super::run_trainer(
+    let occupancy: ArrayRef = Arc::new(Float64Array::from_iter_values(
+        train.iter().map(|&q| shows.occupancy[quotes[q].show]),
+    ));
+    let (report, model) = super::fit_table(
         options,
-        "pricing.py",
+        "pricing",
         TRAINER,
-        &[
-            "--train",
-            super::path_text(&train_path)?,
-            "--columns",
-            &COLUMNS.join(","),
-            "--label",
-            "occupancy",
-            "--seed",
-            &seed,
-            "--out",
-            super::path_text(&model_path)?,
-        ],
+        (&COLUMNS, &matrix, &train),
+        ("occupancy", occupancy),
     )?;
-    let model = super::read_trainer_output(&model_path)?;
     let signature = marquee_registry::onnx::signature(&model).map_err(TrainingError::Trainer)?;
     let files = vec![PushFile {
         path: "model.onnx".into(),
