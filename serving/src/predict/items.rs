@@ -1,38 +1,43 @@
 //! Item lists for the steps that retrieve and rank: a version's item index (the items a pipeline
 //! may answer with, each with a vector), searched for the items nearest a query through an
-//! approximate-nearest-neighbour graph (HNSW, from `instant-distance`), and the final ordering
-//! with a cap per field value (genre diversity). It knows items and vectors, not requests, so the
-//! search is tested and benchmarked on its own.
+//! approximate-nearest-neighbour graph (HNSW, from `usearch`), and the final ordering with a cap
+//! per field value (genre diversity). It knows items and vectors, not requests, so the search is
+//! tested and benchmarked on its own.
 //!
 //! The graph is built when the version loads (off the async runtime), from the vectors in the
-//! version's file, on one thread and with a fixed seed, so one file gives one graph everywhere:
+//! version's file, inserting on one thread in file order, so one file gives one graph everywhere:
 //! the version's file is the artifact (readable, checksummed like every file), and the graph is a
-//! cache of it that no other program needs to read.
+//! cache of it that no other program needs to read. Similarities are always this module's own dot
+//! products, so the graph and the exact scan score an item the same.
 
 use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Value};
 
-/// Up to this many items a search scans them all: faster than the graph at this size (1,000
-/// items: 60k queries/s against 18k, bench/ann.py) and exact; the graph is not built.
+/// Up to this many items a search scans them all: as fast as the graph at this size and exact
+/// (bench/ann.py); the graph is not built.
 pub const EXACT_UP_TO: usize = 4_096;
-/// How the graph is built: neighbours considered per insertion.
+/// How the graph is built: neighbours kept per node (M; twice that on the base layer).
+const CONNECTIVITY: usize = 32;
+/// How the graph is built: neighbours considered per insertion (ef_construction).
 const EF_CONSTRUCTION: usize = 200;
-/// The seed of the graph's layer assignment: one file, one graph.
-const GRAPH_SEED: u64 = 0x6d61_7271_7565_6521;
-
-/// A unit vector, as the graph compares them: distance is 1 - cosine.
-#[derive(Clone)]
-struct UnitVector(Vec<f32>);
-
-impl instant_distance::Point for UnitVector {
-    fn distance(&self, other: &Self) -> f32 {
-        1.0 - dot(&self.0, &other.0)
-    }
-}
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    // Eight running sums, so the compiler can keep them in vector registers.
+    let mut sums = [0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..8 {
+            sums[lane] += x[lane] * y[lane];
+        }
+    }
+    sums.iter().sum::<f32>() + tail
 }
 
 /// One item found for a query, with its cosine similarity to it.
@@ -50,10 +55,8 @@ pub struct ItemIndex {
     vectors: Vec<f32>,
     dimension: usize,
     positions: HashMap<String, usize>,
-    /// `None` up to [`EXACT_UP_TO`] items.
-    graph: Option<instant_distance::HnswMap<UnitVector, usize>>,
-    /// How many results one graph search gives (its `ef`).
-    breadth: usize,
+    /// `None` up to [`EXACT_UP_TO`] items. Keys are positions.
+    graph: Option<usearch::Index>,
     /// Positions by the popularity field, most popular first (ties in file order).
     popular: Vec<usize>,
     /// Each position's place in `popular`.
@@ -71,8 +74,8 @@ impl std::fmt::Debug for ItemIndex {
 
 impl ItemIndex {
     /// Reads a JSON list of objects, each with a unique text `key`, a numeric `popularity` and a
-    /// `vector` of numbers (all of one length), and builds its graph; one search gives `breadth`
-    /// results.
+    /// `vector` of numbers (all of one length), and builds its graph; a search keeps the `breadth`
+    /// best candidates it has seen (HNSW's ef: more is slower and finds more of the true nearest).
     pub fn parse(
         bytes: &[u8],
         key: &str,
@@ -86,7 +89,6 @@ impl ItemIndex {
         }
         let mut items = Vec::with_capacity(listed.len());
         let mut vectors = Vec::new();
-        let mut points = Vec::with_capacity(listed.len());
         let mut positions = HashMap::with_capacity(listed.len());
         let mut popularities = Vec::with_capacity(listed.len());
         let mut dimension = 0;
@@ -125,25 +127,10 @@ impl ItemIndex {
             let unit = unit(&vector)
                 .ok_or_else(|| format!("item '{id}' has a zero or non-finite vector"))?;
             vectors.extend_from_slice(&unit);
-            points.push(UnitVector(unit));
             items.push(item);
         }
-        let breadth = breadth.max(1);
         let graph = if items.len() > EXACT_UP_TO {
-            // instant-distance inserts in parallel (rayon); on one thread the insertion order,
-            // and so the graph, is the same on every load and every replica.
-            let one_thread = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .map_err(|e| format!("cannot build the graph: {e}"))?;
-            let positions_list = (0..items.len()).collect();
-            Some(one_thread.install(|| {
-                instant_distance::Builder::default()
-                    .ef_construction(EF_CONSTRUCTION)
-                    .ef_search(breadth)
-                    .seed(GRAPH_SEED)
-                    .build(points, positions_list)
-            }))
+            Some(graph(&vectors, dimension, breadth.max(1))?)
         } else {
             None
         };
@@ -159,7 +146,6 @@ impl ItemIndex {
             dimension,
             positions,
             graph,
-            breadth,
             popular,
             popularity_rank,
         })
@@ -211,30 +197,34 @@ impl ItemIndex {
 
     /// The `k` items most similar to `query` (a unit vector of the index's dimension), leaving
     /// out `exclude`, most similar first: from the graph, or by scanning every item where the
-    /// index is small or the graph's results run out after the exclusions.
+    /// index is small, or the graph finds fewer than asked after the exclusions, or cannot search
+    /// now (more searches at once than it holds search contexts for).
     pub fn nearest(&self, query: &[f32], k: usize, exclude: &HashSet<usize>) -> Vec<Found> {
         let wanted = k.min(self.len().saturating_sub(exclude.len()));
-        if let Some(graph) = self
-            .graph
-            .as_ref()
-            .filter(|_| k + exclude.len() <= self.breadth)
-        {
-            let mut search = instant_distance::Search::default();
-            let point = UnitVector(query.to_vec());
-            let found: Vec<Found> = graph
-                .search(&point, &mut search)
-                .filter(|item| !exclude.contains(item.value))
-                .take(k)
-                .map(|item| Found {
-                    position: *item.value,
-                    similarity: 1.0 - item.distance,
-                })
-                .collect();
-            if found.len() >= wanted {
-                return found;
+        if let Some(graph) = &self.graph {
+            let searched = if exclude.is_empty() {
+                graph.search(query, k)
+            } else {
+                graph.filtered_search(query, k, |key| !exclude.contains(&(key as usize)))
+            };
+            if let Ok(matches) = searched {
+                let positions: Vec<usize> = matches.keys.iter().map(|&key| key as usize).collect();
+                if positions.len() >= wanted {
+                    let mut found = self.score(Some(query), &positions);
+                    found.sort_by(by_similarity);
+                    return found;
+                }
             }
         }
         self.exact(query, k, exclude)
+    }
+
+    /// How many candidates a graph search keeps (see [`Self::parse`]); for benchmarks that sweep
+    /// it without rebuilding the graph.
+    pub fn set_breadth(&mut self, breadth: usize) {
+        if let Some(graph) = &self.graph {
+            graph.change_expansion_search(breadth.max(1));
+        }
     }
 
     /// What [`Self::nearest`] approximates: every item scored.
@@ -246,11 +236,6 @@ impl ItemIndex {
                 similarity: dot(query, self.vector(position)),
             })
             .collect();
-        let by_similarity = |a: &Found, b: &Found| {
-            b.similarity
-                .total_cmp(&a.similarity)
-                .then(a.position.cmp(&b.position))
-        };
         if scored.len() > k {
             scored.select_nth_unstable_by(k, by_similarity);
             scored.truncate(k);
@@ -288,6 +273,46 @@ impl ItemIndex {
     pub fn by_popularity(&self, positions: &mut [usize]) {
         positions.sort_by_key(|&p| self.popularity_rank[p]);
     }
+}
+
+/// Most similar first; ties in file order.
+fn by_similarity(a: &Found, b: &Found) -> std::cmp::Ordering {
+    b.similarity
+        .total_cmp(&a.similarity)
+        .then(a.position.cmp(&b.position))
+}
+
+/// The HNSW graph of `vectors` (unit, `dimension` long, keyed by position), inserted one by one
+/// on one thread (one context, so its level draws are the same on every load), then given a
+/// search context for each of twice the machine's threads: searches past that many at once are
+/// refused and [`ItemIndex::nearest`] scans instead.
+fn graph(vectors: &[f32], dimension: usize, breadth: usize) -> Result<usearch::Index, String> {
+    let count = vectors.len() / dimension;
+    let options = usearch::IndexOptions {
+        dimensions: dimension,
+        metric: usearch::MetricKind::IP,
+        quantization: usearch::ScalarKind::F32,
+        connectivity: CONNECTIVITY,
+        expansion_add: EF_CONSTRUCTION,
+        expansion_search: breadth,
+        multi: false,
+    };
+    let index = usearch::Index::new(&options).map_err(failed)?;
+    index
+        .reserve_capacity_and_threads(count, 1)
+        .map_err(failed)?;
+    for (position, vector) in vectors.chunks_exact(dimension).enumerate() {
+        index.add(position as u64, vector).map_err(failed)?;
+    }
+    let searchers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+    index
+        .reserve_capacity_and_threads(count, searchers)
+        .map_err(failed)?;
+    Ok(index)
+}
+
+fn failed(e: impl std::fmt::Display) -> String {
+    format!("cannot build the graph: {e}")
 }
 
 /// `vector` divided by its Euclidean norm; `None` for a zero or non-finite vector.
@@ -433,6 +458,63 @@ mod tests {
             total += 10;
         }
         let recall = hits as f64 / total as f64;
+        assert!(recall >= 0.95, "recall@10 {recall}");
+    }
+
+    /// Queries like users: the unit mean of five items' vectors.
+    fn user_queries(index: &ItemIndex, count: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = Numbers(seed);
+        (0..count)
+            .map(|_| {
+                let picks: Vec<usize> = (0..5).map(|_| rng.below(index.len())).collect();
+                index.fold_in(&picks).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_file_gives_one_graph() {
+        let file = clustered(6000, 16, 40, 4);
+        let first = ItemIndex::parse(&file, "id", "popularity", 20).unwrap();
+        let second = ItemIndex::parse(&file, "id", "popularity", 20).unwrap();
+        let none = HashSet::new();
+        for query in user_queries(&first, 200, 5) {
+            assert_eq!(
+                first.nearest(&query, 10, &none),
+                second.nearest(&query, 10, &none)
+            );
+        }
+    }
+
+    #[test]
+    fn more_searches_at_once_than_search_contexts_all_answer() {
+        let index = ItemIndex::parse(&clustered(6000, 32, 40, 6), "id", "popularity", 150).unwrap();
+        let queries = user_queries(&index, 400, 7);
+        let none = HashSet::new();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) * 8;
+        let hits: usize = std::thread::scope(|scope| {
+            let searchers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (index, queries, none) = (&index, &queries, &none);
+                    scope.spawn(move || {
+                        let mut hits = 0;
+                        for query in queries.iter().skip(t).step_by(threads) {
+                            let truth: HashSet<usize> = index
+                                .exact(query, 10, none)
+                                .iter()
+                                .map(|f| f.position)
+                                .collect();
+                            let found = index.nearest(query, 10, none);
+                            assert_eq!(found.len(), 10);
+                            hits += found.iter().filter(|f| truth.contains(&f.position)).count();
+                        }
+                        hits
+                    })
+                })
+                .collect();
+            searchers.into_iter().map(|s| s.join().unwrap()).sum()
+        });
+        let recall = hits as f64 / (10 * queries.len()) as f64;
         assert!(recall >= 0.95, "recall@10 {recall}");
     }
 
