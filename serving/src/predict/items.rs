@@ -21,6 +21,10 @@ pub const EXACT_UP_TO: usize = 4_096;
 const CONNECTIVITY: usize = 32;
 /// How the graph is built: neighbours considered per insertion (ef_construction).
 const EF_CONSTRUCTION: usize = 200;
+/// How many searches the graph runs at once: a nearest step searches on tokio's blocking pool,
+/// which runs up to 512 threads, so a served search never finds every context taken and falls
+/// back to the exact scan (a context is a few hundred bytes until it first searches).
+const SEARCH_CONTEXTS: usize = 512;
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight running sums, so the compiler can keep them in vector registers.
@@ -283,9 +287,9 @@ fn by_similarity(a: &Found, b: &Found) -> std::cmp::Ordering {
 }
 
 /// The HNSW graph of `vectors` (unit, `dimension` long, keyed by position), inserted one by one
-/// on one thread (one context, so its level draws are the same on every load), then given a
-/// search context for each of twice the machine's threads: searches past that many at once are
-/// refused and [`ItemIndex::nearest`] scans instead.
+/// on one thread (one context, so its level draws are the same on every load), then given
+/// [`SEARCH_CONTEXTS`] search contexts: searches past that many at once are refused and
+/// [`ItemIndex::nearest`] scans instead.
 fn graph(vectors: &[f32], dimension: usize, breadth: usize) -> Result<usearch::Index, String> {
     let count = vectors.len() / dimension;
     let options = usearch::IndexOptions {
@@ -304,9 +308,8 @@ fn graph(vectors: &[f32], dimension: usize, breadth: usize) -> Result<usearch::I
     for (position, vector) in vectors.chunks_exact(dimension).enumerate() {
         index.add(position as u64, vector).map_err(failed)?;
     }
-    let searchers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
     index
-        .reserve_capacity_and_threads(count, searchers)
+        .reserve_capacity_and_threads(count, SEARCH_CONTEXTS)
         .map_err(failed)?;
     Ok(index)
 }
@@ -487,7 +490,7 @@ mod tests {
     }
 
     #[test]
-    fn more_searches_at_once_than_search_contexts_all_answer() {
+    fn many_searches_at_once_all_answer() {
         let index = ItemIndex::parse(&clustered(6000, 32, 40, 6), "id", "popularity", 150).unwrap();
         let queries = user_queries(&index, 400, 7);
         let none = HashSet::new();
