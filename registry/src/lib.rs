@@ -8,6 +8,7 @@
 //! command that data scientists use.
 
 pub mod cli;
+pub mod deployments;
 pub mod location;
 pub mod manifest;
 pub mod onnx;

@@ -71,7 +71,7 @@ impl FileCheck {
 /// A registry opened at a location.
 #[derive(Clone)]
 pub struct Registry {
-    store: Arc<dyn ObjectStore>,
+    pub(crate) store: Arc<dyn ObjectStore>,
     root: Path,
     location: String,
 }
@@ -156,7 +156,7 @@ impl Registry {
         &self.location
     }
 
-    fn model_dir(&self, model: &str) -> Path {
+    pub(crate) fn model_dir(&self, model: &str) -> Path {
         self.root.clone().join(model)
     }
 

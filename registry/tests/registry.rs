@@ -284,3 +284,58 @@ async fn written_manifests_follow_the_published_schema() {
     broken["files"][0]["sha256"] = "not hex".into();
     assert!(!validator.is_valid(&broken), "the schema checks checksums");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_revisions_are_written_once_and_the_newest_is_read() {
+    let registry = Registry::open("memory://").unwrap();
+    registry
+        .push("m", file(b"v1"), draft(&[], &[]), &Quiet)
+        .await
+        .unwrap();
+    assert!(registry.deployments_from("m", 0).await.unwrap().is_empty());
+    registry
+        .write_deployment("m", 1, 1, &serde_json::json!({"state": "progressing"}))
+        .await
+        .unwrap();
+    registry
+        .write_deployment("m", 1, 2, &serde_json::json!({"state": "rolled_back"}))
+        .await
+        .unwrap();
+    let raced = registry
+        .write_deployment("m", 1, 2, &serde_json::json!({"state": "promoted"}))
+        .await;
+    assert!(
+        matches!(raced, Err(RegistryError::Conflict(_))),
+        "{raced:?}"
+    );
+    registry
+        .write_deployment("m", 2, 1, &serde_json::json!({"state": "progressing"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        registry.deployments_from("m", 0).await.unwrap(),
+        vec![(1, 2), (2, 1)]
+    );
+    assert_eq!(
+        registry.deployments_from("m", 2).await.unwrap(),
+        vec![(2, 1)]
+    );
+    let latest = registry.deployment_after("m", 1, 0).await.unwrap().unwrap();
+    assert_eq!(latest.revision, 2);
+    assert_eq!(latest.state["state"], "rolled_back");
+    assert!(
+        registry
+            .deployment_after("m", 1, 2)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        registry
+            .write_deployment("nope", 1, 1, &serde_json::json!({}))
+            .await,
+        Err(RegistryError::ModelNotFound(_))
+    ));
+    // The versions and references are untouched by the deployments folder.
+    assert_eq!(registry.versions("m").await.unwrap(), vec![1]);
+}

@@ -5,6 +5,8 @@
 //! Answers and errors take OpenAI's shapes (`{"object": "list", "data": [...], "usage": ...}`,
 //! `{"error": {"message", "type", "param", "code"}}`).
 
+use std::sync::Arc;
+
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -63,7 +65,10 @@ const MAX_INPUTS: usize = 2048;
 
 impl Predictor {
     /// Embeds every input with the model's pipeline; the OpenAI-shaped answer.
-    pub async fn embeddings(&self, request: EmbeddingsRequest) -> Result<Value, EmbeddingsError> {
+    pub async fn embeddings(
+        self: &Arc<Self>,
+        request: EmbeddingsRequest,
+    ) -> Result<Value, EmbeddingsError> {
         let encoding = match request.encoding_format.as_deref() {
             None | Some("float") => Encoding::Float,
             Some("base64") => Encoding::Base64,

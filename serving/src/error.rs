@@ -34,6 +34,16 @@ pub enum ServingError {
     /// A fault inside the server or the backend.
     #[error("{0}")]
     Internal(String),
+    /// The request conflicts with the current state (a deployment already running, a decision
+    /// another server made first).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl From<crate::traffic::TrafficError> for ServingError {
+    fn from(error: crate::traffic::TrafficError) -> Self {
+        ServingError::InvalidInput(format!("traffic policy: {error}"))
+    }
 }
 
 /// Which limit an overloaded request ran into.
@@ -57,6 +67,19 @@ impl ServingError {
         ))
     }
 
+    /// Whether the request itself was at fault (bad input, unknown names, too large, asks for
+    /// what is not served), rather than the server or the model.
+    pub fn is_clients_fault(&self) -> bool {
+        matches!(
+            self,
+            ServingError::InvalidInput(_)
+                | ServingError::NotFound(_)
+                | ServingError::PayloadTooLarge(_)
+                | ServingError::Unsupported(_)
+                | ServingError::Conflict(_)
+        )
+    }
+
     pub fn http_status(&self) -> StatusCode {
         match self {
             ServingError::InvalidInput(_) | ServingError::LoadFailed(_) => StatusCode::BAD_REQUEST,
@@ -68,6 +91,7 @@ impl ServingError {
             }
             ServingError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ServingError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServingError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -84,6 +108,7 @@ impl ServingError {
             ServingError::Timeout(_) => tonic::Code::DeadlineExceeded,
             ServingError::Unsupported(_) => tonic::Code::Unimplemented,
             ServingError::Internal(_) => tonic::Code::Internal,
+            ServingError::Conflict(_) => tonic::Code::Aborted,
         }
     }
 
@@ -106,6 +131,7 @@ impl ServingError {
             ServingError::Unsupported(_) => "unsupported",
             ServingError::LoadFailed(_) => "load_failed",
             ServingError::Internal(_) => "internal",
+            ServingError::Conflict(_) => "conflict",
         }
     }
 }

@@ -53,7 +53,7 @@ impl InferenceService {
         let model = self.service.model(&name, &version)?;
         let response = self
             .service
-            .infer(&admitted, &model, decode_infer(request)?)
+            .infer(&admitted, &model, &version, decode_infer(request)?)
             .await?;
         Ok(encode_infer(response))
     }
@@ -399,11 +399,20 @@ fn encode_infer(response: InferResponse) -> pb::ModelInferResponse {
             contents: None,
         });
     }
+    let mut parameters = HashMap::new();
+    if let Some(variant) = response.variant {
+        parameters.insert(
+            "variant".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam(variant)),
+            },
+        );
+    }
     pb::ModelInferResponse {
         model_name: response.model_name,
         model_version: response.model_version.to_string(),
         id: response.id,
-        parameters: HashMap::new(),
+        parameters,
         outputs,
         raw_output_contents: raw,
     }

@@ -18,8 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 
+use crate::deploy::{Action, DeployRequest, Deployment};
 use crate::embeddings::{EmbeddingsError, EmbeddingsRequest};
 use crate::error::ServingError;
 use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype};
@@ -28,6 +29,7 @@ use crate::models::IndexEntry;
 use crate::predict::{PredictRequest, PredictResponse};
 use crate::service::{Admitted, LoadParameter, Service};
 use crate::tensor::Tensor;
+use crate::traffic::Policy;
 
 /// The header that splits a binary-extension body into its JSON part and its tensor bytes.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -82,6 +84,14 @@ pub fn router(service: Arc<Service>, max_body: usize) -> Router {
                 service.clone(),
                 admit_openai,
             )),
+        )
+        .route("/v1/models/{model}/deploy", post(deploy))
+        .route("/v1/deployments", get(deployments))
+        .route("/v1/deployments/{id}", get(deployment))
+        .route("/v1/deployments/{id}/{action}", post(decide))
+        .route(
+            "/v1/models/{model}/traffic",
+            get(traffic).put(set_traffic).delete(clear_traffic),
         )
         .route("/v1/openapi.json", get(openapi))
         .route("/v2/repository/index", post(repository_index))
@@ -391,6 +401,103 @@ async fn predict(
     ))
 }
 
+/// Starts a canary deployment (`deploy/mod.rs`); 201 with the platform API's fields.
+async fn deploy(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    body: Bytes,
+) -> Result<Response, ServingError> {
+    let request: DeployRequest = parse_json(&body)?;
+    let deployment = s.service.deploy(&model, request).await?;
+    let body = json!({
+        "deployment_id": deployment.id,
+        "status": deployment.status,
+        "endpoint": format!("/v2/models/{}/versions/{}", deployment.model, deployment.version),
+        "status_url": format!("/v1/deployments/{}", deployment.id),
+        "not_applied": deployment.not_applied.keys().map(|field| (field.clone(), Value::String(
+            "recorded for the cluster's deployer; this server does not apply it".into()))).collect::<Map<String, Value>>(),
+        "deployment": deployment,
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn deployments(State(s): State<AppState>) -> Result<Json<Value>, ServingError> {
+    Ok(Json(json!({"deployments": s.service.deployments().await?})))
+}
+
+async fn deployment(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ServingError> {
+    let (deployment, live) = s.service.deployment(&id).await?;
+    let mut body =
+        serde_json::to_value(deployment).map_err(|e| ServingError::Internal(e.to_string()))?;
+    body["live_windows"] = live;
+    Ok(Json(body))
+}
+
+/// The optional body of an operator's decision.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    #[serde(default)]
+    by: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn decide(
+    State(s): State<AppState>,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Deployment>, ServingError> {
+    let action = match action.as_str() {
+        "promote" => Action::Promoted,
+        "rollback" => Action::RolledBack,
+        "pause" => Action::Paused,
+        "resume" => Action::Resumed,
+        other => {
+            return Err(ServingError::NotFound(format!(
+                "no deployment action '{other}' (promote, rollback, pause, resume)"
+            )));
+        }
+    };
+    let decision: DecisionBody = if body.is_empty() {
+        DecisionBody::default()
+    } else {
+        parse_json(&body)?
+    };
+    let by = decision.by.unwrap_or_else(|| "deploy-api".into());
+    let reason = decision
+        .reason
+        .unwrap_or_else(|| format!("{action:?} by hand"));
+    Ok(Json(s.service.decide(&id, action, &by, &reason).await?))
+}
+
+/// A model's traffic policy (`traffic.rs`): which versions answer requests that name none.
+async fn traffic(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Policy>, ServingError> {
+    Ok(Json(s.service.traffic(&model)?))
+}
+
+async fn set_traffic(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    body: Bytes,
+) -> Result<Json<Policy>, ServingError> {
+    let policy: Policy = parse_json(&body)?;
+    Ok(Json(s.service.set_traffic(&model, policy)?))
+}
+
+async fn clear_traffic(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Policy>, ServingError> {
+    Ok(Json(s.service.clear_traffic(&model)?))
+}
+
 /// OpenAI's embeddings API over a served embedding model (see `embeddings.rs`); errors in
 /// OpenAI's shape.
 async fn embeddings(
@@ -470,7 +577,15 @@ struct InferResponseJson<'a> {
     id: &'a str,
     model_name: &'a str,
     model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<ResponseParameters<'a>>,
     outputs: Vec<OutputJson<'a>>,
+}
+
+/// The response parameters this server sets.
+#[derive(Serialize)]
+struct ResponseParameters<'a> {
+    variant: &'a str,
 }
 
 #[derive(Serialize)]
@@ -510,7 +625,10 @@ async fn infer(
     let model = s.service.model(&p.model, &p.version)?;
     let (request, binary_default) = decode_infer(&headers, body)?;
     let binary_outputs = BinaryOutputs::of(&request, binary_default);
-    let response = s.service.infer(&admitted, &model, request).await?;
+    let response = s
+        .service
+        .infer(&admitted, &model, &p.version, request)
+        .await?;
     encode_infer(&response, &binary_outputs)
 }
 
@@ -703,6 +821,10 @@ fn encode_infer(
         id: &response.id,
         model_name: &response.model_name,
         model_version: response.model_version.to_string(),
+        parameters: response
+            .variant
+            .as_deref()
+            .map(|variant| ResponseParameters { variant }),
         outputs,
     })
     .map_err(|e| ServingError::InvalidInput(format!("cannot encode the response as JSON: {e}")))?;
@@ -869,6 +991,7 @@ mod tests {
             model_version: 2,
             id: String::new(),
             outputs: vec![tensor],
+            variant: None,
         };
         let binary = BinaryOutputs {
             default: true,

@@ -18,6 +18,9 @@ pub struct InferRequest {
     pub priority: Option<u32>,
     /// Triton's `timeout` parameter: the longest the request may wait in the queue.
     pub timeout: Option<Duration>,
+    /// The `routing_key` parameter: the entity id (e.g. the user's) a user-level traffic split
+    /// hashes, so a request naming no version stays on its user's variant.
+    pub routing_key: Option<String>,
 }
 
 /// An output the client asked for.
@@ -83,6 +86,9 @@ pub struct InferResponse {
     pub model_version: u64,
     pub id: String,
     pub outputs: Vec<Tensor>,
+    /// The traffic variant that answered, when a traffic policy chose the version; transports
+    /// return it as the response parameter `variant`.
+    pub variant: Option<String>,
 }
 
 /// A request parameter's value, whatever transport it came in on.
@@ -139,6 +145,16 @@ impl InferRequest {
                 let us = value.as_u64().ok_or_else(|| whole_number("microseconds"))?;
                 self.timeout = (us > 0).then(|| Duration::from_micros(us));
             }
+            "routing_key" => match value {
+                ParameterValue::String(id) => self.routing_key = Some(id.clone()),
+                ParameterValue::Int(id) => self.routing_key = Some(id.to_string()),
+                ParameterValue::Uint(id) => self.routing_key = Some(id.to_string()),
+                _ => {
+                    return Err(ServingError::InvalidInput(format!(
+                        "parameter 'routing_key' must be a string or an integer (the entity id a traffic split hashes), got {value:?}"
+                    )));
+                }
+            },
             "sequence_id" if !value.is_unset() => {
                 return Err(ServingError::Unsupported(
                     "sequence requests (sequence_id) are not supported: Marquee serves stateless models".into(),

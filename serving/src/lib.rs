@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod deploy;
 pub mod embeddings;
 pub mod error;
 pub mod grpc;
@@ -24,6 +25,7 @@ pub mod server;
 pub mod service;
 pub mod source;
 pub mod tensor;
+pub mod traffic;
 
 pub use config::ServeConfig;
 pub use error::ServingError;

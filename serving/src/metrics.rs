@@ -27,6 +27,9 @@ pub struct Metrics {
     predict_degraded: IntCounterVec,
     rejected: IntCounterVec,
     panics: IntCounter,
+    variant_requests: IntCounterVec,
+    variant_duration: HistogramVec,
+    shadow_dropped: IntCounterVec,
     /// How many live `ModelMetrics` hold each (model, version)'s series; the series go when the
     /// last one does, so unloaded versions leave no stale gauges or growing label sets.
     holders: Mutex<HashMap<(String, String), Holders>>,
@@ -102,6 +105,28 @@ impl Metrics {
         registry
             .register(Box::new(panics.clone()))
             .expect("unique metric");
+        let variant_requests = counter(
+            "marquee_variant_requests_total",
+            "Requests routed by a traffic policy, by variant (control, a variant's name, shadow) and outcome (success, client_error, server_error)",
+            &["model", "variant", "outcome"],
+        );
+        let shadow_dropped = counter(
+            "marquee_shadow_dropped_total",
+            "Requests a traffic policy would have mirrored but dropped because the shadow places were full",
+            &["model"],
+        );
+        let variant_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "marquee_variant_request_duration_seconds",
+                "Time routed requests took, by variant",
+            )
+            .buckets(latency_buckets.clone()),
+            &["model", "variant"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(variant_duration.clone()))
+            .expect("unique metric");
         let request_duration = histogram(
             "marquee_request_duration_seconds",
             "End-to-end time of successful requests inside the model, queue included",
@@ -153,6 +178,9 @@ impl Metrics {
             predict_degraded,
             rejected,
             panics,
+            variant_requests,
+            variant_duration,
+            shadow_dropped,
             holders: Mutex::new(HashMap::new()),
         }
     }
@@ -165,6 +193,27 @@ impl Metrics {
     /// A request handler panicked.
     pub fn handler_panicked(&self) {
         self.panics.inc();
+    }
+
+    /// One request a traffic policy routed to `variant`, answered with `outcome` after `latency`.
+    pub fn variant_request(
+        &self,
+        model: &str,
+        variant: &str,
+        outcome: crate::traffic::Outcome,
+        latency: Duration,
+    ) {
+        self.variant_requests
+            .with_label_values(&[model, variant, outcome.as_str()])
+            .inc();
+        self.variant_duration
+            .with_label_values(&[model, variant])
+            .observe(latency.as_secs_f64());
+    }
+
+    /// A request not mirrored to a model's shadow version: the shadow places were full.
+    pub fn shadow_dropped(&self, model: &str) {
+        self.shadow_dropped.with_label_values(&[model]).inc();
     }
 
     /// One `/v1/predict` response-cache lookup.

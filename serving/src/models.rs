@@ -503,6 +503,20 @@ impl ModelManager {
             })
     }
 
+    /// The registry this manager follows, if it follows one.
+    pub fn registry(&self) -> Option<&marquee_registry::Registry> {
+        self.source.registry()
+    }
+
+    /// Why a version of a model was refused at its last load, if it was.
+    pub fn refused(&self, name: &str, version: u64) -> Option<String> {
+        match self.models.read().expect("model table lock").get(name) {
+            Some(ModelState::Ready(served)) => served.refused.get(&version).cloned(),
+            Some(ModelState::Failed(reason)) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+
     /// Ready versions of a model, ascending.
     pub fn versions(&self, name: &str) -> Vec<u64> {
         match self.models.read().expect("model table lock").get(name) {

@@ -125,6 +125,7 @@ impl Server {
             models: models.clone(),
             online,
             metrics: metrics.clone(),
+            router: Arc::new(crate::traffic::Router::new(metrics.clone())),
             max_instances: config.max_predict_instances.max(1),
         });
         let service = Arc::new(Service::new(
@@ -136,6 +137,12 @@ impl Server {
                 max_concurrent_requests: config.max_concurrent_requests,
             },
         ));
+        let deployments = service.deployment_controller();
+        // Deployments in progress are picked up before the first request: their traffic (and the
+        // entity it is split by) holds from the start.
+        if polls {
+            deployments.tick(true).await;
+        }
         let http = crate::http::router(service.clone(), config.max_request_bytes);
         tasks.spawn(serve_http(http_listener, http, stopped.clone()));
         let metrics_router = Router::new().route(
@@ -184,6 +191,7 @@ impl Server {
         if polls {
             let interval = Duration::from_secs_f64(config.registry_poll_seconds.max(0.05));
             tasks.spawn(poll_registry(models.clone(), interval, stop.subscribe()));
+            tasks.spawn(drive_deployments(deployments, interval, stop.subscribe()));
         }
         tracing::info!(%http_addr, %grpc_addr, %metrics_addr, "marquee is serving");
         Ok(Self {
@@ -315,6 +323,30 @@ async fn poll_registry(
         if let Err(e) = models.refresh().await {
             tracing::warn!(error = %e, "cannot read the registry; serving what is loaded");
         }
+    }
+}
+
+/// How often active canary deployments are judged: a broken canary is rolled back within this.
+const DEPLOYMENT_TICK: Duration = Duration::from_millis(100);
+
+/// Drives canary deployments: judges the active ones every tick, and looks for deployments
+/// started on other servers at every registry poll.
+async fn drive_deployments(
+    deployments: Arc<crate::deploy::Deployments>,
+    poll: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut last_discovery = tokio::time::Instant::now() - poll;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(DEPLOYMENT_TICK) => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        let discover = last_discovery.elapsed() >= poll;
+        if discover {
+            last_discovery = tokio::time::Instant::now();
+        }
+        deployments.tick(discover).await;
     }
 }
 

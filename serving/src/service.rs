@@ -9,12 +9,15 @@
 //! clients gets fast 503 / UNAVAILABLE answers (with a retry hint) instead of unbounded queues and
 //! memory.
 
+use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Instant;
 
 use marquee_proto::inference::{ModelConfig, ModelStatistics};
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::deploy::{Action, DeployRequest, Deployment, Deployments};
 use crate::embeddings::{EmbeddingsError, EmbeddingsRequest};
 use crate::error::{Overload, ServingError};
 use crate::infer::{InferRequest, InferResponse};
@@ -23,6 +26,7 @@ use crate::model::{LoadedModel, TensorSpec};
 use crate::models::{IndexEntry, ModelManager};
 use crate::predict::{PredictRequest, PredictResponse, Predictor};
 use crate::server::ServerInfo;
+use crate::traffic::{Outcome, Policy, Router};
 
 /// A model's metadata (KServe v2 `ModelMetadataResponse`).
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +77,7 @@ pub struct Service {
     metrics: Arc<Metrics>,
     in_flight: Arc<Semaphore>,
     limits: Limits,
+    deployments: Arc<Deployments>,
 }
 
 impl Service {
@@ -84,6 +89,7 @@ impl Service {
         limits: Limits,
     ) -> Self {
         Self {
+            deployments: Arc::new(Deployments::new(models.clone(), predictor.router.clone())),
             in_flight: Arc::new(Semaphore::new(
                 limits.max_concurrent_requests.clamp(1, MAX_IN_FLIGHT),
             )),
@@ -217,16 +223,121 @@ impl Service {
     }
 
     /// Runs a v2 inference request admitted by [`Service::admit`] on the version
-    /// [`Service::model`] found (transports look it up first, so an unknown model is reported
-    /// before a malformed request, as Triton does).
+    /// [`Service::model`] found for `version` (transports look it up first, so an unknown model
+    /// is reported before a malformed request, as Triton does). A request that names no version
+    /// goes where the model's traffic policy routes it (by its `routing_key`), and its answer
+    /// names the variant.
     pub async fn infer(
         &self,
         _admitted: &Admitted,
-        model: &LoadedModel,
+        model: &Arc<LoadedModel>,
+        version: &str,
         request: InferRequest,
     ) -> Result<InferResponse, ServingError> {
-        let result = model.infer(request).await;
+        let router = &self.predictor.router;
+        let name = &model.spec().name;
+        let route = if version.is_empty() {
+            router.route(name, |_| request.routing_key.as_deref().map(Cow::Borrowed))
+        } else {
+            None
+        };
+        let Some(route) = route else {
+            let result = model.infer(request).await;
+            return self.count_rejection(result);
+        };
+        let started = Instant::now();
+        let result = match self.models.get(name, &route.version.to_string()) {
+            Ok(routed) => routed.infer(request).await.map(|mut response| {
+                response.variant = Some(route.variant.to_string());
+                response
+            }),
+            Err(error) => Err(error),
+        };
+        router.observe(
+            name,
+            &route.variant,
+            Outcome::of(&result),
+            started.elapsed(),
+        );
         self.count_rejection(result)
+    }
+
+    /// Installs a model's traffic policy; every version it names must be loaded.
+    pub fn set_traffic(&self, name: &str, policy: Policy) -> Result<Policy, ServingError> {
+        let loaded = self.models.versions(name);
+        if loaded.is_empty() {
+            self.models.get(name, "")?;
+        }
+        for version in policy.versions() {
+            if !loaded.contains(&version) {
+                let loaded: Vec<String> = loaded.iter().map(u64::to_string).collect();
+                return Err(ServingError::InvalidInput(format!(
+                    "traffic policy: model '{name}' version {version} is not loaded (loaded: {}); a registry model serves the versions an alias, stage or --pin names",
+                    loaded.join(", ")
+                )));
+            }
+        }
+        self.predictor.router.set(name, policy.clone())?;
+        tracing::info!(model = name, ?policy, "traffic policy set");
+        Ok(policy)
+    }
+
+    /// A model's traffic policy.
+    pub fn traffic(&self, name: &str) -> Result<Policy, ServingError> {
+        self.predictor
+            .router
+            .policy(name)
+            .ok_or_else(|| no_policy(name))
+    }
+
+    /// Removes a model's traffic policy (requests go to its default version again).
+    pub fn clear_traffic(&self, name: &str) -> Result<Policy, ServingError> {
+        let removed = self
+            .predictor
+            .router
+            .clear(name)
+            .ok_or_else(|| no_policy(name))?;
+        tracing::info!(model = name, "traffic policy removed");
+        Ok(removed)
+    }
+
+    /// Starts a canary deployment of one of the model's registry versions.
+    pub async fn deploy(
+        &self,
+        model: &str,
+        request: DeployRequest,
+    ) -> Result<Deployment, ServingError> {
+        self.deployments.start(model, request).await
+    }
+
+    /// A deployment and this server's live windows of its variants.
+    pub async fn deployment(&self, id: &str) -> Result<(Deployment, Value), ServingError> {
+        self.deployments.get(id).await
+    }
+
+    pub async fn deployments(&self) -> Result<Vec<Deployment>, ServingError> {
+        self.deployments.list().await
+    }
+
+    /// An operator's decision on a deployment (promote, rollback, pause, resume).
+    pub async fn decide(
+        &self,
+        id: &str,
+        action: Action,
+        by: &str,
+        reason: &str,
+    ) -> Result<Deployment, ServingError> {
+        self.deployments.act(id, action, by, reason).await
+    }
+
+    /// The deployment controller, for the server's loop.
+    pub fn deployment_controller(&self) -> Arc<Deployments> {
+        self.deployments.clone()
+    }
+
+    /// The traffic router both `/v1/predict` and `/v2` requests go through.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.predictor.router
     }
 
     /// Runs a `/v1/predict` request admitted by [`Service::admit`].
@@ -282,4 +393,8 @@ impl Service {
             self.metrics.rejected(error.reason());
         }
     }
+}
+
+fn no_policy(name: &str) -> ServingError {
+    ServingError::NotFound(format!("model '{name}' has no traffic policy"))
 }

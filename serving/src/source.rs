@@ -53,6 +53,13 @@ impl ModelSource {
         matches!(self, ModelSource::Registry { .. })
     }
 
+    pub fn registry(&self) -> Option<&Registry> {
+        match self {
+            ModelSource::Registry { registry, .. } => Some(registry),
+            ModelSource::Repository(_) => None,
+        }
+    }
+
     /// Names of the models the source holds.
     pub async fn names(&self) -> Result<Vec<String>, ServingError> {
         match self {

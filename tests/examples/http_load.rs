@@ -1,7 +1,9 @@
 //! A closed-loop HTTP load generator for the JSON endpoints perf_analyzer cannot drive
 //! (`/v1/predict`): CONCURRENCY clients each send one request, wait for the answer, and send the
-//! next, for SECONDS. `{i}` in the body becomes a running request number, so requests can differ
-//! (e.g. different user ids, to miss the response cache). Prints one JSON object.
+//! next, for SECONDS. `{i}` in the body becomes a running request number and `{i%N}` that number
+//! modulo N, so requests can differ (e.g. different user ids of a known range, to miss the
+//! response cache). BODY `@FILE` takes the file's lines as bodies, one request each in turn.
+//! Prints one JSON object.
 //!
 //!     cargo run --release -p marquee-tests --example http_load -- URL BODY CONCURRENCY SECONDS
 
@@ -17,13 +19,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let concurrency: usize = concurrency.parse()?;
     let duration = Duration::from_secs_f64(seconds.parse()?);
+    let bodies: Arc<Vec<Body>> = Arc::new(match body.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)?
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(Body::parse)
+            .collect::<Result<_, _>>()?,
+        None => vec![Body::parse(body)?],
+    });
+    if bodies.is_empty() {
+        return Err(format!("{body} holds no bodies").into());
+    }
     let client = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency {
-        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        let (client, url, bodies) = (client.clone(), url.clone(), bodies.clone());
         let (counter, errors) = (counter.clone(), errors.clone());
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -33,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let ok = match client
                     .post(&url)
                     .header("content-type", "application/json")
-                    .body(body.replace("{i}", &i.to_string()))
+                    .body(bodies[i as usize % bodies.len()].render(i))
                     .send()
                     .await
                 {
@@ -67,4 +80,64 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         at(0.99)
     );
     Ok(())
+}
+
+/// A request body with its `{i}` and `{i%N}` places, filled in per request.
+struct Body {
+    /// Literal text, each followed by what is written after it.
+    parts: Vec<(String, Place)>,
+}
+
+/// What follows a literal part of a body.
+enum Place {
+    Nothing,
+    /// `{i}`: the request's number.
+    Number,
+    /// `{i%N}`: the request's number modulo N.
+    Modulo(u64),
+}
+
+impl Body {
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("{i") {
+            let after = &rest[start + 2..];
+            let (place, tail) = if let Some(tail) = after.strip_prefix('}') {
+                (Place::Number, tail)
+            } else if let Some(tail) = after.strip_prefix('%') {
+                let end = tail
+                    .find('}')
+                    .ok_or_else(|| format!("an unclosed {{i%N}} in {text}"))?;
+                let modulus: u64 =
+                    tail[..end].parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        format!("{{i%{}}}: N must be a positive number", &tail[..end])
+                    })?;
+                (Place::Modulo(modulus), &tail[end + 1..])
+            } else {
+                (Place::Nothing, after)
+            };
+            let literal = match place {
+                Place::Nothing => &rest[..start + 2],
+                _ => &rest[..start],
+            };
+            parts.push((literal.to_string(), place));
+            rest = tail;
+        }
+        parts.push((rest.to_string(), Place::Nothing));
+        Ok(Self { parts })
+    }
+
+    fn render(&self, i: u64) -> String {
+        let mut out = String::new();
+        for (text, place) in &self.parts {
+            out.push_str(text);
+            match place {
+                Place::Nothing => {}
+                Place::Number => out.push_str(&i.to_string()),
+                Place::Modulo(modulus) => out.push_str(&(i % modulus).to_string()),
+            }
+        }
+        out
+    }
 }

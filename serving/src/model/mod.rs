@@ -165,6 +165,7 @@ impl LoadedModel {
             outputs: requested,
             priority,
             timeout,
+            routing_key: _,
         } = request;
         let selected = self.select_outputs(&requested)?;
         let job = self.job(inputs)?;
@@ -190,6 +191,7 @@ impl LoadedModel {
             model_version: self.spec.version,
             id,
             outputs,
+            variant: None,
         };
         Ok((response, done.queue))
     }

@@ -11,6 +11,7 @@ pub mod items;
 pub mod pipeline;
 pub mod steps;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::model::{LoadedModel, PipelineState};
 use crate::models::ModelManager;
 use crate::tensor::{DataType, Tensor, TensorData};
+use crate::traffic::{Outcome, Router, SHADOW, ShadowSlot};
 use cache::{CacheKey, ResponseCache};
 use pipeline::{Body, Pipeline, RowModel};
 use steps::Column;
@@ -45,7 +47,7 @@ impl ModelPipeline {
 }
 
 /// The request body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PredictRequest {
     /// The model's name.
@@ -71,7 +73,7 @@ pub struct PredictRequest {
 }
 
 /// One prediction's inputs in a batch request.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Instance {
     #[serde(default)]
@@ -82,7 +84,7 @@ pub struct Instance {
     pub features: Map<String, Value>,
 }
 
-#[derive(Debug, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PredictOptions {
     /// The whole request's time budget; past it, the cached answer or the model's fallback.
@@ -146,7 +148,8 @@ impl Prediction {
 pub struct PredictResponse {
     pub model: String,
     pub model_version: String,
-    /// The traffic variant that answered (A/B and canary routing; `null` until they exist).
+    /// The traffic variant that answered (`control` or a variant's name) when the model has a
+    /// traffic policy and the request named no version; `null` otherwise.
     pub variant: Option<String>,
     #[serde(flatten)]
     pub answer: Answer,
@@ -165,6 +168,8 @@ pub struct Predictor {
     pub models: Arc<ModelManager>,
     pub online: Arc<dyn OnlineStore>,
     pub metrics: Arc<Metrics>,
+    /// Which version answers a request that names none.
+    pub router: Arc<Router>,
     /// Most instances one request may carry (`--max-predict-instances`).
     pub max_instances: usize,
 }
@@ -184,7 +189,12 @@ struct Prepared {
 }
 
 impl Predictor {
-    pub async fn predict(&self, request: PredictRequest) -> Result<PredictResponse, ServingError> {
+    /// Answers a request on the version it names, or, naming none, on the version the model's
+    /// traffic policy routes it to (mirroring it to the policy's shadow where the policy says).
+    pub async fn predict(
+        self: &Arc<Self>,
+        request: PredictRequest,
+    ) -> Result<PredictResponse, ServingError> {
         let started = Instant::now();
         let reference = match &request.version {
             None | Some(Value::Null) => String::new(),
@@ -196,7 +206,69 @@ impl Predictor {
                 )));
             }
         };
-        let model = self.models.get(&request.model, &reference)?;
+        let route = if reference.is_empty() {
+            self.router
+                .route(&request.model, |entity| routing_id(&request, entity))
+        } else {
+            None
+        };
+        let Some(route) = route else {
+            let model = self.models.get(&request.model, &reference)?;
+            return self.predict_on(model, request, None, started).await;
+        };
+        let mirror = route.shadow.and_then(|version| {
+            let slot = self.router.shadow_slot(&request.model)?;
+            Some((version, slot, request.clone()))
+        });
+        let name = request.model.clone();
+        let result = match self.models.get(&name, &route.version.to_string()) {
+            Ok(model) => {
+                self.predict_on(model, request, Some(&route.variant), started)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        self.router.observe(
+            &name,
+            &route.variant,
+            Outcome::of(&result),
+            started.elapsed(),
+        );
+        if let Some((version, slot, mirrored)) = mirror {
+            self.mirror(version, slot, mirrored);
+        }
+        result
+    }
+
+    /// Runs a copy of a request on the shadow version, after the answer went out: its answer is
+    /// counted and dropped, and it holds a shadow place while it runs.
+    fn mirror(self: &Arc<Self>, version: u64, slot: ShadowSlot, request: PredictRequest) {
+        let predictor = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let started = Instant::now();
+            let name = request.model.clone();
+            let result = match predictor.models.get(&name, &version.to_string()) {
+                Ok(model) => predictor
+                    .predict_on(model, request, Some(SHADOW), started)
+                    .await
+                    .map(drop),
+                Err(error) => Err(error),
+            };
+            predictor
+                .router
+                .observe(&name, SHADOW, Outcome::of(&result), started.elapsed());
+        });
+    }
+
+    /// Answers a request on one version.
+    async fn predict_on(
+        &self,
+        model: Arc<LoadedModel>,
+        request: PredictRequest,
+        variant: Option<&str>,
+        started: Instant,
+    ) -> Result<PredictResponse, ServingError> {
         let declared = match model.pipeline() {
             PipelineState::Ready(declared) => declared,
             PipelineState::Unusable(reason) => {
@@ -247,7 +319,9 @@ impl Predictor {
                 } else {
                     format!("instances[{i}].")
                 };
-                prepare(&request.model, &model, declared, instance, &at)
+                prepare(&request.model, &model, declared, instance, &at, &|entity| {
+                    self.router.is_routing_entity(&request.model, entity)
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
 
@@ -294,7 +368,7 @@ impl Predictor {
         Ok(PredictResponse {
             model: request.model,
             model_version: model.spec().version.to_string(),
-            variant: None,
+            variant: variant.map(str::to_string),
             answer: if single {
                 Answer::One(predictions.remove(0))
             } else {
@@ -567,6 +641,7 @@ fn prepare(
     declared: &ModelPipeline,
     instance: &Instance,
     at: &str,
+    routing_entity: &dyn Fn(&str) -> bool,
 ) -> Result<Prepared, ServingError> {
     let pipeline = &declared.pipeline;
     let mut given = vec![None; pipeline.features.len()];
@@ -636,7 +711,8 @@ fn prepare(
         keys.push(entity_key(&parts));
     }
     for name in instance.entities.keys() {
-        if !pipeline.views.iter().any(|v| v.join_keys.contains(name)) {
+        // The entity a user-level traffic split hashes may be sent to any model under one.
+        if !routing_entity(name) && !pipeline.views.iter().any(|v| v.join_keys.contains(name)) {
             return Err(ServingError::InvalidInput(format!(
                 "{at}entities.{name} is not an entity model '{model_name}' uses (entities: {})",
                 pipeline
@@ -661,6 +737,20 @@ fn prepare(
         keys,
         cache_key,
     })
+}
+
+/// The id a user-level split hashes: the request's entity `key` (of its first instance, for a
+/// request of several: the whole request goes to one variant).
+fn routing_id<'a>(request: &'a PredictRequest, key: &str) -> Option<Cow<'a, str>> {
+    let entities = match request.instances.as_deref() {
+        Some([first, ..]) => &first.entities,
+        _ => &request.entities,
+    };
+    match entities.get(key)? {
+        Value::String(id) => Some(Cow::Borrowed(id)),
+        Value::Number(id) => Some(Cow::Owned(id.to_string())),
+        _ => None,
+    }
 }
 
 fn new_id() -> String {

@@ -1,0 +1,725 @@
+//! Traffic management: which loaded version answers a request that names no version, and which
+//! version a share of requests is mirrored to. A model's [`Policy`] splits its traffic between a
+//! control version and variants (A/B tests, canaries), by user or by request, and may mirror a
+//! share to a shadow version whose answers are recorded and never returned.
+//!
+//! A user-level split hashes a named entity (e.g. `user_id`) with the policy's salt into one of
+//! 10,000 buckets, and variants own consecutive bucket ranges from 0: the same user lands in the
+//! same bucket on every server and after restarts, and a variant whose share grows keeps every
+//! user it had (a user on the canary at 5% is still on it at 20%). A request-level split and the
+//! shadow share walk the buckets with a Weyl sequence (an atomic counter times the golden
+//! ratio), so shares are exact over any run of requests without a random number generator.
+//!
+//! Routing only answers "which version"; the request path (`predict/mod.rs`, `service.rs`) runs
+//! the request there and reports each answer back through [`Router::observe`] for the per-variant
+//! metrics that guardrails judge.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::ServingError;
+use crate::metrics::Metrics;
+
+/// Buckets a split divides traffic into: a share is a whole number of hundredths of a percent.
+pub const BUCKETS: u32 = 10_000;
+
+/// The name of the variant that answers whatever no other variant takes.
+pub const CONTROL: &str = "control";
+
+/// The name mirrored requests are counted under.
+pub const SHADOW: &str = "shadow";
+
+/// Shadow requests in flight at once, all models together: past it, a mirrored request is dropped
+/// (and counted), so mirroring never queues work behind the answers clients wait for.
+pub const SHADOW_IN_FLIGHT: usize = 64;
+
+/// Why a policy cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TrafficError {
+    #[error("a share must be between 0 and 100 percent, not {0}")]
+    Share(String),
+    #[error("the variants' shares add up to {0}%, more than 100%")]
+    Oversubscribed(f64),
+    #[error("variant '{0}' appears twice")]
+    DuplicateVariant(String),
+    #[error("variant name '{0}' is reserved")]
+    ReservedName(String),
+    #[error("variant '{name}' routes to version {version}, which is the control version")]
+    ControlAsVariant { name: String, version: u64 },
+    #[error("a user-level split needs the entity to hash, e.g. \"user_id\"")]
+    NoEntity,
+}
+
+/// A share of traffic, in buckets (hundredths of a percent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Share(u32);
+
+impl Share {
+    pub const ALL: Share = Share(BUCKETS);
+
+    /// A percentage, rounded to the nearest hundredth of a percent.
+    pub fn from_percent(percent: f64) -> Result<Self, TrafficError> {
+        if !(0.0..=100.0).contains(&percent) {
+            return Err(TrafficError::Share(percent.to_string()));
+        }
+        Ok(Share((percent * f64::from(BUCKETS) / 100.0).round() as u32))
+    }
+
+    pub fn percent(self) -> f64 {
+        f64::from(self.0) * 100.0 / f64::from(BUCKETS)
+    }
+
+    pub fn buckets(self) -> u32 {
+        self.0
+    }
+}
+
+impl Serialize for Share {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(self.percent())
+    }
+}
+
+impl<'de> Deserialize<'de> for Share {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let percent = f64::deserialize(deserializer)?;
+        Share::from_percent(percent).map_err(serde::de::Error::custom)
+    }
+}
+
+/// How requests are assigned to variants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum Split {
+    /// By a hash of the entity id the request names under `entity` (e.g. `user_id`): sticky per
+    /// user. A request that names none goes to the control.
+    User { entity: String },
+    /// Each request on its own.
+    Request,
+}
+
+/// A version that takes a share of a model's traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    pub name: String,
+    pub version: u64,
+    pub share: Share,
+}
+
+/// A version that sees a share of the traffic without answering it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shadow {
+    pub version: u64,
+    pub share: Share,
+}
+
+/// A model's traffic policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// The version that answers what no variant takes.
+    pub control: u64,
+    pub variants: Vec<Variant>,
+    pub split: Split,
+    /// Mixed into the user hash: a new experiment (a new salt) puts other users first.
+    #[serde(default)]
+    pub salt: String,
+    #[serde(default)]
+    pub shadow: Option<Shadow>,
+}
+
+impl Policy {
+    /// Every version the policy sends requests to.
+    pub fn versions(&self) -> Vec<u64> {
+        let mut versions = vec![self.control];
+        versions.extend(self.variants.iter().map(|v| v.version));
+        versions.extend(self.shadow.as_ref().map(|s| s.version));
+        versions
+    }
+
+    /// Checks the shares, names and versions.
+    pub fn check(&self) -> Result<(), TrafficError> {
+        let total: u32 = self.variants.iter().map(|v| v.share.buckets()).sum();
+        if total > BUCKETS {
+            return Err(TrafficError::Oversubscribed(
+                f64::from(total) * 100.0 / f64::from(BUCKETS),
+            ));
+        }
+        for (i, variant) in self.variants.iter().enumerate() {
+            if [CONTROL, SHADOW, ""].contains(&variant.name.as_str()) {
+                return Err(TrafficError::ReservedName(variant.name.clone()));
+            }
+            if self.variants[..i].iter().any(|v| v.name == variant.name) {
+                return Err(TrafficError::DuplicateVariant(variant.name.clone()));
+            }
+            if variant.version == self.control {
+                return Err(TrafficError::ControlAsVariant {
+                    name: variant.name.clone(),
+                    version: variant.version,
+                });
+            }
+        }
+        if matches!(&self.split, Split::User { entity } if entity.is_empty()) {
+            return Err(TrafficError::NoEntity);
+        }
+        Ok(())
+    }
+
+    /// The variant that owns `bucket`: variants own consecutive ranges from 0, the control the rest.
+    fn owner(&self, bucket: u32) -> (&str, u64) {
+        let mut end = 0;
+        for variant in &self.variants {
+            end += variant.share.buckets();
+            if bucket < end {
+                return (&variant.name, variant.version);
+            }
+        }
+        (CONTROL, self.control)
+    }
+}
+
+/// Where one request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub version: u64,
+    /// The variant's name (`control` for the control version).
+    pub variant: Arc<str>,
+    /// A version to mirror this request to.
+    pub shadow: Option<u64>,
+}
+
+/// The latencies a window keeps at most: a uniform sample of all it saw beyond that.
+pub const WINDOW_SAMPLES: usize = 4096;
+
+/// What one variant's requests did since its policy was set: the evidence a canary is judged on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Window {
+    pub requests: u64,
+    pub server_errors: u64,
+    pub client_errors: u64,
+    /// Latencies in milliseconds, every one up to [`WINDOW_SAMPLES`], then a reservoir sample.
+    pub latencies_ms: Vec<f32>,
+    /// Latencies offered to the sample so far.
+    pub seen_latencies: u64,
+}
+
+impl Window {
+    fn record(&mut self, outcome: Outcome, latency: Duration) {
+        self.requests += 1;
+        match outcome {
+            Outcome::Success => {}
+            Outcome::ClientError => self.client_errors += 1,
+            Outcome::ServerError => self.server_errors += 1,
+        }
+        let ms = latency.as_secs_f64() as f32 * 1e3;
+        self.seen_latencies += 1;
+        if self.latencies_ms.len() < WINDOW_SAMPLES {
+            self.latencies_ms.push(ms);
+        } else {
+            // Reservoir sampling (Vitter's algorithm R), the slot drawn from a hash of the count.
+            let slot = mix64(self.seen_latencies) % self.seen_latencies;
+            if let Some(kept) = self.latencies_ms.get_mut(slot as usize) {
+                *kept = ms;
+            }
+        }
+    }
+
+    /// Server errors over requests (0 without requests).
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.server_errors as f64 / self.requests as f64
+        }
+    }
+
+    /// The `q` quantile of the sampled latencies, in milliseconds.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        if self.latencies_ms.is_empty() {
+            return None;
+        }
+        let mut sorted = self.latencies_ms.clone();
+        sorted.sort_by(f32::total_cmp);
+        let at = ((sorted.len() - 1) as f64 * q).round() as usize;
+        Some(f64::from(sorted[at.min(sorted.len() - 1)]))
+    }
+}
+
+/// A well-mixed 64-bit hash of a number (SplitMix64's finaliser), for reservoir slots.
+fn mix64(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One model's policy as the router holds it, with its request counters and windows.
+struct Installed {
+    policy: Policy,
+    /// Variant names shared by every route, so routing allocates nothing.
+    names: BTreeMap<String, Arc<str>>,
+    requests: AtomicU64,
+    mirrored: AtomicU64,
+    /// Per variant (and `shadow`), what its requests did since this policy was set.
+    windows: std::sync::Mutex<BTreeMap<Arc<str>, Window>>,
+}
+
+impl Installed {
+    fn name(&self, variant: &str) -> Arc<str> {
+        self.names
+            .get(variant)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(variant))
+    }
+}
+
+/// The traffic policies of all models.
+pub struct Router {
+    policies: RwLock<BTreeMap<String, Arc<Installed>>>,
+    /// Per model, the entities a split hashes or will hash (a policy's, a deployment's): requests
+    /// may name them even when the model's pipeline reads none, and keep doing so after the
+    /// policy is gone (a rollback must not turn every request that carries `user_id` into a 400).
+    routing_entities: RwLock<BTreeMap<String, std::collections::BTreeSet<String>>>,
+    shadow_slots: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+/// A mirrored request's place; dropping it frees the place.
+pub struct ShadowSlot {
+    _place: OwnedSemaphorePermit,
+}
+
+/// How an answered request went, for the per-variant metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// Refused for the request's own fault (bad input, unknown names): says little about the
+    /// version, unless one variant refuses what another takes.
+    ClientError,
+    /// The version failed the request (execution failed, timed out, overloaded, unavailable).
+    ServerError,
+}
+
+impl Outcome {
+    /// How a routed request's result counts for its variant.
+    pub fn of<T>(result: &Result<T, ServingError>) -> Self {
+        match result {
+            Ok(_) => Outcome::Success,
+            Err(error) if error.is_clients_fault() => Outcome::ClientError,
+            Err(_) => Outcome::ServerError,
+        }
+    }
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::ClientError => "client_error",
+            Outcome::ServerError => "server_error",
+        }
+    }
+}
+
+impl Router {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            policies: RwLock::new(BTreeMap::new()),
+            routing_entities: RwLock::new(BTreeMap::new()),
+            shadow_slots: Arc::new(Semaphore::new(SHADOW_IN_FLIGHT)),
+            metrics,
+        }
+    }
+
+    /// Installs (or replaces) a model's policy. Replacing a policy with the same salt keeps every
+    /// user where the shares allow, which is what a ramp step does.
+    pub fn set(&self, model: &str, policy: Policy) -> Result<(), TrafficError> {
+        policy.check()?;
+        if let Split::User { entity } = &policy.split {
+            self.allow_entity(model, entity);
+        }
+        let mut names: BTreeMap<String, Arc<str>> = policy
+            .variants
+            .iter()
+            .map(|v| (v.name.clone(), Arc::from(v.name.as_str())))
+            .collect();
+        names.insert(CONTROL.to_string(), Arc::from(CONTROL));
+        let installed = Arc::new(Installed {
+            policy,
+            names,
+            requests: AtomicU64::new(0),
+            mirrored: AtomicU64::new(0),
+            windows: Default::default(),
+        });
+        self.policies
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(model.to_string(), installed);
+        Ok(())
+    }
+
+    /// Removes a model's policy: its requests go to its default version again.
+    pub fn clear(&self, model: &str) -> Option<Policy> {
+        self.policies
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(model)
+            .map(|installed| installed.policy.clone())
+    }
+
+    pub fn policy(&self, model: &str) -> Option<Policy> {
+        self.installed(model).map(|i| i.policy.clone())
+    }
+
+    fn installed(&self, model: &str) -> Option<Arc<Installed>> {
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .cloned()
+    }
+
+    /// Where a request for `model` that names no version goes; `None` without a policy.
+    /// `entity_id` gives the id the request names for an entity (called only by a user-level
+    /// split, with the split's entity, e.g. `user_id`).
+    pub fn route<'a>(
+        &self,
+        model: &str,
+        entity_id: impl FnOnce(&str) -> Option<Cow<'a, str>>,
+    ) -> Option<Route> {
+        let installed = self.installed(model)?;
+        let policy = &installed.policy;
+        let (variant, version) = match &policy.split {
+            Split::User { entity } => match entity_id(entity) {
+                Some(id) => policy.owner(user_bucket(&policy.salt, &id)),
+                None => (CONTROL, policy.control),
+            },
+            Split::Request => policy.owner(weyl_bucket(
+                installed.requests.fetch_add(1, Ordering::Relaxed),
+            )),
+        };
+        let shadow = policy.shadow.as_ref().and_then(|shadow| {
+            // Offset from the request sequence, so the mirrored requests are not the same run of
+            // numbers a request-level split gives the first variant.
+            let n = installed.mirrored.fetch_add(1, Ordering::Relaxed);
+            (weyl_bucket(n.wrapping_add(1 << 32)) < shadow.share.buckets())
+                .then_some(shadow.version)
+        });
+        Some(Route {
+            version,
+            variant: installed.name(variant),
+            shadow,
+        })
+    }
+
+    /// Lets requests for `model` name `entity` (a split's, now or soon) whatever its pipeline reads.
+    pub fn allow_entity(&self, model: &str, entity: &str) {
+        let known = self
+            .routing_entities
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .is_some_and(|e| e.contains(entity));
+        if !known {
+            self.routing_entities
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(model.to_string())
+                .or_default()
+                .insert(entity.to_string());
+        }
+    }
+
+    /// Whether requests for `model` may name `entity` for routing.
+    pub fn is_routing_entity(&self, model: &str, entity: &str) -> bool {
+        self.routing_entities
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .is_some_and(|e| e.contains(entity))
+    }
+
+    /// A place for one mirrored request, or `None` (counted as dropped) when as many are in flight
+    /// as the router allows.
+    pub fn shadow_slot(&self, model: &str) -> Option<ShadowSlot> {
+        match self.shadow_slots.clone().try_acquire_owned() {
+            Ok(place) => Some(ShadowSlot { _place: place }),
+            Err(_) => {
+                self.metrics.shadow_dropped(model);
+                None
+            }
+        }
+    }
+
+    /// Records one answered request of a variant (`shadow` for mirrored ones): its metrics, and
+    /// its policy's window for that variant.
+    pub fn observe(&self, model: &str, variant: &str, outcome: Outcome, latency: Duration) {
+        self.metrics
+            .variant_request(model, variant, outcome, latency);
+        if let Some(installed) = self.installed(model) {
+            let mut windows = installed.windows.lock().unwrap_or_else(|p| p.into_inner());
+            match windows.get_mut(variant) {
+                Some(window) => window.record(outcome, latency),
+                None => {
+                    let mut window = Window::default();
+                    window.record(outcome, latency);
+                    windows.insert(Arc::from(variant), window);
+                }
+            }
+        }
+    }
+
+    /// Every variant's window under the model's current policy (empty without one).
+    pub fn windows(&self, model: &str) -> BTreeMap<String, Window> {
+        self.installed(model)
+            .map(|installed| {
+                installed
+                    .windows
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|(variant, window)| (variant.to_string(), window.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The bucket of an entity id: SHA-256 of the salt and the id, so it is the same on every server,
+/// in every build, and independent between experiments with different salts.
+pub fn user_bucket(salt: &str, id: &str) -> u32 {
+    let mut hash = Sha256::new();
+    hash.update(salt.as_bytes());
+    hash.update([0]);
+    hash.update(id.as_bytes());
+    let digest = hash.finalize();
+    let word = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes of a digest"));
+    ((u128::from(word) * u128::from(BUCKETS)) >> 64) as u32
+}
+
+/// The n-th bucket of the golden-ratio sequence: any run of requests spreads over the buckets
+/// almost evenly, so a share of s buckets takes s / 10,000 of them within a few requests.
+fn weyl_bucket(n: u64) -> u32 {
+    let point = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((u128::from(point) * u128::from(BUCKETS)) >> 64) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn canary(share: f64) -> Policy {
+        Policy {
+            control: 1,
+            variants: vec![Variant {
+                name: "canary".into(),
+                version: 2,
+                share: Share::from_percent(share).unwrap(),
+            }],
+            split: Split::User {
+                entity: "user_id".into(),
+            },
+            salt: "deployment-1".into(),
+            shadow: None,
+        }
+    }
+
+    fn router() -> Router {
+        Router::new(Arc::new(Metrics::new()))
+    }
+
+    /// A request naming user `id`.
+    fn user<'a>(id: &'a str) -> impl FnOnce(&str) -> Option<Cow<'a, str>> + 'a {
+        move |entity: &str| {
+            assert_eq!(entity, "user_id");
+            Some(Cow::Borrowed(id))
+        }
+    }
+
+    #[test]
+    fn a_user_keeps_the_canary_as_its_share_grows() {
+        let router = router();
+        let users: Vec<String> = (0..5_000).map(|i| format!("u{i}")).collect();
+        let mut on_canary = std::collections::BTreeSet::new();
+        let mut previous = 0;
+        for share in [5.0, 20.0, 50.0, 100.0] {
+            router.set("m", canary(share)).unwrap();
+            let now: std::collections::BTreeSet<&String> = users
+                .iter()
+                .filter(|u| router.route("m", user(u)).unwrap().version == 2)
+                .collect();
+            assert!(
+                on_canary.iter().all(|u| now.contains(u)),
+                "a user left the canary at {share}%"
+            );
+            let expected = share / 100.0 * users.len() as f64;
+            assert!(
+                (now.len() as f64 - expected).abs() < 0.03 * users.len() as f64 + 1.0,
+                "{} of {} users on the canary at {share}%",
+                now.len(),
+                users.len()
+            );
+            assert!(now.len() >= previous);
+            previous = now.len();
+            on_canary = now;
+        }
+        assert_eq!(previous, users.len());
+    }
+
+    #[test]
+    fn the_same_user_gets_the_same_variant_every_time() {
+        let router = router();
+        router.set("m", canary(30.0)).unwrap();
+        for i in 0..200 {
+            let id = format!("u{i}");
+            let first = router.route("m", user(&id)).unwrap();
+            for _ in 0..5 {
+                assert_eq!(router.route("m", user(&id)).unwrap(), first);
+            }
+            let name = if first.version == 2 {
+                "canary"
+            } else {
+                CONTROL
+            };
+            assert_eq!(&*first.variant, name);
+        }
+    }
+
+    #[test]
+    fn buckets_are_fixed_by_the_salt_and_the_id() {
+        // SHA-256 of "s\0u1", first 8 bytes scaled to 10,000 buckets: fixed by the specification,
+        // so a user's bucket never changes with the build or the server.
+        let digest = Sha256::digest(b"s\0u1");
+        let word = u64::from_be_bytes(digest[..8].try_into().unwrap());
+        assert_eq!(
+            user_bucket("s", "u1"),
+            ((word as u128 * 10_000) >> 64) as u32
+        );
+        assert_ne!(
+            (0..100)
+                .map(|i| user_bucket("a", &format!("u{i}")))
+                .collect::<Vec<_>>(),
+            (0..100)
+                .map(|i| user_bucket("b", &format!("u{i}")))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn requests_without_the_entity_go_to_the_control() {
+        let router = router();
+        router.set("m", canary(100.0)).unwrap();
+        let route = router.route("m", |_| None).unwrap();
+        assert_eq!((route.version, &*route.variant), (1, CONTROL));
+        assert!(router.route("other", user("u1")).is_none());
+    }
+
+    #[test]
+    fn a_request_split_takes_its_share_exactly() {
+        let router = router();
+        let mut policy = canary(25.0);
+        policy.split = Split::Request;
+        router.set("m", policy).unwrap();
+        let canary = (0..10_000)
+            .filter(|_| router.route("m", |_| None).unwrap().version == 2)
+            .count();
+        assert!((2_490..=2_510).contains(&canary), "{canary} of 10,000");
+    }
+
+    #[test]
+    fn the_shadow_sees_its_share() {
+        let router = router();
+        let mut policy = canary(0.0);
+        policy.shadow = Some(Shadow {
+            version: 3,
+            share: Share::from_percent(10.0).unwrap(),
+        });
+        router.set("m", policy).unwrap();
+        let routes: Vec<Route> = (0..5_000)
+            .map(|i| router.route("m", user(&format!("u{i}"))).unwrap())
+            .collect();
+        assert!(routes.iter().all(|r| r.version == 1));
+        let mirrored = routes.iter().filter(|r| r.shadow == Some(3)).count();
+        assert!((490..=510).contains(&mirrored), "{mirrored} of 5,000");
+    }
+
+    #[test]
+    fn shadow_places_run_out_and_come_back() {
+        let router = router();
+        let held: Vec<ShadowSlot> = (0..SHADOW_IN_FLIGHT)
+            .map(|_| router.shadow_slot("m").unwrap())
+            .collect();
+        assert!(router.shadow_slot("m").is_none());
+        drop(held);
+        assert!(router.shadow_slot("m").is_some());
+    }
+
+    #[test]
+    fn bad_policies_are_refused() {
+        let router = router();
+        let mut two = canary(60.0);
+        two.variants.push(Variant {
+            name: "b".into(),
+            version: 3,
+            share: Share::from_percent(50.0).unwrap(),
+        });
+        assert_eq!(
+            router.set("m", two),
+            Err(TrafficError::Oversubscribed(110.0))
+        );
+        let mut control = canary(10.0);
+        control.variants[0].name = CONTROL.into();
+        assert!(matches!(
+            router.set("m", control),
+            Err(TrafficError::ReservedName(_))
+        ));
+        let mut same = canary(10.0);
+        same.variants[0].version = 1;
+        assert!(matches!(
+            router.set("m", same),
+            Err(TrafficError::ControlAsVariant { .. })
+        ));
+        assert!(Share::from_percent(100.5).is_err());
+        assert!(Share::from_percent(-1.0).is_err());
+        assert!(router.policy("m").is_none());
+    }
+
+    proptest! {
+        /// Whatever the shares, every bucket has one owner, the shares are the owners' bucket
+        /// counts, and growing the first variant's share never moves a user off it.
+        #[test]
+        fn shares_own_their_buckets(a in 0u32..=5_000, b in 0u32..=5_000, grow in 0u32..=5_000) {
+            let policy = |first: u32| Policy {
+                control: 1,
+                variants: vec![
+                    Variant { name: "a".into(), version: 2, share: Share(first) },
+                    Variant { name: "b".into(), version: 3, share: Share(b) },
+                ],
+                split: Split::Request,
+                salt: String::new(),
+                shadow: None,
+            };
+            let before = policy(a);
+            let after = policy((a + grow).min(BUCKETS - b));
+            let mut counts = BTreeMap::new();
+            for bucket in 0..BUCKETS {
+                *counts.entry(before.owner(bucket).0).or_insert(0u32) += 1;
+                if before.owner(bucket).0 == "a" {
+                    prop_assert_eq!(after.owner(bucket).0, "a");
+                }
+            }
+            prop_assert_eq!(counts.get("a").copied().unwrap_or(0), a);
+            prop_assert_eq!(counts.get("b").copied().unwrap_or(0), b);
+            prop_assert_eq!(counts.get(CONTROL).copied().unwrap_or(0), BUCKETS - a - b);
+        }
+    }
+}
