@@ -832,3 +832,14 @@ impl TrainingRun {
         shown.json()
     }
 }
+
+/// A `/v1/predict` pipeline for gbr that reads no store: ten request features `f0`..`f9`
+/// (default: their index) into `X`, the `variable` output as the answer.
+pub fn request_only_pipeline() -> Vec<u8> {
+    let features: Vec<serde_json::Value> = (0..10)
+        .map(|i| serde_json::json!({"name": format!("f{i}"), "default": i}))
+        .collect();
+    serde_json::json!({"input": "X", "features": features, "output": {"tensor": "variable"}})
+        .to_string()
+        .into_bytes()
+}

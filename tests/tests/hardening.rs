@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use marquee_proto::inference as pb;
-use marquee_tests::{Repository, TestServer, gbr_grpc_request};
+use marquee_tests::{Repository, TestServer, gbr_grpc_request, request_only_pipeline};
 use serde_json::{Value, json};
 use tonic::Code;
 
@@ -130,15 +130,6 @@ async fn past_the_in_flight_limit_requests_get_503_with_retry_after_on_both_tran
 }
 
 /// A `/v1/predict` pipeline for gbr from request features only (ten columns, defaults).
-fn request_only_pipeline() -> Vec<u8> {
-    let features: Vec<Value> = (0..10)
-        .map(|i| json!({"name": format!("f{i}"), "default": i}))
-        .collect();
-    json!({"input": "X", "features": features, "output": {"tensor": "variable"}})
-        .to_string()
-        .into_bytes()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_predict_request_neither_fills_the_queue_nor_passes_its_instance_limit() {
     // Queue of 8 requests, 4 rows each: a 200-instance request is 50 chunks, which submitted at

@@ -7,17 +7,8 @@
 use std::collections::BTreeMap;
 
 use marquee_proto::inference as pb;
-use marquee_tests::{Repository, TestServer, gbr_grpc_request};
+use marquee_tests::{Repository, TestServer, gbr_grpc_request, request_only_pipeline};
 use serde_json::{Value, json};
-
-fn request_only_pipeline() -> Vec<u8> {
-    let features: Vec<Value> = (0..10)
-        .map(|i| json!({"name": format!("f{i}"), "default": i}))
-        .collect();
-    json!({"input": "X", "features": features, "output": {"tensor": "variable"}})
-        .to_string()
-        .into_bytes()
-}
 
 /// `pricing` with versions 1 and 2 (the same gbr graph), both loaded.
 async fn two_versions() -> TestServer {

@@ -711,8 +711,9 @@ fn prepare(
         keys.push(entity_key(&parts));
     }
     for name in instance.entities.keys() {
-        // The entity a user-level traffic split hashes may be sent to any model under one.
-        if !routing_entity(name) && !pipeline.views.iter().any(|v| v.join_keys.contains(name)) {
+        // The entity a user-level traffic split hashes may be sent to any model under one
+        // (asked only of entities the pipeline does not read: it takes the router's lock).
+        if !pipeline.views.iter().any(|v| v.join_keys.contains(name)) && !routing_entity(name) {
             return Err(ServingError::InvalidInput(format!(
                 "{at}entities.{name} is not an entity model '{model_name}' uses (entities: {})",
                 pipeline
