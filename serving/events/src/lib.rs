@@ -1,0 +1,178 @@
+//! The prediction log and domain events. Every prediction the server answers, and every event the
+//! platform raises (`model.deployed`, `drift.detected`, the booking core's `booking.*`), is a
+//! [`Record`] handed to one [`EventLog`]. The log never slows or fails its caller: records wait in
+//! a bounded buffer, a writer task hands them to the [`Sink`] (Kafka, or Parquet files by hour),
+//! and whatever the sink cannot take (down, slow, refusing) goes to a spill folder on local disk
+//! and is replayed when the sink takes records again. Nothing here knows about HTTP or models.
+//!
+//! Delivery is at least once: a record a sink half-accepted before failing may arrive twice, and
+//! records replayed from the spill arrive after newer ones.
+
+mod kafka;
+mod log;
+mod parquet_sink;
+mod spill;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use kafka::{KafkaConfig, KafkaEventSource, KafkaSink, event_record};
+pub use log::{EventLog, LogConfig, LogStats};
+pub use parquet_sink::ParquetSink;
+
+/// Which stream a record belongs to; it names the record's topic and folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "stream", rename_all = "snake_case")]
+pub enum Stream {
+    /// One prediction of one model (its key is the model's name).
+    Prediction,
+    /// A domain event such as `model.rolled_back` or `booking.created`.
+    Event { kind: String },
+}
+
+/// One thing to log: a prediction or an event, with its fields as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(flatten)]
+    pub stream: Stream,
+    /// The Kafka message key: the model for predictions, the event's subject for events.
+    pub key: String,
+    /// When it happened, in ms since the epoch.
+    pub time_ms: i64,
+    pub fields: Map<String, Value>,
+}
+
+impl Record {
+    /// A prediction of `model`, with the prediction log's fields.
+    pub fn prediction(model: &str, time_ms: i64, fields: Map<String, Value>) -> Self {
+        Self {
+            stream: Stream::Prediction,
+            key: model.to_string(),
+            time_ms,
+            fields,
+        }
+    }
+
+    /// A domain event of `kind` (e.g. `model.deployed`) about `key` (e.g. the model).
+    pub fn event(kind: &str, key: &str, time_ms: i64, mut fields: Map<String, Value>) -> Self {
+        fields.insert("kind".into(), kind.into());
+        Self {
+            stream: Stream::Event {
+                kind: kind.to_string(),
+            },
+            key: key.to_string(),
+            time_ms,
+            fields,
+        }
+    }
+
+    /// The record's topic, before the deployment's prefix: `predictions`, or `events.` and the
+    /// event kind's family (`events.model` for `model.deployed`).
+    pub fn topic(&self) -> String {
+        match &self.stream {
+            Stream::Prediction => "predictions".into(),
+            Stream::Event { kind } => {
+                let family = kind.split('.').next().unwrap_or(kind);
+                format!("events.{family}")
+            }
+        }
+    }
+
+    /// What a consumer reads: the fields and the time as RFC 3339 (`timestamp`).
+    pub fn body(&self) -> Map<String, Value> {
+        let mut body = self.fields.clone();
+        body.insert("timestamp".into(), rfc3339(self.time_ms).into());
+        body
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(time_ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(time_ms.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// The time now in ms since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Where records end up. A sink may take a batch in part: it names the records it could not take
+/// and the log spills those (and only those).
+#[async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// For metrics and logs: `kafka`, `parquet`.
+    fn name(&self) -> &'static str;
+
+    async fn write(&self, records: &[Record]) -> Result<(), SinkFailure>;
+
+    /// Makes everything written so far readable (Parquet closes its open files; Kafka waits for
+    /// the broker's acknowledgements).
+    async fn flush(&self) -> Result<(), EventError>;
+}
+
+/// The records of a batch a sink could not take, by position, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkFailure {
+    pub failed: Vec<usize>,
+    pub reason: String,
+}
+
+impl SinkFailure {
+    /// Every record of a batch of `len` failed for `reason`.
+    pub fn all(len: usize, reason: impl Into<String>) -> Self {
+        Self {
+            failed: (0..len).collect(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("event sink configuration: {0}")]
+    Config(String),
+    #[error("event spill folder {path}: {source}")]
+    Spill {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error("parquet event files: {0}")]
+    Parquet(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn topics_follow_the_stream_and_the_event_family() {
+        let prediction = Record::prediction("fraud", 0, Map::new());
+        assert_eq!(prediction.topic(), "predictions");
+        let event = Record::event("model.rolled_back", "fraud", 0, Map::new());
+        assert_eq!(event.topic(), "events.model");
+        assert_eq!(event.fields["kind"], json!("model.rolled_back"));
+    }
+
+    #[test]
+    fn records_survive_their_spill_encoding() {
+        let mut fields = Map::new();
+        fields.insert("score".into(), json!(0.25));
+        let record = Record::event("drift.detected", "pricing", 1_767_225_600_000, fields);
+        let line = serde_json::to_string(&record).unwrap();
+        assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), record);
+        assert_eq!(
+            record.body()["timestamp"],
+            json!("2026-01-01T00:00:00.000Z")
+        );
+    }
+}

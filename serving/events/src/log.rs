@@ -1,0 +1,616 @@
+//! The log's buffer and its writer task. [`EventLog::log`] only takes a lock and pushes: it never
+//! waits for the sink. The writer hands batches to the sink one at a time; while a write is in
+//! flight or the sink is resting after a failure, records that pile up past half the buffer (or
+//! all of them, while it rests) go to the spill folder, and the spill is replayed, oldest first,
+//! whenever the sink is idle and the buffer empty. A record is lost only when the buffer is full
+//! and the spill at its bound, and then it is counted.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::spill::{Segment, Spill, Spilled};
+use crate::{EventError, Record, Sink, SinkFailure};
+
+/// How often the writer looks at the buffer and the spill without being woken.
+const TICK: Duration = Duration::from_millis(50);
+
+/// After this long without records, the sink flushes (Parquet files close and become readable).
+const IDLE_FLUSH: Duration = Duration::from_secs(1);
+
+/// How the log buffers, batches and spills.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Records that may wait in memory; past it, records are dropped (and counted).
+    pub buffer: usize,
+    /// Most records per sink write.
+    pub batch: usize,
+    pub spill_dir: std::path::PathBuf,
+    /// Bound of the spill folder, in bytes.
+    pub spill_max_bytes: u64,
+    /// How long the sink rests after a failed write before it is tried again.
+    pub retry: Duration,
+    /// A write that takes longer counts as failed (its records are spilled).
+    pub write_timeout: Duration,
+}
+
+impl LogConfig {
+    pub fn new(spill_dir: impl Into<std::path::PathBuf>) -> Self {
+        Self {
+            buffer: 65_536,
+            batch: 2_048,
+            spill_dir: spill_dir.into(),
+            spill_max_bytes: 1 << 30,
+            retry: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the log has done with the records it was given. Once the buffer and the spill are empty,
+/// `written + replayed + dropped` is every record logged (a record replayed was spilled first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogStats {
+    /// Taken by the sink on the first try.
+    pub written: u64,
+    /// Put in the spill folder.
+    pub spilled: u64,
+    /// Taken by the sink out of the spill folder.
+    pub replayed: u64,
+    /// Lost: the buffer was full and the spill at its bound, or a spill file was damaged.
+    pub dropped: u64,
+    pub buffered: u64,
+    pub spill_bytes: u64,
+}
+
+struct Counters {
+    written: IntCounter,
+    spilled: IntCounter,
+    replayed: IntCounter,
+    dropped: IntCounter,
+    buffered: IntGauge,
+    spill_bytes: IntGauge,
+}
+
+impl Counters {
+    fn new(sink: &str, registry: Option<&Registry>) -> Result<Self, EventError> {
+        let records = IntCounterVec::new(
+            Opts::new(
+                "marquee_event_log_records_total",
+                "Prediction log and event records by what happened to them: written (first try), spilled (to local disk), replayed (from disk), dropped",
+            ),
+            &["sink", "outcome"],
+        )
+        .expect("valid metric");
+        let gauge = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["sink"]).expect("valid metric")
+        };
+        let buffered = gauge(
+            "marquee_event_log_buffered",
+            "Records waiting in memory for the event sink",
+        );
+        let spill_bytes = gauge(
+            "marquee_event_log_spill_bytes",
+            "Bytes of records in the spill folder, waiting to be replayed",
+        );
+        if let Some(registry) = registry {
+            for collector in [
+                Box::new(records.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(buffered.clone()),
+                Box::new(spill_bytes.clone()),
+            ] {
+                registry
+                    .register(collector)
+                    .map_err(|e| EventError::Config(format!("event log metrics: {e}")))?;
+            }
+        }
+        Ok(Self {
+            written: records.with_label_values(&[sink, "written"]),
+            spilled: records.with_label_values(&[sink, "spilled"]),
+            replayed: records.with_label_values(&[sink, "replayed"]),
+            dropped: records.with_label_values(&[sink, "dropped"]),
+            buffered: buffered.with_label_values(&[sink]),
+            spill_bytes: spill_bytes.with_label_values(&[sink]),
+        })
+    }
+}
+
+struct Shared {
+    queue: Mutex<VecDeque<Record>>,
+    capacity: usize,
+    batch: usize,
+    wake: Notify,
+    closing: AtomicBool,
+    /// When closing must be over; set by `close`.
+    deadline: Mutex<Option<Instant>>,
+    counters: Counters,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn take(&self, most: usize) -> Vec<Record> {
+        let mut queue = self.queue.lock().expect("event queue lock");
+        let n = queue.len().min(most);
+        let records = queue.drain(..n).collect();
+        self.counters.buffered.set(queue.len() as i64);
+        records
+    }
+
+    fn waiting(&self) -> usize {
+        self.queue.lock().expect("event queue lock").len()
+    }
+}
+
+/// The handle every producer of records holds; cheap to clone.
+#[derive(Clone)]
+pub struct EventLog {
+    shared: Arc<Shared>,
+}
+
+impl EventLog {
+    /// Starts the writer task for `sink` on the current tokio runtime. What an earlier process
+    /// left in the spill folder is replayed first.
+    pub fn start(
+        sink: Arc<dyn Sink>,
+        config: LogConfig,
+        registry: Option<&Registry>,
+    ) -> Result<Self, EventError> {
+        let spill = Spill::open(&config.spill_dir, config.spill_max_bytes)?;
+        let counters = Counters::new(sink.name(), registry)?;
+        counters.spill_bytes.set(spill.bytes() as i64);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            capacity: config.buffer.max(1),
+            batch: config.batch.max(1),
+            wake: Notify::new(),
+            closing: AtomicBool::new(false),
+            deadline: Mutex::new(None),
+            counters,
+            writer: Mutex::new(None),
+        });
+        let writer = Writer {
+            shared: shared.clone(),
+            sink,
+            config,
+            spill: Some(spill),
+            resting_until: None,
+            unflushed_since: None,
+        };
+        let task = tokio::spawn(writer.run());
+        *shared.writer.lock().expect("writer lock") = Some(task);
+        Ok(Self { shared })
+    }
+
+    /// Hands a record to the log; `false` when the buffer was full and it was dropped.
+    pub fn log(&self, record: Record) -> bool {
+        let mut queue = self.shared.queue.lock().expect("event queue lock");
+        if queue.len() >= self.shared.capacity {
+            drop(queue);
+            self.shared.counters.dropped.inc();
+            return false;
+        }
+        queue.push_back(record);
+        let waiting = queue.len();
+        drop(queue);
+        self.shared.counters.buffered.set(waiting as i64);
+        if waiting == 1 || waiting.is_multiple_of(self.shared.batch) {
+            self.shared.wake.notify_one();
+        }
+        true
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let c = &self.shared.counters;
+        LogStats {
+            written: c.written.get(),
+            spilled: c.spilled.get(),
+            replayed: c.replayed.get(),
+            dropped: c.dropped.get(),
+            buffered: self.shared.waiting() as u64,
+            spill_bytes: c.spill_bytes.get().max(0) as u64,
+        }
+    }
+
+    /// Writes what is buffered to the sink and flushes it, within `within`; what the sink cannot
+    /// take by then stays in the spill folder for the next start. Records logged afterwards
+    /// stay in memory.
+    pub async fn close(&self, within: Duration) {
+        *self.shared.deadline.lock().expect("deadline lock") = Some(Instant::now() + within);
+        self.shared.closing.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        let task = self.shared.writer.lock().expect("writer lock").take();
+        if let Some(task) = task
+            && let Err(e) = task.await
+        {
+            tracing::error!(error = %e, "the event log's writer failed");
+        }
+    }
+}
+
+/// A batch on its way to the sink: fresh from the buffer, or out of a spill segment.
+enum Batch {
+    Fresh(Vec<Record>),
+    Replay(Segment, Vec<Record>),
+}
+
+impl Batch {
+    fn records(&self) -> &[Record] {
+        match self {
+            Batch::Fresh(records) | Batch::Replay(_, records) => records,
+        }
+    }
+}
+
+type Attempt = (Batch, Result<(), SinkFailure>);
+
+struct Writer {
+    shared: Arc<Shared>,
+    sink: Arc<dyn Sink>,
+    config: LogConfig,
+    /// Taken out while a blocking task works on it.
+    spill: Option<Spill>,
+    resting_until: Option<Instant>,
+    /// When the sink last took records it has not flushed yet.
+    unflushed_since: Option<Instant>,
+}
+
+async fn attempt(sink: Arc<dyn Sink>, batch: Batch, timeout: Duration) -> Attempt {
+    let records = batch.records();
+    let result = match tokio::time::timeout(timeout, sink.write(records)).await {
+        Ok(result) => result,
+        Err(_) => Err(SinkFailure::all(
+            records.len(),
+            format!("no answer within {timeout:?}"),
+        )),
+    };
+    (batch, result)
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut in_flight: Option<JoinHandle<Attempt>> = None;
+        loop {
+            if self.shared.closing.load(Ordering::Acquire) && in_flight.is_none() {
+                self.finish().await;
+                return;
+            }
+            tokio::select! {
+                finished = async { in_flight.as_mut().expect("guarded by the condition").await },
+                    if in_flight.is_some() =>
+                {
+                    in_flight = None;
+                    match finished {
+                        Ok((batch, result)) => self.settle(batch, result).await,
+                        Err(e) => {
+                            tracing::error!(error = %e, sink = self.sink.name(), "an event sink write panicked; its batch is lost");
+                            self.rest();
+                        }
+                    }
+                }
+                _ = self.shared.wake.notified() => {}
+                _ = tokio::time::sleep(TICK) => {}
+            }
+            if in_flight.is_none() && !self.resting() {
+                match self.next_batch().await {
+                    Some(batch) => {
+                        in_flight = Some(tokio::spawn(attempt(
+                            self.sink.clone(),
+                            batch,
+                            self.config.write_timeout,
+                        )))
+                    }
+                    None => self.flush_when_idle().await,
+                }
+            } else {
+                let waiting = self.shared.waiting();
+                if (self.resting() && waiting > 0) || waiting >= self.shared.capacity / 2 {
+                    let records = self.shared.take(usize::MAX);
+                    self.spill(records).await;
+                }
+            }
+        }
+    }
+
+    async fn flush_when_idle(&mut self) {
+        if self
+            .unflushed_since
+            .is_some_and(|since| since.elapsed() >= IDLE_FLUSH)
+        {
+            self.unflushed_since = None;
+            if let Err(e) = self.sink.flush().await {
+                tracing::warn!(error = %e, sink = self.sink.name(), "event sink flush");
+            }
+        }
+    }
+
+    fn resting(&self) -> bool {
+        self.resting_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn rest(&mut self) {
+        self.resting_until = Some(Instant::now() + self.config.retry);
+    }
+
+    /// The buffer first; when it is empty, the oldest spill segment.
+    async fn next_batch(&mut self) -> Option<Batch> {
+        let fresh = self.shared.take(self.shared.batch);
+        if !fresh.is_empty() {
+            return Some(Batch::Fresh(fresh));
+        }
+        loop {
+            let read = self.with_spill(|spill| spill.oldest()).await;
+            match read {
+                Ok(None) => return None,
+                Ok(Some((segment, records, damaged))) => {
+                    if damaged > 0 {
+                        tracing::error!(damaged, "damaged lines in an event spill file are lost");
+                        self.shared.counters.dropped.inc_by(damaged as u64);
+                    }
+                    if !records.is_empty() {
+                        return Some(Batch::Replay(segment, records));
+                    }
+                    self.spill_op(move |spill| spill.remove(&segment)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the event spill folder cannot be read");
+                    return None;
+                }
+            }
+        }
+    }
+
+    async fn settle(&mut self, batch: Batch, result: Result<(), SinkFailure>) {
+        let failure = result.err();
+        let total = batch.records().len();
+        let failed = failure.as_ref().map_or(0, |f| f.failed.len().min(total));
+        let done = (total - failed) as u64;
+        if done > 0 {
+            self.unflushed_since.get_or_insert_with(Instant::now);
+        }
+        let left = |records: Vec<Record>| -> Vec<Record> {
+            let Some(failure) = &failure else {
+                return Vec::new();
+            };
+            let mut keep = vec![false; records.len()];
+            for &i in &failure.failed {
+                if let Some(k) = keep.get_mut(i) {
+                    *k = true;
+                }
+            }
+            records
+                .into_iter()
+                .zip(keep)
+                .filter_map(|(r, k)| k.then_some(r))
+                .collect()
+        };
+        match batch {
+            Batch::Fresh(records) => {
+                self.shared.counters.written.inc_by(done);
+                let left = left(records);
+                if !left.is_empty() {
+                    self.spill(left).await;
+                }
+            }
+            Batch::Replay(segment, records) => {
+                self.shared.counters.replayed.inc_by(done);
+                let left = left(records);
+                if left.is_empty() {
+                    self.spill_op(move |spill| spill.remove(&segment)).await;
+                } else if done > 0 {
+                    self.spill_op(move |spill| spill.narrow(&segment, &left))
+                        .await;
+                }
+            }
+        }
+        if let Some(failure) = failure {
+            if !self.resting() {
+                tracing::warn!(sink = self.sink.name(), reason = %failure.reason, failed, "event sink write failed; records spilled, retrying");
+            }
+            self.rest();
+        }
+    }
+
+    async fn spill(&mut self, records: Vec<Record>) {
+        let n = records.len() as u64;
+        match self.with_spill(move |spill| spill.keep(&records)).await {
+            Ok(Spilled::Kept) => self.shared.counters.spilled.inc_by(n),
+            Ok(Spilled::Full) => {
+                tracing::error!(
+                    records = n,
+                    "the event spill folder is full; records dropped"
+                );
+                self.shared.counters.dropped.inc_by(n);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, records = n, "records could not be spilled; dropped");
+                self.shared.counters.dropped.inc_by(n);
+            }
+        }
+    }
+
+    async fn spill_op(
+        &mut self,
+        op: impl FnOnce(&mut Spill) -> Result<(), EventError> + Send + 'static,
+    ) {
+        if let Err(e) = self.with_spill(op).await {
+            tracing::error!(error = %e, "event spill folder");
+        }
+    }
+
+    /// Runs `op` on the spill off the runtime's threads (it touches the disk).
+    async fn with_spill<R: Send + 'static>(
+        &mut self,
+        op: impl FnOnce(&mut Spill) -> R + Send + 'static,
+    ) -> R {
+        let mut spill = self.spill.take().expect("the spill is back after each use");
+        let (spill, result) = tokio::task::spawn_blocking(move || {
+            let result = op(&mut spill);
+            (spill, result)
+        })
+        .await
+        .expect("spill operations do not panic");
+        self.shared.counters.spill_bytes.set(spill.bytes() as i64);
+        self.spill = Some(spill);
+        result
+    }
+
+    /// Closing: the buffer goes to the sink while there is time (to the spill after), then the
+    /// sink flushes.
+    async fn finish(&mut self) {
+        let deadline = self
+            .shared
+            .deadline
+            .lock()
+            .expect("deadline lock")
+            .unwrap_or_else(Instant::now);
+        loop {
+            let records = self.shared.take(self.shared.batch);
+            if records.is_empty() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.resting() || left.is_zero() {
+                self.spill(records).await;
+                continue;
+            }
+            let timeout = left.min(self.config.write_timeout);
+            let (batch, result) = attempt(self.sink.clone(), Batch::Fresh(records), timeout).await;
+            self.settle(batch, result).await;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.sink.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the event sink did not flush"),
+            Err(_) => tracing::error!("the event sink did not flush in time"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use serde_json::Map;
+
+    /// A sink that refuses everything while it is down and remembers what it took.
+    #[derive(Default)]
+    struct Flaky {
+        down: AtomicBool,
+        taken: Mutex<Vec<i64>>,
+    }
+
+    #[async_trait]
+    impl Sink for Flaky {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+
+        async fn write(&self, records: &[Record]) -> Result<(), SinkFailure> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(SinkFailure::all(records.len(), "down"));
+            }
+            let mut taken = self.taken.lock().unwrap();
+            taken.extend(records.iter().map(|r| r.time_ms));
+            Ok(())
+        }
+
+        async fn flush(&self) -> Result<(), EventError> {
+            Ok(())
+        }
+    }
+
+    fn record(i: i64) -> Record {
+        Record::prediction("m", i, Map::new())
+    }
+
+    fn config(dir: &std::path::Path) -> LogConfig {
+        LogConfig {
+            retry: Duration::from_millis(20),
+            ..LogConfig::new(dir)
+        }
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !done() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "waited for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_logged_while_the_sink_is_down_are_spilled_and_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(Flaky::default());
+        sink.down.store(true, Ordering::SeqCst);
+        let log = EventLog::start(sink.clone(), config(dir.path()), None).unwrap();
+        for i in 0..5_000 {
+            assert!(log.log(record(i)));
+        }
+        until("the spill", || log.stats().spilled == 5_000).await;
+        assert!(sink.taken.lock().unwrap().is_empty());
+        sink.down.store(false, Ordering::SeqCst);
+        until("the replay", || log.stats().replayed == 5_000).await;
+        for i in 5_000..6_000 {
+            log.log(record(i));
+        }
+        log.close(Duration::from_secs(5)).await;
+        let stats = log.stats();
+        assert_eq!(
+            (stats.written, stats.spilled, stats.replayed, stats.dropped),
+            (1_000, 5_000, 5_000, 0)
+        );
+        assert_eq!((stats.buffered, stats.spill_bytes), (0, 0));
+        let mut taken = sink.taken.lock().unwrap().clone();
+        taken.sort_unstable();
+        assert_eq!(taken, (0..6_000).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_a_closed_log_left_spilled_is_replayed_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let down = Arc::new(Flaky::default());
+        down.down.store(true, Ordering::SeqCst);
+        let log = EventLog::start(down, config(dir.path()), None).unwrap();
+        for i in 0..300 {
+            log.log(record(i));
+        }
+        log.close(Duration::from_millis(500)).await;
+        assert_eq!(log.stats().spilled, 300);
+
+        let sink = Arc::new(Flaky::default());
+        let next = EventLog::start(sink.clone(), config(dir.path()), None).unwrap();
+        until("the replay", || next.stats().replayed == 300).await;
+        next.close(Duration::from_secs(5)).await;
+        assert_eq!(sink.taken.lock().unwrap().len(), 300);
+        assert_eq!(next.stats().spill_bytes, 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_buffer_drops_and_counts_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(Flaky::default());
+        let log = EventLog::start(
+            sink.clone(),
+            LogConfig {
+                buffer: 10,
+                ..config(dir.path())
+            },
+            None,
+        )
+        .unwrap();
+        // The writer cannot run between these calls (one thread, no await): the buffer fills.
+        let kept = (0..25).filter(|&i| log.log(record(i))).count();
+        assert_eq!((kept, log.stats().dropped), (10, 15));
+        log.close(Duration::from_secs(5)).await;
+        assert_eq!(sink.taken.lock().unwrap().len(), 10);
+    }
+}

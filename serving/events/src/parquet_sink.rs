@@ -1,0 +1,526 @@
+//! The embedded sink: Parquet files on local disk, by stream and hour, in folders a training job
+//! reads like any offline source (`marquee features dataset`):
+//!
+//! ```text
+//! DIR/predictions/model=fraud/date=2025-12-04/hour=17/part-1764867600000-1a2b3c4d.parquet
+//! DIR/events/model/date=2025-12-04/hour=17/part-….parquet
+//! ```
+//!
+//! A record's fields become columns; the `features` and `entities` objects of a prediction open
+//! into one column per feature and join key, so the files join with feature definitions as they
+//! are. A file is written under a `.partial` name and renamed when it closes (after `roll`, when
+//! its columns change, or on flush), so readers never see half a file.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow_array::builder::{
+    BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
+    TimestampMillisecondBuilder,
+};
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use async_trait::async_trait;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use serde_json::Value;
+
+use crate::{EventError, Record, Sink, SinkFailure, Stream, rfc3339};
+
+/// Objects of a prediction record that open into columns of their own.
+const OPENED: [&str; 2] = ["features", "entities"];
+
+pub struct ParquetSink {
+    dir: PathBuf,
+    roll: Duration,
+    open: Arc<Mutex<HashMap<PathBuf, OpenFile>>>,
+}
+
+struct OpenFile {
+    writer: ArrowWriter<File>,
+    partial: PathBuf,
+    path: PathBuf,
+    schema: SchemaRef,
+    opened: Instant,
+}
+
+impl ParquetSink {
+    /// Files under `dir`, each closed at the latest `roll` after it opened.
+    pub fn new(dir: impl Into<PathBuf>, roll: Duration) -> Self {
+        Self {
+            dir: dir.into(),
+            roll,
+            open: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for ParquetSink {
+    fn name(&self) -> &'static str {
+        "parquet"
+    }
+
+    async fn write(&self, records: &[Record]) -> Result<(), SinkFailure> {
+        let records = records.to_vec();
+        let len = records.len();
+        let dir = self.dir.clone();
+        let roll = self.roll;
+        let open = self.open.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut open = open.lock().expect("parquet files lock");
+            write_records(&dir, roll, &mut open, &records)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(SinkFailure::all(
+                len,
+                format!("parquet writer panicked: {e}"),
+            ))
+        })
+    }
+
+    async fn flush(&self) -> Result<(), EventError> {
+        let open = self.open.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut open = open.lock().expect("parquet files lock");
+            let mut first_error = None;
+            for (_, file) in open.drain() {
+                if let Err(e) = file.close() {
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+        .await
+        .map_err(|e| EventError::Parquet(format!("flush panicked: {e}")))?
+    }
+}
+
+/// Writes each group of records (same folder) as one row group; failures fail that group only.
+fn write_records(
+    dir: &Path,
+    roll: Duration,
+    open: &mut HashMap<PathBuf, OpenFile>,
+    records: &[Record],
+) -> Result<(), SinkFailure> {
+    let mut groups: Vec<(PathBuf, Vec<usize>)> = Vec::new();
+    for (i, record) in records.iter().enumerate() {
+        let folder = dir.join(folder_of(record));
+        match groups.iter_mut().find(|(f, _)| *f == folder) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((folder, vec![i])),
+        }
+    }
+    let mut failed = Vec::new();
+    let mut reason = String::new();
+    for (folder, members) in groups {
+        let rows: Vec<&Record> = members.iter().map(|&i| &records[i]).collect();
+        if let Err(e) = write_group(&folder, open, &rows) {
+            reason = e.to_string();
+            failed.extend(members);
+        }
+    }
+    let expired: Vec<PathBuf> = open
+        .iter()
+        .filter(|(_, f)| f.opened.elapsed() >= roll)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for folder in expired {
+        if let Some(file) = open.remove(&folder)
+            && let Err(e) = file.close()
+        {
+            tracing::error!(error = %e, "a parquet event file did not close");
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        failed.sort_unstable();
+        Err(SinkFailure { failed, reason })
+    }
+}
+
+/// `predictions/model=NAME/date=D/hour=H` or `events/FAMILY/date=D/hour=H`.
+fn folder_of(record: &Record) -> PathBuf {
+    let time = rfc3339(record.time_ms);
+    let partition = format!("date={}/hour={}", &time[..10], &time[11..13]);
+    match &record.stream {
+        Stream::Prediction => PathBuf::from(format!(
+            "predictions/model={}/{partition}",
+            safe(&record.key)
+        )),
+        Stream::Event { .. } => PathBuf::from(record.topic().replace('.', "/")).join(partition),
+    }
+}
+
+/// A key as one folder name: nothing that climbs or nests.
+fn safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>()
+        .trim_start_matches('.')
+        .to_string()
+}
+
+fn write_group(
+    folder: &Path,
+    open: &mut HashMap<PathBuf, OpenFile>,
+    rows: &[&Record],
+) -> Result<(), EventError> {
+    let batch = to_batch(rows)?;
+    if let Some(file) = open.get(folder)
+        && file.schema != batch.schema()
+    {
+        let file = open.remove(folder).expect("present");
+        file.close()?;
+    }
+    if !open.contains_key(folder) {
+        open.insert(
+            folder.to_path_buf(),
+            OpenFile::create(folder, batch.schema())?,
+        );
+    }
+    let file = open.get_mut(folder).expect("opened above");
+    file.writer
+        .write(&batch)
+        .map_err(|e| EventError::Parquet(format!("{}: {e}", file.partial.display())))
+}
+
+impl OpenFile {
+    fn create(folder: &Path, schema: SchemaRef) -> Result<Self, EventError> {
+        std::fs::create_dir_all(folder)
+            .map_err(|e| EventError::Parquet(format!("{}: {e}", folder.display())))?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let path = folder.join(format!("part-{}-{}.parquet", crate::now_ms(), &id[..8]));
+        let partial = path.with_extension("parquet.partial");
+        let file = File::create(&partial)
+            .map_err(|e| EventError::Parquet(format!("{}: {e}", partial.display())))?;
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(properties))
+            .map_err(|e| EventError::Parquet(format!("{}: {e}", partial.display())))?;
+        Ok(Self {
+            writer,
+            partial,
+            path,
+            schema,
+            opened: Instant::now(),
+        })
+    }
+
+    fn close(self) -> Result<(), EventError> {
+        self.writer
+            .close()
+            .map_err(|e| EventError::Parquet(format!("{}: {e}", self.partial.display())))?;
+        std::fs::rename(&self.partial, &self.path)
+            .map_err(|e| EventError::Parquet(format!("{}: {e}", self.path.display())))
+    }
+}
+
+/// A record's columns: its fields, with `features` and `entities` opened into theirs.
+fn columns_of(record: &Record) -> Vec<(String, &Value)> {
+    let mut columns: Vec<(String, &Value)> = Vec::new();
+    for (name, value) in &record.fields {
+        match value {
+            Value::Object(inner) if OPENED.contains(&name.as_str()) => {
+                for (key, value) in inner {
+                    columns.push((key.clone(), value));
+                }
+            }
+            _ => columns.push((name.clone(), value)),
+        }
+    }
+    columns.retain(|(name, _)| name != "timestamp");
+    columns
+}
+
+/// The Arrow type a column's values share.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Bool,
+    Int,
+    Float,
+    Text,
+    FloatList,
+    TextList,
+    /// Mixed or nested: JSON text.
+    Json,
+}
+
+fn kind_of(value: &Value) -> Option<Kind> {
+    Some(match value {
+        Value::Null => return None,
+        Value::Bool(_) => Kind::Bool,
+        Value::Number(n) if n.is_i64() => Kind::Int,
+        Value::Number(_) => Kind::Float,
+        Value::String(_) => Kind::Text,
+        Value::Array(items) if items.iter().all(Value::is_number) => Kind::FloatList,
+        Value::Array(items) if items.iter().all(Value::is_string) => Kind::TextList,
+        _ => Kind::Json,
+    })
+}
+
+fn unify(a: Kind, b: Kind) -> Kind {
+    match (a, b) {
+        _ if a == b => a,
+        (Kind::Int, Kind::Float) | (Kind::Float, Kind::Int) => Kind::Float,
+        _ => Kind::Json,
+    }
+}
+
+fn to_batch(rows: &[&Record]) -> Result<RecordBatch, EventError> {
+    let per_row: Vec<Vec<(String, &Value)>> = rows.iter().map(|r| columns_of(r)).collect();
+    let mut names: Vec<String> = Vec::new();
+    let mut kinds: Vec<Option<Kind>> = Vec::new();
+    for columns in &per_row {
+        for (name, value) in columns {
+            let position = match names.iter().position(|n| n == name) {
+                Some(p) => p,
+                None => {
+                    names.push(name.clone());
+                    kinds.push(None);
+                    names.len() - 1
+                }
+            };
+            if let Some(kind) = kind_of(value) {
+                kinds[position] = Some(kinds[position].map_or(kind, |k| unify(k, kind)));
+            }
+        }
+    }
+    let mut fields = vec![Field::new(
+        "timestamp",
+        DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+        false,
+    )];
+    let mut timestamps =
+        TimestampMillisecondBuilder::with_capacity(rows.len()).with_timezone("UTC");
+    for record in rows {
+        timestamps.append_value(record.time_ms);
+    }
+    let mut arrays: Vec<ArrayRef> = vec![Arc::new(timestamps.finish())];
+    for (position, name) in names.iter().enumerate() {
+        let kind = kinds[position].unwrap_or(Kind::Text);
+        let values = per_row.iter().map(|columns| {
+            columns
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| *v)
+                .filter(|v| !v.is_null())
+        });
+        let (data_type, array) = column(kind, values);
+        fields.push(Field::new(name, data_type, true));
+        arrays.push(array);
+    }
+    let schema: SchemaRef = Arc::new(Schema::new(fields));
+    RecordBatch::try_new(schema, arrays).map_err(|e| EventError::Parquet(e.to_string()))
+}
+
+fn column<'a>(kind: Kind, values: impl Iterator<Item = Option<&'a Value>>) -> (DataType, ArrayRef) {
+    match kind {
+        Kind::Bool => {
+            let mut b = BooleanBuilder::new();
+            values.for_each(|v| b.append_option(v.and_then(Value::as_bool)));
+            (DataType::Boolean, Arc::new(b.finish()))
+        }
+        Kind::Int => {
+            let mut b = Int64Builder::new();
+            values.for_each(|v| b.append_option(v.and_then(Value::as_i64)));
+            (DataType::Int64, Arc::new(b.finish()))
+        }
+        Kind::Float => {
+            let mut b = Float64Builder::new();
+            values.for_each(|v| b.append_option(v.and_then(Value::as_f64)));
+            (DataType::Float64, Arc::new(b.finish()))
+        }
+        Kind::FloatList => {
+            let mut b = ListBuilder::new(Float64Builder::new());
+            for value in values {
+                match value.and_then(Value::as_array) {
+                    Some(items) => {
+                        items
+                            .iter()
+                            .for_each(|i| b.values().append_option(i.as_f64()));
+                        b.append(true);
+                    }
+                    None => b.append(false),
+                }
+            }
+            let array = b.finish();
+            (array.data_type().clone(), Arc::new(array))
+        }
+        Kind::TextList => {
+            let mut b = ListBuilder::new(StringBuilder::new());
+            for value in values {
+                match value.and_then(Value::as_array) {
+                    Some(items) => {
+                        items
+                            .iter()
+                            .for_each(|i| b.values().append_option(i.as_str()));
+                        b.append(true);
+                    }
+                    None => b.append(false),
+                }
+            }
+            let array = b.finish();
+            (array.data_type().clone(), Arc::new(array))
+        }
+        Kind::Text | Kind::Json => {
+            let mut b = StringBuilder::new();
+            for value in values {
+                match value {
+                    None => b.append_null(),
+                    Some(Value::String(s)) => b.append_value(s),
+                    Some(other) => b.append_value(other.to_string()),
+                }
+            }
+            (DataType::Utf8, Arc::new(b.finish()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, Int64Type};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use serde_json::{Map, json};
+
+    fn prediction(i: i64) -> Record {
+        let fields = json!({
+            "prediction_id": format!("p{i}"),
+            "model": "fraud",
+            "version": 3,
+            "variant": null,
+            "entities": {"user_id": format!("u{i}")},
+            "features": {"amount": i as f64 * 1.5, "hour": i, "device": "ios"},
+            "prediction": [0.1, 0.9],
+            "cache_hit": false,
+        });
+        let Value::Object(fields) = fields else {
+            unreachable!()
+        };
+        Record::prediction("fraud", 1_764_867_600_000 + i, fields)
+    }
+
+    fn read_all(dir: &Path) -> Vec<RecordBatch> {
+        let mut files = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    files.push(p);
+                }
+            }
+        }
+        files
+            .iter()
+            .inspect(|p| assert_eq!(p.extension().unwrap(), "parquet", "{p:?} is closed"))
+            .flat_map(|p| {
+                ParquetRecordBatchReaderBuilder::try_new(File::open(p).unwrap())
+                    .unwrap()
+                    .build()
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn predictions_land_by_model_and_hour_with_features_as_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = ParquetSink::new(dir.path(), Duration::from_secs(3600));
+        let records: Vec<Record> = (0..10).map(prediction).collect();
+        sink.write(&records[..6]).await.unwrap();
+        sink.write(&records[6..]).await.unwrap();
+        let event = Record::event("model.deployed", "fraud", 1_764_867_600_000, Map::new());
+        sink.write(&[event]).await.unwrap();
+        sink.flush().await.unwrap();
+
+        let folder = dir
+            .path()
+            .join("predictions/model=fraud/date=2025-12-04/hour=17");
+        assert_eq!(
+            std::fs::read_dir(&folder).unwrap().count(),
+            1,
+            "one file per hour"
+        );
+        let batches = read_all(&folder);
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        assert_eq!(rows, 10);
+        let batch = &batches[0];
+        let schema = batch.schema();
+        for column in [
+            "timestamp",
+            "prediction_id",
+            "user_id",
+            "amount",
+            "hour",
+            "device",
+            "prediction",
+        ] {
+            assert!(
+                schema.field_with_name(column).is_ok(),
+                "{column} in {schema:?}"
+            );
+        }
+        assert_eq!(
+            batch
+                .column_by_name("hour")
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .value(3),
+            3
+        );
+        assert_eq!(
+            batch
+                .column_by_name("amount")
+                .unwrap()
+                .as_primitive::<Float64Type>()
+                .value(2),
+            3.0
+        );
+        let lists = batch.column_by_name("prediction").unwrap().as_list::<i32>();
+        assert_eq!(
+            lists
+                .value(0)
+                .as_primitive::<Float64Type>()
+                .values()
+                .to_vec(),
+            vec![0.1, 0.9]
+        );
+        let events = read_all(&dir.path().join("events/model"));
+        assert_eq!(
+            events[0]
+                .column_by_name("kind")
+                .unwrap()
+                .as_string::<i32>()
+                .value(0),
+            "model.deployed"
+        );
+    }
+
+    #[test]
+    fn mixed_columns_widen_and_keys_cannot_climb() {
+        assert_eq!(unify(Kind::Int, Kind::Float), Kind::Float);
+        assert_eq!(unify(Kind::Text, Kind::Float), Kind::Json);
+        assert_eq!(safe("../etc"), "_etc");
+        assert_eq!(kind_of(&json!([1, "a"])), Some(Kind::Json));
+    }
+}
