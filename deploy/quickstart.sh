@@ -54,4 +54,7 @@ Serving on localhost:8000 (REST), 8001 (gRPC), 8002 (metrics). Try:
   curl -s localhost:8000/v1/embeddings -d '{"model": "embedding", "input": "two tickets for tonight"}'
 
 EXAMPLES
-exec "$MARQUEE" serve --registry "$REGISTRY" --features "$DATA/features.toml" --materialize "$@"
+# Every prediction and deployment decision is logged as Parquet files by hour under
+# .marquee/events (the embedded sink; --event-sink kafka --event-brokers HOST:PORT for Kafka).
+exec "$MARQUEE" serve --registry "$REGISTRY" --features "$DATA/features.toml" --materialize \
+  --event-sink parquet --events-dir "$ROOT/.marquee/events" "$@"

@@ -72,6 +72,12 @@ pub struct ServeConfig {
     #[arg(long, default_value_t = 8002)]
     pub metrics_port: u16,
 
+    /// Serve the operator's routes (canary deployments, traffic policies) on this port only,
+    /// not on the REST port (0 picks a free one); unset, they are on the REST port. Until the
+    /// server has authentication, this keeps them off the address clients reach.
+    #[arg(long, env = "MARQUEE_ADMIN_PORT")]
+    pub admin_port: Option<u16>,
+
     /// libonnxruntime.so to load; by default the one deploy/setup.sh installed.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<PathBuf>,
@@ -117,6 +123,58 @@ pub struct ServeConfig {
     /// choose.
     #[arg(long, default_value_t = 0)]
     pub intra_op_threads: usize,
+
+    /// Where the prediction log and domain events go: `none`, `parquet` (files by hour under
+    /// --events-dir) or `kafka` (--event-brokers).
+    #[arg(long, value_enum, env = "MARQUEE_EVENT_SINK", default_value_t = EventSinkKind::None)]
+    pub event_sink: EventSinkKind,
+
+    /// Folder of the Parquet event files, and of the spill (records waiting for the sink to
+    /// take them) for either sink.
+    #[arg(long, default_value = ".marquee/events")]
+    pub events_dir: PathBuf,
+
+    /// Kafka brokers for `--event-sink kafka`, `host:port[,host:port…]`.
+    #[arg(long, env = "MARQUEE_EVENT_BROKERS")]
+    pub event_brokers: Option<String>,
+
+    /// Put before every Kafka topic name (`marquee.predictions`, `marquee.events.model`, …).
+    #[arg(long, default_value = "marquee.")]
+    pub event_topic_prefix: String,
+
+    /// A librdkafka property for the event sink, `key=value` (repeatable): security, acks,
+    /// compression, `message.timeout.ms`…
+    #[arg(long = "event-kafka-option")]
+    pub event_kafka_options: Vec<String>,
+
+    /// Share of `/v1/predict` requests whose answers are logged, in [0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub prediction_log_sample: f64,
+
+    /// Records the event log holds in memory; while the sink is slow or down they go to the
+    /// spill folder, and past both bounds they are dropped (and counted).
+    #[arg(long, default_value_t = 65_536)]
+    pub event_buffer: usize,
+
+    /// Bound of the spill folder, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub event_spill_max_mb: u64,
+
+    /// Longest a Parquet event file stays open; its records are readable once it closes (and
+    /// when the log has been idle for a second).
+    #[arg(long, default_value_t = 300.0)]
+    pub event_file_roll_seconds: f64,
+}
+
+/// The event log's sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventSinkKind {
+    /// Nothing is logged.
+    None,
+    /// Parquet files by hour on local disk.
+    Parquet,
+    Kafka,
 }
 
 impl Default for ServeConfig {
@@ -135,6 +193,7 @@ impl Default for ServeConfig {
             http_port: 8000,
             grpc_port: 8001,
             metrics_port: 8002,
+            admin_port: None,
             ort_library: None,
             max_request_bytes: 64 * 1024 * 1024,
             max_concurrent_requests: 4096,
@@ -144,6 +203,15 @@ impl Default for ServeConfig {
             default_max_batch_size: 4,
             default_max_queue_size: 1024,
             intra_op_threads: 0,
+            event_sink: EventSinkKind::None,
+            events_dir: PathBuf::from(".marquee/events"),
+            event_brokers: None,
+            event_topic_prefix: "marquee.".into(),
+            event_kafka_options: Vec::new(),
+            prediction_log_sample: 1.0,
+            event_buffer: 65_536,
+            event_spill_max_mb: 1024,
+            event_file_roll_seconds: 300.0,
         }
     }
 }

@@ -41,9 +41,56 @@ struct AppState {
     max_body: usize,
 }
 
-/// All v2 and v1 routes, hardened (see the module comment).
-pub fn router(service: Arc<Service>, max_body: usize) -> Router {
-    let metrics = service.metrics_handle();
+/// The operator's routes: canary deployments and traffic policies.
+const ADMIN_PATHS: [&str; 5] = [
+    "/v1/models/{model}/deploy",
+    "/v1/deployments",
+    "/v1/deployments/{id}",
+    "/v1/deployments/{id}/{action}",
+    "/v1/models/{model}/traffic",
+];
+
+/// Where the operator's routes listen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRoutes {
+    /// Beside the others, on the main port.
+    Here,
+    /// On their own address (`--admin-port`): the main port answers 404 saying so.
+    Elsewhere,
+}
+
+/// The operator's routes alone, hardened, for the admin address.
+pub fn admin_router(service: Arc<Service>, max_body: usize) -> Router {
+    finish(admin_routes(), service, max_body)
+}
+
+fn admin_routes() -> Router<AppState> {
+    Router::new()
+        .route(ADMIN_PATHS[0], post(deploy))
+        .route(ADMIN_PATHS[1], get(deployments))
+        .route(ADMIN_PATHS[2], get(deployment))
+        .route(ADMIN_PATHS[3], post(decide))
+        .route(
+            ADMIN_PATHS[4],
+            get(traffic).put(set_traffic).delete(clear_traffic),
+        )
+}
+
+/// All v2 and v1 routes, hardened (see the module comment); the operator's among them or not.
+pub fn router(service: Arc<Service>, max_body: usize, admin: AdminRoutes) -> Router {
+    let admin_routes = match admin {
+        AdminRoutes::Here => admin_routes(),
+        AdminRoutes::Elsewhere => ADMIN_PATHS.iter().fold(Router::new(), |routes, path| {
+            routes.route(
+                path,
+                axum::routing::any(|| async {
+                    ServingError::NotFound(
+                        "deployments and traffic policies are served on the admin address (--admin-port), not here".into(),
+                    )
+                }),
+            )
+        }),
+    };
     let routes = Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -85,21 +132,21 @@ pub fn router(service: Arc<Service>, max_body: usize) -> Router {
                 admit_openai,
             )),
         )
-        .route("/v1/models/{model}/deploy", post(deploy))
-        .route("/v1/deployments", get(deployments))
-        .route("/v1/deployments/{id}", get(deployment))
-        .route("/v1/deployments/{id}/{action}", post(decide))
-        .route(
-            "/v1/models/{model}/traffic",
-            get(traffic).put(set_traffic).delete(clear_traffic),
-        )
+        .merge(admin_routes)
         .route("/v1/openapi.json", get(openapi))
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(repository_load))
         .route(
             "/v2/repository/models/{model}/unload",
             post(repository_unload),
-        )
+        );
+    finish(routes, service, max_body)
+}
+
+/// The fallback, body limits, decompression and hardening every listener's routes get.
+fn finish(routes: Router<AppState>, service: Arc<Service>, max_body: usize) -> Router {
+    let metrics = service.metrics_handle();
+    let routes = routes
         .fallback(
             |method: axum::http::Method, uri: axum::http::Uri| async move {
                 ServingError::NotFound(format!("no route for {method} {uri}"))

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod models;
 pub mod predict;
+pub mod prediction_log;
 pub mod server;
 pub mod service;
 pub mod source;

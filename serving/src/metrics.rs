@@ -294,6 +294,11 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every series.
+    /// Where other parts of the server (the event log) register their series.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn render(&self) -> String {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())

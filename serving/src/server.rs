@@ -17,14 +17,17 @@ use tokio::task::JoinSet;
 
 use crate::backend::Backends;
 use crate::backend::onnx::OnnxRuntime;
-use crate::config::ServeConfig;
+use crate::config::{EventSinkKind, ServeConfig};
 use crate::error::ServingError;
 use crate::grpc::InferenceService;
+use crate::http::AdminRoutes;
 use crate::metrics::Metrics;
 use crate::models::ModelManager;
 use crate::predict::Predictor;
+use crate::prediction_log::PredictionLog;
 use crate::service::{Limits, Service};
 use crate::source::ModelSource;
+use marquee_events::{EventLog, KafkaConfig, KafkaSink, LogConfig, ParquetSink, Sink};
 use marquee_feature_store::{Definitions, OnlineStore, open_online};
 
 /// What `/v2` and gRPC `ServerMetadata` report.
@@ -75,9 +78,12 @@ pub struct Server {
     http_addr: SocketAddr,
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
+    /// The operator's routes' own address, with `--admin-port`.
+    admin_addr: Option<SocketAddr>,
     models: Arc<ModelManager>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    events: Option<EventLog>,
 }
 
 impl Server {
@@ -112,7 +118,12 @@ impl Server {
         let http_listener = bind(config.http_port).await?;
         let grpc_listener = bind(config.grpc_port).await?;
         let metrics_listener = bind(config.metrics_port).await?;
+        let admin_listener = match config.admin_port {
+            Some(port) => Some(bind(port).await?),
+            None => None,
+        };
         let local = |l: &TcpListener| l.local_addr().expect("bound socket has an address");
+        let admin_addr = admin_listener.as_ref().map(local);
         let (http_addr, grpc_addr, metrics_addr) = (
             local(&http_listener),
             local(&grpc_listener),
@@ -121,12 +132,16 @@ impl Server {
 
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        let events = event_log(config, &metrics)?;
         let predictor = Arc::new(Predictor {
             models: models.clone(),
             online,
             metrics: metrics.clone(),
             router: Arc::new(crate::traffic::Router::new(metrics.clone())),
             max_instances: config.max_predict_instances.max(1),
+            log: events
+                .clone()
+                .map(|events| PredictionLog::new(events, config.prediction_log_sample)),
         });
         let service = Arc::new(Service::new(
             models.clone(),
@@ -143,7 +158,15 @@ impl Server {
         if polls {
             deployments.tick(true).await;
         }
-        let http = crate::http::router(service.clone(), config.max_request_bytes);
+        let admin = match admin_listener {
+            Some(listener) => {
+                let routes = crate::http::admin_router(service.clone(), config.max_request_bytes);
+                tasks.spawn(serve_http(listener, routes, stopped.clone()));
+                AdminRoutes::Elsewhere
+            }
+            None => AdminRoutes::Here,
+        };
+        let http = crate::http::router(service.clone(), config.max_request_bytes, admin);
         tasks.spawn(serve_http(http_listener, http, stopped.clone()));
         let metrics_router = Router::new().route(
             "/metrics",
@@ -193,14 +216,16 @@ impl Server {
             tasks.spawn(poll_registry(models.clone(), interval, stop.subscribe()));
             tasks.spawn(drive_deployments(deployments, interval, stop.subscribe()));
         }
-        tracing::info!(%http_addr, %grpc_addr, %metrics_addr, "marquee is serving");
+        tracing::info!(%http_addr, %grpc_addr, %metrics_addr, ?admin_addr, "marquee is serving");
         Ok(Self {
             http_addr,
             grpc_addr,
             metrics_addr,
+            admin_addr,
             models,
             stop,
             tasks,
+            events,
         })
     }
 
@@ -216,16 +241,70 @@ impl Server {
         self.metrics_addr
     }
 
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     pub fn models(&self) -> &Arc<ModelManager> {
         &self.models
     }
 
+    /// The prediction log and event sink, when one is configured.
+    pub fn events(&self) -> Option<&EventLog> {
+        self.events.as_ref()
+    }
+
     /// Stops accepting requests, lets those in flight finish, and returns when all listeners
-    /// have closed.
+    /// have closed and the event log has handed its records to the sink (or to the spill
+    /// folder, when the sink does not take them within seconds).
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        if let Some(events) = &self.events {
+            events.close(EVENT_CLOSE_WITHIN).await;
+        }
     }
+}
+
+/// How long shutdown gives the event sink to take what is buffered.
+const EVENT_CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+/// The event log `--event-sink` asks for, its series on the server's metrics.
+fn event_log(config: &ServeConfig, metrics: &Metrics) -> Result<Option<EventLog>, StartError> {
+    if !(0.0..=1.0).contains(&config.prediction_log_sample) {
+        return Err(StartError::Config(format!(
+            "--prediction-log-sample must be within [0, 1], not {}",
+            config.prediction_log_sample
+        )));
+    }
+    let sink: Arc<dyn Sink> = match config.event_sink {
+        EventSinkKind::None => return Ok(None),
+        EventSinkKind::Parquet => Arc::new(ParquetSink::new(
+            &config.events_dir,
+            Duration::from_secs_f64(config.event_file_roll_seconds.max(1.0)),
+        )),
+        EventSinkKind::Kafka => {
+            let brokers = config.event_brokers.clone().ok_or_else(|| {
+                StartError::Config("--event-sink kafka needs --event-brokers host:port".into())
+            })?;
+            let options = marquee_registry::cli::parse_options(&config.event_kafka_options)
+                .map_err(|e| StartError::Config(format!("--event-kafka-option: {e}")))?;
+            let kafka = KafkaConfig {
+                topic_prefix: config.event_topic_prefix.clone(),
+                options,
+                ..KafkaConfig::new(brokers)
+            };
+            Arc::new(KafkaSink::new(kafka).map_err(|e| StartError::Config(e.to_string()))?)
+        }
+    };
+    let log_config = LogConfig {
+        buffer: config.event_buffer.max(1),
+        spill_max_bytes: config.event_spill_max_mb.saturating_mul(1 << 20),
+        ..LogConfig::new(config.events_dir.join("spill"))
+    };
+    EventLog::start(sink, log_config, Some(metrics.registry()))
+        .map(Some)
+        .map_err(|e| StartError::Config(e.to_string()))
 }
 
 /// The feature definitions and the online store `/v1/predict` reads, materialised first when

@@ -89,7 +89,11 @@ impl Service {
         limits: Limits,
     ) -> Self {
         Self {
-            deployments: Arc::new(Deployments::new(models.clone(), predictor.router.clone())),
+            deployments: Arc::new(Deployments::new(
+                models.clone(),
+                predictor.router.clone(),
+                predictor.log.as_ref().map(|log| log.events().clone()),
+            )),
             in_flight: Arc::new(Semaphore::new(
                 limits.max_concurrent_requests.clamp(1, MAX_IN_FLIGHT),
             )),

@@ -246,6 +246,8 @@ pub struct TestServer {
     pub http: String,
     pub grpc: String,
     pub metrics: String,
+    /// The operator's routes' own address (`--admin-port`), when the server has one.
+    pub admin: Option<String>,
     pub client: reqwest::Client,
 }
 
@@ -296,6 +298,7 @@ impl TestServer {
             http: format!("http://{}", server.http_addr()),
             grpc: format!("http://{}", server.grpc_addr()),
             metrics: format!("http://{}/metrics", server.metrics_addr()),
+            admin: server.admin_addr().map(|a| format!("http://{a}")),
             server,
             _repository: repository,
             client: reqwest::Client::new(),
@@ -378,10 +381,7 @@ pub struct S3Server {
 
 impl S3Server {
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let binary = root().join(".marquee/venv/bin/moto_server");
         assert!(
             binary.is_file(),
@@ -583,6 +583,22 @@ pub fn assert_close(got: &[f64], want: &[f64], tolerance: f64, what: &str) {
     }
 }
 
+/// A free loopback port for a server a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Kills a test's server process at once, as a crash would, and reaps it.
+fn kill_child(process: &mut Option<std::process::Child>) {
+    if let Some(mut child) = process.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// A real Redis (`redis-server`, installed by deploy/setup.sh --test) on a free loopback port,
 /// with no persistence; it can be killed and restarted on the same port; stopped when dropped.
 pub struct RedisServer {
@@ -592,10 +608,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let mut server = Self {
             process: None,
             port,
@@ -610,10 +623,7 @@ impl RedisServer {
 
     /// Kills the server at once, as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
+        kill_child(&mut self.process);
     }
 
     /// Freezes the server (SIGSTOP): connections stay open and nothing answers, as with a
@@ -681,6 +691,73 @@ impl Drop for RedisServer {
     }
 }
 
+/// A real Kafka-protocol broker (tansu, installed by deploy/setup.sh --test) on a free loopback
+/// port, keeping topics in memory: a restart brings it back empty, as a lost broker would.
+/// Nothing that uses it may depend on tansu: the clients are librdkafka's.
+pub struct KafkaBroker {
+    process: Option<std::process::Child>,
+    pub port: u16,
+}
+
+impl KafkaBroker {
+    pub async fn start() -> Self {
+        let port = free_port();
+        let mut broker = Self {
+            process: None,
+            port,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    /// `host:port`, as `bootstrap.servers` takes it.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        kill_child(&mut self.process);
+    }
+
+    /// Starts the broker (again) on the same port, empty, and waits until it accepts connections.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let process = std::process::Command::new(root().join(".marquee/bin/tansu"))
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tansu starts (deploy/setup.sh --test installs it)");
+        self.process = Some(process);
+        let started = std::time::Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "tansu did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A loopback TCP proxy that counts how many separate reads carried a client's requests: the
 /// number of round trips a client makes, whatever its library claims.
 pub struct CountingProxy {
@@ -740,6 +817,46 @@ impl CountingProxy {
 }
 
 /// A whole Parquet file as one record batch.
+/// Every Parquet file under `dir` (recursively), read whole; panics on a file left unclosed
+/// (`.partial`), which no reader may ever see.
+pub fn read_parquet_tree(dir: &Path) -> Vec<arrow_array::RecordBatch> {
+    let mut files = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in
+            std::fs::read_dir(&folder).unwrap_or_else(|e| panic!("{}: {e}", folder.display()))
+        {
+            let path = entry.expect("a folder entry").path();
+            if path.is_dir() {
+                folders.push(path);
+            } else {
+                assert_eq!(
+                    path.extension().and_then(|e| e.to_str()),
+                    Some("parquet"),
+                    "{} is not closed",
+                    path.display()
+                );
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files.iter().map(|f| read_parquet(f)).collect()
+}
+
+/// A string column's values (nulls as empty), to compare in tests.
+pub fn string_column(batch: &arrow_array::RecordBatch, name: &str) -> Vec<String> {
+    use arrow_array::cast::AsArray;
+    let column = batch
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("no column {name} in {:?}", batch.schema()));
+    column
+        .as_string::<i32>()
+        .iter()
+        .map(|v| v.unwrap_or_default().to_string())
+        .collect()
+}
+
 pub fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)

@@ -3,15 +3,17 @@
 //! server restart in the middle; a version that fails on a slice of inputs (a data-dependent
 //! Reshape) is rolled back within its guardrail window while no request of a control user fails;
 //! the platform API's request shape holds a canary until an operator promotes it; bad requests
-//! are refused with what is wrong.
+//! are refused with what is wrong. Decisions are announced as events, predictions logged with
+//! their variant.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use marquee_registry::{PushFile, Quiet, Registry, Stage};
-use marquee_tests::{Repository, TestServer, fixtures};
+use marquee_serving::config::EventSinkKind;
+use marquee_tests::{Repository, TestServer, fixtures, read_parquet_tree, string_column};
 use serde_json::{Value, json};
 
 fn pipeline() -> Value {
@@ -260,7 +262,15 @@ async fn a_healthy_canary_ramps_through_every_step_and_is_promoted_across_a_rest
 async fn a_canary_failing_on_some_inputs_is_rolled_back_and_control_users_never_fail() {
     let dir = tempfile::tempdir().unwrap();
     let registry = registry(dir.path(), &["fails_on_large"]).await;
-    let server = TestServer::start_registry(dir.path()).await;
+    let events = tempfile::tempdir().unwrap();
+    let (registry_url, events_dir) = (dir.path().to_path_buf(), events.path().to_path_buf());
+    let server = TestServer::start_with_config(move |c| {
+        c.registry = Some(registry_url.to_string_lossy().into_owned());
+        c.registry_poll_seconds = 0.1;
+        c.event_sink = EventSinkKind::Parquet;
+        c.events_dir = events_dir;
+    })
+    .await;
     let (code, answer) = server
         .post(
             "/v1/models/pricing/deploy",
@@ -318,6 +328,42 @@ async fn a_canary_failing_on_some_inputs_is_rolled_back_and_control_users_never_
     assert_eq!(refs.aliases.get("production"), Some(&1));
     assert_eq!(canary_alias_after_the_decision(&registry).await, None);
     server.stop().await;
+
+    // Each decision was announced, the rollback last; every logged prediction names its variant.
+    let announced: Vec<(String, String)> = read_parquet_tree(&events.path().join("events/model"))
+        .iter()
+        .flat_map(|b| {
+            string_column(b, "kind")
+                .into_iter()
+                .zip(string_column(b, "deployment_id"))
+        })
+        .collect();
+    assert_eq!(
+        announced.first(),
+        Some(&("model.deployed".to_string(), id.clone())),
+        "{announced:?}"
+    );
+    assert_eq!(
+        announced.last(),
+        Some(&("model.rolled_back".to_string(), id.clone())),
+        "{announced:?}"
+    );
+    let variants: BTreeSet<String> =
+        read_parquet_tree(&events.path().join("predictions/model=pricing"))
+            .iter()
+            .flat_map(|b| string_column(b, "variant"))
+            .collect();
+    // (null, read as "", once the rollback removed the policy)
+    assert!(
+        variants.contains("canary") && variants.contains("control"),
+        "{variants:?}"
+    );
+    assert!(
+        variants
+            .iter()
+            .all(|v| ["canary", "control", ""].contains(&v.as_str())),
+        "{variants:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,5 +504,65 @@ async fn bad_deployments_are_refused_with_what_is_wrong() {
         .await;
     assert_eq!(code, 501, "{answer}");
     assert!(answer["error"].as_str().unwrap().contains("--registry"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_keeps_the_operator_routes_off_the_client_address() {
+    let dir = tempfile::tempdir().unwrap();
+    registry(dir.path(), &["gbr_alt"]).await;
+    let registry_url = dir.path().to_string_lossy().into_owned();
+    let server = TestServer::start_with_config(move |c| {
+        c.registry = Some(registry_url);
+        c.registry_poll_seconds = 0.1;
+        c.admin_port = Some(0);
+    })
+    .await;
+    let admin = server.admin.clone().expect("an admin address");
+    let deploy = json!({"version": 2, "traffic_percentage": 10});
+    let (code, answer) = server
+        .post("/v1/models/pricing/deploy", deploy.clone())
+        .await;
+    assert_eq!(code, 404, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("--admin-port"),
+        "{answer}"
+    );
+    let (code, _) = server.get("/v1/models/pricing/traffic").await;
+    assert_eq!(code, 404);
+
+    let response = server
+        .client
+        .post(format!("{admin}/v1/models/pricing/deploy"))
+        .json(&deploy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    let listed: Value = server
+        .client
+        .get(format!("{admin}/v1/deployments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["deployments"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    // Clients' routes stay where clients are.
+    let response = server
+        .client
+        .post(format!("{admin}/v1/predict"))
+        .json(&json!({"model": "pricing"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+    let (code, answer) = predict(&server, "u1", false).await;
+    assert_eq!(code, 200, "{answer}");
     server.stop().await;
 }

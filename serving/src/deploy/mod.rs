@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use marquee_events::{EventLog, Record};
 use marquee_registry::{Registry, RegistryError, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -232,6 +233,9 @@ pub struct Deployments {
     /// Promoted deployments whose version this server does not yet serve as production: their
     /// users stay on it (the policy at 100%) until the registry poll moves production here.
     handing_over: Mutex<BTreeMap<String, Deployment>>,
+    /// Where each decision this server writes is announced (`model.deployed`,
+    /// `model.rolled_back`).
+    events: Option<EventLog>,
 }
 
 fn now_ms() -> i64 {
@@ -348,14 +352,45 @@ impl DeployRequest {
 }
 
 impl Deployments {
-    pub fn new(models: Arc<ModelManager>, router: Arc<Router>) -> Self {
+    pub fn new(models: Arc<ModelManager>, router: Arc<Router>, events: Option<EventLog>) -> Self {
         Self {
             models,
             router,
             active: Mutex::new(BTreeMap::new()),
             seen: Mutex::new(BTreeMap::new()),
             handing_over: Mutex::new(BTreeMap::new()),
+            events,
         }
+    }
+
+    /// Announces a decision just written: `model.rolled_back` for a rollback, `model.deployed`
+    /// for every other step of a deployment. Only the server whose write won announces it.
+    fn announce(&self, deployment: &Deployment) {
+        let (Some(events), Some(decision)) = (&self.events, deployment.decisions.last()) else {
+            return;
+        };
+        let kind = if decision.action == Action::RolledBack {
+            "model.rolled_back"
+        } else {
+            "model.deployed"
+        };
+        let fields = json!({
+            "deployment_id": deployment.id,
+            "model": deployment.model,
+            "version": deployment.version,
+            "control": deployment.control,
+            "status": deployment.status,
+            "action": decision.action,
+            "share": decision.share,
+            "step": deployment.step,
+            "by": decision.by,
+            "reason": decision.reason,
+            "revision": deployment.revision,
+        });
+        let Value::Object(fields) = fields else {
+            unreachable!("a JSON object literal")
+        };
+        events.log(Record::event(kind, &deployment.model, now_ms(), fields));
     }
 
     fn registry(&self) -> Result<&Registry, ServingError> {
@@ -469,6 +504,7 @@ impl Deployments {
                 other => registry_error(other),
             })?;
         deployment.revision = record.revision;
+        self.announce(&deployment);
         registry
             .set_alias(
                 model,
@@ -632,6 +668,7 @@ impl Deployments {
             .await
             .map_err(registry_error)?;
         next.revision = record.revision;
+        self.announce(&next);
         tracing::info!(
             deployment = %next.id,
             status = ?next.status,

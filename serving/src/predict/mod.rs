@@ -27,6 +27,7 @@ use crate::infer::{InferRequest, RequestedOutput};
 use crate::metrics::Metrics;
 use crate::model::{LoadedModel, PipelineState};
 use crate::models::ModelManager;
+use crate::prediction_log::{Answered, PredictionLog};
 use crate::tensor::{DataType, Tensor, TensorData};
 use crate::traffic::{Outcome, Router, SHADOW, ShadowSlot};
 use cache::{CacheKey, ResponseCache};
@@ -114,6 +115,10 @@ pub struct Prediction {
     /// Tokens the instance's text took (step pipelines that tokenize; `/v1/embeddings` usage).
     #[serde(skip)]
     pub tokens: usize,
+    /// The values the model saw, one per pipeline feature (computed answers only; for the
+    /// prediction log).
+    #[serde(skip)]
+    pub inputs: Option<Vec<FeatureValue>>,
 }
 
 impl Prediction {
@@ -133,6 +138,7 @@ impl Prediction {
             cache_hit: false,
             degraded: Vec::new(),
             tokens,
+            inputs: None,
         }
     }
 
@@ -172,6 +178,8 @@ pub struct Predictor {
     pub router: Arc<Router>,
     /// Most instances one request may carry (`--max-predict-instances`).
     pub max_instances: usize,
+    /// Where answers are logged; `None` with `--event-sink none`.
+    pub log: Option<PredictionLog>,
 }
 
 /// Chunks (requests of at most `max_batch_size` rows) one `/v1/predict` request keeps queued at
@@ -365,6 +373,19 @@ impl Predictor {
             .into_iter()
             .map(|a| a.expect("every instance answered"))
             .collect();
+        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+        if let Some(log) = &self.log
+            && log.sampled()
+        {
+            let answered = Answered {
+                model: &request.model,
+                version: model.spec().version,
+                variant,
+                pipeline: &declared.pipeline,
+                latency_ms,
+            };
+            log.predictions(answered, &instances, &predictions);
+        }
         Ok(PredictResponse {
             model: request.model,
             model_version: model.spec().version.to_string(),
@@ -374,7 +395,7 @@ impl Predictor {
             } else {
                 Answer::Many { predictions }
             },
-            latency_ms: started.elapsed().as_secs_f64() * 1e3,
+            latency_ms,
         })
     }
 
@@ -452,7 +473,8 @@ impl Predictor {
             .iter()
             .zip(prediction_ids)
             .zip(answers.into_iter().zip(tokens))
-            .map(|((&index, prediction_id), (outputs, tokens))| {
+            .zip(values)
+            .map(|(((&index, prediction_id), (outputs, tokens)), inputs)| {
                 // Answers made from defaults for want of the store are not worth remembering.
                 if let (Some(cache), Some(key), false) = (
                     &declared.cache,
@@ -463,6 +485,7 @@ impl Predictor {
                 }
                 Prediction {
                     degraded: degraded.clone(),
+                    inputs: Some(inputs),
                     ..Prediction::new(pipeline, prediction_id, outputs, tokens)
                 }
             })

@@ -1,0 +1,278 @@
+//! The prediction log and domain events on a real Kafka-protocol broker (tansu, started here on
+//! loopback; the clients are librdkafka's, as against Apache Kafka) and in local Parquet files:
+//! records arrive with their fields, a broker that dies and comes back empty loses none of the
+//! records logged meanwhile (spilled and replayed, counted exactly), serving never fails for it,
+//! and domain events on Kafka feed the feature store's streaming aggregates.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use marquee_events::{EventLog, KafkaConfig, KafkaEventSource, KafkaSink, LogConfig, event_record};
+use marquee_feature_store::memory::MemoryStore;
+use marquee_feature_store::{Aggregator, Definitions, Event, FeatureValue, Lookup, OnlineStore};
+use marquee_serving::config::EventSinkKind;
+use marquee_tests::{
+    KafkaBroker, Repository, TestServer, read_parquet_tree, request_only_pipeline, string_column,
+};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use serde_json::{Value, json};
+
+fn consumer(broker: &KafkaBroker, group: &str, topic: &str) -> StreamConsumer {
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
+/// Reads JSON bodies until `done` says enough, within 60 s.
+async fn consume(consumer: &StreamConsumer, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
+    let started = Instant::now();
+    let mut bodies = Vec::new();
+    while !done(&bodies) {
+        let left = Duration::from_secs(60).saturating_sub(started.elapsed());
+        assert!(!left.is_zero(), "only {} records arrived", bodies.len());
+        if let Ok(Ok(message)) = tokio::time::timeout(left, consumer.recv()).await {
+            let body: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+            assert_eq!(message.key(), Some(&b"pricing"[..]), "keyed by model");
+            bodies.push(body);
+        }
+    }
+    bodies
+}
+
+fn ids(bodies: &[Value]) -> BTreeSet<String> {
+    bodies
+        .iter()
+        .map(|b| b["prediction_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn predict(server: &TestServer, i: usize) -> String {
+    let (status, body) = server
+        .post(
+            "/v1/predict",
+            json!({"model": "pricing", "features": {"f3": i}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["prediction_id"].as_str().unwrap().to_string()
+}
+
+async fn until_metric(server: &TestServer, series: &str, at_least: f64) -> f64 {
+    let started = Instant::now();
+    loop {
+        let value = server.metric(series).await;
+        if value >= at_least {
+            return value;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{series} stayed at {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn pricing() -> Repository {
+    Repository::new()
+        .add("pricing", "gbr", None)
+        .write("pricing/pipeline.json", &request_only_pipeline())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predictions_reach_kafka_and_none_is_lost_while_the_broker_is_down() {
+    let mut broker = KafkaBroker::start().await;
+    let events = tempfile::tempdir().unwrap();
+    let brokers = broker.brokers();
+    let server = TestServer::start_with(pricing(), |c| {
+        c.event_sink = EventSinkKind::Kafka;
+        c.event_brokers = Some(brokers);
+        c.events_dir = events.path().to_path_buf();
+        // Deliveries to a dead broker fail after 2 s instead of 5: a shorter test.
+        c.event_kafka_options = vec!["message.timeout.ms=2000".into()];
+    })
+    .await;
+
+    let mut before = BTreeSet::new();
+    for i in 0..200 {
+        before.insert(predict(&server, i).await);
+    }
+    let first = consumer(&broker, "check-1", "marquee.predictions");
+    let bodies = consume(&first, |b| ids(b).len() >= 200).await;
+    assert_eq!(ids(&bodies), before);
+    let body = bodies.iter().find(|b| b["features"]["f3"] == 7.0).unwrap();
+    assert_eq!(body["entities"], json!({}));
+    assert_eq!(body["model"], "pricing");
+    assert_eq!(body["version"], 1);
+    assert_eq!(body["variant"], Value::Null);
+    assert_eq!(body["features"]["f0"], 0.0, "the default");
+    assert_eq!(body["cache_hit"], false);
+    assert!(body["prediction"].is_number() && body["latency_ms"].is_number());
+    assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+    drop(first);
+
+    broker.kill();
+    let mut during = BTreeSet::new();
+    for i in 200..500 {
+        during.insert(predict(&server, i).await);
+    }
+    let spilled = "marquee_event_log_records_total{outcome=\"spilled\",sink=\"kafka\"}";
+    until_metric(&server, spilled, 300.0).await;
+
+    broker.restart().await;
+    let replayed = "marquee_event_log_records_total{outcome=\"replayed\",sink=\"kafka\"}";
+    until_metric(&server, replayed, 300.0).await;
+    // The broker came back empty: what it holds now is exactly what was logged while it was down.
+    let second = consumer(&broker, "check-2", "marquee.predictions");
+    let bodies = consume(&second, |b| ids(b).len() >= 300).await;
+    assert_eq!(ids(&bodies), during);
+    let counted = |outcome: &str| {
+        format!("marquee_event_log_records_total{{outcome=\"{outcome}\",sink=\"kafka\"}}")
+    };
+    assert_eq!(server.metric(&counted("written")).await, 200.0);
+    assert_eq!(server.metric(&counted("spilled")).await, 300.0);
+    assert_eq!(server.metric(&counted("replayed")).await, 300.0);
+    assert_eq!(server.metric(&counted("dropped")).await, 0.0);
+    assert_eq!(
+        server
+            .metric("marquee_event_log_spill_bytes{sink=\"kafka\"}")
+            .await,
+        0.0
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parquet_log_keeps_every_prediction_as_columns() {
+    let events = tempfile::tempdir().unwrap();
+    let dir = events.path().to_path_buf();
+    let server = TestServer::start_with(pricing(), move |c| {
+        c.event_sink = EventSinkKind::Parquet;
+        c.events_dir = dir;
+    })
+    .await;
+    let mut sent = BTreeSet::new();
+    for i in 0..40 {
+        sent.insert(predict(&server, i).await);
+    }
+    let (status, body) = server
+        .post(
+            "/v1/predict",
+            json!({"model": "pricing", "instances": [{"features": {"f1": 1.5}}, {"features": {"f1": 2.5}}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for prediction in body["predictions"].as_array().unwrap() {
+        sent.insert(prediction["prediction_id"].as_str().unwrap().to_string());
+    }
+    server.stop().await;
+
+    let batches = read_parquet_tree(&events.path().join("predictions/model=pricing"));
+    assert!(!batches.is_empty());
+    let mut logged = BTreeSet::new();
+    for batch in &batches {
+        for column in [
+            "timestamp",
+            "prediction_id",
+            "version",
+            "f0",
+            "f9",
+            "prediction",
+            "latency_ms",
+        ] {
+            assert!(
+                batch.column_by_name(column).is_some(),
+                "{column} in {:?}",
+                batch.schema()
+            );
+        }
+        logged.extend(string_column(batch, "prediction_id"));
+    }
+    assert_eq!(logged, sent, "one row per answered instance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_events_on_kafka_feed_the_streaming_aggregates() {
+    let broker = KafkaBroker::start().await;
+    let spill = tempfile::tempdir().unwrap();
+    let config = KafkaConfig::new(broker.brokers());
+    let log = EventLog::start(
+        Arc::new(KafkaSink::new(config.clone()).unwrap()),
+        LogConfig::new(spill.path()),
+        None,
+    )
+    .unwrap();
+    let now = marquee_feature_store::online::now_ms();
+    let booking = |user: &str| Event {
+        kind: "booking.created".into(),
+        entities: [("user_id".to_string(), user.to_string())].into(),
+        time_ms: now - 60_000,
+    };
+    for user in ["u1", "u1", "u1", "u2"] {
+        log.log(event_record(&booking(user), serde_json::Map::new()));
+    }
+    let started = Instant::now();
+    while log.stats().written < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            log.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let definitions = Definitions::from_toml(
+        r#"
+[[entity]]
+name = "user"
+
+[[feature_view]]
+name = "user_counters"
+entities = ["user"]
+ttl = "1day"
+feature = [{ name = "bookings_1h", dtype = "int64", aggregate = { event = "booking.created", window = "1h" } }]
+"#,
+    )
+    .unwrap();
+    let store: Arc<dyn OnlineStore> = Arc::new(MemoryStore::new());
+    let source =
+        KafkaEventSource::new(&config, "aggregates", &[config.topic("events.booking")]).unwrap();
+    let aggregator = tokio::spawn(Aggregator::new(&definitions, store.clone()).run(source));
+    let view = definitions.view("user_counters").unwrap();
+    let started = Instant::now();
+    loop {
+        let rows = store
+            .read(&[
+                Lookup {
+                    view,
+                    entity_key: "u1",
+                },
+                Lookup {
+                    view,
+                    entity_key: "u2",
+                },
+            ])
+            .await
+            .unwrap();
+        let counts: Vec<Option<FeatureValue>> = rows
+            .into_iter()
+            .map(|row| row.unwrap().values[0].clone())
+            .collect();
+        if counts == [Some(FeatureValue::Int(3)), Some(FeatureValue::Int(1))] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "counts from Kafka: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    aggregator.abort();
+    log.close(Duration::from_secs(5)).await;
+}
