@@ -23,6 +23,7 @@ use serde_json::{Map, Value, json};
 use crate::deploy::{Action, DeployRequest, Deployment};
 use crate::embeddings::{EmbeddingsError, EmbeddingsRequest};
 use crate::error::ServingError;
+use crate::experiments::{FeedbackRequest, FeedbackResponse, Readout};
 use crate::infer::{InferRequest, InferResponse, ParameterValue, RequestedOutput, input_datatype};
 use crate::metrics::Metrics;
 use crate::models::IndexEntry;
@@ -133,6 +134,8 @@ pub fn router(service: Arc<Service>, max_body: usize, admin: AdminRoutes) -> Rou
             )),
         )
         .merge(admin_routes)
+        .route("/v1/experiments/{model}", get(experiment))
+        .route("/v1/feedback", post(feedback))
         .route("/v1/openapi.json", get(openapi))
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(repository_load))
@@ -522,6 +525,23 @@ async fn decide(
 }
 
 /// A model's traffic policy (`traffic.rs`): which versions answer requests that name none.
+/// The A/B readout of a model's traffic policy (`experiments.rs`).
+async fn experiment(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Readout>, ServingError> {
+    Ok(Json(s.service.experiment(&model)?))
+}
+
+/// An outcome for one `/v1/predict` answer.
+async fn feedback(
+    State(s): State<AppState>,
+    body: Bytes,
+) -> Result<Json<FeedbackResponse>, ServingError> {
+    let request: FeedbackRequest = parse_json(&body)?;
+    Ok(Json(s.service.feedback(request)?))
+}
+
 async fn traffic(
     State(s): State<AppState>,
     Path(model): Path<String>,

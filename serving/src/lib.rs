@@ -14,6 +14,7 @@ pub mod config;
 pub mod deploy;
 pub mod embeddings;
 pub mod error;
+pub mod experiments;
 pub mod grpc;
 pub mod http;
 pub mod infer;
@@ -25,6 +26,7 @@ pub mod prediction_log;
 pub mod server;
 pub mod service;
 pub mod source;
+pub mod stats;
 pub mod tensor;
 pub mod traffic;
 

@@ -13,20 +13,22 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
+use marquee_events::{Record, now_ms};
 use marquee_proto::inference::{ModelConfig, ModelStatistics};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::deploy::{Action, DeployRequest, Deployment, Deployments};
 use crate::embeddings::{EmbeddingsError, EmbeddingsRequest};
 use crate::error::{Overload, ServingError};
+use crate::experiments::{FeedbackRequest, FeedbackResponse, Readout};
 use crate::infer::{InferRequest, InferResponse};
 use crate::metrics::Metrics;
 use crate::model::{LoadedModel, TensorSpec};
 use crate::models::{IndexEntry, ModelManager};
 use crate::predict::{PredictRequest, PredictResponse, Predictor};
 use crate::server::ServerInfo;
-use crate::traffic::{Outcome, Policy, Router};
+use crate::traffic::{Feedback, Outcome, Policy, REMEMBERED_PREDICTIONS, Router};
 
 /// A model's metadata (KServe v2 `ModelMetadataResponse`).
 #[derive(Debug, Clone, PartialEq)]
@@ -303,6 +305,91 @@ impl Service {
             .ok_or_else(|| no_policy(name))?;
         tracing::info!(model = name, "traffic policy removed");
         Ok(removed)
+    }
+
+    /// The A/B readout of a model's traffic policy (`experiments.rs`).
+    pub fn experiment(&self, name: &str) -> Result<Readout, ServingError> {
+        if self.models.versions(name).is_empty() {
+            self.models.get(name, "")?;
+        }
+        let (policy, windows) = self
+            .predictor
+            .router
+            .snapshot(name)
+            .ok_or_else(|| no_policy(name))?;
+        Ok(crate::experiments::readout(name, &policy, &windows))
+    }
+
+    /// Counts the outcome of a recent answer in its variant's readout and logs it as a
+    /// `prediction.feedback` event (where an event sink is configured).
+    pub fn feedback(&self, request: FeedbackRequest) -> Result<FeedbackResponse, ServingError> {
+        let outcome = request.value().map_err(ServingError::InvalidInput)?;
+        let id = request.prediction_id;
+        let (counted, model, variant, version, reason) = match self
+            .predictor
+            .router
+            .feedback(&id, outcome)
+        {
+            Feedback::AlreadyCounted => {
+                return Err(ServingError::Conflict(format!(
+                    "prediction '{id}' has an outcome already; an answer takes one"
+                )));
+            }
+            Feedback::Counted {
+                model,
+                variant,
+                version,
+            } => (true, Some(model), Some(variant), Some(version), None),
+            Feedback::PolicyChanged {
+                model,
+                variant,
+                version,
+            } => {
+                let reason = format!(
+                    "model '{model}' no longer has variant '{variant}' on version {version} in its traffic policy"
+                );
+                (
+                    false,
+                    Some(model),
+                    Some(variant),
+                    Some(version),
+                    Some(reason),
+                )
+            }
+            Feedback::Unknown => {
+                let reason = format!(
+                    "prediction '{id}' is not among the last {REMEMBERED_PREDICTIONS} answers this server gave under a traffic policy"
+                );
+                (false, None, None, None, Some(reason))
+            }
+        };
+        let logged = self.predictor.log.as_ref().is_some_and(|log| {
+            let mut fields = Map::new();
+            fields.insert("prediction_id".into(), id.clone().into());
+            fields.insert("outcome".into(), outcome.into());
+            fields.insert("model".into(), model.clone().into());
+            fields.insert("variant".into(), variant.clone().into());
+            fields.insert("version".into(), version.into());
+            fields.insert("counted".into(), counted.into());
+            let key = model.as_deref().unwrap_or(&id);
+            log.events()
+                .log(Record::event("prediction.feedback", key, now_ms(), fields))
+        });
+        if !counted && !logged && model.is_none() {
+            return Err(ServingError::NotFound(format!(
+                "{}, and no event sink is configured to keep it (--event-sink)",
+                reason.unwrap_or_default()
+            )));
+        }
+        Ok(FeedbackResponse {
+            prediction_id: id,
+            counted,
+            logged,
+            model,
+            variant,
+            version,
+            reason,
+        })
     }
 
     /// Starts a canary deployment of one of the model's registry versions.

@@ -11,13 +11,15 @@
 //! ratio), so shares are exact over any run of requests without a random number generator.
 //!
 //! Routing only answers "which version"; the request path (`predict/mod.rs`, `service.rs`) runs
-//! the request there and reports each answer back through [`Router::observe`] for the per-variant
-//! metrics that guardrails judge.
+//! the request there and reports each answer back through [`Router::observe`] (and, for
+//! `/v1/predict`, [`Router::answered`]: the predictions themselves) for the per-variant metrics
+//! that guardrails judge and the A/B readout shows (`experiments.rs`). Outcomes fed back later
+//! (`POST /v1/feedback`) find their variant through the ids of recent answers the router keeps.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ServingError;
 use crate::metrics::Metrics;
+use crate::stats::Moments;
 
 /// Buckets a split divides traffic into: a share is a whole number of hundredths of a percent.
 pub const BUCKETS: u32 = 10_000;
@@ -146,6 +149,19 @@ impl Policy {
         versions
     }
 
+    /// The version a variant's name stands for (`control`, `shadow` or a variant's).
+    pub fn version_of(&self, variant: &str) -> Option<u64> {
+        match variant {
+            CONTROL => Some(self.control),
+            SHADOW => self.shadow.as_ref().map(|s| s.version),
+            name => self
+                .variants
+                .iter()
+                .find(|v| v.name == name)
+                .map(|v| v.version),
+        }
+    }
+
     /// Checks the shares, names and versions.
     pub fn check(&self) -> Result<(), TrafficError> {
         let total: u32 = self.variants.iter().map(|v| v.share.buckets()).sum();
@@ -200,6 +216,15 @@ pub struct Route {
 /// The latencies a window keeps at most: a uniform sample of all it saw beyond that.
 pub const WINDOW_SAMPLES: usize = 4096;
 
+/// Distinct labels a window counts; answers with further labels are counted under [`OTHER_LABEL`].
+pub const WINDOW_LABELS: usize = 64;
+
+/// Where labels past [`WINDOW_LABELS`] are counted.
+pub const OTHER_LABEL: &str = "(other)";
+
+/// Ids of recent routed answers the router remembers for outcomes fed back later.
+pub const REMEMBERED_PREDICTIONS: usize = 100_000;
+
 /// What one variant's requests did since its policy was set: the evidence a canary is judged on.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Window {
@@ -210,6 +235,12 @@ pub struct Window {
     pub latencies_ms: Vec<f32>,
     /// Latencies offered to the sample so far.
     pub seen_latencies: u64,
+    /// Numeric predictions (`/v1/predict` answers whose main value is a number or a boolean).
+    pub predictions: Moments,
+    /// Labelled predictions, per label (at most [`WINDOW_LABELS`] labels, then [`OTHER_LABEL`]).
+    pub labels: BTreeMap<String, u64>,
+    /// Outcomes fed back for this variant's answers.
+    pub outcomes: Moments,
 }
 
 impl Window {
@@ -229,6 +260,21 @@ impl Window {
             let slot = mix64(self.seen_latencies) % self.seen_latencies;
             if let Some(kept) = self.latencies_ms.get_mut(slot as usize) {
                 *kept = ms;
+            }
+        }
+    }
+
+    fn record_answer(&mut self, answer: &AnswerSummary<'_>) {
+        if let Some(value) = answer.value {
+            self.predictions.push(value);
+        }
+        if let Some(label) = answer.label {
+            if let Some(count) = self.labels.get_mut(label) {
+                *count += 1;
+            } else {
+                let kept = self.labels.len() < WINDOW_LABELS;
+                let label = if kept { label } else { OTHER_LABEL };
+                *self.labels.entry(label.to_string()).or_default() += 1;
             }
         }
     }
@@ -282,6 +328,51 @@ impl Installed {
     }
 }
 
+/// One `/v1/predict` answer as a window counts it.
+pub struct AnswerSummary<'a> {
+    pub prediction_id: &'a str,
+    /// The main value, where it is a number (a boolean counts as 0 or 1).
+    pub value: Option<f64>,
+    pub label: Option<&'a str>,
+}
+
+/// Where a recent answer came from, for its outcome.
+struct Remembered {
+    model: Arc<str>,
+    variant: Arc<str>,
+    version: u64,
+    /// Whether an outcome was counted for it already.
+    counted: bool,
+}
+
+/// The ids of the last [`REMEMBERED_PREDICTIONS`] routed answers, oldest first out.
+#[derive(Default)]
+struct Recent {
+    by_id: HashMap<Arc<str>, Remembered>,
+    order: VecDeque<Arc<str>>,
+}
+
+/// What became of an outcome fed back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feedback {
+    /// Counted in the variant that answered.
+    Counted {
+        model: String,
+        variant: String,
+        version: u64,
+    },
+    /// Known, but the model's policy no longer has its variant on its version: not counted.
+    PolicyChanged {
+        model: String,
+        variant: String,
+        version: u64,
+    },
+    /// This prediction has an outcome already.
+    AlreadyCounted,
+    /// Not among the answers the router remembers (too old, another server's, or not routed).
+    Unknown,
+}
+
 /// The traffic policies of all models.
 pub struct Router {
     policies: RwLock<BTreeMap<String, Arc<Installed>>>,
@@ -291,6 +382,7 @@ pub struct Router {
     routing_entities: RwLock<BTreeMap<String, std::collections::BTreeSet<String>>>,
     shadow_slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    recent: Mutex<Recent>,
 }
 
 /// A mirrored request's place; dropping it frees the place.
@@ -336,6 +428,7 @@ impl Router {
             routing_entities: RwLock::new(BTreeMap::new()),
             shadow_slots: Arc::new(Semaphore::new(SHADOW_IN_FLIGHT)),
             metrics,
+            recent: Mutex::new(Recent::default()),
         }
     }
 
@@ -352,6 +445,7 @@ impl Router {
             .map(|v| (v.name.clone(), Arc::from(v.name.as_str())))
             .collect();
         names.insert(CONTROL.to_string(), Arc::from(CONTROL));
+        names.insert(SHADOW.to_string(), Arc::from(SHADOW));
         let installed = Arc::new(Installed {
             policy,
             names,
@@ -466,30 +560,113 @@ impl Router {
             .variant_request(model, variant, outcome, latency);
         if let Some(installed) = self.installed(model) {
             let mut windows = installed.windows.lock().unwrap_or_else(|p| p.into_inner());
-            match windows.get_mut(variant) {
-                Some(window) => window.record(outcome, latency),
-                None => {
-                    let mut window = Window::default();
-                    window.record(outcome, latency);
-                    windows.insert(Arc::from(variant), window);
+            windows
+                .entry(installed.name(variant))
+                .or_default()
+                .record(outcome, latency);
+        }
+    }
+
+    /// Records the answers of one routed `/v1/predict` request in its variant's window, and
+    /// remembers their ids for outcomes fed back later (not for a shadow's: nobody saw them).
+    pub fn answered(
+        &self,
+        model: &str,
+        variant: &str,
+        version: u64,
+        answers: &[AnswerSummary<'_>],
+    ) {
+        let Some(installed) = self.installed(model) else {
+            return;
+        };
+        {
+            let mut windows = installed.windows.lock().unwrap_or_else(|p| p.into_inner());
+            let window = windows.entry(installed.name(variant)).or_default();
+            answers.iter().for_each(|a| window.record_answer(a));
+        }
+        if variant == SHADOW {
+            return;
+        }
+        let (model, variant): (Arc<str>, Arc<str>) = (Arc::from(model), installed.name(variant));
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        for answer in answers {
+            let id: Arc<str> = Arc::from(answer.prediction_id);
+            let remembered = Remembered {
+                model: model.clone(),
+                variant: variant.clone(),
+                version,
+                counted: false,
+            };
+            if recent.by_id.insert(id.clone(), remembered).is_none() {
+                recent.order.push_back(id);
+            }
+            while recent.order.len() > REMEMBERED_PREDICTIONS {
+                if let Some(oldest) = recent.order.pop_front() {
+                    recent.by_id.remove(&oldest);
                 }
             }
         }
     }
 
+    /// Counts an outcome for a recent answer in its variant's window under the model's current
+    /// policy (a ramp step keeps the variant's name, so late outcomes still count).
+    pub fn feedback(&self, prediction_id: &str, outcome: f64) -> Feedback {
+        let (model, variant, version) = {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            match recent.by_id.get_mut(prediction_id) {
+                None => return Feedback::Unknown,
+                Some(remembered) if remembered.counted => return Feedback::AlreadyCounted,
+                Some(remembered) => {
+                    remembered.counted = true;
+                    (
+                        remembered.model.clone(),
+                        remembered.variant.clone(),
+                        remembered.version,
+                    )
+                }
+            }
+        };
+        let (model, variant) = (model.to_string(), variant.to_string());
+        match self.installed(&model) {
+            Some(installed) if installed.policy.version_of(&variant) == Some(version) => {
+                let mut windows = installed.windows.lock().unwrap_or_else(|p| p.into_inner());
+                windows
+                    .entry(installed.name(&variant))
+                    .or_default()
+                    .outcomes
+                    .push(outcome);
+                Feedback::Counted {
+                    model,
+                    variant,
+                    version,
+                }
+            }
+            _ => Feedback::PolicyChanged {
+                model,
+                variant,
+                version,
+            },
+        }
+    }
+
     /// Every variant's window under the model's current policy (empty without one).
     pub fn windows(&self, model: &str) -> BTreeMap<String, Window> {
-        self.installed(model)
-            .map(|installed| {
-                installed
-                    .windows
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .map(|(variant, window)| (variant.to_string(), window.clone()))
-                    .collect()
-            })
+        self.snapshot(model)
+            .map(|(_, windows)| windows)
             .unwrap_or_default()
+    }
+
+    /// The model's current policy with its windows, read together.
+    pub fn snapshot(&self, model: &str) -> Option<(Policy, BTreeMap<String, Window>)> {
+        let installed = self.installed(model)?;
+        let windows = installed
+            .windows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(variant, window)| (variant.to_string(), window.clone()))
+            .collect();
+        Some((installed.policy.clone(), windows))
     }
 }
 

@@ -171,7 +171,25 @@ async fn the_parquet_log_keeps_every_prediction_as_columns() {
     for prediction in body["predictions"].as_array().unwrap() {
         sent.insert(prediction["prediction_id"].as_str().unwrap().to_string());
     }
+    // An outcome for an answer no traffic policy routed is not counted, but it is logged.
+    let fed = sent.first().unwrap().clone();
+    let (status, receipt) = server
+        .post(
+            "/v1/feedback",
+            json!({"prediction_id": fed, "outcome": 2.5}),
+        )
+        .await;
+    assert_eq!(status, 200, "{receipt}");
+    assert_eq!(
+        (&receipt["counted"], &receipt["logged"]),
+        (&json!(false), &json!(true))
+    );
     server.stop().await;
+
+    let feedback = read_parquet_tree(&events.path().join("events/prediction"));
+    assert_eq!(feedback.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    assert_eq!(string_column(&feedback[0], "prediction_id"), [fed]);
+    assert_eq!(string_column(&feedback[0], "kind"), ["prediction.feedback"]);
 
     let batches = read_parquet_tree(&events.path().join("predictions/model=pricing"));
     assert!(!batches.is_empty());

@@ -291,3 +291,169 @@ async fn bad_policies_are_refused_with_what_is_wrong() {
     assert_eq!(answer["variant"], Value::Null);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_experiment_reads_out_fed_back_outcomes_per_variant_against_the_control() {
+    let server = two_versions().await;
+    let (status, body) = server.get("/v1/experiments/pricing").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no traffic policy")
+    );
+    let policy = json!({
+        "control": 1,
+        "variants": [{"name": "b", "version": 2, "share": 50}],
+        "split": {"by": "request"}
+    });
+    let (status, body) = put(&server, "/v1/models/pricing/traffic", policy).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Variant b converts three answers in five, the control one in five; every fourth answer
+    // gets no outcome.
+    let mut outcomes: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut first_id = String::new();
+    for i in 0..400 {
+        let (status, answer) = server
+            .post(
+                "/v1/predict",
+                json!({"model": "pricing", "features": {"f1": (i % 7) as f64}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let variant = answer["variant"].as_str().unwrap().to_string();
+        let id = answer["prediction_id"].as_str().unwrap().to_string();
+        if i % 4 == 3 {
+            continue;
+        }
+        let converted = if variant == "b" { i % 5 < 3 } else { i % 5 < 1 };
+        let (status, receipt) = server
+            .post(
+                "/v1/feedback",
+                json!({"prediction_id": id, "outcome": converted}),
+            )
+            .await;
+        assert_eq!(status, 200, "{receipt}");
+        assert_eq!(receipt["counted"], true);
+        assert_eq!(receipt["logged"], false, "no event sink");
+        assert_eq!(receipt["variant"], variant.as_str());
+        assert_eq!(receipt["version"], if variant == "b" { 2 } else { 1 });
+        outcomes
+            .entry(variant)
+            .or_default()
+            .push(f64::from(u8::from(converted)));
+        if first_id.is_empty() {
+            first_id = id;
+        }
+    }
+
+    // Bad feedback is refused with what is wrong.
+    let (status, body) = server
+        .post(
+            "/v1/feedback",
+            json!({"prediction_id": first_id, "outcome": 1}),
+        )
+        .await;
+    assert_eq!(status, 409, "a second outcome for one answer: {body}");
+    let (status, body) = server
+        .post(
+            "/v1/feedback",
+            json!({"prediction_id": "nope", "outcome": 1}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("--event-sink"),
+        "{body}"
+    );
+    let (status, body) = server
+        .post(
+            "/v1/feedback",
+            json!({"prediction_id": first_id, "outcome": "yes"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("outcome"),
+        "{body}"
+    );
+    let (status, body) = server
+        .post(
+            "/v1/feedback",
+            json!({"prediction_id": first_id, "outcome": 1, "extra": 2}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    // An answer from a named version was not routed: nothing to count it in.
+    let (_, pinned) = server
+        .post(
+            "/v1/predict",
+            json!({"model": "pricing", "version": 2, "features": {"f1": 1.0}}),
+        )
+        .await;
+    let (status, body) = server
+        .post(
+            "/v1/feedback",
+            json!({"prediction_id": pinned["prediction_id"], "outcome": 1}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+
+    let (status, readout) = server.get("/v1/experiments/pricing").await;
+    assert_eq!(status, 200, "{readout}");
+    let variants = &readout["variants"];
+    assert_eq!(variants["b"]["version"], 2);
+    assert_eq!(variants["control"]["version"], 1);
+    assert_eq!(
+        variants["b"]["requests"].as_u64().unwrap()
+            + variants["control"]["requests"].as_u64().unwrap(),
+        400
+    );
+    let on_b = variants["b"]["requests"].as_u64().unwrap();
+    assert!(
+        (196..=204).contains(&on_b),
+        "{on_b} of 400 on a 50% request split"
+    );
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    for (variant, values) in &outcomes {
+        let outcome = &variants[variant]["outcome"];
+        assert_eq!(outcome["count"], values.len(), "{variant}");
+        let got = outcome["mean"].as_f64().unwrap();
+        assert!((got - mean(values)).abs() < 1e-12, "{variant}: {got}");
+        assert_eq!(
+            variants[variant]["prediction"]["count"],
+            variants[variant]["requests"]
+        );
+    }
+    let comparison = |metric: &str| {
+        readout["comparisons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["variant"] == "b" && c["metric"] == metric)
+            .unwrap_or_else(|| panic!("no {metric} comparison in {readout}"))
+            .clone()
+    };
+    let outcome = comparison("outcome");
+    assert_eq!(outcome["test"], "Welch's t-test");
+    let difference = outcome["difference"].as_f64().unwrap();
+    let expected = mean(&outcomes["b"]) - mean(&outcomes["control"]);
+    assert!((difference - expected).abs() < 1e-12, "{outcome}");
+    let [low, high] = [0, 1].map(|i| outcome["confidence_interval"][i].as_f64().unwrap());
+    assert!(
+        low < difference && difference < high && low > 0.0,
+        "{outcome}"
+    );
+    assert!(outcome["p_value"].as_f64().unwrap() < 1e-6 && outcome["significant"] == true);
+    let errors = comparison("error_rate");
+    assert_eq!(errors["difference"], 0.0);
+    assert_eq!(errors["p_value"], 1.0);
+    assert_eq!(errors["significant"], false);
+    for metric in ["latency_ms", "prediction"] {
+        let p = comparison(metric)["p_value"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&p), "{metric}: {p}");
+    }
+    server.stop().await;
+}

@@ -5,8 +5,8 @@
 //! error rates; Mann–Whitney U on latencies, as Kayenta's judge does for Argo Rollouts).
 
 use serde::{Deserialize, Serialize};
-use statrs::distribution::{ContinuousCDF, Normal};
 
+use crate::stats::{mann_whitney_greater, proportion_greater};
 use crate::traffic::Window;
 
 /// A deployment's guardrails. Every field has a default, so `{}` is a sensible set.
@@ -172,69 +172,6 @@ pub fn judge(canary: &Window, control: &Window, guardrails: &Guardrails) -> Verd
     Verdict::Pass(evidence.join("; "))
 }
 
-fn standard_normal() -> Normal {
-    Normal::new(0.0, 1.0).expect("the standard normal distribution")
-}
-
-/// One-sided p-value that the first proportion is greater than the second (pooled z-test).
-pub fn proportion_greater(hits_a: u64, n_a: u64, hits_b: u64, n_b: u64) -> f64 {
-    if n_a == 0 || n_b == 0 {
-        return 1.0;
-    }
-    let (a, b) = (n_a as f64, n_b as f64);
-    let pooled = (hits_a + hits_b) as f64 / (a + b);
-    let spread = (pooled * (1.0 - pooled) * (1.0 / a + 1.0 / b)).sqrt();
-    if spread == 0.0 {
-        return if hits_a as f64 / a > hits_b as f64 / b {
-            0.0
-        } else {
-            1.0
-        };
-    }
-    let z = (hits_a as f64 / a - hits_b as f64 / b) / spread;
-    1.0 - standard_normal().cdf(z)
-}
-
-/// One-sided p-value that values of `a` tend to be greater than those of `b` (Mann–Whitney U,
-/// normal approximation with tie correction and continuity correction, as scipy's
-/// `mannwhitneyu(a, b, alternative="greater", method="asymptotic")`).
-pub fn mann_whitney_greater(a: &[f32], b: &[f32]) -> f64 {
-    if a.is_empty() || b.is_empty() {
-        return 1.0;
-    }
-    let mut all: Vec<(f32, bool)> = a
-        .iter()
-        .map(|&v| (v, true))
-        .chain(b.iter().map(|&v| (v, false)))
-        .collect();
-    all.sort_by(|x, y| x.0.total_cmp(&y.0));
-    let n = all.len();
-    let (mut rank_sum_a, mut ties) = (0.0f64, 0.0f64);
-    let mut i = 0;
-    while i < n {
-        let mut j = i;
-        while j + 1 < n && all[j + 1].0 == all[i].0 {
-            j += 1;
-        }
-        // Positions i..=j share the mean of ranks i+1..=j+1.
-        let rank = (i + j) as f64 / 2.0 + 1.0;
-        let count = (j - i + 1) as f64;
-        ties += count * count * count - count;
-        rank_sum_a += rank * all[i..=j].iter().filter(|(_, from_a)| *from_a).count() as f64;
-        i = j + 1;
-    }
-    let (n1, n2) = (a.len() as f64, b.len() as f64);
-    let u = rank_sum_a - n1 * (n1 + 1.0) / 2.0;
-    let mean = n1 * n2 / 2.0;
-    let total = n1 + n2;
-    let variance = n1 * n2 / 12.0 * ((total + 1.0) - ties / (total * (total - 1.0)));
-    if variance <= 0.0 {
-        return if u > mean { 0.0 } else { 1.0 };
-    }
-    let z = (u - mean - 0.5) / variance.sqrt();
-    1.0 - standard_normal().cdf(z)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,29 +183,12 @@ mod tests {
             client_errors: 0,
             latencies_ms,
             seen_latencies: requests,
+            ..Window::default()
         }
     }
 
     fn spread(center: f32, n: usize) -> Vec<f32> {
         (0..n).map(|i| center + (i % 10) as f32 * 0.1).collect()
-    }
-
-    #[test]
-    fn mann_whitney_matches_scipy() {
-        // scipy.stats.mannwhitneyu([3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5], alternative="greater",
-        // method="asymptotic") -> pvalue 0.0330 (U = 25.5, with the tie and continuity corrections).
-        let p = mann_whitney_greater(&[3.0, 4.0, 5.0, 6.0, 7.0, 8.0], &[1.0, 2.0, 3.0, 4.0, 5.0]);
-        assert!((p - 0.0330).abs() < 1e-4, "{p}");
-        let same = mann_whitney_greater(&spread(1.0, 200), &spread(1.0, 200));
-        assert!(same > 0.4, "{same}");
-    }
-
-    #[test]
-    fn the_proportion_test_matches_the_textbook() {
-        // 30 of 1000 against 10 of 1000: z = 3.19, one-sided p = 0.0007.
-        let p = proportion_greater(30, 1000, 10, 1000);
-        assert!((p - 0.0007).abs() < 2e-4, "{p}");
-        assert!(proportion_greater(10, 1000, 30, 1000) > 0.99);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::model::{LoadedModel, PipelineState};
 use crate::models::ModelManager;
 use crate::prediction_log::{Answered, PredictionLog};
 use crate::tensor::{DataType, Tensor, TensorData};
-use crate::traffic::{Outcome, Router, SHADOW, ShadowSlot};
+use crate::traffic::{AnswerSummary, Outcome, Router, SHADOW, ShadowSlot};
 use cache::{CacheKey, ResponseCache};
 use pipeline::{Body, Pipeline, RowModel};
 use steps::Column;
@@ -169,6 +169,28 @@ pub enum Answer {
     Many { predictions: Vec<Prediction> },
 }
 
+impl PredictResponse {
+    /// The answers as the traffic router's windows count them.
+    fn answered(&self) -> Vec<AnswerSummary<'_>> {
+        let predictions = match &self.answer {
+            Answer::One(prediction) => std::slice::from_ref(prediction),
+            Answer::Many { predictions } => predictions.as_slice(),
+        };
+        predictions
+            .iter()
+            .map(|p| AnswerSummary {
+                prediction_id: &p.prediction_id,
+                value: match &p.prediction {
+                    Some(Value::Number(n)) => n.as_f64(),
+                    Some(Value::Bool(b)) => Some(f64::from(u8::from(*b))),
+                    _ => None,
+                },
+                label: p.label.as_deref(),
+            })
+            .collect()
+    }
+}
+
 /// Runs `/v1/predict` requests.
 pub struct Predictor {
     pub models: Arc<ModelManager>,
@@ -242,6 +264,10 @@ impl Predictor {
             Outcome::of(&result),
             started.elapsed(),
         );
+        if let Ok(response) = &result {
+            self.router
+                .answered(&name, &route.variant, route.version, &response.answered());
+        }
         if let Some((version, slot, mirrored)) = mirror {
             self.mirror(version, slot, mirrored);
         }
@@ -257,15 +283,18 @@ impl Predictor {
             let started = Instant::now();
             let name = request.model.clone();
             let result = match predictor.models.get(&name, &version.to_string()) {
-                Ok(model) => predictor
-                    .predict_on(model, request, Some(SHADOW), started)
-                    .await
-                    .map(drop),
+                Ok(model) => {
+                    predictor
+                        .predict_on(model, request, Some(SHADOW), started)
+                        .await
+                }
                 Err(error) => Err(error),
             };
-            predictor
-                .router
-                .observe(&name, SHADOW, Outcome::of(&result), started.elapsed());
+            let router = &predictor.router;
+            router.observe(&name, SHADOW, Outcome::of(&result), started.elapsed());
+            if let Ok(response) = &result {
+                router.answered(&name, SHADOW, version, &response.answered());
+            }
         });
     }
 
