@@ -109,7 +109,7 @@ impl KafkaSink {
 
     async fn ensure_topics(&self, topics: BTreeSet<String>) {
         let missing: Vec<String> = {
-            let ensured = self.ensured.lock().expect("topics lock");
+            let ensured = self.ensured.lock().unwrap_or_else(|p| p.into_inner());
             topics
                 .into_iter()
                 .filter(|t| !ensured.contains(t))
@@ -133,7 +133,7 @@ impl KafkaSink {
             .operation_timeout(Some(Duration::from_secs(5)));
         match self.admin.create_topics(&new, &options).await {
             Ok(results) => {
-                let mut ensured = self.ensured.lock().expect("topics lock");
+                let mut ensured = self.ensured.lock().unwrap_or_else(|p| p.into_inner());
                 for result in results {
                     match result {
                         Ok(topic) | Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
@@ -200,7 +200,10 @@ impl Sink for KafkaSink {
         if failed.is_empty() {
             return Ok(());
         }
-        self.ensured.lock().expect("topics lock").clear();
+        self.ensured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         failed.sort_unstable();
         Err(SinkFailure { failed, reason })
     }

@@ -134,7 +134,7 @@ struct Shared {
 
 impl Shared {
     fn take(&self, most: usize) -> Vec<Record> {
-        let mut queue = self.queue.lock().expect("event queue lock");
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let n = queue.len().min(most);
         let records = queue.drain(..n).collect();
         self.counters.buffered.set(queue.len() as i64);
@@ -142,7 +142,7 @@ impl Shared {
     }
 
     fn waiting(&self) -> usize {
-        self.queue.lock().expect("event queue lock").len()
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
@@ -182,13 +182,13 @@ impl EventLog {
             unflushed_since: None,
         };
         let task = tokio::spawn(writer.run());
-        *shared.writer.lock().expect("writer lock") = Some(task);
+        *shared.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok(Self { shared })
     }
 
     /// Hands a record to the log; `false` when the buffer was full and it was dropped.
     pub fn log(&self, record: Record) -> bool {
-        let mut queue = self.shared.queue.lock().expect("event queue lock");
+        let mut queue = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
         if queue.len() >= self.shared.capacity {
             drop(queue);
             self.shared.counters.dropped.inc();
@@ -220,10 +220,19 @@ impl EventLog {
     /// take by then stays in the spill folder for the next start. Records logged afterwards
     /// stay in memory.
     pub async fn close(&self, within: Duration) {
-        *self.shared.deadline.lock().expect("deadline lock") = Some(Instant::now() + within);
+        *self
+            .shared
+            .deadline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + within);
         self.shared.closing.store(true, Ordering::Release);
         self.shared.wake.notify_one();
-        let task = self.shared.writer.lock().expect("writer lock").take();
+        let task = self
+            .shared
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(task) = task
             && let Err(e) = task.await
         {
@@ -466,7 +475,7 @@ impl Writer {
             .shared
             .deadline
             .lock()
-            .expect("deadline lock")
+            .unwrap_or_else(|p| p.into_inner())
             .unwrap_or_else(Instant::now);
         loop {
             let records = self.shared.take(self.shared.batch);
