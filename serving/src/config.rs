@@ -74,7 +74,8 @@ pub struct ServeConfig {
 
     /// Serve the operator's routes (canary deployments, traffic policies) on this port only,
     /// not on the REST port (0 picks a free one); unset, they are on the REST port. Until the
-    /// server has authentication, this keeps them off the address clients reach.
+    /// server has authentication, this keeps rollouts off the address clients reach. Model
+    /// repository control (`/v2/repository`, gRPC) stays where Triton's clients call it.
     #[arg(long, env = "MARQUEE_ADMIN_PORT")]
     pub admin_port: Option<u16>,
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::stats::{self, Difference, Moments};
-use crate::traffic::{CONTROL, Policy, Window};
+use crate::traffic::{CONTROL, OTHER_LABEL, Policy, Window};
 
 /// The confidence level of every interval in a readout.
 pub const CONFIDENCE: f64 = 0.95;
@@ -238,11 +238,34 @@ fn compare(name: &str, variant: &Window, control: &Window) -> Vec<Comparison> {
             d,
         ));
     }
-    let labels: BTreeSet<&String> = variant.labels.keys().chain(control.labels.keys()).collect();
+    // A window past its label cap counts new labels under `(other)`: then labels not named
+    // on both sides go there on both, so no label is compared with `(other)`.
+    let capped =
+        variant.labels.contains_key(OTHER_LABEL) || control.labels.contains_key(OTHER_LABEL);
+    let label_of = |label: &str| -> String {
+        let shared = variant.labels.contains_key(label) && control.labels.contains_key(label);
+        if capped && !shared {
+            OTHER_LABEL.to_string()
+        } else {
+            label.to_string()
+        }
+    };
+    let labels: BTreeSet<String> = variant
+        .labels
+        .keys()
+        .chain(control.labels.keys())
+        .map(|l| label_of(l))
+        .collect();
     let counts = |w: &Window| -> Vec<u64> {
         labels
             .iter()
-            .map(|l| w.labels.get(*l).copied().unwrap_or(0))
+            .map(|label| {
+                w.labels
+                    .iter()
+                    .filter(|(l, _)| label_of(l) == *label)
+                    .map(|(_, n)| n)
+                    .sum()
+            })
             .collect()
     };
     if let Some((statistic, dof, p_value)) =

@@ -524,7 +524,6 @@ async fn decide(
     Ok(Json(s.service.decide(&id, action, &by, &reason).await?))
 }
 
-/// A model's traffic policy (`traffic.rs`): which versions answer requests that name none.
 /// The A/B readout of a model's traffic policy (`experiments.rs`).
 async fn experiment(
     State(s): State<AppState>,
@@ -542,6 +541,7 @@ async fn feedback(
     Ok(Json(s.service.feedback(request)?))
 }
 
+/// A model's traffic policy (`traffic.rs`): which versions answer requests that name none.
 async fn traffic(
     State(s): State<AppState>,
     Path(model): Path<String>,

@@ -293,12 +293,12 @@ impl Metrics {
         let _ = self.queue_depth.remove_label_values(&labels);
     }
 
-    /// The Prometheus text exposition of every series.
     /// Where other parts of the server (the event log) register their series.
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
+    /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())

@@ -20,7 +20,9 @@ pub struct PredictionLog {
     events: EventLog,
     /// Share of requests logged, in (0, 1].
     sample: f64,
+    /// Requests seen, clients' and mirrored ones apart, so each is sampled at its share.
     requests: AtomicU64,
+    mirrored: AtomicU64,
 }
 
 impl PredictionLog {
@@ -29,6 +31,7 @@ impl PredictionLog {
             events,
             sample: sample.clamp(0.0, 1.0),
             requests: AtomicU64::new(0),
+            mirrored: AtomicU64::new(0),
         }
     }
 
@@ -37,10 +40,15 @@ impl PredictionLog {
         &self.events
     }
 
-    /// Whether this request is logged: exactly `sample` of all requests, spread evenly (the
-    /// n-th request is logged when n × sample passes a whole number).
-    pub fn sampled(&self) -> bool {
-        self.sample >= 1.0 || takes(self.requests.fetch_add(1, Ordering::Relaxed), self.sample)
+    /// Whether this request is logged: exactly `sample` of all requests (and of all mirrored
+    /// ones), spread evenly (the n-th is logged when n × sample passes a whole number).
+    pub fn sampled(&self, mirrored: bool) -> bool {
+        let counter = if mirrored {
+            &self.mirrored
+        } else {
+            &self.requests
+        };
+        self.sample >= 1.0 || takes(counter.fetch_add(1, Ordering::Relaxed), self.sample)
     }
 
     /// Logs one request's answers, instance by instance.

@@ -376,8 +376,13 @@ impl Service {
                 .log(Record::event("prediction.feedback", key, now_ms(), fields))
         });
         if !counted && !logged && model.is_none() {
+            let kept = if self.predictor.log.is_some() {
+                "and the event log is full, so it was not logged either"
+            } else {
+                "and no event sink is configured to keep it (--event-sink)"
+            };
             return Err(ServingError::NotFound(format!(
-                "{}, and no event sink is configured to keep it (--event-sink)",
+                "{}, {kept}",
                 reason.unwrap_or_default()
             )));
         }

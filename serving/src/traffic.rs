@@ -612,23 +612,28 @@ impl Router {
     /// policy (a ramp step keeps the variant's name, so late outcomes still count).
     pub fn feedback(&self, prediction_id: &str, outcome: f64) -> Feedback {
         let (model, variant, version) = {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            match recent.by_id.get_mut(prediction_id) {
+            let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            match recent.by_id.get(prediction_id) {
                 None => return Feedback::Unknown,
                 Some(remembered) if remembered.counted => return Feedback::AlreadyCounted,
-                Some(remembered) => {
-                    remembered.counted = true;
-                    (
-                        remembered.model.clone(),
-                        remembered.variant.clone(),
-                        remembered.version,
-                    )
-                }
+                Some(remembered) => (
+                    remembered.model.clone(),
+                    remembered.variant.clone(),
+                    remembered.version,
+                ),
             }
         };
         let (model, variant) = (model.to_string(), variant.to_string());
         match self.installed(&model) {
             Some(installed) if installed.policy.version_of(&variant) == Some(version) => {
+                // Marked under the lock, so two outcomes for one answer cannot both count.
+                let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+                match recent.by_id.get_mut(prediction_id) {
+                    Some(remembered) if !remembered.counted => remembered.counted = true,
+                    Some(_) => return Feedback::AlreadyCounted,
+                    None => return Feedback::Unknown,
+                }
+                drop(recent);
                 let mut windows = installed.windows.lock().unwrap_or_else(|p| p.into_inner());
                 windows
                     .entry(installed.name(&variant))

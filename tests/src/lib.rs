@@ -816,7 +816,6 @@ impl CountingProxy {
     }
 }
 
-/// A whole Parquet file as one record batch.
 /// Every Parquet file under `dir` (recursively), read whole; panics on a file left unclosed
 /// (`.partial`), which no reader may ever see.
 pub fn read_parquet_tree(dir: &Path) -> Vec<arrow_array::RecordBatch> {
@@ -857,6 +856,7 @@ pub fn string_column(batch: &arrow_array::RecordBatch, name: &str) -> Vec<String
         .collect()
 }
 
+/// A whole Parquet file as one record batch.
 pub fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)

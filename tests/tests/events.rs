@@ -213,6 +213,8 @@ async fn the_parquet_log_keeps_every_prediction_as_columns() {
         logged.extend(string_column(batch, "prediction_id"));
     }
     assert_eq!(logged, sent, "one row per answered instance");
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, sent.len(), "no row twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -150,6 +150,19 @@ impl KafkaSink {
     }
 }
 
+/// Whether the broker (or librdkafka) will never take this record, however often it is sent.
+fn refused_for_good(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
+}
+
 #[async_trait]
 impl Sink for KafkaSink {
     fn name(&self) -> &'static str {
@@ -164,8 +177,16 @@ impl Sink for KafkaSink {
         if self.config.create_topics {
             self.ensure_topics(topics.iter().cloned().collect()).await;
         }
-        let mut failed = Vec::new();
+        let (mut failed, mut rejected) = (Vec::new(), Vec::new());
         let mut reason = String::new();
+        let mut fail = |i: usize, e: &KafkaError| {
+            reason = e.to_string();
+            if refused_for_good(e) {
+                rejected.push(i);
+            } else {
+                failed.push(i);
+            }
+        };
         let mut deliveries = Vec::with_capacity(records.len());
         for (i, (record, topic)) in records.iter().zip(&topics).enumerate() {
             let payload = serde_json::to_vec(&record.body()).expect("records encode as JSON");
@@ -175,10 +196,7 @@ impl Sink for KafkaSink {
                 .timestamp(record.time_ms);
             match self.producer.send_result(message) {
                 Ok(delivery) => deliveries.push((i, delivery)),
-                Err((e, _)) => {
-                    reason = e.to_string();
-                    failed.push(i);
-                }
+                Err((e, _)) => fail(i, &e),
             }
         }
         let outcomes =
@@ -187,25 +205,26 @@ impl Sink for KafkaSink {
         for (i, outcome) in outcomes {
             match outcome {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    reason = e.to_string();
-                    failed.push(i);
-                }
-                Err(_) => {
-                    reason = "the producer went away".into();
-                    failed.push(i);
-                }
+                Ok(Err((e, _))) => fail(i, &e),
+                Err(_) => fail(i, &KafkaError::Canceled),
             }
         }
-        if failed.is_empty() {
+        if failed.is_empty() && rejected.is_empty() {
             return Ok(());
         }
-        self.ensured
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        if !failed.is_empty() {
+            self.ensured
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
         failed.sort_unstable();
-        Err(SinkFailure { failed, reason })
+        rejected.sort_unstable();
+        Err(SinkFailure {
+            failed,
+            rejected,
+            reason,
+        })
     }
 
     async fn flush(&self) -> Result<(), EventError> {

@@ -120,7 +120,11 @@ pub trait Sink: Send + Sync + 'static {
 /// The records of a batch a sink could not take, by position, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SinkFailure {
+    /// Not taken this time: spilled and tried again.
     pub failed: Vec<usize>,
+    /// Refused for good (a record the sink can never take, e.g. past Kafka's message size):
+    /// dropped and counted, so it cannot hold up the records behind it.
+    pub rejected: Vec<usize>,
     pub reason: String,
 }
 
@@ -129,6 +133,7 @@ impl SinkFailure {
     pub fn all(len: usize, reason: impl Into<String>) -> Self {
         Self {
             failed: (0..len).collect(),
+            rejected: Vec::new(),
             reason: reason.into(),
         }
     }

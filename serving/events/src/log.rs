@@ -3,7 +3,9 @@
 //! flight or the sink is resting after a failure, records that pile up past half the buffer (or
 //! all of them, while it rests) go to the spill folder, and the spill is replayed, oldest first,
 //! whenever the sink is idle and the buffer empty. A record is lost only when the buffer is full
-//! and the spill at its bound, and then it is counted.
+//! and the spill at its bound, when the sink refuses it for good (e.g. past Kafka's message
+//! size), or when a spill file is damaged; each is counted as dropped. Closing stops at its
+//! deadline: a write still in flight is called off and its records spilled for the next start.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +22,8 @@ use crate::{EventError, Record, Sink, SinkFailure};
 /// How often the writer looks at the buffer and the spill without being woken.
 const TICK: Duration = Duration::from_millis(50);
 
-/// After this long without records, the sink flushes (Parquet files close and become readable).
+/// After this long without records written, the sink flushes (Parquet files close and become
+/// readable).
 const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
 /// How the log buffers, batches and spills.
@@ -62,7 +65,8 @@ pub struct LogStats {
     pub spilled: u64,
     /// Taken by the sink out of the spill folder.
     pub replayed: u64,
-    /// Lost: the buffer was full and the spill at its bound, or a spill file was damaged.
+    /// Lost: the buffer was full and the spill at its bound, the sink refused them for good, or
+    /// a spill file was damaged.
     pub dropped: u64,
     pub buffered: u64,
     pub spill_bytes: u64,
@@ -128,6 +132,8 @@ struct Shared {
     closing: AtomicBool,
     /// When closing must be over; set by `close`.
     deadline: Mutex<Option<Instant>>,
+    /// Calls off the write in flight when closing reaches its deadline.
+    call_off: Notify,
     counters: Counters,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -170,6 +176,7 @@ impl EventLog {
             wake: Notify::new(),
             closing: AtomicBool::new(false),
             deadline: Mutex::new(None),
+            call_off: Notify::new(),
             counters,
             writer: Mutex::new(None),
         });
@@ -179,7 +186,8 @@ impl EventLog {
             config,
             spill: Some(spill),
             resting_until: None,
-            unflushed_since: None,
+            last_write: None,
+            in_flight_records: 0,
         };
         let task = tokio::spawn(writer.run());
         *shared.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
@@ -265,17 +273,27 @@ struct Writer {
     spill: Option<Spill>,
     resting_until: Option<Instant>,
     /// When the sink last took records it has not flushed yet.
-    unflushed_since: Option<Instant>,
+    last_write: Option<Instant>,
+    /// Records of the write in flight (counted as dropped should it panic).
+    in_flight_records: usize,
 }
 
-async fn attempt(sink: Arc<dyn Sink>, batch: Batch, timeout: Duration) -> Attempt {
+/// One sink write, failed when it takes longer than `timeout` or is called off.
+async fn attempt(
+    sink: Arc<dyn Sink>,
+    batch: Batch,
+    timeout: Duration,
+    shared: Arc<Shared>,
+) -> Attempt {
     let records = batch.records();
-    let result = match tokio::time::timeout(timeout, sink.write(records)).await {
-        Ok(result) => result,
-        Err(_) => Err(SinkFailure::all(
-            records.len(),
-            format!("no answer within {timeout:?}"),
-        )),
+    let failed = |why: String| Err(SinkFailure::all(records.len(), why));
+    let called_off = shared.call_off.notified();
+    let result = tokio::select! {
+        written = tokio::time::timeout(timeout, sink.write(records)) => match written {
+            Ok(result) => result,
+            Err(_) => failed(format!("no answer within {timeout:?}")),
+        },
+        _ = called_off => failed("called off: the log is closing".into()),
     };
     (batch, result)
 }
@@ -283,11 +301,18 @@ async fn attempt(sink: Arc<dyn Sink>, batch: Batch, timeout: Duration) -> Attemp
 impl Writer {
     async fn run(mut self) {
         let mut in_flight: Option<JoinHandle<Attempt>> = None;
+        let mut called_off_at: Option<Instant> = None;
         loop {
-            if self.shared.closing.load(Ordering::Acquire) && in_flight.is_none() {
+            let closing = self.shared.closing.load(Ordering::Acquire);
+            if closing && in_flight.is_none() {
                 self.finish().await;
                 return;
             }
+            // Past the deadline, the write in flight is called off (again each tick, in case
+            // it had not begun to listen).
+            let call_off = self
+                .deadline()
+                .map(|deadline| called_off_at.map_or(deadline, |at| at + TICK));
             tokio::select! {
                 finished = async { in_flight.as_mut().expect("guarded by the condition").await },
                     if in_flight.is_some() =>
@@ -296,21 +321,33 @@ impl Writer {
                     match finished {
                         Ok((batch, result)) => self.settle(batch, result).await,
                         Err(e) => {
-                            tracing::error!(error = %e, sink = self.sink.name(), "an event sink write panicked; its batch is lost");
+                            tracing::error!(error = %e, sink = self.sink.name(), records = self.in_flight_records, "an event sink write panicked; its batch is lost");
+                            self.shared.counters.dropped.inc_by(self.in_flight_records as u64);
                             self.rest();
                         }
                     }
                 }
+                _ = tokio::time::sleep_until(call_off.unwrap_or_else(Instant::now).into()),
+                    if closing && call_off.is_some() =>
+                {
+                    self.shared.call_off.notify_waiters();
+                    called_off_at = Some(Instant::now());
+                }
                 _ = self.shared.wake.notified() => {}
                 _ = tokio::time::sleep(TICK) => {}
+            }
+            if closing {
+                continue;
             }
             if in_flight.is_none() && !self.resting() {
                 match self.next_batch().await {
                     Some(batch) => {
+                        self.in_flight_records = batch.records().len();
                         in_flight = Some(tokio::spawn(attempt(
                             self.sink.clone(),
                             batch,
                             self.config.write_timeout,
+                            self.shared.clone(),
                         )))
                     }
                     None => self.flush_when_idle().await,
@@ -325,12 +362,17 @@ impl Writer {
         }
     }
 
+    fn deadline(&self) -> Option<Instant> {
+        *self
+            .shared
+            .deadline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn flush_when_idle(&mut self) {
-        if self
-            .unflushed_since
-            .is_some_and(|since| since.elapsed() >= IDLE_FLUSH)
-        {
-            self.unflushed_since = None;
+        if self.last_write.is_some_and(|at| at.elapsed() >= IDLE_FLUSH) {
+            self.last_write = None;
             if let Err(e) = self.sink.flush().await {
                 tracing::warn!(error = %e, sink = self.sink.name(), "event sink flush");
             }
@@ -377,9 +419,16 @@ impl Writer {
         let failure = result.err();
         let total = batch.records().len();
         let failed = failure.as_ref().map_or(0, |f| f.failed.len().min(total));
-        let done = (total - failed) as u64;
+        let rejected = failure
+            .as_ref()
+            .map_or(0, |f| f.rejected.len().min(total - failed));
+        if rejected > 0 {
+            tracing::error!(sink = self.sink.name(), reason = %failure.as_ref().map_or("", |f| f.reason.as_str()), rejected, "the event sink refused records for good; dropped");
+            self.shared.counters.dropped.inc_by(rejected as u64);
+        }
+        let done = (total - failed - rejected) as u64;
         if done > 0 {
-            self.unflushed_since.get_or_insert_with(Instant::now);
+            self.last_write = Some(Instant::now());
         }
         let left = |records: Vec<Record>| -> Vec<Record> {
             let Some(failure) = &failure else {
@@ -416,7 +465,7 @@ impl Writer {
                 }
             }
         }
-        if let Some(failure) = failure {
+        if let Some(failure) = failure.filter(|f| !f.failed.is_empty()) {
             if !self.resting() {
                 tracing::warn!(sink = self.sink.name(), reason = %failure.reason, failed, "event sink write failed; records spilled, retrying");
             }
@@ -424,20 +473,31 @@ impl Writer {
         }
     }
 
+    /// Spills records in segments of at most one batch, so each replays as one sink write.
     async fn spill(&mut self, records: Vec<Record>) {
-        let n = records.len() as u64;
-        match self.with_spill(move |spill| spill.keep(&records)).await {
-            Ok(Spilled::Kept) => self.shared.counters.spilled.inc_by(n),
-            Ok(Spilled::Full) => {
-                tracing::error!(
-                    records = n,
-                    "the event spill folder is full; records dropped"
-                );
-                self.shared.counters.dropped.inc_by(n);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, records = n, "records could not be spilled; dropped");
-                self.shared.counters.dropped.inc_by(n);
+        let batch = self.shared.batch;
+        let outcomes = self
+            .with_spill(move |spill| {
+                records
+                    .chunks(batch)
+                    .map(|chunk| (chunk.len() as u64, spill.keep(chunk)))
+                    .collect::<Vec<_>>()
+            })
+            .await;
+        for (n, outcome) in outcomes {
+            match outcome {
+                Ok(Spilled::Kept) => self.shared.counters.spilled.inc_by(n),
+                Ok(Spilled::Full) => {
+                    tracing::error!(
+                        records = n,
+                        "the event spill folder is full; records dropped"
+                    );
+                    self.shared.counters.dropped.inc_by(n);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, records = n, "records could not be spilled; dropped");
+                    self.shared.counters.dropped.inc_by(n);
+                }
             }
         }
     }
@@ -488,7 +548,13 @@ impl Writer {
                 continue;
             }
             let timeout = left.min(self.config.write_timeout);
-            let (batch, result) = attempt(self.sink.clone(), Batch::Fresh(records), timeout).await;
+            let (batch, result) = attempt(
+                self.sink.clone(),
+                Batch::Fresh(records),
+                timeout,
+                self.shared.clone(),
+            )
+            .await;
             self.settle(batch, result).await;
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -621,5 +687,86 @@ mod tests {
         assert_eq!((kept, log.stats().dropped), (10, 15));
         log.close(Duration::from_secs(5)).await;
         assert_eq!(sink.taken.lock().unwrap().len(), 10);
+    }
+
+    /// A sink that never answers, or refuses odd-numbered records for good.
+    struct Stubborn {
+        hangs: bool,
+        taken: Mutex<Vec<i64>>,
+    }
+
+    #[async_trait]
+    impl Sink for Stubborn {
+        fn name(&self) -> &'static str {
+            "stubborn"
+        }
+
+        async fn write(&self, records: &[Record]) -> Result<(), SinkFailure> {
+            if self.hangs {
+                std::future::pending::<()>().await;
+            }
+            let (odd, even): (Vec<usize>, Vec<usize>) =
+                (0..records.len()).partition(|&i| records[i].time_ms % 2 == 1);
+            let mut taken = self.taken.lock().unwrap();
+            taken.extend(even.iter().map(|&i| records[i].time_ms));
+            if odd.is_empty() {
+                return Ok(());
+            }
+            Err(SinkFailure {
+                failed: Vec::new(),
+                rejected: odd,
+                reason: "too large".into(),
+            })
+        }
+
+        async fn flush(&self) -> Result<(), EventError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closing_keeps_its_deadline_and_leaves_a_hung_write_in_the_spill() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(Stubborn {
+            hangs: true,
+            taken: Mutex::default(),
+        });
+        let log = EventLog::start(sink, config(dir.path()), None).unwrap();
+        for i in 0..100 {
+            log.log(record(i));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        log.close(Duration::from_millis(300)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "closing took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(log.stats().spilled, 100, "{:?}", log.stats());
+        let next = Arc::new(Flaky::default());
+        let replay = EventLog::start(next.clone(), config(dir.path()), None).unwrap();
+        until("the replay", || replay.stats().replayed == 100).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_the_sink_refuses_for_good_are_dropped_and_counted_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(Stubborn {
+            hangs: false,
+            taken: Mutex::default(),
+        });
+        let log = EventLog::start(sink.clone(), config(dir.path()), None).unwrap();
+        for i in 0..1_000 {
+            log.log(record(i));
+        }
+        log.close(Duration::from_secs(5)).await;
+        let stats = log.stats();
+        assert_eq!(
+            (stats.written, stats.spilled, stats.dropped),
+            (500, 0, 500),
+            "{stats:?}"
+        );
+        assert_eq!(sink.taken.lock().unwrap().len(), 500);
     }
 }

@@ -72,7 +72,7 @@ impl Sink for ParquetSink {
         let roll = self.roll;
         let open = self.open.clone();
         tokio::task::spawn_blocking(move || {
-            let mut open = open.lock().expect("parquet files lock");
+            let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
             write_records(&dir, roll, &mut open, &records)
         })
         .await
@@ -87,7 +87,7 @@ impl Sink for ParquetSink {
     async fn flush(&self) -> Result<(), EventError> {
         let open = self.open.clone();
         tokio::task::spawn_blocking(move || {
-            let mut open = open.lock().expect("parquet files lock");
+            let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
             let mut first_error = None;
             for (_, file) in open.drain() {
                 if let Err(e) = file.close() {
@@ -101,7 +101,8 @@ impl Sink for ParquetSink {
     }
 }
 
-/// Writes each group of records (same folder) as one row group; failures fail that group only.
+/// Writes each group of records (same folder) to its open file (the writer holds rows in memory
+/// until a row group fills or the file closes); failures fail that group only.
 fn write_records(
     dir: &Path,
     roll: Duration,
@@ -141,7 +142,11 @@ fn write_records(
         Ok(())
     } else {
         failed.sort_unstable();
-        Err(SinkFailure { failed, reason })
+        Err(SinkFailure {
+            failed,
+            rejected: Vec::new(),
+            reason,
+        })
     }
 }
 
@@ -229,14 +234,29 @@ impl OpenFile {
     }
 }
 
-/// A record's columns: its fields, with `features` and `entities` opened into theirs.
+/// A record's columns: its fields, with `features` and `entities` opened into theirs. An opened
+/// key that is also a field's name, or already taken (an entity named like a feature), becomes
+/// `entities.KEY` / `features.KEY`, so no value hides another.
 fn columns_of(record: &Record) -> Vec<(String, &Value)> {
+    let opened = |name: &str, value: &Value| OPENED.contains(&name) && value.is_object();
+    let mut taken: std::collections::HashSet<String> = record
+        .fields
+        .iter()
+        .filter(|(name, value)| !opened(name, value))
+        .map(|(name, _)| name.clone())
+        .collect();
     let mut columns: Vec<(String, &Value)> = Vec::new();
     for (name, value) in &record.fields {
         match value {
-            Value::Object(inner) if OPENED.contains(&name.as_str()) => {
+            Value::Object(inner) if opened(name, value) => {
                 for (key, value) in inner {
-                    columns.push((key.clone(), value));
+                    let column = if taken.contains(key) {
+                        format!("{name}.{key}")
+                    } else {
+                        key.clone()
+                    };
+                    taken.insert(column.clone());
+                    columns.push((column, value));
                 }
             }
             _ => columns.push((name.clone(), value)),
@@ -397,6 +417,7 @@ mod tests {
     use arrow_array::types::{Float64Type, Int64Type};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use serde_json::{Map, json};
+    use std::collections::BTreeMap;
 
     fn prediction(i: i64) -> Record {
         let fields = json!({
@@ -522,5 +543,28 @@ mod tests {
         assert_eq!(unify(Kind::Text, Kind::Float), Kind::Json);
         assert_eq!(safe("../etc"), "_etc");
         assert_eq!(kind_of(&json!([1, "a"])), Some(Kind::Json));
+    }
+
+    #[test]
+    fn an_opened_key_never_hides_a_field_or_another_key() {
+        let Value::Object(fields) = json!({
+            "model": "fraud",
+            "entities": {"user_id": "u1", "amount": "entity"},
+            "features": {"model": 1.0, "amount": 2.0, "hour": 3},
+        }) else {
+            unreachable!()
+        };
+        let record = Record::prediction("fraud", 0, fields);
+        let columns: BTreeMap<String, &Value> = columns_of(&record).into_iter().collect();
+        assert_eq!(columns.len(), 6, "{columns:?}");
+        assert_eq!(columns["model"], "fraud");
+        assert_eq!(columns["features.model"], 1.0);
+        let amounts: Vec<&Value> = columns
+            .iter()
+            .filter(|(name, _)| name.ends_with("amount"))
+            .map(|(_, v)| *v)
+            .collect();
+        assert_eq!(amounts.len(), 2, "both amounts kept: {columns:?}");
+        assert!(amounts.contains(&&json!("entity")) && amounts.contains(&&json!(2.0)));
     }
 }

@@ -2,7 +2,9 @@
 //! again. One file per spilled batch (JSON lines), named by a growing sequence number so replay
 //! goes oldest first; a file appears whole (written aside, then renamed) and goes once its
 //! records are written. The folder outlives the process: a restart replays what is left. The
-//! folder has a size bound; past it, the log drops and counts instead of filling the disk.
+//! folder has a size bound; past it, the log drops and counts instead of filling the disk. One
+//! process uses a folder at a time (a lock file says so): two writers would number over each
+//! other's files.
 
 use std::fs;
 use std::io::Write;
@@ -19,6 +21,8 @@ pub struct Segment {
 
 pub struct Spill {
     dir: PathBuf,
+    /// Held while the folder is this process's.
+    _lock: fs::File,
     max_bytes: u64,
     /// Files on disk, oldest first.
     segments: Vec<Segment>,
@@ -41,6 +45,17 @@ impl Spill {
             source,
         };
         fs::create_dir_all(dir).map_err(failed)?;
+        let lock = fs::File::create(dir.join(".lock")).map_err(failed)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(EventError::Config(format!(
+                    "the event spill folder {} is in use by another process; give each server its own --events-dir",
+                    dir.display()
+                )));
+            }
+            Err(fs::TryLockError::Error(source)) => return Err(failed(source)),
+        }
         let mut segments = Vec::new();
         for entry in fs::read_dir(dir).map_err(failed)? {
             let entry = entry.map_err(failed)?;
@@ -59,6 +74,7 @@ impl Spill {
         let next = segments.last().map_or(0, |s| s.sequence + 1);
         Ok(Self {
             dir: dir.to_path_buf(),
+            _lock: lock,
             max_bytes,
             segments,
             next,
@@ -106,26 +122,30 @@ impl Spill {
         fs::rename(&aside, &path).map_err(failed)
     }
 
-    /// The oldest segment and its records; lines that do not parse (a damaged file) are
-    /// counted in the second value and left out.
-    pub fn oldest(&self) -> Result<Option<(Segment, Vec<Record>, usize)>, EventError> {
-        let Some(segment) = self.segments.first() else {
+    /// The oldest segment and its records. Lines that do not parse (a damaged file) are counted
+    /// in the third value and left out, and the file is rewritten without them, so they are
+    /// counted once.
+    pub fn oldest(&mut self) -> Result<Option<(Segment, Vec<Record>, usize)>, EventError> {
+        let Some(segment) = self.segments.first().cloned() else {
             return Ok(None);
         };
         let path = self.path(segment.sequence);
-        let text = fs::read_to_string(&path).map_err(|source| EventError::Spill {
+        let bytes = fs::read(&path).map_err(|source| EventError::Spill {
             path: path.clone(),
             source,
         })?;
         let mut records = Vec::new();
         let mut damaged = 0;
-        for line in text.lines().filter(|l| !l.is_empty()) {
-            match serde_json::from_str(line) {
+        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            match serde_json::from_slice(line) {
                 Ok(record) => records.push(record),
                 Err(_) => damaged += 1,
             }
         }
-        Ok(Some((segment.clone(), records, damaged)))
+        if damaged > 0 {
+            self.narrow(&segment, &records)?;
+        }
+        Ok(Some((segment, records, damaged)))
     }
 
     /// The segment's records are all written: it goes.
@@ -210,10 +230,28 @@ mod tests {
         let mut spill = Spill::open(dir.path(), u64::MAX).unwrap();
         spill.keep(&records(2, 0)).unwrap();
         let path = dir.path().join(format!("{:016}.jsonl", 0));
-        let mut text = fs::read_to_string(&path).unwrap();
-        text.push_str("{not json\n");
-        fs::write(&path, text).unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.extend_from_slice(b"{not json\n\xff\xfe not even text\n");
+        fs::write(&path, bytes).unwrap();
         let (_, read, damaged) = spill.oldest().unwrap().unwrap();
-        assert_eq!((read.len(), damaged), (2, 1));
+        assert_eq!((read.len(), damaged), (2, 2));
+        let (_, read, damaged) = spill.oldest().unwrap().unwrap();
+        assert_eq!(
+            (read.len(), damaged),
+            (2, 0),
+            "damaged lines are counted once"
+        );
+    }
+
+    #[test]
+    fn one_process_at_a_time_uses_a_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = Spill::open(dir.path(), u64::MAX).unwrap();
+        let Err(EventError::Config(message)) = Spill::open(dir.path(), u64::MAX) else {
+            panic!("a second spill on the same folder must be refused");
+        };
+        assert!(message.contains("--events-dir"), "{message}");
+        drop(spill);
+        assert!(Spill::open(dir.path(), u64::MAX).is_ok());
     }
 }

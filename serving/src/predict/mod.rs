@@ -404,7 +404,7 @@ impl Predictor {
             .collect();
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
         if let Some(log) = &self.log
-            && log.sampled()
+            && log.sampled(variant == Some(SHADOW))
         {
             let answered = Answered {
                 model: &request.model,
