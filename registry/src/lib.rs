@@ -7,6 +7,7 @@
 //! aliases and stages kept as a revision log (`refs.rs`). `cli.rs` is the `marquee registry`
 //! command that data scientists use.
 
+pub mod baseline;
 pub mod cli;
 pub mod deployments;
 pub mod location;

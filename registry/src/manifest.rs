@@ -46,7 +46,7 @@ pub struct Manifest {
     /// The `/v1/predict` pipeline (feature views, encoders, post-processing); opaque here.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub pipeline: serde_json::Value,
-    /// Per-input and prediction histograms of the training data, for the drift monitor.
+    /// What the training data looked like, for the drift monitor (`baseline::DriftBaseline`).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub drift_baseline: serde_json::Value,
 }

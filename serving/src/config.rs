@@ -165,6 +165,32 @@ pub struct ServeConfig {
     /// when the log has been idle for a second).
     #[arg(long, default_value_t = 300.0)]
     pub event_file_roll_seconds: f64,
+
+    /// Rows a drift window closes at (per model version); 0 turns the drift monitor off.
+    #[arg(long, env = "MARQUEE_DRIFT_WINDOW_ROWS", default_value_t = 1000)]
+    pub drift_window_rows: usize,
+
+    /// Longest a drift window stays open once it has --drift-min-window-rows.
+    #[arg(long, default_value_t = 300.0)]
+    pub drift_window_seconds: f64,
+
+    /// Rows a drift window needs before time may close it.
+    #[arg(long, default_value_t = 100)]
+    pub drift_min_window_rows: usize,
+
+    /// First rows that become the baseline of a version whose manifest has none (flagged).
+    #[arg(long, default_value_t = 1000)]
+    pub drift_reference_rows: usize,
+
+    /// Share of drifting columns from which a window counts as dataset drift, in (0, 1].
+    #[arg(long, default_value_t = 0.5)]
+    pub drift_share: f64,
+
+    /// `model=command`: a shell command to start when a window of the model drifts after one
+    /// that did not (e.g. `pricing=marquee train pricing ...`); repeatable. It gets
+    /// MARQUEE_DRIFT_MODEL, MARQUEE_DRIFT_VERSION and MARQUEE_DRIFT_REPORT (JSON).
+    #[arg(long = "drift-command")]
+    pub drift_commands: Vec<String>,
 }
 
 /// The event log's sink.
@@ -213,6 +239,12 @@ impl Default for ServeConfig {
             event_buffer: 65_536,
             event_spill_max_mb: 1024,
             event_file_roll_seconds: 300.0,
+            drift_window_rows: 1000,
+            drift_window_seconds: 300.0,
+            drift_min_window_rows: 100,
+            drift_reference_rows: 1000,
+            drift_share: 0.5,
+            drift_commands: Vec::new(),
         }
     }
 }

@@ -135,6 +135,7 @@ pub fn router(service: Arc<Service>, max_body: usize, admin: AdminRoutes) -> Rou
         )
         .merge(admin_routes)
         .route("/v1/experiments/{model}", get(experiment))
+        .route("/v1/models/{model}/drift", get(drift))
         .route("/v1/feedback", post(feedback))
         .route("/v1/openapi.json", get(openapi))
         .route("/v2/repository/index", post(repository_index))
@@ -522,6 +523,15 @@ async fn decide(
         .reason
         .unwrap_or_else(|| format!("{action:?} by hand"));
     Ok(Json(s.service.decide(&id, action, &by, &reason).await?))
+}
+
+/// What the drift monitor holds of a model's versions (`drift.rs`).
+async fn drift(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ServingError> {
+    let versions = s.service.drift(&model)?;
+    Ok(Json(json!({"model": model, "versions": versions})))
 }
 
 /// The A/B readout of a model's traffic policy (`experiments.rs`).

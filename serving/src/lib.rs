@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod config;
 pub mod deploy;
+pub mod drift;
 pub mod embeddings;
 pub mod error;
 pub mod experiments;

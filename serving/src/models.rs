@@ -407,7 +407,10 @@ impl ModelManager {
                 }
             };
             let pipeline = match parsed {
-                Ok(pipeline) => PipelineState::Ready(Box::new(ModelPipeline::new(pipeline))),
+                Ok(pipeline) => PipelineState::Ready(Box::new(ModelPipeline::new(
+                    pipeline,
+                    planned.drift_baseline.clone(),
+                ))),
                 Err(reason) => {
                     tracing::error!(model = name, version, %reason, "/v1/predict pipeline refused; /v2 serves on");
                     PipelineState::Unusable(reason)

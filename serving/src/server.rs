@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use crate::backend::Backends;
 use crate::backend::onnx::OnnxRuntime;
 use crate::config::{EventSinkKind, ServeConfig};
+use crate::drift::{DriftConfig, DriftMonitor};
 use crate::error::ServingError;
 use crate::grpc::InferenceService;
 use crate::http::AdminRoutes;
@@ -142,6 +143,7 @@ impl Server {
             log: events
                 .clone()
                 .map(|events| PredictionLog::new(events, config.prediction_log_sample)),
+            drift: drift_monitor(config, events.clone(), &metrics)?,
         });
         let service = Arc::new(Service::new(
             models.clone(),
@@ -305,6 +307,40 @@ fn event_log(config: &ServeConfig, metrics: &Metrics) -> Result<Option<EventLog>
     EventLog::start(sink, log_config, Some(metrics.registry()))
         .map(Some)
         .map_err(|e| StartError::Config(e.to_string()))
+}
+
+/// The drift monitor `--drift-*` asks for; `None` with `--drift-window-rows 0`.
+fn drift_monitor(
+    config: &ServeConfig,
+    events: Option<EventLog>,
+    metrics: &Metrics,
+) -> Result<Option<Arc<DriftMonitor>>, StartError> {
+    if config.drift_window_rows == 0 {
+        return Ok(None);
+    }
+    let commands = config
+        .drift_commands
+        .iter()
+        .map(|entry| match entry.split_once('=') {
+            Some((model, command)) if !model.is_empty() && !command.trim().is_empty() => {
+                Ok((model.to_string(), command.to_string()))
+            }
+            _ => Err(StartError::Config(format!(
+                "--drift-command takes model=command, not '{entry}'"
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let drift = DriftConfig {
+        window_rows: config.drift_window_rows,
+        window_seconds: config.drift_window_seconds.max(0.0),
+        min_window_rows: config.drift_min_window_rows,
+        reference_rows: config.drift_reference_rows,
+        drift_share: config.drift_share,
+        commands,
+    };
+    DriftMonitor::new(drift, events, Some(metrics.registry()))
+        .map(|monitor| Some(Arc::new(monitor)))
+        .map_err(StartError::Config)
 }
 
 /// The feature definitions and the online store `/v1/predict` reads, materialised first when

@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::deploy::{Action, DeployRequest, Deployment, Deployments};
+use crate::drift::VersionDriftView;
 use crate::embeddings::{EmbeddingsError, EmbeddingsRequest};
 use crate::error::{Overload, ServingError};
 use crate::experiments::{FeedbackRequest, FeedbackResponse, Readout};
@@ -305,6 +306,17 @@ impl Service {
             .ok_or_else(|| no_policy(name))?;
         tracing::info!(model = name, "traffic policy removed");
         Ok(removed)
+    }
+
+    /// What the drift monitor holds of a model's versions (`drift.rs`).
+    pub fn drift(&self, name: &str) -> Result<Vec<VersionDriftView>, ServingError> {
+        if self.models.versions(name).is_empty() {
+            self.models.get(name, "")?;
+        }
+        let monitor = self.predictor.drift.as_ref().ok_or_else(|| {
+            ServingError::NotFound("the drift monitor is off (--drift-window-rows 0)".into())
+        })?;
+        Ok(monitor.view(name))
     }
 
     /// The A/B readout of a model's traffic policy (`experiments.rs`).

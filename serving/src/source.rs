@@ -46,6 +46,8 @@ pub struct PlannedVersion {
     /// Inputs and outputs from the registry manifest, for artifacts that carry no signature of
     /// their own (TorchScript); `None` for Triton repositories and ONNX versions.
     pub signature: Option<Signature>,
+    /// The manifest's `drift_baseline` (`Null` for Triton repositories and versions without).
+    pub drift_baseline: serde_json::Value,
 }
 
 impl ModelSource {
@@ -105,6 +107,7 @@ impl ModelSource {
                             pinned: false,
                             pipeline: source.pipeline.clone().unwrap_or_default(),
                             signature: None,
+                            drift_baseline: serde_json::Value::Null,
                         })
                         .collect(),
                     aliases: BTreeMap::new(),
@@ -149,6 +152,7 @@ impl ModelSource {
                         pinned,
                         pipeline: manifest.pipeline,
                         signature,
+                        drift_baseline: manifest.drift_baseline,
                     });
                 }
                 Ok(Plan {

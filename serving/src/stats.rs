@@ -1,5 +1,7 @@
 //! The statistical tests the server judges versions with, in one place: the canary judge's
-//! one-sided comparisons and the A/B readout's two-sided tests with confidence intervals. Each
+//! one-sided comparisons, the A/B readout's two-sided tests with confidence intervals, and the
+//! drift monitor's tests and distances (Kolmogorov–Smirnov, chi-square fit, Wasserstein,
+//! Jensen–Shannon, PSI). Each
 //! follows the textbook (or scipy's default, named at each function) so a reader can check a
 //! readout against scipy on the same numbers; the unit tests hold scipy's answers.
 
@@ -282,6 +284,183 @@ pub fn chi_square_homogeneity(a: &[u64], b: &[u64]) -> Option<(f64, u64, f64)> {
     Some((statistic, dof, p_value))
 }
 
+/// Sample pairs past which the two-sample Kolmogorov–Smirnov p-value is asymptotic.
+const EXACT_KS_PAIRS: u64 = 10_000_000;
+
+fn sorted(values: &[f64]) -> Vec<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+}
+
+/// The two-sample Kolmogorov–Smirnov statistic and its two-sided p-value (scipy's
+/// `ks_2samp(a, b)`): exact, counting the lattice paths that stay inside the statistic, up to
+/// ten million sample pairs; past that, Kolmogorov's limiting distribution. NaNs are left out;
+/// `None` when a side is empty.
+pub fn ks_two_sample(a: &[f64], b: &[f64]) -> Option<(f64, f64)> {
+    let (a, b) = (sorted(a), sorted(b));
+    let (n1, n2) = (a.len(), b.len());
+    if n1 == 0 || n2 == 0 {
+        return None;
+    }
+    // The statistic as the integer h = max |i n2 - j n1| (i, j: values of a, b at or below x),
+    // tied values stepping together, so the exact count below compares integers.
+    let (mut i, mut j, mut h) = (0usize, 0usize, 0i64);
+    while i < n1 || j < n2 {
+        let x = match (a.get(i), b.get(j)) {
+            (Some(&x), Some(&y)) => x.min(y),
+            (Some(&x), None) | (None, Some(&x)) => x,
+            (None, None) => break,
+        };
+        while i < n1 && a[i] <= x {
+            i += 1;
+        }
+        while j < n2 && b[j] <= x {
+            j += 1;
+        }
+        h = h.max((i as i64 * n2 as i64 - j as i64 * n1 as i64).abs());
+    }
+    let d = h as f64 / (n1 as f64 * n2 as f64);
+    if h == 0 {
+        return Some((d, 1.0));
+    }
+    let p = if n1 as u64 * n2 as u64 <= EXACT_KS_PAIRS {
+        1.0 - ks_paths_inside(n1, n2, h)
+    } else {
+        let en = (n1 as f64 * n2 as f64) / (n1 + n2) as f64;
+        kolmogorov_sf(en.sqrt() * d)
+    };
+    Some((d, p.clamp(0.0, 1.0)))
+}
+
+/// The share of monotone lattice paths from (0, 0) to (n1, n2) that keep |i n2 - j n1| < h at
+/// every point: P(D < h / (n1 n2)) for two samples from one continuous distribution. Each cell
+/// holds paths(i, j) / C(i + j, i), which stays within [0, 1], one row at a time.
+fn ks_paths_inside(n1: usize, n2: usize, h: i64) -> f64 {
+    let mut row = vec![0.0f64; n2 + 1];
+    for i in 0..=n1 {
+        for j in 0..=n2 {
+            let inside = (i as i64 * n2 as i64 - j as i64 * n1 as i64).abs() < h;
+            row[j] = if !inside {
+                0.0
+            } else if i == 0 && j == 0 {
+                1.0
+            } else {
+                let total = (i + j) as f64;
+                let from_below = if i > 0 {
+                    row[j] * i as f64 / total
+                } else {
+                    0.0
+                };
+                let from_left = if j > 0 {
+                    row[j - 1] * j as f64 / total
+                } else {
+                    0.0
+                };
+                from_below + from_left
+            };
+        }
+    }
+    row[n2]
+}
+
+/// Kolmogorov's limiting survival function, 2 Σ (-1)^(k-1) exp(-2 k² z²).
+fn kolmogorov_sf(z: f64) -> f64 {
+    if z < 0.2 {
+        return 1.0;
+    }
+    let mut sum = 0.0;
+    for k in 1..=100 {
+        let term = (-2.0 * (k * k) as f64 * z * z).exp();
+        sum += if k % 2 == 1 { term } else { -term };
+        if term < 1e-16 {
+            break;
+        }
+    }
+    (2.0 * sum).clamp(0.0, 1.0)
+}
+
+/// The first Wasserstein distance between two samples' empirical distributions (scipy's
+/// `wasserstein_distance(a, b)`): the area between their distribution functions.
+pub fn wasserstein(a: &[f64], b: &[f64]) -> Option<f64> {
+    let (a, b) = (sorted(a), sorted(b));
+    if a.is_empty() || b.is_empty() {
+        return None;
+    }
+    let mut all: Vec<f64> = a.iter().chain(&b).copied().collect();
+    all.sort_by(f64::total_cmp);
+    let (n1, n2) = (a.len() as f64, b.len() as f64);
+    let (mut i, mut j, mut area) = (0usize, 0usize, 0.0);
+    for pair in all.windows(2) {
+        while i < a.len() && a[i] <= pair[0] {
+            i += 1;
+        }
+        while j < b.len() && b[j] <= pair[0] {
+            j += 1;
+        }
+        area += (i as f64 / n1 - j as f64 / n2).abs() * (pair[1] - pair[0]);
+    }
+    Some(area)
+}
+
+/// Pearson's chi-square goodness of fit of observed counts to expected ones (scipy's
+/// `chisquare(observed, expected)`, which wants both to add up alike): the statistic and its
+/// p-value with one degree of freedom fewer than categories. A category observed but not
+/// expected makes the statistic infinite and the p-value 0.
+pub fn chi_square_fit(observed: &[f64], expected: &[f64]) -> Option<(f64, f64)> {
+    if observed.len() < 2 || observed.len() != expected.len() {
+        return None;
+    }
+    let mut statistic = 0.0;
+    for (&o, &e) in observed.iter().zip(expected) {
+        if e > 0.0 {
+            statistic += (o - e) * (o - e) / e;
+        } else if o > 0.0 {
+            return Some((f64::INFINITY, 0.0));
+        }
+    }
+    let dof = (observed.len() - 1) as f64;
+    let p_value = 1.0 - ChiSquared::new(dof).ok()?.cdf(statistic);
+    Some((statistic, p_value))
+}
+
+/// The Jensen–Shannon distance between two distributions over the same bins, natural log
+/// (scipy's `spatial.distance.jensenshannon(p, q)`); each is normalised first.
+pub fn jensen_shannon(p: &[f64], q: &[f64]) -> Option<f64> {
+    let (sp, sq): (f64, f64) = (p.iter().sum(), q.iter().sum());
+    if p.len() != q.len() || sp <= 0.0 || sq <= 0.0 {
+        return None;
+    }
+    let kl = |x: f64, m: f64| if x > 0.0 { x * (x / m).ln() } else { 0.0 };
+    let mut divergence = 0.0;
+    for (&a, &b) in p.iter().zip(q) {
+        let (a, b) = (a / sp, b / sq);
+        let m = (a + b) / 2.0;
+        divergence += (kl(a, m) + kl(b, m)) / 2.0;
+    }
+    Some(divergence.max(0.0).sqrt())
+}
+
+/// The population stability index of current against reference shares over the same bins:
+/// Σ (c - r) ln(c / r), empty bins counted as 0.0001 (as Evidently does).
+pub fn psi(reference: &[f64], current: &[f64]) -> Option<f64> {
+    let (sr, sc): (f64, f64) = (reference.iter().sum(), current.iter().sum());
+    if reference.len() != current.len() || sr <= 0.0 || sc <= 0.0 {
+        return None;
+    }
+    let share = |count: f64, total: f64| (count / total).max(0.0001);
+    Some(
+        reference
+            .iter()
+            .zip(current)
+            .map(|(&r, &c)| {
+                let (r, c) = (share(r, sr), share(c, sc));
+                (c - r) * (c / r).ln()
+            })
+            .sum(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,5 +566,67 @@ mod tests {
             same.low <= 0.0 && 0.0 <= same.high && same.p_value > 0.9,
             "{same:?}"
         );
+    }
+
+    fn uniform(n: usize, step: usize, modulus: usize, scale: f64) -> Vec<f64> {
+        (0..n)
+            .map(|i| (i * step % modulus) as f64 / modulus as f64 * scale)
+            .collect()
+    }
+
+    #[test]
+    fn kolmogorov_smirnov_matches_scipy() {
+        // a = [(i * 7919 % 1000) / 1000 for i in range(300)],
+        // b = [(i * 104729 % 997) / 997 * 1.3 for i in range(200)]:
+        // scipy.stats.ks_2samp(a, b) = (0.216667, 2.15856e-05); (a[:40], b[:30]) = (0.2, 0.450854).
+        let a = uniform(300, 7919, 1000, 1.0);
+        let b = uniform(200, 104729, 997, 1.3);
+        let (d, p) = ks_two_sample(&a, &b).unwrap();
+        close(d, 0.2166667, 1e-6);
+        close(p, 2.1585555e-5, 1e-9);
+        let (d, p) = ks_two_sample(&a[..40], &b[..30]).unwrap();
+        close(d, 0.2, 1e-12);
+        close(p, 0.4508544, 1e-6);
+        // Ties: [i % 5 for i in range(100)] against [(i % 7) * 0.8 for i in range(80)]:
+        // (0.2125, 0.0311379).
+        let c: Vec<f64> = (0..100).map(|i| (i % 5) as f64).collect();
+        let e: Vec<f64> = (0..80).map(|i| (i % 7) as f64 * 0.8).collect();
+        let (d, p) = ks_two_sample(&c, &e).unwrap();
+        close(d, 0.2125, 1e-12);
+        close(p, 0.0311379, 1e-6);
+        assert_eq!(ks_two_sample(&a, &a).unwrap(), (0.0, 1.0));
+        // 1000 against 1000 (scipy's exact attempt gives up and answers asymptotically, 0.199574).
+        let (d, p) = ks_two_sample(
+            &uniform(1000, 7919, 1000, 1.0),
+            &uniform(1000, 104729, 997, 1.05),
+        )
+        .unwrap();
+        close(d, 0.048, 1e-12);
+        close(p, 0.199574, 5e-3);
+    }
+
+    #[test]
+    fn wasserstein_jensen_shannon_and_chi_square_fit_match_scipy() {
+        // scipy.stats.wasserstein_distance(a, b) = 0.1316591 (a, b as above); with ties 0.42.
+        let a = uniform(300, 7919, 1000, 1.0);
+        let b = uniform(200, 104729, 997, 1.3);
+        close(wasserstein(&a, &b).unwrap(), 0.1316591, 1e-6);
+        let c: Vec<f64> = (0..100).map(|i| (i % 5) as f64).collect();
+        let e: Vec<f64> = (0..80).map(|i| (i % 7) as f64 * 0.8).collect();
+        close(wasserstein(&c, &e).unwrap(), 0.42, 1e-9);
+        // scipy.spatial.distance.jensenshannon([.2, .5, .3], [.25, .45, .3]) = 0.0452765.
+        close(
+            jensen_shannon(&[0.2, 0.5, 0.3], &[25.0, 45.0, 30.0]).unwrap(),
+            0.0452765,
+            1e-6,
+        );
+        // scipy.stats.chisquare([30, 50, 20], [25, 55, 20]) = (1.454545, 0.483225).
+        let (statistic, p) = chi_square_fit(&[30.0, 50.0, 20.0], &[25.0, 55.0, 20.0]).unwrap();
+        close(statistic, 1.454545, 1e-6);
+        close(p, 0.4832251, 1e-6);
+        assert_eq!(chi_square_fit(&[3.0, 1.0], &[4.0, 0.0]).unwrap().1, 0.0);
+        // Same shares: no instability; a shifted one: PSI > 0.
+        close(psi(&[10.0, 20.0], &[1.0, 2.0]).unwrap(), 0.0, 1e-12);
+        assert!(psi(&[50.0, 50.0], &[90.0, 10.0]).unwrap() > 0.5);
     }
 }

@@ -78,6 +78,15 @@ async fn a_trained_fraud_model_is_registered_served_and_scores_as_evaluated() {
         .map(|c| c.as_u64().unwrap())
         .sum();
     assert_eq!(Some(counted), baseline["rows"].as_u64(), "{baseline}");
+    let usable = marquee_registry::baseline::DriftBaseline::from_manifest(baseline)
+        .expect("a baseline the drift monitor can test against");
+    assert_eq!(usable.prediction.name, "prediction");
+    assert!(
+        usable
+            .inputs
+            .iter()
+            .all(|c| !c.values.is_empty() && c.values.len() <= 1000)
+    );
 
     // Served from the registry, the test rows get the scores the evaluation computed.
     let scored = read_parquet(&work.join("fraud-test-scores.parquet"));

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use crate::drift::{DriftMonitor, ObservedRow};
 use crate::error::ServingError;
 use crate::infer::{InferRequest, RequestedOutput};
 use crate::metrics::Metrics;
@@ -38,12 +39,22 @@ use steps::Column;
 pub struct ModelPipeline {
     pub pipeline: Pipeline,
     pub cache: Option<ResponseCache>,
+    /// The version's manifest `drift_baseline`, for the drift monitor.
+    pub drift_baseline: Value,
+    /// The pipeline's feature names, the drift monitor's columns.
+    pub feature_names: Vec<String>,
 }
 
 impl ModelPipeline {
-    pub fn new(pipeline: Pipeline) -> Self {
+    pub fn new(pipeline: Pipeline, drift_baseline: Value) -> Self {
         let cache = pipeline.cache.map(ResponseCache::new);
-        Self { pipeline, cache }
+        let feature_names = pipeline.features.iter().map(|f| f.name.clone()).collect();
+        Self {
+            pipeline,
+            cache,
+            drift_baseline,
+            feature_names,
+        }
     }
 }
 
@@ -202,6 +213,8 @@ pub struct Predictor {
     pub max_instances: usize,
     /// Where answers are logged; `None` with `--event-sink none`.
     pub log: Option<PredictionLog>,
+    /// Judges the inputs and predictions of each version against its baseline.
+    pub drift: Option<Arc<DriftMonitor>>,
 }
 
 /// Chunks (requests of at most `max_batch_size` rows) one `/v1/predict` request keeps queued at
@@ -414,6 +427,25 @@ impl Predictor {
                 latency_ms,
             };
             log.predictions(answered, &instances, &predictions);
+        }
+        if let Some(drift) = &self.drift {
+            let rows: Vec<ObservedRow<'_>> = predictions
+                .iter()
+                .filter_map(|p| {
+                    Some(ObservedRow {
+                        inputs: p.inputs.as_deref()?,
+                        prediction: p.prediction.as_ref(),
+                        label: p.label.as_deref(),
+                    })
+                })
+                .collect();
+            drift.observe(
+                &request.model,
+                model.spec().version,
+                &declared.feature_names,
+                &declared.drift_baseline,
+                &rows,
+            );
         }
         Ok(PredictResponse {
             model: request.model,

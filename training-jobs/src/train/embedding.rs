@@ -13,9 +13,9 @@ use marquee_registry::PushFile;
 use marquee_registry::manifest::GateOp;
 use serde_json::{Value, json};
 
-use super::baseline::{DriftBaseline, Histogram, InputHistogram};
 use super::{Candidate, ServedVersion, TrainOptions, Trained};
 use crate::TrainingError;
+use marquee_registry::baseline::{ColumnBaseline, DriftBaseline};
 
 const TRAINER: &str = include_str!("../../trainers/embedding.py");
 
@@ -238,12 +238,9 @@ fn baseline(report: &Value, served: &[Vec<f32>]) -> DriftBaseline {
     }
     let to_centre: Vec<f64> = served.iter().map(|v| cosine(v, &centre)).collect();
     DriftBaseline {
-        rows: served.len(),
-        inputs: vec![InputHistogram {
-            name: "tokens".into(),
-            histogram: Histogram::of(&tokens),
-        }],
-        prediction: Histogram::of(&to_centre),
+        rows: served.len() as u64,
+        inputs: vec![ColumnBaseline::numeric("tokens", &tokens)],
+        prediction: ColumnBaseline::numeric("cosine_to_centre", &to_centre),
     }
 }
 

@@ -18,10 +18,10 @@ use marquee_registry::PushFile;
 use marquee_registry::manifest::GateOp;
 use serde_json::json;
 
-use super::baseline::{DriftBaseline, Histogram, InputHistogram};
 use super::{Evaluator, TrainOptions, Trained, column, numbers, times_ms};
 use crate::TrainingError;
 use crate::metrics::{recall_at_fpr, roc_auc};
+use marquee_registry::baseline::{ColumnBaseline, DriftBaseline};
 
 const TRAINER: &str = include_str!("../../trainers/fraud.py");
 
@@ -136,19 +136,19 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
     let judged = super::judge("fraud", &gates, &metrics)?;
 
     let baseline = DriftBaseline {
-        rows: train.len(),
+        rows: train.len() as u64,
         inputs: COLUMNS
             .iter()
             .enumerate()
             .map(|(c, name)| {
                 let values: Vec<f64> = train.iter().map(|&i| matrix[c][i] as f64).collect();
-                InputHistogram {
-                    name: name.to_string(),
-                    histogram: Histogram::of(&values),
-                }
+                ColumnBaseline::numeric(name, &values)
             })
             .collect(),
-        prediction: Histogram::of(&evaluator_scores(&mut evaluator, &matrix, &train)?),
+        prediction: ColumnBaseline::numeric(
+            "prediction",
+            &evaluator_scores(&mut evaluator, &matrix, &train)?,
+        ),
     };
     let manifest = json!({
         "schema_version": marquee_registry::manifest::SCHEMA_VERSION,

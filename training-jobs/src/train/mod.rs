@@ -6,7 +6,6 @@
 //! fallback, and push it to the registry with its metrics, lineage, drift baseline and pipeline.
 //! The jobs differ in their data and their measures; these steps are shared.
 
-pub mod baseline;
 pub mod embedding;
 pub mod fraud;
 pub mod movie_index;
@@ -495,6 +494,8 @@ impl Candidate {
             http_port: 0,
             grpc_port: 0,
             metrics_port: 0,
+            // The evaluation's rows are the held-out set, not traffic: nothing to watch.
+            drift_window_rows: 0,
             ..ServeConfig::default()
         };
         let server = Server::start(&config).await.map_err(|e| {

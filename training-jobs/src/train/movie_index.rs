@@ -17,9 +17,9 @@ use marquee_registry::manifest::GateOp;
 use marquee_registry::{PushFile, Registry, Stage};
 use serde_json::{Value, json};
 
-use super::baseline::{DriftBaseline, Histogram, InputHistogram};
 use super::{Candidate, ServedVersion, TrainOptions, Trained};
 use crate::TrainingError;
+use marquee_registry::baseline::{ColumnBaseline, DriftBaseline};
 
 const TRAINER: &str = include_str!("../../trainers/movie_index.py");
 
@@ -300,12 +300,9 @@ fn baseline(report: &Value, answers: &[Value]) -> DriftBaseline {
         .filter_map(|answer| answer["outputs"]["movies"][0]["score"].as_f64())
         .collect();
     DriftBaseline {
-        rows: answers.len(),
-        inputs: vec![InputHistogram {
-            name: "tokens".into(),
-            histogram: Histogram::of(&tokens),
-        }],
-        prediction: Histogram::of(&best),
+        rows: answers.len() as u64,
+        inputs: vec![ColumnBaseline::numeric("tokens", &tokens)],
+        prediction: ColumnBaseline::numeric("best_score", &best),
     }
 }
 

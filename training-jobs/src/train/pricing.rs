@@ -23,11 +23,11 @@ use marquee_registry::PushFile;
 use marquee_registry::manifest::GateOp;
 use serde_json::{Value, json};
 
-use super::baseline::{DriftBaseline, Histogram, InputHistogram};
 use super::{Candidate, Evaluator, ServedVersion, TrainOptions, Trained, column, numbers};
 use crate::TrainingError;
 use crate::data::features::{SNAPSHOT_HOURS, SNAPSHOTS};
 use crate::data::market::{self, ShowDemand};
+use marquee_registry::baseline::{ColumnBaseline, DriftBaseline};
 
 const TRAINER: &str = include_str!("../../trainers/pricing.py");
 
@@ -212,21 +212,24 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
     let mut evaluator = Evaluator::onnx(options, &model, "X", "occupancy")?;
     let predicted = evaluator.score(&super::row_major(&matrix, &train), COLUMNS.len())?;
     let baseline = DriftBaseline {
-        rows: train.len(),
+        rows: train.len() as u64,
         inputs: COLUMNS
             .iter()
             .enumerate()
-            .map(|(c, name)| InputHistogram {
-                name: name.to_string(),
-                histogram: Histogram::of(
+            .map(|(c, name)| {
+                ColumnBaseline::numeric(
+                    name,
                     &train
                         .iter()
                         .map(|&q| f64::from(matrix[c][q]))
                         .collect::<Vec<_>>(),
-                ),
+                )
             })
             .collect(),
-        prediction: Histogram::of(&predicted.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()),
+        prediction: ColumnBaseline::numeric(
+            "occupancy",
+            &predicted.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
+        ),
     };
     let pushed = super::push(
         options,

@@ -31,10 +31,10 @@ use rand::SeedableRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use serde_json::{Value, json};
 
-use super::baseline::{DriftBaseline, Histogram, InputHistogram};
 use super::{Candidate, ServedVersion, TrainOptions, Trained, column};
 use crate::TrainingError;
 use crate::data::catalog::GENRES;
+use marquee_registry::baseline::{ColumnBaseline, DriftBaseline};
 
 const TRAINER: &str = include_str!("../../trainers/recommendation.py");
 
@@ -256,12 +256,9 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
         .map(|h| h.booked.len() as f64)
         .collect();
     let baseline = DriftBaseline {
-        rows: served.top_scores.len(),
-        inputs: vec![InputHistogram {
-            name: "booked_movies".into(),
-            histogram: Histogram::of(&history_lengths),
-        }],
-        prediction: Histogram::of(&served.top_scores),
+        rows: served.top_scores.len() as u64,
+        inputs: vec![ColumnBaseline::numeric("booked_movies", &history_lengths)],
+        prediction: ColumnBaseline::numeric("top_score", &served.top_scores),
     };
     let pushed = super::push(
         options,
