@@ -54,7 +54,7 @@ pub struct ColumnBaseline {
     /// Population standard deviation of all the numeric values.
     #[serde(default)]
     pub std: f64,
-    /// Rows per distinct value (numbers written as JSON writes them), when there are at most
+    /// Rows per distinct value (numbers named by [`number_key`]), when there are at most
     /// [`KEPT_CATEGORIES`]; empty otherwise.
     #[serde(default)]
     pub categories: BTreeMap<String, u64>,
@@ -65,9 +65,10 @@ pub struct ColumnBaseline {
     pub counts: Vec<u64>,
 }
 
-/// How a number is named as a category (`1` and `1.0` alike).
+/// How a number is named as a category: at f32 precision, the models' own (so a value the
+/// training data held as f32 and the same value served as f64 get one name; `1` and `1.0` too).
 pub fn number_key(value: f64) -> String {
-    serde_json::Number::from_f64(value).map_or_else(|| value.to_string(), |n| n.to_string())
+    (value as f32).to_string()
 }
 
 impl ColumnBaseline {
@@ -78,11 +79,13 @@ impl ColumnBaseline {
         let n = sorted.len();
         let mean = sorted.iter().sum::<f64>() / n.max(1) as f64;
         let std = (sorted.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n.max(1) as f64).sqrt();
+        // Midpoint quantiles: each kept value stands for 1/KEPT_VALUES of the rows, so the
+        // extremes weigh what they weigh in the data (a heavy tail's maximum would not).
         let kept = if n <= KEPT_VALUES {
             sorted.clone()
         } else {
             (0..KEPT_VALUES)
-                .map(|k| sorted[k * (n - 1) / (KEPT_VALUES - 1)])
+                .map(|k| sorted[((2 * k + 1) * n / (2 * KEPT_VALUES)).min(n - 1)])
                 .collect()
         };
         let mut categories = BTreeMap::new();
@@ -178,8 +181,9 @@ mod tests {
         let large: Vec<f64> = (0..100_000).map(|i| f64::from(i) / 100.0).collect();
         let column = ColumnBaseline::numeric("x", &large);
         assert_eq!((column.rows, column.values.len()), (100_000, KEPT_VALUES));
-        assert_eq!(column.values[0], 0.0);
-        assert_eq!(*column.values.last().unwrap(), 999.99);
+        // Midpoints of 1000 equal shares of 0.00 ..= 999.99.
+        assert_eq!(column.values[0], 0.5);
+        assert_eq!(*column.values.last().unwrap(), 999.5);
         // Population standard deviation of a uniform grid: range / sqrt(12).
         assert!(
             (column.std - 1000.0 / 12f64.sqrt()).abs() < 0.1,
@@ -195,8 +199,9 @@ mod tests {
         let column = ColumnBaseline::numeric("flag", &flags);
         assert_eq!(
             column.categories,
-            BTreeMap::from([("0.0".into(), 90), ("1.0".into(), 10)])
+            BTreeMap::from([("0".into(), 90), ("1".into(), 10)])
         );
+        assert_eq!(number_key(0.1), number_key(f64::from(0.1f32)));
         assert_eq!(
             (column.edges.as_slice(), column.counts.as_slice()),
             (&[0.0][..], &[90, 10][..])
@@ -212,7 +217,7 @@ mod tests {
     #[test]
     fn old_histogram_only_baselines_are_not_usable() {
         let old = serde_json::json!({"rows": 10, "inputs": [{"name": "x", "edges": [1.0], "counts": [5, 5]}],
-                                     "prediction": {"name": "prediction", "edges": [], "counts": [10]}});
+                                     "prediction": {"edges": [], "counts": [10]}});
         assert!(DriftBaseline::from_manifest(&old).is_none());
         let new = DriftBaseline {
             rows: 3,

@@ -18,6 +18,7 @@
 //! row is the only work on the request path; judging runs on a blocking thread. A window that
 //! drifts is a `drift.detected` event, and may start the model's `--drift-command`.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -43,6 +44,11 @@ pub const DISTANCE_THRESHOLD: f64 = 0.1;
 pub const PREDICTION: &str = "prediction";
 /// Windows of a version kept for `GET /v1/models/{name}/drift`.
 const KEPT_REPORTS: usize = 10;
+/// Closed windows of a version that may wait while one is judged; past it the oldest waiting
+/// one is dropped (and counted), so judging never falls behind without bound.
+const WAITING_WINDOWS: usize = 1;
+/// Longest a drift command may run before it is killed.
+const COMMAND_LIMIT: Duration = Duration::from_secs(3600);
 
 /// `marquee serve`'s drift settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,39 +136,63 @@ enum Cell<'a> {
 struct ColumnWindow {
     numbers: Vec<f64>,
     categories: BTreeMap<String, u64>,
+    /// Numbers per distinct f32 value.
+    number_counts: BTreeMap<u32, u64>,
     /// More distinct values than are counted.
     overflowed: bool,
     rows: usize,
 }
 
 impl ColumnWindow {
+    /// One value; numbers are counted by their bits at f32 precision (no text per row).
     fn push(&mut self, cell: Cell<'_>) {
         self.rows += 1;
-        let key = match cell {
+        if self.overflowed {
+            if let Cell::Number(value) = cell {
+                self.numbers.push(value);
+            }
+            return;
+        }
+        let distinct = self.categories.len() + self.number_counts.len();
+        match cell {
             Cell::Number(value) => {
                 self.numbers.push(value);
-                if self.overflowed {
-                    return;
+                let bits = (value as f32).to_bits();
+                match self.number_counts.get_mut(&bits) {
+                    Some(count) => *count += 1,
+                    None if distinct < KEPT_CATEGORIES => {
+                        self.number_counts.insert(bits, 1);
+                    }
+                    None => self.overflow(),
                 }
-                number_key(value)
             }
-            Cell::Category(value) => {
-                if self.overflowed {
-                    return;
+            Cell::Category(value) => match self.categories.get_mut(value) {
+                Some(count) => *count += 1,
+                None if distinct < KEPT_CATEGORIES => {
+                    self.categories.insert(value.to_string(), 1);
                 }
-                if let Some(count) = self.categories.get_mut(value) {
-                    *count += 1;
-                    return;
-                }
-                value.to_string()
-            }
-        };
-        if self.categories.len() >= KEPT_CATEGORIES && !self.categories.contains_key(&key) {
-            self.overflowed = true;
-            self.categories.clear();
-        } else {
-            *self.categories.entry(key).or_insert(0) += 1;
+                None => self.overflow(),
+            },
         }
+    }
+
+    fn overflow(&mut self) {
+        self.overflowed = true;
+        self.categories.clear();
+        self.number_counts.clear();
+    }
+
+    /// Rows per distinct value, named as the baseline names them; empty once overflowed.
+    fn counts(&self) -> BTreeMap<String, u64> {
+        let numbers = self
+            .number_counts
+            .iter()
+            .map(|(&bits, &n)| (number_key(f64::from(f32::from_bits(bits))), n));
+        let mut counts: BTreeMap<String, u64> = self.categories.clone();
+        for (key, n) in numbers {
+            *counts.entry(key).or_insert(0) += n;
+        }
+        counts
     }
 
     /// This window's values as a baseline (for a version without one).
@@ -170,7 +200,7 @@ impl ColumnWindow {
         if self.numbers.is_empty() && self.rows > 0 {
             let mut column = ColumnBaseline::categorical(name, std::iter::empty());
             column.rows = self.rows as u64;
-            column.categories = self.categories.clone();
+            column.categories = self.counts();
             column
         } else {
             ColumnBaseline::numeric(name, &self.numbers)
@@ -214,6 +244,12 @@ struct VersionDrift {
     windows_drifted: u64,
     /// Whether the last judged window drifted (a command starts on the change only).
     drifting: bool,
+    /// Closed windows waiting to be judged, oldest first (at most [`WAITING_WINDOWS`]).
+    pending: std::collections::VecDeque<(Window, Arc<Baseline>)>,
+    /// Whether a thread is judging this version's windows (one at a time, in order).
+    judging: bool,
+    /// Windows dropped unjudged: they closed faster than they could be judged.
+    windows_skipped: u64,
 }
 
 /// A version's monitor, shared by the requests that record rows and the judging thread.
@@ -230,6 +266,8 @@ pub struct ObservedRow<'a> {
 /// The monitor of every model version `/v1/predict` answers with.
 pub struct DriftMonitor {
     config: DriftConfig,
+    /// `window_seconds`, checked.
+    window_time: Duration,
     /// Per model, per version.
     versions: RwLock<HashMap<String, BTreeMap<u64, SharedVersion>>>,
     events: Option<EventLog>,
@@ -320,6 +358,12 @@ impl DriftMonitor {
         events: Option<EventLog>,
         registry: Option<&Registry>,
     ) -> Result<Self, String> {
+        let window_time = Duration::try_from_secs_f64(config.window_seconds).map_err(|_| {
+            format!(
+                "--drift-window-seconds must be a number of seconds, not {}",
+                config.window_seconds
+            )
+        })?;
         if !(config.drift_share > 0.0 && config.drift_share <= 1.0) {
             return Err(format!(
                 "--drift-share must be within (0, 1], not {}",
@@ -332,6 +376,7 @@ impl DriftMonitor {
             .map_err(|e| format!("drift metrics: {e}"))?;
         Ok(Self {
             config,
+            window_time,
             versions: RwLock::new(HashMap::new()),
             events,
             metrics,
@@ -357,19 +402,53 @@ impl DriftMonitor {
             return;
         }
         let state = self.state(model, version, features, baseline);
-        let closed = {
+        let start = {
             let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
             for row in rows {
                 record(&mut state.window, row);
             }
-            self.close_if_due(&mut state)
+            if let Some(closed) = self.close_if_due(&mut state) {
+                if state.pending.len() >= WAITING_WINDOWS {
+                    state.pending.pop_front();
+                    state.windows_skipped += 1;
+                    self.count_window(model, version, "skipped");
+                }
+                state.pending.push_back(closed);
+            }
+            let start = !state.judging && !state.pending.is_empty();
+            state.judging |= start;
+            start
         };
-        if let Some((window, baseline)) = closed {
+        if start {
             let monitor = self.clone();
-            let (model, names) = (model.to_string(), features.to_vec());
-            tokio::task::spawn_blocking(move || {
-                monitor.judged(&model, version, &state, &names, &window, &baseline)
-            });
+            let model = model.to_string();
+            tokio::task::spawn_blocking(move || monitor.judge_pending(&model, version, &state));
+        }
+    }
+
+    fn count_window(&self, model: &str, version: u64, result: &str) {
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .windows
+                .with_label_values(&[model, &version.to_string(), result])
+                .inc();
+        }
+    }
+
+    /// Judges a version's closed windows one after another, until none waits.
+    fn judge_pending(self: &Arc<Self>, model: &str, version: u64, state: &Mutex<VersionDrift>) {
+        loop {
+            let (window, baseline, names) = {
+                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                match state.pending.pop_front() {
+                    Some((window, baseline)) => (window, baseline, state.names.clone()),
+                    None => {
+                        state.judging = false;
+                        return;
+                    }
+                }
+            };
+            self.judged(model, version, state, &names, &window, &baseline);
         }
     }
 
@@ -380,12 +459,17 @@ impl DriftMonitor {
         features: &[String],
         baseline: &Value,
     ) -> SharedVersion {
+        let known = |state: &SharedVersion| {
+            let state = state.lock().unwrap_or_else(|p| p.into_inner());
+            state.names.len() == features.len() + 1 && state.names[..features.len()] == *features
+        };
         if let Some(state) = self
             .versions
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(model)
             .and_then(|versions| versions.get(&version))
+            .filter(|state| known(state))
         {
             return state.clone();
         }
@@ -403,6 +487,8 @@ impl DriftMonitor {
                 columns,
             })
         });
+        // A baseline that names none of the columns judges nothing: the first rows instead.
+        let baseline = baseline.filter(|b| names.iter().any(|n| b.columns.contains_key(n)));
         let fresh = VersionDrift {
             window: Window::new(names.len()),
             names,
@@ -411,15 +497,26 @@ impl DriftMonitor {
             windows_judged: 0,
             windows_drifted: 0,
             drifting: false,
+            pending: std::collections::VecDeque::new(),
+            judging: false,
+            windows_skipped: 0,
         };
-        self.versions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut versions = self.versions.write().unwrap_or_else(|p| p.into_inner());
+        match versions
             .entry(model.to_string())
             .or_default()
             .entry(version)
-            .or_insert_with(|| Arc::new(Mutex::new(fresh)))
-            .clone()
+        {
+            // Another request made it meanwhile.
+            Entry::Occupied(state) if known(state.get()) => state.get().clone(),
+            // The version came back with another pipeline: its old state no longer fits.
+            Entry::Occupied(mut state) => {
+                let fresh = Arc::new(Mutex::new(fresh));
+                state.insert(fresh.clone());
+                fresh
+            }
+            Entry::Vacant(slot) => slot.insert(Arc::new(Mutex::new(fresh))).clone(),
+        }
     }
 
     /// Takes the window when it is due: the rows that make a missing baseline, or a window to
@@ -443,8 +540,7 @@ impl DriftMonitor {
             return None;
         };
         let timed_out = rows >= self.config.min_window_rows.max(1)
-            && state.window.started.elapsed()
-                >= Duration::from_secs_f64(self.config.window_seconds);
+            && state.window.started.elapsed() >= self.window_time;
         (rows >= self.config.window_rows || timed_out).then(|| {
             let window = std::mem::replace(&mut state.window, Window::new(state.names.len()));
             (window, baseline)
@@ -453,7 +549,7 @@ impl DriftMonitor {
 
     /// Judges a closed window, keeps the report and announces it.
     fn judged(
-        &self,
+        self: &Arc<Self>,
         model: &str,
         version: u64,
         state: &Mutex<VersionDrift>,
@@ -469,16 +565,7 @@ impl DriftMonitor {
             baseline,
             self.config.drift_share,
         ));
-        let started_drifting = {
-            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-            state.windows_judged += 1;
-            state.windows_drifted += u64::from(report.dataset_drift);
-            state.reports.insert(0, report.clone());
-            state.reports.truncate(KEPT_REPORTS);
-            let started = report.dataset_drift && !state.drifting;
-            state.drifting = report.dataset_drift;
-            started
-        };
+        // Metrics first, then the report: whoever sees the report sees its metrics too.
         let version_label = version.to_string();
         if let Some(metrics) = &self.metrics {
             let result = if report.dataset_drift {
@@ -505,6 +592,16 @@ impl DriftMonitor {
                 }
             }
         }
+        let started_drifting = {
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            state.windows_judged += 1;
+            state.windows_drifted += u64::from(report.dataset_drift);
+            state.reports.insert(0, report.clone());
+            state.reports.truncate(KEPT_REPORTS);
+            let started = report.dataset_drift && !state.drifting;
+            state.drifting = report.dataset_drift;
+            started
+        };
         if !report.dataset_drift {
             return;
         }
@@ -536,44 +633,71 @@ impl DriftMonitor {
         }
     }
 
-    /// Starts the model's drift command, unless one is running for it.
-    fn start_command(&self, model: &str, version: u64, command: &str, report: &DriftReport) {
-        let outcome = |outcome: &str| {
-            if let Some(metrics) = &self.metrics {
-                metrics.commands.with_label_values(&[model, outcome]).inc();
-            }
-        };
+    /// Starts the model's drift command on a thread of its own, unless one is running for the
+    /// model; it is killed after [`COMMAND_LIMIT`].
+    fn start_command(
+        self: &Arc<Self>,
+        model: &str,
+        version: u64,
+        command: &str,
+        report: &DriftReport,
+    ) {
         if !self
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(model.to_string())
         {
-            outcome("skipped");
+            self.count_command(model, "skipped");
             return;
         }
-        let report = serde_json::to_string(report).unwrap_or_default();
-        let status = std::process::Command::new("sh")
+        let child = std::process::Command::new("sh")
             .arg("-c")
             .arg(command)
             .env("MARQUEE_DRIFT_MODEL", model)
             .env("MARQUEE_DRIFT_VERSION", version.to_string())
-            .env("MARQUEE_DRIFT_REPORT", report)
-            .status();
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(model);
-        match status {
-            Ok(status) if status.success() => outcome("succeeded"),
-            Ok(status) => {
-                tracing::warn!(model, command, %status, "drift command failed");
-                outcome("failed");
-            }
-            Err(error) => {
-                tracing::warn!(model, command, %error, "drift command did not start");
-                outcome("failed");
-            }
+            .env(
+                "MARQUEE_DRIFT_REPORT",
+                serde_json::to_string(report).unwrap_or_default(),
+            )
+            .spawn();
+        let (monitor, model, command) = (self.clone(), model.to_string(), command.to_string());
+        std::thread::spawn(move || {
+            let outcome = match child {
+                Ok(mut child) => match wait_within(&mut child, COMMAND_LIMIT) {
+                    Ok(Some(status)) if status.success() => "succeeded",
+                    Ok(Some(status)) => {
+                        tracing::warn!(model, command, %status, "drift command failed");
+                        "failed"
+                    }
+                    Ok(None) => {
+                        tracing::warn!(model, command, "drift command ran too long; killed");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        "failed"
+                    }
+                    Err(error) => {
+                        tracing::warn!(model, command, %error, "drift command");
+                        "failed"
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(model, command, %error, "drift command did not start");
+                    "failed"
+                }
+            };
+            monitor
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&model);
+            monitor.count_command(&model, outcome);
+        });
+    }
+
+    fn count_command(&self, model: &str, outcome: &str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.commands.with_label_values(&[model, outcome]).inc();
         }
     }
 
@@ -602,6 +726,23 @@ impl DriftMonitor {
                 }
             })
             .collect()
+    }
+}
+
+/// Waits for a child process for at most `limit`; `None` when it is still running.
+fn wait_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if started.elapsed() >= limit {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -705,11 +846,12 @@ fn judge_column(name: &str, reference: &ColumnBaseline, current: &ColumnWindow) 
             "text: more distinct values than are counted, and not numbers",
         );
     }
+    let current_counts = current.counts();
     let keys: BTreeSet<&String> = if counted {
         reference
             .categories
             .keys()
-            .chain(current.categories.keys())
+            .chain(current_counts.keys())
             .collect()
     } else {
         BTreeSet::new()
@@ -732,7 +874,7 @@ fn judge_column(name: &str, reference: &ColumnBaseline, current: &ColumnWindow) 
             (DriftTest::Wasserstein, distance, None)
         }
     } else {
-        let (expected, observed) = (counts(&reference.categories), counts(&current.categories));
+        let (expected, observed) = (counts(&reference.categories), counts(&current_counts));
         if !small {
             let distance = stats::jensen_shannon(&expected, &observed).unwrap_or(0.0);
             (DriftTest::JensenShannon, distance, None)
@@ -766,7 +908,7 @@ fn judge_column(name: &str, reference: &ColumnBaseline, current: &ColumnWindow) 
         let expected: Vec<f64> = reference.counts.iter().map(|&c| c as f64).collect();
         stats::psi(&expected, &bins)
     } else if counted {
-        stats::psi(&counts(&reference.categories), &counts(&current.categories))
+        stats::psi(&counts(&reference.categories), &counts(&current_counts))
     } else {
         None
     };

@@ -24,9 +24,12 @@ pub struct ResponseCache {
 
 #[derive(Default)]
 struct Entries {
-    answers: HashMap<CacheKey, (Instant, CachedAnswer)>,
-    /// Keys in insertion order, for eviction.
-    order: VecDeque<CacheKey>,
+    /// Each answer with when it was stored and its insertion number.
+    answers: HashMap<CacheKey, (Instant, CachedAnswer, u64)>,
+    /// Keys in insertion order, for eviction. A refreshed key is pushed again and its older
+    /// place skipped when it comes up (its number no longer matches): refreshing costs no scan.
+    order: VecDeque<(CacheKey, u64)>,
+    inserted: u64,
 }
 
 impl ResponseCache {
@@ -56,38 +59,50 @@ impl ResponseCache {
 
     /// A fresh answer (younger than the TTL).
     pub fn fresh(&self, key: &CacheKey) -> Option<CachedAnswer> {
-        let entries = self.entries.lock().expect("cache lock");
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
             .answers
             .get(key)
-            .filter(|(at, _)| at.elapsed() < self.spec.ttl)
-            .map(|(_, answer)| answer.clone())
+            .filter(|(at, _, _)| at.elapsed() < self.spec.ttl)
+            .map(|(_, answer, _)| answer.clone())
     }
 
     /// Any answer still held, however old: for when the alternative is no answer at all.
     pub fn any(&self, key: &CacheKey) -> Option<(Duration, CachedAnswer)> {
-        let entries = self.entries.lock().expect("cache lock");
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
             .answers
             .get(key)
-            .map(|(at, answer)| (at.elapsed(), answer.clone()))
+            .map(|(at, answer, _)| (at.elapsed(), answer.clone()))
     }
 
     pub fn insert(&self, key: CacheKey, answer: CachedAnswer) {
-        let mut entries = self.entries.lock().expect("cache lock");
-        if entries
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let number = entries.inserted;
+        entries.inserted += 1;
+        entries
             .answers
-            .insert(key, (Instant::now(), answer))
-            .is_some()
-        {
-            // A refreshed answer is the newest again, not the first to go.
-            entries.order.retain(|k| *k != key);
-        }
-        entries.order.push_back(key);
-        while entries.order.len() > self.spec.max_entries {
-            if let Some(old) = entries.order.pop_front() {
+            .insert(key, (Instant::now(), answer, number));
+        // A refreshed answer is the newest again, not the first to go.
+        entries.order.push_back((key, number));
+        let most = self.spec.max_entries;
+        while entries.answers.len() > most {
+            let Some((old, number)) = entries.order.pop_front() else {
+                break;
+            };
+            if entries
+                .answers
+                .get(&old)
+                .is_some_and(|(_, _, n)| *n == number)
+            {
                 entries.answers.remove(&old);
             }
+        }
+        // Skipped places pile up under refreshes: drop them all once they outnumber the
+        // answers (one scan per `max_entries` refreshes at most).
+        if entries.order.len() > 2 * most.max(1) {
+            let Entries { answers, order, .. } = &mut *entries;
+            order.retain(|(key, number)| answers.get(key).is_some_and(|(_, _, n)| n == number));
         }
     }
 }
@@ -172,5 +187,34 @@ mod tests {
         ] {
             assert_ne!(key, ResponseCache::key("m", version, &entities, &features));
         }
+    }
+
+    #[test]
+    fn a_refreshed_answer_goes_last_and_refreshing_costs_no_scan() {
+        let cache = ResponseCache::new(CacheSpec {
+            ttl: Duration::from_secs(60),
+            max_entries: 3,
+        });
+        let answer = |n: usize| (serde_json::Map::new(), n);
+        for k in 0..3u8 {
+            cache.insert([k; 32], answer(k.into()));
+        }
+        cache.insert([0; 32], answer(10));
+        cache.insert([3; 32], answer(3));
+        assert!(
+            cache.fresh(&[1; 32]).is_none(),
+            "the oldest unrefreshed answer went"
+        );
+        assert_eq!(cache.fresh(&[0; 32]).map(|a| a.1), Some(10));
+        for n in 0..100 {
+            cache.insert([2; 32], answer(n));
+        }
+        let entries = cache.entries.lock().unwrap();
+        assert_eq!(entries.answers.len(), 3);
+        assert!(
+            entries.order.len() <= 6,
+            "{} places kept",
+            entries.order.len()
+        );
     }
 }

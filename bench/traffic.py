@@ -1,0 +1,218 @@
+"""What traffic management costs on the prediction path, in one run: `/v1/predict` throughput
+with routing + the prediction log + the drift monitor on, against all three off.
+
+Three `marquee serve` processes over the same repository (the shipped gbr pricing model as
+versions 1 and 2, deploy/features.toml on the in-process store) are started at once and loaded
+one at a time, in interleaved rounds, by the same closed-loop client (tests/examples/http_load.rs):
+
+* `off`: no traffic policy, `--event-sink none`, `--drift-window-rows 0`;
+* `on`: a 50/50 user-level split between the versions, every answer logged to Parquet files,
+  the drift monitor judging windows of 1000 rows;
+* `kafka`: the same with the log on a Kafka-protocol broker (tansu, loopback);
+* `route`, `log`, `drift`: each part alone (the split; the Parquet log; the drift monitor), to
+  say where the cost is.
+
+Every request names another user and another `hours_to_show`, so the response cache never
+answers and every row reaches the log and the drift windows.
+
+    .marquee/venv/bin/python bench/traffic.py [--concurrency 16] [--seconds 5] [--rounds 3]
+
+Prints per configuration the median throughput, p50/p99 latency and server CPU per request (from
+/proc), the ratios against `off` (target: `on` >= 0.9 of `off`), and the records per second the
+Kafka sink delivered; writes .marquee/bench/traffic.json.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import suite_build
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HOME = ROOT / ".marquee"
+MARQUEE = ROOT / "target" / "release" / "marquee"
+LOAD = ROOT / "target" / "release" / "examples" / "http_load"
+TANSU = HOME / "bin" / "tansu"
+OUT = HOME / "bench"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+BODY = ('{"model": "gbr", "entities": {"user_id": "user-{i}", "show_id": "show-7"},'
+        ' "features": {"hours_to_show": {i}, "is_peak_hour": true}}')
+POLICY = {"control": 1, "variants": [{"name": "b", "version": 2, "share": 50}],
+          "split": {"by": "user", "entity": "user_id"}, "salt": "bench"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, process):
+    for _ in range(600):
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} never answered")
+
+
+def repository(work):
+    """deploy/models/gbr as versions 1 and 2, both served."""
+    model = work / "models" / "gbr"
+    model.mkdir(parents=True)
+    source = ROOT / "deploy" / "models" / "gbr"
+    config = (source / "config.pbtxt").read_text() + "\nversion_policy { all { } }\n"
+    (model / "config.pbtxt").write_text(config)
+    shutil.copy(source / "pipeline.json", model / "pipeline.json")
+    for version in ("1", "2"):
+        (model / version).symlink_to(source / "1")
+    return work / "models"
+
+
+def metric(port, series):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def cpu_seconds(pid):
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+class Served:
+    def __init__(self, name, args, work):
+        self.name, self.http, self.metrics = name, free_port(), free_port()
+        self.process = subprocess.Popen(
+            [str(MARQUEE), "serve", "--model-repository", str(work / "models"), "--features",
+             str(ROOT / "deploy" / "features.toml"), "--host", "127.0.0.1", "--http-port", str(self.http),
+             "--grpc-port", str(free_port()), "--metrics-port", str(self.metrics), *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MARQUEE_LOG": "error"})
+        self.base = f"http://127.0.0.1:{self.http}"
+        self.rounds = []
+
+    def ready(self, policy):
+        wait_http(f"{self.base}/v2/health/ready", self.process)
+        if policy:
+            request = urllib.request.Request(f"{self.base}/v1/models/gbr/traffic", data=json.dumps(POLICY).encode(),
+                                             method="PUT", headers={"content-type": "application/json"})
+            urllib.request.urlopen(request).read()
+
+    def load(self, args):
+        written = metric(self.metrics, 'marquee_event_log_records_total{outcome="written",sink="kafka"}')
+        cpu = cpu_seconds(self.process.pid)
+        output = subprocess.run([str(LOAD), f"{self.base}/v1/predict", BODY, str(args.concurrency),
+                                 str(args.seconds)], check=True, capture_output=True, text=True)
+        result = json.loads(output.stdout)
+        result["cpu_ms_per_request"] = (cpu_seconds(self.process.pid) - cpu) * 1e3 / max(result["requests"], 1)
+        # The records this round handed to Kafka, once the log has caught up.
+        deadline = time.time() + 30
+        while time.time() < deadline and metric(self.metrics, 'marquee_event_log_buffered{sink="kafka"}') > 0:
+            time.sleep(0.1)
+        result["kafka_records"] = metric(
+            self.metrics, 'marquee_event_log_records_total{outcome="written",sink="kafka"}') - written
+        self.rounds.append(result)
+
+    def median(self, key):
+        return statistics.median(r[key] for r in self.rounds)
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-prepare", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_prepare:
+        subprocess.run([str(ROOT / "deploy" / "setup.sh"), "--test"], check=True)
+        suite_build.build()
+    suite_build.use_libtorch()
+    broker_port = free_port()
+    broker = subprocess.Popen(
+        [str(TANSU), "broker", "--listener-url", f"tcp://127.0.0.1:{broker_port}", "--advertised-listener-url",
+         f"tcp://127.0.0.1:{broker_port}", "--storage-engine", "memory://tansu/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = []
+    try:
+        with tempfile.TemporaryDirectory(dir=HOME) as tmp:
+            work = pathlib.Path(tmp)
+            repository(work)
+            nothing = ["--event-sink", "none", "--drift-window-rows", "0"]
+            servers = [
+                Served("off", nothing, work),
+                Served("on", ["--event-sink", "parquet", "--events-dir", str(work / "events-on")], work),
+                Served("kafka", ["--event-sink", "kafka", "--event-brokers", f"127.0.0.1:{broker_port}",
+                                 "--events-dir", str(work / "events-kafka")], work),
+                Served("route", nothing, work),
+                Served("log", ["--event-sink", "parquet", "--events-dir", str(work / "events-log"),
+                               "--drift-window-rows", "0"], work),
+                Served("drift", ["--event-sink", "none"], work),
+            ]
+            for served in servers:
+                served.ready(policy=served.name in ("on", "kafka", "route"))
+            for _ in range(args.rounds):
+                for served in servers:
+                    served.load(args)
+            for served in servers:
+                served.stop()
+    finally:
+        for served in servers:
+            if served.process.poll() is None:
+                served.process.kill()
+        broker.kill()
+        broker.wait()
+
+    print(f"\ngbr /v1/predict, HTTP JSON, concurrency {args.concurrency}, {args.rounds} rounds of "
+          f"{args.seconds:g} s, medians\n")
+    print(f"{'':7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>11} {'errors':>7}")
+    summary = {}
+    for served in servers:
+        errors = sum(r["errors"] for r in served.rounds)
+        print(f"{served.name:7} {served.median('per_second'):8.0f} {served.median('p50_ms'):8.3f} "
+              f"{served.median('p99_ms'):8.3f} {served.median('cpu_ms_per_request'):11.3f} {errors:7d}")
+        summary[served.name] = {key: served.median(key) for key in
+                                ("per_second", "p50_ms", "p99_ms", "cpu_ms_per_request")}
+    off, on, kafka = (summary[name] for name in ("off", "on", "kafka"))
+    kafka_rate = statistics.median(r["kafka_records"] / args.seconds for r in servers[2].rounds)
+    summary["ratios"] = {
+        "on_over_off_throughput": on["per_second"] / off["per_second"],
+        "kafka_over_off_throughput": kafka["per_second"] / off["per_second"],
+        "on_over_off_p99": on["p99_ms"] / off["p99_ms"],
+        "kafka_over_off_p99": kafka["p99_ms"] / off["p99_ms"],
+        "kafka_records_per_second": kafka_rate,
+        **{f"{name}_over_off_throughput": summary[name]["per_second"] / off["per_second"]
+           for name in ("route", "log", "drift")},
+    }
+    print()
+    for key, value in summary["ratios"].items():
+        print(f"{key:28} {value:10.2f}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "traffic.json").write_text(json.dumps({"rounds": {s.name: s.rounds for s in servers},
+                                                  "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
