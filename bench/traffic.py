@@ -27,7 +27,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -35,6 +34,7 @@ import time
 import urllib.request
 
 import suite_build
+from predict import free_port, wait_http
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
@@ -44,29 +44,12 @@ TANSU = HOME / "bin" / "tansu"
 OUT = HOME / "bench"
 TICKS = os.sysconf("SC_CLK_TCK")
 
+# `{i}` restarts at 0 every round, so `seats_left` carries the round: no body repeats, and the
+# response cache never answers.
 BODY = ('{"model": "gbr", "entities": {"user_id": "user-{i}", "show_id": "show-7"},'
-        ' "features": {"hours_to_show": {i}, "is_peak_hour": true}}')
+        ' "features": {"hours_to_show": {i}, "seats_left": ROUND, "is_peak_hour": true}}')
 POLICY = {"control": 1, "variants": [{"name": "b", "version": 2, "share": 50}],
           "split": {"by": "user", "entity": "user_id"}, "salt": "bench"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url, process):
-    for _ in range(600):
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} never answered")
 
 
 def repository(work):
@@ -113,10 +96,11 @@ class Served:
                                              method="PUT", headers={"content-type": "application/json"})
             urllib.request.urlopen(request).read()
 
-    def load(self, args):
+    def load(self, args, round_number):
         written = metric(self.metrics, 'marquee_event_log_records_total{outcome="written",sink="kafka"}')
         cpu = cpu_seconds(self.process.pid)
-        output = subprocess.run([str(LOAD), f"{self.base}/v1/predict", BODY, str(args.concurrency),
+        body = BODY.replace("ROUND", str(round_number))
+        output = subprocess.run([str(LOAD), f"{self.base}/v1/predict", body, str(args.concurrency),
                                  str(args.seconds)], check=True, capture_output=True, text=True)
         result = json.loads(output.stdout)
         result["cpu_ms_per_request"] = (cpu_seconds(self.process.pid) - cpu) * 1e3 / max(result["requests"], 1)
@@ -173,9 +157,9 @@ def main():
             ]
             for served in servers:
                 served.ready(policy=served.name in ("on", "kafka", "route"))
-            for _ in range(args.rounds):
+            for round_number in range(args.rounds):
                 for served in servers:
-                    served.load(args)
+                    served.load(args, round_number)
             for served in servers:
                 served.stop()
     finally:
