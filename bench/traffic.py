@@ -10,7 +10,17 @@ one at a time, in interleaved rounds, by the same closed-loop client (tests/exam
   the drift monitor judging windows of 1000 rows;
 * `kafka`: the same with the log on a Kafka-protocol broker (tansu, loopback);
 * `route`, `log`, `drift`: each part alone (the split; the Parquet log; the drift monitor), to
-  say where the cost is.
+  say where the cost is;
+* `canary`: the split at 10% (a canary's first step), beside `route`'s 50%: each version has its
+  own batcher, so a split makes smaller batches of each, and that costs more than the routing.
+
+A first round of one second per server warms it up (heap, caches, ONNX Runtime) and is not
+counted.
+
+Then the time from a broken canary to its rollback: a registry with gbr in production and
+`fails_on_large` (tests/fixtures: a data-dependent Reshape that fails every batch holding a
+large first feature) pushed after it, `POST /v1/models/gbr/deploy` under the same load, and the
+seconds and canary requests until the deployment reads `rolled_back`.
 
 Every request names another user and another `hours_to_show`, so the response cache never
 answers and every row reaches the log and the drift windows.
@@ -18,8 +28,8 @@ answers and every row reaches the log and the drift windows.
     .marquee/venv/bin/python bench/traffic.py [--concurrency 16] [--seconds 5] [--rounds 3]
 
 Prints per configuration the median throughput, p50/p99 latency and server CPU per request (from
-/proc), the ratios against `off` (target: `on` >= 0.9 of `off`), and the records per second the
-Kafka sink delivered; writes .marquee/bench/traffic.json.
+/proc), the ratios against `off` (target: `on` >= 0.9 of `off`), the records per second the
+Kafka sink delivered, and the rollback's time; writes .marquee/bench/traffic.json.
 """
 
 import argparse
@@ -48,8 +58,12 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # response cache never answers.
 BODY = ('{"model": "gbr", "entities": {"user_id": "user-{i}", "show_id": "show-7"},'
         ' "features": {"hours_to_show": {i}, "seats_left": ROUND, "is_peak_hour": true}}')
-POLICY = {"control": 1, "variants": [{"name": "b", "version": 2, "share": 50}],
-          "split": {"by": "user", "entity": "user_id"}, "salt": "bench"}
+SPLIT = {"split": {"by": "user", "entity": "user_id"}, "salt": "bench"}
+POLICIES = {share: {"control": 1, "variants": [{"name": "b", "version": 2, "share": share}], **SPLIT}
+            for share in (10, 50)}
+# What the broken canary cannot take: the first feature, standardised, over 5.
+BROKEN_BODY = ('{"model": "gbr", "entities": {"user_id": "user-{i}", "show_id": "show-7"},'
+               ' "features": {"hours_to_show": {i}, "seats_left": 3, "occupancy": 9}}')
 
 
 def repository(work):
@@ -79,22 +93,26 @@ def cpu_seconds(pid):
 
 
 class Served:
-    def __init__(self, name, args, work):
-        self.name, self.http, self.metrics = name, free_port(), free_port()
+    def __init__(self, name, args, work, share=None, source=None):
+        self.name, self.share, self.http, self.metrics = name, share, free_port(), free_port()
+        source = source or ["--model-repository", str(work / "models")]
         self.process = subprocess.Popen(
-            [str(MARQUEE), "serve", "--model-repository", str(work / "models"), "--features",
+            [str(MARQUEE), "serve", *source, "--features",
              str(ROOT / "deploy" / "features.toml"), "--host", "127.0.0.1", "--http-port", str(self.http),
              "--grpc-port", str(free_port()), "--metrics-port", str(self.metrics), *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MARQUEE_LOG": "error"})
         self.base = f"http://127.0.0.1:{self.http}"
         self.rounds = []
 
-    def ready(self, policy):
+    def ready(self):
         wait_http(f"{self.base}/v2/health/ready", self.process)
-        if policy:
-            request = urllib.request.Request(f"{self.base}/v1/models/gbr/traffic", data=json.dumps(POLICY).encode(),
-                                             method="PUT", headers={"content-type": "application/json"})
-            urllib.request.urlopen(request).read()
+        if self.share:
+            send(f"{self.base}/v1/models/gbr/traffic", POLICIES[self.share], "PUT")
+
+    def warm_up(self, args):
+        body = BODY.replace("ROUND", "-1")
+        subprocess.run([str(LOAD), f"{self.base}/v1/predict", body, str(args.concurrency), "1"],
+                       check=True, capture_output=True)
 
     def load(self, args, round_number):
         written = metric(self.metrics, 'marquee_event_log_records_total{outcome="written",sink="kafka"}')
@@ -123,6 +141,63 @@ class Served:
             self.process.kill()
 
 
+def send(url, body, method="POST"):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method=method,
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read() or b"null")
+
+
+def registry_with_a_broken_canary(work):
+    """gbr v1 in production, fails_on_large as v2, both with gbr's config and pipeline."""
+    registry = str(work / "registry")
+    source = ROOT / "deploy" / "models" / "gbr"
+    manifest = work / "manifest.json"
+    manifest.write_text(json.dumps({"pipeline": json.loads((source / "pipeline.json").read_text())}))
+
+    def cli(*args):
+        subprocess.run([str(MARQUEE), "registry", "--registry", registry, "--by", "bench", *args],
+                       check=True, capture_output=True)
+
+    for artifact in (source / "1" / "model.onnx", HOME / "fixtures" / "models" / "fails_on_large" / "1" / "model.onnx"):
+        cli("push", "gbr", str(artifact), "--config", str(source / "config.pbtxt"), "--manifest", str(manifest))
+    cli("promote", "gbr", "1", "--to", "staging")
+    cli("promote", "gbr", "1", "--to", "production", "--approved-by", "bench")
+    return registry
+
+
+def time_to_rollback(args, work):
+    """Seconds and canary requests from `POST .../deploy` of the broken version, under the
+    closed-loop load, to the deployment reading `rolled_back` (polled every 20 ms)."""
+    registry = registry_with_a_broken_canary(work)
+    served = Served("rollback", ["--event-sink", "none", "--drift-window-rows", "0"], work,
+                    source=["--registry", registry, "--registry-poll-seconds", "0.5"])
+    try:
+        served.ready()
+        load = subprocess.Popen([str(LOAD), f"{served.base}/v1/predict", BROKEN_BODY, str(args.concurrency), "15"],
+                                stdout=subprocess.PIPE, text=True)
+        time.sleep(1)
+        started = time.monotonic()
+        deployment = send(f"{served.base}/v1/models/gbr/deploy",
+                          {"version": 2, "steps": [10, 50, 100], "step_seconds": 60})
+        state = {}
+        while time.monotonic() - started < 10:
+            with urllib.request.urlopen(f"{served.base}/v1/deployments/{deployment['deployment_id']}") as response:
+                state = json.loads(response.read())
+            if state["status"] == "rolled_back":
+                break
+            time.sleep(0.02)
+        seconds = time.monotonic() - started
+        load.wait()
+        decision = state["decisions"][-1]
+        canary = (decision.get("windows") or {}).get("canary", {})
+        return {"status": state["status"], "seconds": seconds, "reason": decision["reason"],
+                "canary_requests": canary.get("requests"), "canary_errors": canary.get("server_errors"),
+                "load": json.loads(load.stdout.read())}
+    finally:
+        served.stop()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=16)
@@ -147,21 +222,25 @@ def main():
             nothing = ["--event-sink", "none", "--drift-window-rows", "0"]
             servers = [
                 Served("off", nothing, work),
-                Served("on", ["--event-sink", "parquet", "--events-dir", str(work / "events-on")], work),
+                Served("on", ["--event-sink", "parquet", "--events-dir", str(work / "events-on")], work, share=50),
                 Served("kafka", ["--event-sink", "kafka", "--event-brokers", f"127.0.0.1:{broker_port}",
-                                 "--events-dir", str(work / "events-kafka")], work),
-                Served("route", nothing, work),
+                                 "--events-dir", str(work / "events-kafka")], work, share=50),
+                Served("route", nothing, work, share=50),
+                Served("canary", nothing, work, share=10),
                 Served("log", ["--event-sink", "parquet", "--events-dir", str(work / "events-log"),
                                "--drift-window-rows", "0"], work),
                 Served("drift", ["--event-sink", "none"], work),
             ]
             for served in servers:
-                served.ready(policy=served.name in ("on", "kafka", "route"))
+                served.ready()
+            for served in servers:
+                served.warm_up(args)
             for round_number in range(args.rounds):
                 for served in servers:
                     served.load(args, round_number)
             for served in servers:
                 served.stop()
+            rollback = time_to_rollback(args, work)
     finally:
         for served in servers:
             if served.process.poll() is None:
@@ -188,11 +267,15 @@ def main():
         "kafka_over_off_p99": kafka["p99_ms"] / off["p99_ms"],
         "kafka_records_per_second": kafka_rate,
         **{f"{name}_over_off_throughput": summary[name]["per_second"] / off["per_second"]
-           for name in ("route", "log", "drift")},
+           for name in ("route", "canary", "log", "drift")},
     }
     print()
     for key, value in summary["ratios"].items():
         print(f"{key:28} {value:10.2f}")
+    print(f"\nbroken canary: {rollback['status']} {rollback['seconds']:.2f} s after the deploy call, after "
+          f"{rollback['canary_requests']} canary requests ({rollback['canary_errors']} failed); "
+          f"{rollback['reason']}")
+    summary["rollback"] = rollback
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "traffic.json").write_text(json.dumps({"rounds": {s.name: s.rounds for s in servers},
                                                   "summary": summary}, indent=2))

@@ -10,7 +10,7 @@
 //! lost its topics gets them back when it returns.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -169,7 +169,7 @@ impl Sink for KafkaSink {
         "kafka"
     }
 
-    async fn write(&self, records: &[Record]) -> Result<(), SinkFailure> {
+    async fn write(&self, records: Arc<Vec<Record>>) -> Result<(), SinkFailure> {
         let topics: Vec<String> = records
             .iter()
             .map(|r| self.config.topic(&r.topic()))
@@ -189,7 +189,7 @@ impl Sink for KafkaSink {
         };
         let mut deliveries = Vec::with_capacity(records.len());
         for (i, (record, topic)) in records.iter().zip(&topics).enumerate() {
-            let payload = serde_json::to_vec(&record.body()).expect("records encode as JSON");
+            let payload = record.body_json();
             let message = FutureRecord::to(topic)
                 .key(&record.key)
                 .payload(&payload)

@@ -14,6 +14,7 @@ mod parquet_sink;
 mod spill;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -81,11 +82,26 @@ impl Record {
         }
     }
 
-    /// What a consumer reads: the fields and the time as RFC 3339 (`timestamp`).
-    pub fn body(&self) -> Map<String, Value> {
-        let mut body = self.fields.clone();
-        body.insert("timestamp".into(), rfc3339(self.time_ms).into());
-        body
+    /// What a consumer reads, as JSON: the fields and the time as RFC 3339 (`timestamp`, in
+    /// place of a field of that name), encoded without a copy of the fields.
+    pub fn body_json(&self) -> Vec<u8> {
+        struct Body<'a>(&'a Record);
+        impl Serialize for Body<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let timestamp = Value::String(rfc3339(self.0.time_ms));
+                let fields = self
+                    .0
+                    .fields
+                    .iter()
+                    .filter(|(name, _)| *name != "timestamp");
+                serializer.collect_map(
+                    fields
+                        .map(|(name, value)| (name.as_str(), value))
+                        .chain(std::iter::once(("timestamp", &timestamp))),
+                )
+            }
+        }
+        serde_json::to_vec(&Body(self)).expect("records encode as JSON")
     }
 }
 
@@ -110,7 +126,9 @@ pub trait Sink: Send + Sync + 'static {
     /// For metrics and logs: `kafka`, `parquet`.
     fn name(&self) -> &'static str;
 
-    async fn write(&self, records: &[Record]) -> Result<(), SinkFailure>;
+    /// Takes `records` (shared, so a sink that works on another thread keeps them without a
+    /// copy), or names those it could not take.
+    async fn write(&self, records: Arc<Vec<Record>>) -> Result<(), SinkFailure>;
 
     /// Makes everything written so far readable (Parquet closes its open files; Kafka waits for
     /// the broker's acknowledgements).
@@ -175,9 +193,8 @@ mod tests {
         let record = Record::event("drift.detected", "pricing", 1_767_225_600_000, fields);
         let line = serde_json::to_string(&record).unwrap();
         assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), record);
-        assert_eq!(
-            record.body()["timestamp"],
-            json!("2026-01-01T00:00:00.000Z")
-        );
+        let body: Value = serde_json::from_slice(&record.body_json()).unwrap();
+        assert_eq!(body["timestamp"], json!("2026-01-01T00:00:00.000Z"));
+        assert_eq!(body["score"], json!(0.25));
     }
 }

@@ -22,6 +22,11 @@ use crate::{EventError, Record, Sink, SinkFailure};
 /// How often the writer looks at the buffer and the spill without being woken.
 const TICK: Duration = Duration::from_millis(50);
 
+/// How long fresh records wait for a batch to fill before they are written anyway. Each sink
+/// write has a fixed cost (a task, a blocking thread, a Parquet row group or a Kafka round), so
+/// a busy log writes whole batches; a quiet one is at most this late.
+const LINGER: Duration = Duration::from_millis(50);
+
 /// After this long without records written, the sink flushes (Parquet files close and become
 /// readable).
 const IDLE_FLUSH: Duration = Duration::from_secs(1);
@@ -187,6 +192,7 @@ impl EventLog {
             spill: Some(spill),
             resting_until: None,
             last_write: None,
+            last_fresh: None,
             in_flight_records: 0,
         };
         let task = tokio::spawn(writer.run());
@@ -249,14 +255,16 @@ impl EventLog {
     }
 }
 
-/// A batch on its way to the sink: fresh from the buffer, or out of a spill segment.
+/// A batch on its way to the sink: fresh from the buffer, or out of a spill segment. The sink
+/// shares the records (a blocking writer keeps them without a copy); the writer takes back
+/// those the sink could not take.
 enum Batch {
-    Fresh(Vec<Record>),
-    Replay(Segment, Vec<Record>),
+    Fresh(Arc<Vec<Record>>),
+    Replay(Segment, Arc<Vec<Record>>),
 }
 
 impl Batch {
-    fn records(&self) -> &[Record] {
+    fn records(&self) -> &Arc<Vec<Record>> {
         match self {
             Batch::Fresh(records) | Batch::Replay(_, records) => records,
         }
@@ -274,6 +282,8 @@ struct Writer {
     resting_until: Option<Instant>,
     /// When the sink last took records it has not flushed yet.
     last_write: Option<Instant>,
+    /// When fresh records last went to the sink (see [`LINGER`]).
+    last_fresh: Option<Instant>,
     /// Records of the write in flight (counted as dropped should it panic).
     in_flight_records: usize,
 }
@@ -285,8 +295,8 @@ async fn attempt(
     timeout: Duration,
     shared: Arc<Shared>,
 ) -> Attempt {
-    let records = batch.records();
-    let failed = |why: String| Err(SinkFailure::all(records.len(), why));
+    let records = batch.records().clone();
+    let failed = |why: String| Err(SinkFailure::all(batch.records().len(), why));
     let called_off = shared.call_off.notified();
     let result = tokio::select! {
         written = tokio::time::timeout(timeout, sink.write(records)) => match written {
@@ -313,6 +323,7 @@ impl Writer {
             let call_off = self
                 .deadline()
                 .map(|deadline| called_off_at.map_or(deadline, |at| at + TICK));
+            let pause = self.pause(in_flight.is_some());
             tokio::select! {
                 finished = async { in_flight.as_mut().expect("guarded by the condition").await },
                     if in_flight.is_some() =>
@@ -334,7 +345,7 @@ impl Writer {
                     called_off_at = Some(Instant::now());
                 }
                 _ = self.shared.wake.notified() => {}
-                _ = tokio::time::sleep(TICK) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
             if closing {
                 continue;
@@ -387,11 +398,30 @@ impl Writer {
         self.resting_until = Some(Instant::now() + self.config.retry);
     }
 
-    /// The buffer first; when it is empty, the oldest spill segment.
+    /// How long the writer sleeps unless woken: a tick, or what is left of the linger of
+    /// records waiting for a sink that is free.
+    fn pause(&self, writing: bool) -> Duration {
+        if writing || self.resting() || self.shared.waiting() == 0 {
+            return TICK;
+        }
+        self.linger_left().clamp(Duration::from_millis(1), TICK)
+    }
+
+    fn linger_left(&self) -> Duration {
+        self.last_fresh
+            .map_or(Duration::ZERO, |at| LINGER.saturating_sub(at.elapsed()))
+    }
+
+    /// The buffer first (a whole batch, or what waited out the linger); when it is empty, the
+    /// oldest spill segment.
     async fn next_batch(&mut self) -> Option<Batch> {
-        let fresh = self.shared.take(self.shared.batch);
-        if !fresh.is_empty() {
-            return Some(Batch::Fresh(fresh));
+        let waiting = self.shared.waiting();
+        if waiting > 0 {
+            if waiting < self.shared.batch && !self.linger_left().is_zero() {
+                return None;
+            }
+            self.last_fresh = Some(Instant::now());
+            return Some(Batch::Fresh(Arc::new(self.shared.take(self.shared.batch))));
         }
         loop {
             let read = self.with_spill(|spill| spill.oldest()).await;
@@ -403,7 +433,7 @@ impl Writer {
                         self.shared.counters.dropped.inc_by(damaged as u64);
                     }
                     if !records.is_empty() {
-                        return Some(Batch::Replay(segment, records));
+                        return Some(Batch::Replay(segment, Arc::new(records)));
                     }
                     self.spill_op(move |spill| spill.remove(&segment)).await;
                 }
@@ -430,10 +460,11 @@ impl Writer {
         if done > 0 {
             self.last_write = Some(Instant::now());
         }
-        let left = |records: Vec<Record>| -> Vec<Record> {
+        let left = |records: Arc<Vec<Record>>| -> Vec<Record> {
             let Some(failure) = &failure else {
                 return Vec::new();
             };
+            let records = Arc::try_unwrap(records).unwrap_or_else(|shared| (*shared).clone());
             let mut keep = vec![false; records.len()];
             for &i in &failure.failed {
                 if let Some(k) = keep.get_mut(i) {
@@ -550,7 +581,7 @@ impl Writer {
             let timeout = left.min(self.config.write_timeout);
             let (batch, result) = attempt(
                 self.sink.clone(),
-                Batch::Fresh(records),
+                Batch::Fresh(Arc::new(records)),
                 timeout,
                 self.shared.clone(),
             )
@@ -585,7 +616,7 @@ mod tests {
             "flaky"
         }
 
-        async fn write(&self, records: &[Record]) -> Result<(), SinkFailure> {
+        async fn write(&self, records: Arc<Vec<Record>>) -> Result<(), SinkFailure> {
             if self.down.load(Ordering::SeqCst) {
                 return Err(SinkFailure::all(records.len(), "down"));
             }
@@ -701,7 +732,7 @@ mod tests {
             "stubborn"
         }
 
-        async fn write(&self, records: &[Record]) -> Result<(), SinkFailure> {
+        async fn write(&self, records: Arc<Vec<Record>>) -> Result<(), SinkFailure> {
             if self.hangs {
                 std::future::pending::<()>().await;
             }

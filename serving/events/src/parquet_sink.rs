@@ -11,6 +11,7 @@
 //! are. A file is written under a `.partial` name and renamed when it closes (after `roll`, when
 //! its columns change, or on flush), so readers never see half a file.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -65,8 +66,7 @@ impl Sink for ParquetSink {
         "parquet"
     }
 
-    async fn write(&self, records: &[Record]) -> Result<(), SinkFailure> {
-        let records = records.to_vec();
+    async fn write(&self, records: Arc<Vec<Record>>) -> Result<(), SinkFailure> {
         let len = records.len();
         let dir = self.dir.clone();
         let roll = self.roll;
@@ -235,34 +235,37 @@ impl OpenFile {
 }
 
 /// A record's columns: its fields, with `features` and `entities` opened into theirs. An opened
-/// key that is also a field's name, or already taken (an entity named like a feature), becomes
-/// `entities.KEY` / `features.KEY`, so no value hides another.
-fn columns_of(record: &Record) -> Vec<(String, &Value)> {
+/// key that is also a field's name, or a key of an object opened before (an entity named like a
+/// feature), becomes `entities.KEY` / `features.KEY`, so no value hides another.
+fn columns_of(record: &Record) -> Vec<(Cow<'_, str>, &Value)> {
     let opened = |name: &str, value: &Value| OPENED.contains(&name) && value.is_object();
-    let mut taken: std::collections::HashSet<String> = record
-        .fields
-        .iter()
-        .filter(|(name, value)| !opened(name, value))
-        .map(|(name, _)| name.clone())
-        .collect();
-    let mut columns: Vec<(String, &Value)> = Vec::new();
+    let is_field = |key: &str| {
+        record
+            .fields
+            .get(key)
+            .is_some_and(|value| !opened(key, value))
+    };
+    let mut opened_before: Vec<&serde_json::Map<String, Value>> = Vec::new();
+    let mut columns = Vec::with_capacity(record.fields.len() + 8);
     for (name, value) in &record.fields {
         match value {
             Value::Object(inner) if opened(name, value) => {
                 for (key, value) in inner {
-                    let column = if taken.contains(key) {
-                        format!("{name}.{key}")
+                    let taken = is_field(key)
+                        || opened_before.iter().any(|before| before.contains_key(key));
+                    let column = if taken {
+                        Cow::Owned(format!("{name}.{key}"))
                     } else {
-                        key.clone()
+                        Cow::Borrowed(key.as_str())
                     };
-                    taken.insert(column.clone());
                     columns.push((column, value));
                 }
+                opened_before.push(inner);
             }
-            _ => columns.push((name.clone(), value)),
+            _ if name == "timestamp" => {}
+            _ => columns.push((Cow::Borrowed(name.as_str()), value)),
         }
     }
-    columns.retain(|(name, _)| name != "timestamp");
     columns
 }
 
@@ -300,22 +303,44 @@ fn unify(a: Kind, b: Kind) -> Kind {
     }
 }
 
+/// One column of a batch as it is gathered: a value (or nothing) per row so far.
+struct Gathered<'a> {
+    name: Cow<'a, str>,
+    kind: Option<Kind>,
+    values: Vec<Option<&'a Value>>,
+}
+
 fn to_batch(rows: &[&Record]) -> Result<RecordBatch, EventError> {
-    let per_row: Vec<Vec<(String, &Value)>> = rows.iter().map(|r| columns_of(r)).collect();
-    let mut names: Vec<String> = Vec::new();
-    let mut kinds: Vec<Option<Kind>> = Vec::new();
-    for columns in &per_row {
-        for (name, value) in columns {
-            let position = match names.iter().position(|n| n == name) {
-                Some(p) => p,
-                None => {
-                    names.push(name.clone());
-                    kinds.push(None);
-                    names.len() - 1
-                }
+    let mut gathered: Vec<Gathered> = Vec::new();
+    let mut index: HashMap<Cow<str>, usize> = HashMap::new();
+    // Where the previous row put its n-th column: rows of one model share their layout, so a
+    // name is looked up only when it moves.
+    let mut previous: Vec<usize> = Vec::new();
+    for (row, record) in rows.iter().enumerate() {
+        for (n, (name, value)) in columns_of(record).into_iter().enumerate() {
+            let position = match previous.get(n) {
+                Some(&p) if gathered[p].name == name => p,
+                _ => *index.entry(name.clone()).or_insert_with(|| {
+                    gathered.push(Gathered {
+                        name,
+                        kind: None,
+                        values: Vec::with_capacity(rows.len()),
+                    });
+                    gathered.len() - 1
+                }),
             };
+            match previous.get_mut(n) {
+                Some(p) => *p = position,
+                None => previous.push(position),
+            }
+            let column = &mut gathered[position];
+            if column.values.len() > row {
+                continue;
+            }
+            column.values.resize(row, None);
+            column.values.push(Some(value).filter(|v| !v.is_null()));
             if let Some(kind) = kind_of(value) {
-                kinds[position] = Some(kinds[position].map_or(kind, |k| unify(k, kind)));
+                column.kind = Some(column.kind.map_or(kind, |k| unify(k, kind)));
             }
         }
     }
@@ -330,24 +355,21 @@ fn to_batch(rows: &[&Record]) -> Result<RecordBatch, EventError> {
         timestamps.append_value(record.time_ms);
     }
     let mut arrays: Vec<ArrayRef> = vec![Arc::new(timestamps.finish())];
-    for (position, name) in names.iter().enumerate() {
-        let kind = kinds[position].unwrap_or(Kind::Text);
-        let values = per_row.iter().map(|columns| {
-            columns
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| *v)
-                .filter(|v| !v.is_null())
-        });
-        let (data_type, array) = column(kind, values);
-        fields.push(Field::new(name, data_type, true));
+    for mut column in gathered {
+        column.values.resize(rows.len(), None);
+        let (data_type, array) =
+            column_array(column.kind.unwrap_or(Kind::Text), column.values.into_iter());
+        fields.push(Field::new(column.name, data_type, true));
         arrays.push(array);
     }
     let schema: SchemaRef = Arc::new(Schema::new(fields));
     RecordBatch::try_new(schema, arrays).map_err(|e| EventError::Parquet(e.to_string()))
 }
 
-fn column<'a>(kind: Kind, values: impl Iterator<Item = Option<&'a Value>>) -> (DataType, ArrayRef) {
+fn column_array<'a>(
+    kind: Kind,
+    values: impl Iterator<Item = Option<&'a Value>>,
+) -> (DataType, ArrayRef) {
     match kind {
         Kind::Bool => {
             let mut b = BooleanBuilder::new();
@@ -468,10 +490,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sink = ParquetSink::new(dir.path(), Duration::from_secs(3600));
         let records: Vec<Record> = (0..10).map(prediction).collect();
-        sink.write(&records[..6]).await.unwrap();
-        sink.write(&records[6..]).await.unwrap();
+        sink.write(Arc::new(records[..6].to_vec())).await.unwrap();
+        sink.write(Arc::new(records[6..].to_vec())).await.unwrap();
         let event = Record::event("model.deployed", "fraud", 1_764_867_600_000, Map::new());
-        sink.write(&[event]).await.unwrap();
+        sink.write(Arc::new(vec![event])).await.unwrap();
         sink.flush().await.unwrap();
 
         let folder = dir
@@ -555,7 +577,10 @@ mod tests {
             unreachable!()
         };
         let record = Record::prediction("fraud", 0, fields);
-        let columns: BTreeMap<String, &Value> = columns_of(&record).into_iter().collect();
+        let columns: BTreeMap<String, &Value> = columns_of(&record)
+            .into_iter()
+            .map(|(name, value)| (name.into_owned(), value))
+            .collect();
         assert_eq!(columns.len(), 6, "{columns:?}");
         assert_eq!(columns["model"], "fraud");
         assert_eq!(columns["features.model"], 1.0);
