@@ -2,6 +2,8 @@
 //! models: a healthy version ramps through every step and is promoted in the registry, surviving a
 //! server restart in the middle; a version that fails on a slice of inputs (a data-dependent
 //! Reshape) is rolled back within its guardrail window while no request of a control user fails;
+//! a version that answers everything but a few times slower is rolled back by the comparison
+//! with the control (Mann-Whitney on latencies);
 //! the platform API's request shape holds a canary until an operator promotes it; bad requests
 //! are refused with what is wrong. Decisions are announced as events, predictions logged with
 //! their variant.
@@ -364,6 +366,68 @@ async fn a_canary_failing_on_some_inputs_is_rolled_back_and_control_users_never_
             .all(|v| ["canary", "control", ""].contains(&v.as_str())),
         "{variants:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slower_canary_is_rolled_back_by_the_comparison_with_the_control() {
+    let dir = tempfile::tempdir().unwrap();
+    // `slow` answers every request, a few times slower than gbr (256 dense layers it discards).
+    let registry = registry(dir.path(), &["slow"]).await;
+    let server = TestServer::start_registry(dir.path()).await;
+    let (code, answer) = server
+        .post(
+            "/v1/models/pricing/deploy",
+            json!({"version": 2, "steps": [50, 100], "step_requests": 100000,
+                   "guardrails": {"min_requests": 100}}),
+        )
+        .await;
+    assert_eq!(code, 201, "{answer}");
+    let id = answer["deployment_id"].as_str().unwrap().to_string();
+    let mut seen = Seen::default();
+    let state = drive(
+        &server,
+        &id,
+        &mut seen,
+        |_| false,
+        Duration::from_secs(60),
+        |s| s["status"] == "rolled_back",
+    )
+    .await;
+    assert_eq!(state["status"], "rolled_back", "{state}");
+    let decision = state["decisions"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    let reason = decision["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("median latency") && reason.contains("Mann-Whitney"),
+        "{decision}"
+    );
+    // Nothing failed: only the comparison with the control could catch this canary.
+    assert_eq!(seen.failed_control + seen.failed_canary, 0);
+    seen.assert_sticky();
+    let windows = &decision["windows"];
+    let (canary, control) = (&windows["canary"], &windows["control"]);
+    let slower = canary["p50_ms"].as_f64().unwrap() / control["p50_ms"].as_f64().unwrap();
+    assert!(
+        slower >= 2.0,
+        "the canary was only {slower:.2}x slower: {windows}"
+    );
+    // Judged at its first chance (100 requests, every 100 ms), far inside its step.
+    let judged = canary["requests"].as_u64().unwrap();
+    assert!((100..=2_000).contains(&judged), "{windows}");
+    println!(
+        "a canary {slower:.1}x slower than the control rolled back after {judged} canary requests: {reason}"
+    );
+    for i in 0..20 {
+        let (code, answer) = predict(&server, &format!("u{i}"), false).await;
+        assert_eq!(code, 200, "{answer}");
+        assert_eq!(answer["model_version"], "1");
+    }
+    assert_eq!(canary_alias_after_the_decision(&registry).await, None);
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
