@@ -2,7 +2,9 @@
 //! takes its first rows as one (flagged), an unshifted window raises nothing, a window with two
 //! shifted features drifts on exactly those features, and the verdicts agree with scipy's
 //! `ks_2samp` on the same values. A drifting window is a metric, a `drift.detected` event and
-//! one run of the model's drift command.
+//! one run of the model's drift command. Every kind of column (continuous, two values, a few
+//! values; against a small and a large baseline) is judged as Evidently's data drift report
+//! judges the same windows: the same test, score and verdict.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -203,4 +205,166 @@ async fn shifted_features_drift_and_nothing_else_does() {
     assert_eq!(detected.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
     assert_eq!(string_column(&detected[0], "kind"), ["drift.detected"]);
     assert_eq!(string_column(&detected[0], "model"), ["pricing"]);
+}
+
+/// Kinds of column Evidently tells apart: f0-f5 continuous (f0 shifted), f6 two values (its share
+/// shifted), f7 four values (tilted), f8-f9 continuous.
+fn mixed_row(seed: u64, row: u64, shift: bool) -> [f64; 10] {
+    let u = |k: u64| uniform(seed, row * 10 + k);
+    let mut values = [0.0; 10];
+    for (k, value) in values.iter_mut().enumerate() {
+        *value = u(k as u64);
+    }
+    if shift {
+        values[0] = values[0] * 1.2 + 0.25;
+    }
+    values[6] = f64::from(u(6) < if shift { 0.7 } else { 0.5 });
+    values[7] = (if shift { u(7).powi(2) } else { u(7) } * 4.0).floor();
+    values
+}
+
+async fn send_mixed(
+    server: &TestServer,
+    seed: u64,
+    rows: u64,
+    shift: bool,
+) -> BTreeMap<String, Vec<f64>> {
+    let mut columns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for row in 0..rows {
+        let values = mixed_row(seed, row, shift);
+        let features: serde_json::Map<String, Value> = values
+            .iter()
+            .enumerate()
+            .map(|(k, v)| (format!("f{k}"), json!(v)))
+            .collect();
+        let (status, answer) = server
+            .post(
+                "/v1/predict",
+                json!({"model": "pricing", "features": features}),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        for (k, v) in values.iter().enumerate() {
+            columns.entry(format!("f{k}")).or_default().push(*v);
+        }
+        columns
+            .entry("prediction".into())
+            .or_default()
+            .push(answer["prediction"].as_f64().unwrap());
+    }
+    columns
+}
+
+/// Evidently's data drift report (its default test per column) on the same windows:
+/// `{column: [test name, score, drifted]}`.
+fn evidently(
+    reference: &BTreeMap<String, Vec<f64>>,
+    current: &BTreeMap<String, Vec<f64>>,
+) -> Value {
+    let python = marquee_tests::root().join(".marquee/venv/bin/python");
+    let script = r#"
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import pandas as pd
+from evidently.legacy.metric_preset import DataDriftPreset
+from evidently.legacy.pipeline.column_mapping import ColumnMapping
+from evidently.legacy.report import Report
+d = json.load(sys.stdin)
+# "prediction" is a feature here, not Evidently's prediction column.
+frame = lambda columns: pd.DataFrame({("answer" if c == "prediction" else c): v for c, v in columns.items()})
+reference, current = frame(d["reference"]), frame(d["current"])
+report = Report(metrics=[DataDriftPreset()])
+report.run(reference_data=reference, current_data=current,
+           column_mapping=ColumnMapping(target=None, prediction=None, numerical_features=list(reference.columns)))
+out = {}
+for metric in report.as_dict()["metrics"]:
+    for column, r in metric["result"].get("drift_by_columns", {}).items():
+        out["prediction" if column == "answer" else column] = [r["stattest_name"], r["drift_score"], r["drift_detected"]]
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the test venv's python");
+    let input = json!({"reference": reference, "current": current}).to_string();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "evidently failed");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Same test, same verdict, and the score within `tolerance` (p-values, or the distance).
+fn agrees_with_evidently(report: &Value, evidently: &Value, tolerance: f64) -> BTreeSet<String> {
+    let names = BTreeMap::from([
+        ("ks", "K-S p_value"),
+        ("z_test", "Z-test p_value"),
+        ("chi_square", "chi-square p_value"),
+        ("wasserstein", "Wasserstein distance (normed)"),
+        ("jensen_shannon", "Jensen-Shannon distance"),
+    ]);
+    let mut tests = BTreeSet::new();
+    for column in report["columns"].as_array().unwrap() {
+        let name = column["column"].as_str().unwrap();
+        let test = column["test"].as_str().unwrap();
+        let theirs = &evidently[name];
+        assert_eq!(
+            names[test], theirs[0],
+            "{name}: {column} against Evidently {theirs}"
+        );
+        let score = column["p_value"]
+            .as_f64()
+            .or(column["statistic"].as_f64())
+            .unwrap();
+        let their_score = theirs[1].as_f64().unwrap();
+        assert!(
+            (score - their_score).abs() <= tolerance.max(their_score.abs() * 1e-6),
+            "{name}: {column} against Evidently {theirs}"
+        );
+        assert_eq!(
+            column["drifted"], theirs[2],
+            "{name}: {column} against Evidently {theirs}"
+        );
+        println!(
+            "{name}: {test} {score:.6} (Evidently {their_score:.6}), drifted {}",
+            column["drifted"]
+        );
+        tests.insert(test.to_string());
+    }
+    tests
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_column_is_judged_as_evidently_judges_it() {
+    // (baseline rows, tests Evidently picks for these columns, score tolerance): a baseline of
+    // more than 1000 rows is kept as 1000 quantiles, so its distances are close, not equal.
+    let cases: [(usize, &[&str], f64); 2] = [
+        (ROWS, &["chi_square", "ks", "z_test"], 1e-9),
+        (1_500, &["jensen_shannon", "wasserstein"], 2e-3),
+    ];
+    for (seed, (reference_rows, expected_tests, tolerance)) in (20..).zip(cases) {
+        let repository = Repository::new()
+            .add("pricing", "gbr", None)
+            .write("pricing/pipeline.json", &request_only_pipeline());
+        let server = TestServer::start_with(repository, move |c| {
+            c.drift_window_rows = ROWS;
+            c.drift_reference_rows = reference_rows;
+            c.drift_window_seconds = 3600.0;
+        })
+        .await;
+        let reference = send_mixed(&server, seed, reference_rows as u64, false).await;
+        let current = send_mixed(&server, seed + 100, ROWS as u64, true).await;
+        let view = until_judged(&server, 1).await;
+        let report = &view["reports"][0];
+        let theirs = evidently(&reference, &current);
+        let tests = agrees_with_evidently(report, &theirs, tolerance);
+        let expected: BTreeSet<String> = expected_tests.iter().map(|t| t.to_string()).collect();
+        assert_eq!(tests, expected, "{report}");
+        // The shifted columns drift in both.
+        for shifted in ["f0", "f6", "f7"] {
+            assert_eq!(theirs[shifted][2], true, "{shifted}: {theirs}");
+        }
+        server.stop().await;
+    }
 }
