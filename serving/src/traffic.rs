@@ -39,6 +39,12 @@ pub const CONTROL: &str = "control";
 /// The name mirrored requests are counted under.
 pub const SHADOW: &str = "shadow";
 
+/// The entity a user-level split hashes unless it names another. Requests may name it for any
+/// model, whatever its pipeline reads and whether or not a split is installed, so a client that
+/// always sends it is never refused before, during or after a deployment (or on a server that
+/// has not yet seen one).
+pub const DEFAULT_SPLIT_ENTITY: &str = "user_id";
+
 /// Shadow requests in flight at once, all models together: past it, a mirrored request is dropped
 /// (and counted), so mirroring never queues work behind the answers clients wait for.
 pub const SHADOW_IN_FLIGHT: usize = 64;
@@ -534,11 +540,13 @@ impl Router {
 
     /// Whether requests for `model` may name `entity` for routing.
     pub fn is_routing_entity(&self, model: &str, entity: &str) -> bool {
-        self.routing_entities
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(model)
-            .is_some_and(|e| e.contains(entity))
+        entity == DEFAULT_SPLIT_ENTITY
+            || self
+                .routing_entities
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(model)
+                .is_some_and(|e| e.contains(entity))
     }
 
     /// A place for one mirrored request, or `None` (counted as dropped) when as many are in flight

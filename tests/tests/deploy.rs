@@ -3,7 +3,9 @@
 //! server restart in the middle; a version that fails on a slice of inputs (a data-dependent
 //! Reshape) is rolled back within its guardrail window while no request of a control user fails;
 //! a version that answers everything but a few times slower is rolled back by the comparison
-//! with the control (Mann-Whitney on latencies);
+//! with the control (Mann-Whitney on latencies); a shadow phase judges a version on mirrored
+//! answers, rolling a broken one back before any client sees it; two servers on one registry
+//! share one deployment, one history and each user's variant;
 //! the platform API's request shape holds a canary until an operator promotes it; bad requests
 //! are refused with what is wrong. Decisions are announced as events, predictions logged with
 //! their variant.
@@ -428,6 +430,219 @@ async fn a_slower_canary_is_rolled_back_by_the_comparison_with_the_control() {
     }
     assert_eq!(canary_alias_after_the_decision(&registry).await, None);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_phase_judges_a_version_on_mirrored_traffic_before_any_user_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(dir.path(), &["fails_on_large", "gbr_alt"]).await;
+    let server = TestServer::start_registry(dir.path()).await;
+
+    // A broken version in shadow: judged on the mirrored answers and rolled back, while every
+    // client is answered by production and none fails.
+    let (code, answer) = server
+        .post(
+            "/v1/models/pricing/deploy",
+            json!({"version": 2, "shadow": true, "steps": [50, 100], "step_requests": 100000}),
+        )
+        .await;
+    assert_eq!(code, 201, "{answer}");
+    let id = answer["deployment_id"].as_str().unwrap().to_string();
+    let mut seen = Seen::default();
+    let state = drive(
+        &server,
+        &id,
+        &mut seen,
+        |i| i % 3 == 0,
+        Duration::from_secs(60),
+        |s| s["status"] == "rolled_back",
+    )
+    .await;
+    assert_eq!(state["status"], "rolled_back", "{state}");
+    assert_eq!(
+        actions(&state),
+        ["started", "loaded", "rolled_back"],
+        "{state}"
+    );
+    let decision = state["decisions"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert!(
+        decision["reason"].as_str().unwrap().contains("error rate"),
+        "{decision}"
+    );
+    assert!(
+        decision["windows"]["shadow"]["server_errors"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{decision}"
+    );
+    assert_eq!(
+        seen.failed_control + seen.failed_canary,
+        0,
+        "a client saw the shadow fail"
+    );
+    assert!(
+        seen.variants
+            .values()
+            .flatten()
+            .all(|v| v == "control" || v == "none"),
+        "only production answers during a shadow phase (and, once rolled back, with no policy)"
+    );
+
+    // A healthy version passes its shadow phase, then ramps and is promoted.
+    let (code, answer) = server
+        .post(
+            "/v1/models/pricing/deploy",
+            json!({"version": 3, "shadow": true, "steps": [50, 100], "step_requests": 30,
+                   "guardrails": {"min_requests": 20}}),
+        )
+        .await;
+    assert_eq!(code, 201, "{answer}");
+    let id = answer["deployment_id"].as_str().unwrap().to_string();
+    let mut seen = Seen::default();
+    let state = drive(
+        &server,
+        &id,
+        &mut seen,
+        |_| false,
+        Duration::from_secs(90),
+        |s| s["status"] == "promoted",
+    )
+    .await;
+    assert_eq!(state["status"], "promoted", "{state}");
+    assert_eq!(
+        actions(&state),
+        ["started", "loaded", "shadow_passed", "advanced", "promoted"],
+        "{state}"
+    );
+    assert_eq!(seen.failed_control + seen.failed_canary, 0);
+    seen.assert_sticky();
+    assert_eq!(
+        registry
+            .refs("pricing")
+            .await
+            .unwrap()
+            .aliases
+            .get("production"),
+        Some(&3)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_registry_agree_on_a_deployment_and_its_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(dir.path(), &["gbr_alt"]).await;
+    let servers = [
+        TestServer::start_registry(dir.path()).await,
+        TestServer::start_registry(dir.path()).await,
+    ];
+    let (code, answer) = servers[0]
+        .post(
+            "/v1/models/pricing/deploy",
+            json!({"version": 2, "steps": [50, 100], "step_requests": 200,
+                   "guardrails": {"min_requests": 20}}),
+        )
+        .await;
+    assert_eq!(code, 201, "{answer}");
+    let id = answer["deployment_id"].as_str().unwrap().to_string();
+    // The second server finds it in the registry; a deployment on it is refused as a conflict.
+    let started = Instant::now();
+    while servers[1].get(&format!("/v1/deployments/{id}")).await.0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "server 2 never saw {id}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, body) = servers[1]
+        .post("/v1/models/pricing/deploy", json!({"version": 2}))
+        .await;
+    assert_eq!(code, 409, "{body}");
+
+    // Users alternate between the servers, as behind one Service. While both servers route by
+    // the same policy (read before and after a run of requests: a server routes once it has
+    // loaded the canary itself, and takes each decision up at its next registry poll), each user
+    // gets the same variant from both.
+    let policies = async || {
+        let mut both = Vec::new();
+        for server in &servers {
+            let (code, policy) = server.get("/v1/models/pricing/traffic").await;
+            both.push((code == 200).then_some(policy));
+        }
+        both
+    };
+    let mut seen = [Seen::default(), Seen::default()];
+    let mut steady_at_half = 0;
+    let state = loop {
+        let states = [
+            status(&servers[0], &id).await,
+            status(&servers[1], &id).await,
+        ];
+        if states.iter().all(|s| s["status"] == "promoted") {
+            break states;
+        }
+        let before = policies().await;
+        let mut differed = false;
+        for _ in 0..20 {
+            let i = seen[0].requests % 60;
+            let user = format!("u{i}");
+            let mut answered = Vec::new();
+            for (server, seen) in servers.iter().zip(&mut seen) {
+                let (code, answer) = predict(server, &user, false).await;
+                assert_eq!(code, 200, "{answer}");
+                let variant = answer["variant"].as_str().unwrap_or("none").to_string();
+                seen.variants
+                    .entry(user.clone())
+                    .or_default()
+                    .push(variant.clone());
+                seen.requests += 1;
+                answered.push(variant);
+            }
+            differed |= answered[0] != answered[1];
+        }
+        let after = policies().await;
+        if before == after && before[0].is_some() && before[0] == before[1] {
+            assert!(
+                !differed,
+                "a user got two variants under one policy {before:?}"
+            );
+            if before[0].as_ref().unwrap()["variants"][0]["share"] == 50.0 {
+                steady_at_half += 1;
+            }
+        }
+        assert!(seen[0].requests < 20_000, "{states:?}");
+    };
+    seen.iter().for_each(Seen::assert_sticky);
+    assert!(
+        steady_at_half > 0,
+        "never compared the servers at the 50% step"
+    );
+    // One history: the same decisions in the same order on both, none taken twice.
+    assert_eq!(state[0]["decisions"], state[1]["decisions"]);
+    assert_eq!(
+        actions(&state[0]),
+        ["started", "loaded", "advanced", "promoted"],
+        "{}",
+        state[0]
+    );
+    assert_eq!(
+        registry
+            .refs("pricing")
+            .await
+            .unwrap()
+            .aliases
+            .get("production"),
+        Some(&2)
+    );
+    for server in servers {
+        server.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

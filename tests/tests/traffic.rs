@@ -252,6 +252,17 @@ async fn a_request_split_and_a_shadow_take_their_shares() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_policies_are_refused_with_what_is_wrong() {
     let server = two_versions().await;
+    // With no policy installed, the default split entity is still accepted (clients may always
+    // send it), and any other entity the pipeline does not read is not.
+    for (entity, status) in [("user_id", 200), ("seat_id", 400)] {
+        let (code, answer) = server
+            .post(
+                "/v1/predict",
+                json!({"model": "pricing", "entities": {entity: "a1"}, "features": {}}),
+            )
+            .await;
+        assert_eq!(code, status, "{entity}: {answer}");
+    }
     let cases = [
         (
             json!({"control": 1, "variants": [{"name": "c", "version": 3, "share": 5}], "split": {"by": "request"}}),

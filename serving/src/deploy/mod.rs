@@ -24,7 +24,9 @@ use serde_json::{Value, json};
 
 use crate::error::ServingError;
 use crate::models::ModelManager;
-use crate::traffic::{CONTROL, Policy, Router, SHADOW, Share, Split, Variant, Window};
+use crate::traffic::{
+    CONTROL, DEFAULT_SPLIT_ENTITY, Policy, Router, SHADOW, Share, Split, Variant, Window,
+};
 use judge::{Guardrails, Verdict};
 
 /// The registry alias a deployment points at its canary version, so that servers load it.
@@ -329,7 +331,10 @@ impl DeployRequest {
             return Err(invalid("step_requests must be at least 1".into()));
         }
         self.guardrails.check().map_err(invalid)?;
-        let entity = self.entity.clone().unwrap_or_else(|| "user_id".into());
+        let entity = self
+            .entity
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SPLIT_ENTITY.into());
         if entity.is_empty() {
             return Err(invalid(
                 "entity must name the id a user split hashes, e.g. user_id".into(),
