@@ -2,12 +2,14 @@
 //! loopback; the clients are librdkafka's, as against Apache Kafka) and in local Parquet files:
 //! records arrive with their fields, a broker that dies and comes back empty loses none of the
 //! records logged meanwhile (spilled and replayed, counted exactly), serving never fails for it,
-//! and domain events on Kafka feed the feature store's streaming aggregates.
+//! and domain events on Kafka feed the feature store's streaming aggregates. The Parquet log is
+//! an offline source `marquee features dataset` builds a training set from.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arrow_array::cast::AsArray;
 use marquee_events::{EventLog, KafkaConfig, KafkaEventSource, KafkaSink, LogConfig, event_record};
 use marquee_feature_store::memory::MemoryStore;
 use marquee_feature_store::{Aggregator, Definitions, Event, FeatureValue, Lookup, OnlineStore};
@@ -215,6 +217,102 @@ async fn the_parquet_log_keeps_every_prediction_as_columns() {
     assert_eq!(logged, sent, "one row per answered instance");
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     assert_eq!(rows, sent.len(), "no row twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parquet_log_is_an_offline_source_for_training_sets() {
+    let events = tempfile::tempdir().unwrap();
+    let dir = events.path().to_path_buf();
+    let server = TestServer::start_with(pricing(), move |c| {
+        c.event_sink = EventSinkKind::Parquet;
+        c.events_dir = dir;
+    })
+    .await;
+    // Each user's last answer (u0 is answered twice: its training row must get the second).
+    let mut last: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (user, f0) in [("u0", 1.0), ("u1", 2.0), ("u2", 3.0), ("u0", 4.0)] {
+        let (status, body) = server
+            .post(
+                "/v1/predict",
+                json!({"model": "pricing", "entities": {"user_id": user}, "features": {"f0": f0}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        last.insert(user.into(), (body["prediction"].as_f64().unwrap(), f0));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.stop().await;
+
+    // A feature view over the log folder, as a retraining job would define it.
+    let definitions = r#"
+[[entity]]
+name = "user"
+
+[[feature_view]]
+name = "pricing_log"
+entities = ["user"]
+ttl = "30days"
+source = { path = "predictions/model=pricing", timestamp_column = "timestamp" }
+feature = [
+  { name = "prediction", dtype = "float64", default = -1.0 },
+  { name = "f0", dtype = "float64", default = -1.0 },
+]
+"#;
+    std::fs::write(events.path().join("features.toml"), definitions).unwrap();
+    let later = marquee_events::rfc3339(marquee_events::now_ms() + 3_600_000);
+    let rows = [
+        format!("u0,{later}"),
+        format!("u1,{later}"),
+        "u2,2020-01-01T00:00:00Z".to_string(), // before anything was logged: defaults
+        format!("u9,{later}"),                 // never answered: defaults
+    ];
+    std::fs::write(
+        events.path().join("entities.csv"),
+        format!("user_id,event_timestamp\n{}\n", rows.join("\n")),
+    )
+    .unwrap();
+    let output = events.path().join("train.parquet");
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let ran = marquee_tests::run_marquee(
+        &[
+            "features",
+            "--definitions",
+            &path(&events.path().join("features.toml")),
+            "--online",
+            "memory",
+            "dataset",
+            "--entities",
+            &path(&events.path().join("entities.csv")),
+            "--features",
+            "pricing_log",
+            "--output",
+            &path(&output),
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(ran.json()["rows"], 4);
+    let file = std::fs::File::open(&output).unwrap();
+    let batch = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let column = |name: &str| -> Vec<f64> {
+        batch
+            .column_by_name(name)
+            .unwrap()
+            .as_primitive::<arrow_array::types::Float64Type>()
+            .values()
+            .to_vec()
+    };
+    assert_eq!(
+        column("prediction"),
+        [last["u0"].0, last["u1"].0, -1.0, -1.0]
+    );
+    assert_eq!(column("f0"), [4.0, 2.0, -1.0, -1.0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
