@@ -567,7 +567,14 @@ impl DriftMonitor {
         ));
         // Metrics first, then the report: whoever sees the report sees its metrics too.
         let version_label = version.to_string();
-        if let Some(metrics) = &self.metrics {
+        // (A version forgotten while its window was judged leaves no series behind.)
+        let served = self
+            .versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .is_some_and(|versions| versions.contains_key(&version));
+        if let Some(metrics) = self.metrics.as_ref().filter(|_| served) {
             let result = if report.dataset_drift {
                 "drift"
             } else {
@@ -698,6 +705,47 @@ impl DriftMonitor {
     fn count_command(&self, model: &str, outcome: &str) {
         if let Some(metrics) = &self.metrics {
             metrics.commands.with_label_values(&[model, outcome]).inc();
+        }
+    }
+
+    /// Drops what the monitor holds of versions no longer served, and their metric series, so
+    /// neither grows with the versions a server has served.
+    pub fn forget(&self, model: &str, versions: &[u64]) {
+        let removed: Vec<(u64, SharedVersion)> = {
+            let mut all = self.versions.write().unwrap_or_else(|p| p.into_inner());
+            let Some(of_model) = all.get_mut(model) else {
+                return;
+            };
+            let removed = versions
+                .iter()
+                .filter_map(|v| of_model.remove(v).map(|state| (*v, state)))
+                .collect();
+            if of_model.is_empty() {
+                all.remove(model);
+            }
+            removed
+        };
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        for (version, state) in removed {
+            let version = version.to_string();
+            let names = state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .names
+                .clone();
+            for result in ["drift", "no_drift", "skipped"] {
+                let _ = metrics
+                    .windows
+                    .remove_label_values(&[model, &version, result]);
+            }
+            let _ = metrics.share.remove_label_values(&[model, &version]);
+            for name in &names {
+                let labels = [model, version.as_str(), name.as_str()];
+                let _ = metrics.column_drifted.remove_label_values(&labels);
+                let _ = metrics.column_psi.remove_label_values(&labels);
+            }
         }
     }
 

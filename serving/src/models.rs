@@ -81,6 +81,10 @@ enum ModelState {
     Unloaded,
 }
 
+/// Told the versions of a model that stopped being served (a reload left them out, or the model
+/// was unloaded), so what is kept per version elsewhere (the drift monitor's state) goes too.
+pub type RetiredVersions = Box<dyn Fn(&str, &[u64]) + Send + Sync>;
+
 /// Owns every loaded model version.
 pub struct ModelManager {
     source: ModelSource,
@@ -93,6 +97,7 @@ pub struct ModelManager {
     /// One lock per model: loads and unloads of a model run one at a time, so two reloads of it
     /// cannot interleave, while a slow load of one model (download, warm-up) holds up no other.
     changes: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    retired: std::sync::RwLock<Vec<RetiredVersions>>,
 }
 
 impl ModelManager {
@@ -111,6 +116,30 @@ impl ModelManager {
             features,
             models: RwLock::new(BTreeMap::new()),
             changes: std::sync::Mutex::new(BTreeMap::new()),
+            retired: std::sync::RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Calls `listener` with the versions of a model each time some stop being served.
+    pub fn on_retired(&self, listener: RetiredVersions) {
+        self.retired
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(listener);
+    }
+
+    fn retire(&self, name: &str, versions: &[u64]) {
+        if versions.is_empty() {
+            return;
+        }
+        tracing::debug!(model = name, ?versions, "versions retired");
+        for listener in self
+            .retired
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            listener(name, versions);
         }
     }
 
@@ -237,10 +266,17 @@ impl ModelManager {
                     tracing::error!(model = name, version, %reason, "version refused; the others keep serving");
                 }
                 tracing::info!(model = name, ?versions, default = ?served.default, "model loaded");
+                let retired: Vec<u64> = current
+                    .iter()
+                    .flat_map(|c| c.versions.keys())
+                    .filter(|v| !served.versions.contains_key(v))
+                    .copied()
+                    .collect();
                 self.models
                     .write()
                     .expect("model table lock")
                     .insert(name.to_string(), ModelState::Ready(served));
+                self.retire(name, &retired);
                 Ok(())
             }
             Err(e) => {
@@ -439,10 +475,11 @@ impl ModelManager {
             let _one_at_a_time = lock.lock().await;
             let mut models = self.models.write().expect("model table lock");
             match models.get(name) {
-                Some(ModelState::Ready(_)) => {
+                Some(ModelState::Ready(served)) => {
+                    let versions: Vec<u64> = served.versions.keys().copied().collect();
                     models.insert(name.to_string(), ModelState::Unloaded);
                     tracing::info!(model = name, "model unloaded");
-                    Ok(())
+                    Ok(versions)
                 }
                 _ => Err(ServingError::NotFound(format!(
                     "model '{name}' is not loaded"
@@ -450,7 +487,8 @@ impl ModelManager {
             }
         };
         self.release_change_lock(name, lock);
-        result
+        self.retire(name, result.as_deref().unwrap_or_default());
+        result.map(|_| ())
     }
 
     /// The version `reference` names: a number, an alias, or nothing (the model's default:

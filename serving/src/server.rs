@@ -145,6 +145,12 @@ impl Server {
                 .map(|events| PredictionLog::new(events, config.prediction_log_sample)),
             drift: drift_monitor(config, events.clone(), &metrics)?,
         });
+        if let Some(drift) = &predictor.drift {
+            let drift = drift.clone();
+            models.on_retired(Box::new(move |model, versions| {
+                drift.forget(model, versions)
+            }));
+        }
         let service = Arc::new(Service::new(
             models.clone(),
             predictor,

@@ -2,7 +2,7 @@
 //! takes its first rows as one (flagged), an unshifted window raises nothing, a window with two
 //! shifted features drifts on exactly those features, and the verdicts agree with scipy's
 //! `ks_2samp` on the same values. A drifting window is a metric, a `drift.detected` event and
-//! one run of the model's drift command. Every kind of column (continuous, two values, a few
+//! one run of the model's drift command; unloading the model drops its state and series. Every kind of column (continuous, two values, a few
 //! values; against a small and a large baseline) is judged as Evidently's data drift report
 //! judges the same windows: the same test, score and verdict.
 
@@ -199,6 +199,29 @@ async fn shifted_features_drift_and_nothing_else_does() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Unloading the model drops its versions' drift state and series.
+    let (status, body) = server
+        .post("/v2/repository/models/pricing/unload", json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let text = server.metrics_text().await;
+    assert!(
+        !text.contains("marquee_drift_windows_total{")
+            && !text.contains("marquee_drift_column_drifted{"),
+        "series of an unloaded version stayed"
+    );
+    // Loaded again, the version starts over: no reports, a new baseline from its first rows.
+    let (status, body) = server
+        .post("/v2/repository/models/pricing/load", json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    send(&server, 15, false).await;
+    let view = drift(&server).await;
+    assert_eq!(
+        (&view["windows_judged"], &view["reports"], &view["baseline"]),
+        (&json!(0), &json!([]), &json!("first_requests")),
+        "{view}"
+    );
     server.stop().await;
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "pricing 1\n");
     let detected = read_parquet_tree(&events.path().join("events/drift"));
