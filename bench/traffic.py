@@ -12,7 +12,11 @@ one at a time, in interleaved rounds, by the same closed-loop client (tests/exam
 * `route`, `log`, `drift`: each part alone (the split; the Parquet log; the drift monitor), to
   say where the cost is;
 * `canary`: the split at 10% (a canary's first step), beside `route`'s 50%: each version has its
-  own batcher, so a split makes smaller batches of each, and that costs more than the routing.
+  own batcher, so a split makes smaller batches of each, and that costs more than the routing;
+* `shadow`: every request also mirrored to version 2 after its answer went out. Besides the
+  rounds at full load (where the mirrored work takes CPU from the primary), `off` and `shadow`
+  take turns at one connection, where the machine has room: the primary's latency with the
+  shadow against without.
 
 A first round of one second per server warms it up (heap, caches, ONNX Runtime) and is not
 counted.
@@ -61,6 +65,8 @@ BODY = ('{"model": "gbr", "entities": {"user_id": "user-{i}", "show_id": "show-7
 SPLIT = {"split": {"by": "user", "entity": "user_id"}, "salt": "bench"}
 POLICIES = {share: {"control": 1, "variants": [{"name": "b", "version": 2, "share": share}], **SPLIT}
             for share in (10, 50)}
+POLICIES["shadow"] = {"control": 1, "variants": [], "split": {"by": "request"},
+                      "shadow": {"version": 2, "share": 100}}
 # What the broken canary cannot take: the first feature, standardised, over 5.
 BROKEN_BODY = ('{"model": "gbr", "entities": {"user_id": "user-{i}", "show_id": "show-7"},'
                ' "features": {"hours_to_show": {i}, "seats_left": 3, "occupancy": 9}}')
@@ -102,7 +108,7 @@ class Served:
              "--grpc-port", str(free_port()), "--metrics-port", str(self.metrics), *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MARQUEE_LOG": "error"})
         self.base = f"http://127.0.0.1:{self.http}"
-        self.rounds = []
+        self.rounds, self.light_rounds = [], []
 
     def ready(self):
         wait_http(f"{self.base}/v2/health/ready", self.process)
@@ -114,11 +120,11 @@ class Served:
         subprocess.run([str(LOAD), f"{self.base}/v1/predict", body, str(args.concurrency), "1"],
                        check=True, capture_output=True)
 
-    def load(self, args, round_number):
+    def load(self, args, round_number, concurrency=None):
         written = metric(self.metrics, 'marquee_event_log_records_total{outcome="written",sink="kafka"}')
         cpu = cpu_seconds(self.process.pid)
         body = BODY.replace("ROUND", str(round_number))
-        output = subprocess.run([str(LOAD), f"{self.base}/v1/predict", body, str(args.concurrency),
+        output = subprocess.run([str(LOAD), f"{self.base}/v1/predict", body, str(concurrency or args.concurrency),
                                  str(args.seconds)], check=True, capture_output=True, text=True)
         result = json.loads(output.stdout)
         result["cpu_ms_per_request"] = (cpu_seconds(self.process.pid) - cpu) * 1e3 / max(result["requests"], 1)
@@ -128,10 +134,10 @@ class Served:
             time.sleep(0.1)
         result["kafka_records"] = metric(
             self.metrics, 'marquee_event_log_records_total{outcome="written",sink="kafka"}') - written
-        self.rounds.append(result)
+        (self.light_rounds if concurrency == 1 else self.rounds).append(result)
 
-    def median(self, key):
-        return statistics.median(r[key] for r in self.rounds)
+    def median(self, key, light=False):
+        return statistics.median(r[key] for r in (self.light_rounds if light else self.rounds))
 
     def stop(self):
         self.process.terminate()
@@ -227,6 +233,7 @@ def main():
                                  "--events-dir", str(work / "events-kafka")], work, share=50),
                 Served("route", nothing, work, share=50),
                 Served("canary", nothing, work, share=10),
+                Served("shadow", nothing, work, share="shadow"),
                 Served("log", ["--event-sink", "parquet", "--events-dir", str(work / "events-log"),
                                "--drift-window-rows", "0"], work),
                 Served("drift", ["--event-sink", "none"], work),
@@ -238,6 +245,10 @@ def main():
             for round_number in range(args.rounds):
                 for served in servers:
                     served.load(args, round_number)
+            light = [s for s in servers if s.name in ("off", "shadow")]
+            for round_number in range(args.rounds):
+                for served in light:
+                    served.load(args, args.rounds + round_number, concurrency=1)
             for served in servers:
                 served.stop()
             rollback = time_to_rollback(args, work)
@@ -267,11 +278,18 @@ def main():
         "kafka_over_off_p99": kafka["p99_ms"] / off["p99_ms"],
         "kafka_records_per_second": kafka_rate,
         **{f"{name}_over_off_throughput": summary[name]["per_second"] / off["per_second"]
-           for name in ("route", "canary", "log", "drift")},
+           for name in ("route", "canary", "shadow", "log", "drift")},
     }
-    print()
+    off_light, shadow_light = ({key: served.median(key, light=True) for key in ("per_second", "p50_ms", "p99_ms")}
+                               for served in light)
+    summary["one_connection"] = {"off": off_light, "shadow": shadow_light}
+    summary["ratios"]["shadow_over_off_p50_one_connection"] = shadow_light["p50_ms"] / off_light["p50_ms"]
+    summary["ratios"]["shadow_over_off_p99_one_connection"] = shadow_light["p99_ms"] / off_light["p99_ms"]
+    print(f"\none connection: off p50 {off_light['p50_ms']:.3f} ms p99 {off_light['p99_ms']:.3f} ms "
+          f"({off_light['per_second']:.0f} req/s); with a 100% shadow p50 {shadow_light['p50_ms']:.3f} ms "
+          f"p99 {shadow_light['p99_ms']:.3f} ms ({shadow_light['per_second']:.0f} req/s)\n")
     for key, value in summary["ratios"].items():
-        print(f"{key:28} {value:10.2f}")
+        print(f"{key:36} {value:10.2f}")
     print(f"\nbroken canary: {rollback['status']} {rollback['seconds']:.2f} s after the deploy call, after "
           f"{rollback['canary_requests']} canary requests ({rollback['canary_errors']} failed); "
           f"{rollback['reason']}")
