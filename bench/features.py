@@ -25,6 +25,7 @@ import textwrap
 import time
 
 import suite_build
+from loopback import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
@@ -74,12 +75,6 @@ FEAST_SIDE = textwrap.dedent(
     print(json.dumps({"median_us": micros[len(micros) // 2], "p99_us": micros[min(len(micros) - 1, int(len(micros) * 0.99))]}))
     """
 )
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(port):

@@ -33,7 +33,7 @@ import subprocess
 import urllib.request
 
 import suite_build
-from predict import free_port, wait_http
+from loopback import free_port, wait_http
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"

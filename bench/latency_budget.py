@@ -27,12 +27,12 @@ import argparse
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import time
 import urllib.request
 
 import suite_build
+from loopback import free_port, wait_http
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
@@ -62,25 +62,6 @@ def config(delay_us, budget_ms=None):
         "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
         "parameters": parameters,
     }
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url, process):
-    for _ in range(600):
-        if process.poll() is not None:
-            raise RuntimeError("marquee exited")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} never answered")
 
 
 def cpu_seconds(pid):
@@ -143,7 +124,7 @@ def main():
     configurations.append((f"budget {args.budget_ms:g} ms", config(8000, args.budget_ms)))
     results = {}
     try:
-        wait_ready(f"{base}/v2/health/ready", server)
+        wait_http(f"{base}/v2/health/ready", server)
         for name, model_config in configurations:
             reload(base, model_config)
             rows = []

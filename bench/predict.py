@@ -20,13 +20,13 @@ import argparse
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
 
 import suite_build
+from loopback import free_port, wait_http
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
@@ -38,25 +38,6 @@ V2_BODY = json.dumps({"inputs": [{"name": "X", "shape": [1, 10], "datatype": "FP
                                   "data": [0.2, -0.1, 0.4, 1.0, 0.5, -1.4, 0.0, 0.3, 0.0, 1.0]}]})
 V1_BODY = ('{"model": "gbr", "entities": {"user_id": "user-{i}", "show_id": "show-7"},'
            ' "features": {"hours_to_show": 5, "is_peak_hour": true}}')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url, process):
-    for _ in range(600):
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} never answered")
 
 
 def prepare():

@@ -19,7 +19,6 @@ import os
 import pathlib
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -32,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper
 
 import suite_build
+from loopback import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
@@ -120,12 +120,6 @@ def local_round(artifact, work, repeats):
         shutil.rmtree(work / "back")
         shutil.rmtree(raw)
     return {"push": pushes, "raw_push": copies, "pull": pulls, "raw_pull": raw_pulls}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_moto():

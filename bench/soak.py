@@ -21,13 +21,13 @@ import argparse
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import threading
 import time
 import urllib.request
 
 import suite_build
+from loopback import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
@@ -36,12 +36,6 @@ MARQUEE = TARGET / "marquee"
 LOAD = TARGET / "examples" / "grpc_load"
 OUT = HOME / "bench"
 MODEL, WIDTH = "iforest", 9
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build():

@@ -274,7 +274,13 @@ pub struct DriftMonitor {
     metrics: Option<DriftMetrics>,
     /// Models whose command is running.
     running: Mutex<BTreeSet<String>>,
+    /// Whether a version is still served (set by the server): a request still running on a
+    /// version retired meanwhile must not bring its state back after `forget`.
+    serving: std::sync::OnceLock<VersionServed>,
 }
+
+/// Whether `model` serves `version` now.
+pub type VersionServed = Box<dyn Fn(&str, u64) -> bool + Send + Sync>;
 
 struct DriftMetrics {
     windows: IntCounterVec,
@@ -381,6 +387,7 @@ impl DriftMonitor {
             events,
             metrics,
             running: Mutex::new(BTreeSet::new()),
+            serving: std::sync::OnceLock::new(),
         })
     }
 
@@ -401,7 +408,9 @@ impl DriftMonitor {
         if self.config.window_rows == 0 || rows.is_empty() {
             return;
         }
-        let state = self.state(model, version, features, baseline);
+        let Some(state) = self.state(model, version, features, baseline) else {
+            return;
+        };
         let start = {
             let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
             for row in rows {
@@ -458,7 +467,7 @@ impl DriftMonitor {
         version: u64,
         features: &[String],
         baseline: &Value,
-    ) -> SharedVersion {
+    ) -> Option<SharedVersion> {
         let known = |state: &SharedVersion| {
             let state = state.lock().unwrap_or_else(|p| p.into_inner());
             state.names.len() == features.len() + 1 && state.names[..features.len()] == *features
@@ -471,7 +480,7 @@ impl DriftMonitor {
             .and_then(|versions| versions.get(&version))
             .filter(|state| known(state))
         {
-            return state.clone();
+            return Some(state.clone());
         }
         let mut names = features.to_vec();
         names.push(PREDICTION.to_string());
@@ -502,20 +511,38 @@ impl DriftMonitor {
             windows_skipped: 0,
         };
         let mut versions = self.versions.write().unwrap_or_else(|p| p.into_inner());
-        match versions
-            .entry(model.to_string())
-            .or_default()
-            .entry(version)
+        // Asked under the lock `forget` takes, after the model table changed: a version retired
+        // before this point is not served, one retired after it is forgotten after this insert.
+        if self
+            .serving
+            .get()
+            .is_some_and(|serving| !serving(model, version))
         {
-            // Another request made it meanwhile.
-            Entry::Occupied(state) if known(state.get()) => state.get().clone(),
-            // The version came back with another pipeline: its old state no longer fits.
-            Entry::Occupied(mut state) => {
-                let fresh = Arc::new(Mutex::new(fresh));
-                state.insert(fresh.clone());
-                fresh
-            }
-            Entry::Vacant(slot) => slot.insert(Arc::new(Mutex::new(fresh))).clone(),
+            return None;
+        }
+        Some(
+            match versions
+                .entry(model.to_string())
+                .or_default()
+                .entry(version)
+            {
+                // Another request made it meanwhile.
+                Entry::Occupied(state) if known(state.get()) => state.get().clone(),
+                // The version came back with another pipeline: its old state no longer fits.
+                Entry::Occupied(mut state) => {
+                    let fresh = Arc::new(Mutex::new(fresh));
+                    state.insert(fresh.clone());
+                    fresh
+                }
+                Entry::Vacant(slot) => slot.insert(Arc::new(Mutex::new(fresh))).clone(),
+            },
+        )
+    }
+
+    /// Tells the monitor how to ask whether a version is still served.
+    pub fn set_serving(&self, serving: VersionServed) {
+        if self.serving.set(serving).is_err() {
+            tracing::warn!("the drift monitor's serving check was set twice; the first stays");
         }
     }
 
@@ -567,14 +594,18 @@ impl DriftMonitor {
         ));
         // Metrics first, then the report: whoever sees the report sees its metrics too.
         let version_label = version.to_string();
-        // (A version forgotten while its window was judged leaves no series behind.)
-        let served = self
-            .versions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        // Published under the read lock `forget` waits for, and only while this very state is
+        // the version's: a version forgotten (or loaded anew) while its window was judged gets
+        // no series, event or command from it.
+        let versions = self.versions.read().unwrap_or_else(|p| p.into_inner());
+        let current = versions
             .get(model)
-            .is_some_and(|versions| versions.contains_key(&version));
-        if let Some(metrics) = self.metrics.as_ref().filter(|_| served) {
+            .and_then(|of_model| of_model.get(&version))
+            .is_some_and(|known| std::ptr::eq(Arc::as_ptr(known), state));
+        if !current {
+            return;
+        }
+        if let Some(metrics) = &self.metrics {
             let result = if report.dataset_drift {
                 "drift"
             } else {
@@ -609,6 +640,7 @@ impl DriftMonitor {
             state.drifting = report.dataset_drift;
             started
         };
+        drop(versions);
         if !report.dataset_drift {
             return;
         }

@@ -120,7 +120,8 @@ impl ModelManager {
         }
     }
 
-    /// Calls `listener` with the versions of a model each time some stop being served.
+    /// Calls `listener` with the versions of a model each time some stop being served (inside
+    /// the model's change lock; a listener must not call back into the manager's `on_retired`).
     pub fn on_retired(&self, listener: RetiredVersions) {
         self.retired
             .write()
@@ -473,21 +474,26 @@ impl ModelManager {
         let lock = self.change_lock(name);
         let result = {
             let _one_at_a_time = lock.lock().await;
-            let mut models = self.models.write().expect("model table lock");
-            match models.get(name) {
-                Some(ModelState::Ready(served)) => {
-                    let versions: Vec<u64> = served.versions.keys().copied().collect();
-                    models.insert(name.to_string(), ModelState::Unloaded);
-                    tracing::info!(model = name, "model unloaded");
-                    Ok(versions)
+            let unloaded = {
+                let mut models = self.models.write().expect("model table lock");
+                match models.get(name) {
+                    Some(ModelState::Ready(served)) => {
+                        let versions: Vec<u64> = served.versions.keys().copied().collect();
+                        models.insert(name.to_string(), ModelState::Unloaded);
+                        tracing::info!(model = name, "model unloaded");
+                        Ok(versions)
+                    }
+                    _ => Err(ServingError::NotFound(format!(
+                        "model '{name}' is not loaded"
+                    ))),
                 }
-                _ => Err(ServingError::NotFound(format!(
-                    "model '{name}' is not loaded"
-                ))),
-            }
+            };
+            // Inside the change lock, as a reload's: a load queued behind this unload cannot
+            // finish first and then lose its versions' state to a late retirement.
+            self.retire(name, unloaded.as_deref().unwrap_or_default());
+            unloaded
         };
         self.release_change_lock(name, lock);
-        self.retire(name, result.as_deref().unwrap_or_default());
         result.map(|_| ())
     }
 

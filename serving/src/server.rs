@@ -146,6 +146,13 @@ impl Server {
             drift: drift_monitor(config, events.clone(), &metrics)?,
         });
         if let Some(drift) = &predictor.drift {
+            // Weak: the model manager holds the monitor (through `on_retired`).
+            let served = Arc::downgrade(&models);
+            drift.set_serving(Box::new(move |model, version| {
+                served
+                    .upgrade()
+                    .is_some_and(|models| models.versions(model).contains(&version))
+            }));
             let drift = drift.clone();
             models.on_retired(Box::new(move |model, versions| {
                 drift.forget(model, versions)

@@ -2,9 +2,10 @@
 //! takes its first rows as one (flagged), an unshifted window raises nothing, a window with two
 //! shifted features drifts on exactly those features, and the verdicts agree with scipy's
 //! `ks_2samp` on the same values. A drifting window is a metric, a `drift.detected` event and
-//! one run of the model's drift command; unloading the model drops its state and series. Every kind of column (continuous, two values, a few
-//! values; against a small and a large baseline) is judged as Evidently's data drift report
-//! judges the same windows: the same test, score and verdict.
+//! one run of the model's drift command; unloading the model drops its state and series. Every
+//! kind of column (continuous, two values, a few values; against a small and a large baseline)
+//! is judged as Evidently's data drift report judges the same windows: the same test, score and
+//! verdict.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};

@@ -20,8 +20,17 @@ async fn two_versions() -> TestServer {
             2,
             Some("version_policy { all { } }\nmax_batch_size: 8\ndynamic_batching { }\n"),
         )
-        .write("pricing/pipeline.json", &request_only_pipeline());
+        .write("pricing/pipeline.json", &request_only_pipeline())
+        .add("cached", "gbr", None)
+        .write("cached/pipeline.json", &cached_pipeline());
     TestServer::start(repository).await
+}
+
+/// The request-only pipeline with a response cache.
+fn cached_pipeline() -> Vec<u8> {
+    let mut pipeline: Value = serde_json::from_slice(&request_only_pipeline()).unwrap();
+    pipeline["cache"] = json!({"ttl_ms": 60000, "max_entries": 100});
+    pipeline.to_string().into_bytes()
 }
 
 async fn put(server: &TestServer, path: &str, body: Value) -> (u16, Value) {
@@ -253,7 +262,8 @@ async fn a_request_split_and_a_shadow_take_their_shares() {
 async fn bad_policies_are_refused_with_what_is_wrong() {
     let server = two_versions().await;
     // With no policy installed, the default split entity is still accepted (clients may always
-    // send it), and any other entity the pipeline does not read is not.
+    // send it), and any other entity the pipeline does not read is not. Not read, it does not
+    // shape the cached answer: two users asking the same share it.
     for (entity, status) in [("user_id", 200), ("seat_id", 400)] {
         let (code, answer) = server
             .post(
@@ -263,6 +273,18 @@ async fn bad_policies_are_refused_with_what_is_wrong() {
             .await;
         assert_eq!(code, status, "{entity}: {answer}");
     }
+    let mut hits = Vec::new();
+    for user in ["u1", "u2"] {
+        let (code, answer) = server
+            .post(
+                "/v1/predict",
+                json!({"model": "cached", "entities": {"user_id": user}, "features": {"f1": 0.5}}),
+            )
+            .await;
+        assert_eq!(code, 200, "{answer}");
+        hits.push(answer["cache_hit"].clone());
+    }
+    assert_eq!(hits, [json!(false), json!(true)]);
     let cases = [
         (
             json!({"control": 1, "variants": [{"name": "c", "version": 3, "share": 5}], "split": {"by": "request"}}),

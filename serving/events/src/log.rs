@@ -23,8 +23,9 @@ use crate::{EventError, Record, Sink, SinkFailure};
 const TICK: Duration = Duration::from_millis(50);
 
 /// How long fresh records wait for a batch to fill before they are written anyway. Each sink
-/// write has a fixed cost (a task, a blocking thread, a Parquet row group or a Kafka round), so
-/// a busy log writes whole batches; a quiet one is at most this late.
+/// write has a fixed cost (a task and a blocking thread, a record batch for the Parquet writer,
+/// a round of Kafka deliveries), so a busy log writes whole batches; a quiet one is at most this
+/// late (plus the write).
 const LINGER: Duration = Duration::from_millis(50);
 
 /// After this long without records written, the sink flushes (Parquet files close and become
@@ -144,6 +145,12 @@ struct Shared {
 }
 
 impl Shared {
+    /// Records that make a batch worth writing at once: a whole batch, or half the buffer when
+    /// that is smaller (so a small buffer never fills while its records linger).
+    fn full(&self) -> usize {
+        self.batch.min(self.capacity / 2).max(1)
+    }
+
     fn take(&self, most: usize) -> Vec<Record> {
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let n = queue.len().min(most);
@@ -212,7 +219,7 @@ impl EventLog {
         let waiting = queue.len();
         drop(queue);
         self.shared.counters.buffered.set(waiting as i64);
-        if waiting == 1 || waiting.is_multiple_of(self.shared.batch) {
+        if waiting == 1 || waiting.is_multiple_of(self.shared.full()) {
             self.shared.wake.notify_one();
         }
         true
@@ -412,16 +419,18 @@ impl Writer {
             .map_or(Duration::ZERO, |at| LINGER.saturating_sub(at.elapsed()))
     }
 
-    /// The buffer first (a whole batch, or what waited out the linger); when it is empty, the
-    /// oldest spill segment.
+    /// The buffer first (a whole batch, or what waited out the linger); otherwise the oldest
+    /// spill segment (while fresh records linger too: the sink is free meanwhile).
     async fn next_batch(&mut self) -> Option<Batch> {
         let waiting = self.shared.waiting();
         if waiting > 0 {
-            if waiting < self.shared.batch && !self.linger_left().is_zero() {
+            if waiting >= self.shared.full() || self.linger_left().is_zero() {
+                self.last_fresh = Some(Instant::now());
+                return Some(Batch::Fresh(Arc::new(self.shared.take(self.shared.batch))));
+            }
+            if self.spill.as_ref().is_none_or(|spill| spill.bytes() == 0) {
                 return None;
             }
-            self.last_fresh = Some(Instant::now());
-            return Some(Batch::Fresh(Arc::new(self.shared.take(self.shared.batch))));
         }
         loop {
             let read = self.with_spill(|spill| spill.oldest()).await;
@@ -608,6 +617,7 @@ mod tests {
     struct Flaky {
         down: AtomicBool,
         taken: Mutex<Vec<i64>>,
+        writes: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait]
@@ -620,6 +630,7 @@ mod tests {
             if self.down.load(Ordering::SeqCst) {
                 return Err(SinkFailure::all(records.len(), "down"));
             }
+            self.writes.fetch_add(1, Ordering::SeqCst);
             let mut taken = self.taken.lock().unwrap();
             taken.extend(records.iter().map(|r| r.time_ms));
             Ok(())
@@ -718,6 +729,35 @@ mod tests {
         assert_eq!((kept, log.stats().dropped), (10, 15));
         log.close(Duration::from_secs(5)).await;
         assert_eq!(sink.taken.lock().unwrap().len(), 10);
+    }
+
+    #[tokio::test]
+    async fn busy_logs_write_whole_batches_and_small_buffers_do_not_wait_to_fill() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(Flaky::default());
+        let log = EventLog::start(sink.clone(), config(dir.path()), None).unwrap();
+        // Many records at once: written as whole batches, not one by one.
+        for i in 0..5_000 {
+            assert!(log.log(record(i)));
+        }
+        until("5000 written", || sink.taken.lock().unwrap().len() == 5_000).await;
+        assert_eq!(sink.writes.load(Ordering::SeqCst), 3, "2048 + 2048 + 904");
+        log.close(Duration::from_secs(5)).await;
+
+        // A buffer of 8 is written at 4 waiting, so a steady trickle never fills it.
+        let sink = Arc::new(Flaky::default());
+        let small = LogConfig {
+            buffer: 8,
+            ..config(&dir.path().join("small"))
+        };
+        let log = EventLog::start(sink.clone(), small, None).unwrap();
+        for i in 0..200 {
+            log.log(record(i));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        until("200 written", || sink.taken.lock().unwrap().len() == 200).await;
+        assert_eq!(log.stats().dropped, 0);
+        log.close(Duration::from_secs(5)).await;
     }
 
     /// A sink that never answers, or refuses odd-numbered records for good.

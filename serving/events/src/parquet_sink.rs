@@ -235,8 +235,9 @@ impl OpenFile {
 }
 
 /// A record's columns: its fields, with `features` and `entities` opened into theirs. An opened
-/// key that is also a field's name, or a key of an object opened before (an entity named like a
-/// feature), becomes `entities.KEY` / `features.KEY`, so no value hides another.
+/// key that is also a field's name, `timestamp` (the record's time, a column of its own), or a
+/// key of an object opened before (an entity named like a feature), becomes `entities.KEY` /
+/// `features.KEY`, so no value hides another.
 fn columns_of(record: &Record) -> Vec<(Cow<'_, str>, &Value)> {
     let opened = |name: &str, value: &Value| OPENED.contains(&name) && value.is_object();
     let is_field = |key: &str| {
@@ -251,7 +252,8 @@ fn columns_of(record: &Record) -> Vec<(Cow<'_, str>, &Value)> {
         match value {
             Value::Object(inner) if opened(name, value) => {
                 for (key, value) in inner {
-                    let taken = is_field(key)
+                    let taken = key == "timestamp"
+                        || is_field(key)
                         || opened_before.iter().any(|before| before.contains_key(key));
                     let column = if taken {
                         Cow::Owned(format!("{name}.{key}"))
@@ -572,7 +574,7 @@ mod tests {
         let Value::Object(fields) = json!({
             "model": "fraud",
             "entities": {"user_id": "u1", "amount": "entity"},
-            "features": {"model": 1.0, "amount": 2.0, "hour": 3},
+            "features": {"model": 1.0, "amount": 2.0, "hour": 3, "timestamp": 4.0},
         }) else {
             unreachable!()
         };
@@ -581,9 +583,14 @@ mod tests {
             .into_iter()
             .map(|(name, value)| (name.into_owned(), value))
             .collect();
-        assert_eq!(columns.len(), 6, "{columns:?}");
+        assert_eq!(columns.len(), 7, "{columns:?}");
         assert_eq!(columns["model"], "fraud");
         assert_eq!(columns["features.model"], 1.0);
+        assert_eq!(columns["features.timestamp"], 4.0);
+        assert!(
+            !columns.contains_key("timestamp"),
+            "the record's time has its own column"
+        );
         let amounts: Vec<&Value> = columns
             .iter()
             .filter(|(name, _)| name.ends_with("amount"))

@@ -810,10 +810,31 @@ fn prepare(
         }
     }
     let cache_key = declared.cache.as_ref().map(|_| {
+        // Only the entities the pipeline reads shape the answer: a split's (`user_id` on a model
+        // that does not read it) must not give every user a cache of their own.
+        let read = |name: &str| {
+            pipeline
+                .views
+                .iter()
+                .any(|v| v.join_keys.iter().any(|k| k == name))
+        };
+        let entities: Cow<'_, serde_json::Map<String, Value>> =
+            if instance.entities.keys().all(|name| read(name)) {
+                Cow::Borrowed(&instance.entities)
+            } else {
+                Cow::Owned(
+                    instance
+                        .entities
+                        .iter()
+                        .filter(|(name, _)| read(name))
+                        .map(|(name, value)| (name.clone(), value.clone()))
+                        .collect(),
+                )
+            };
         ResponseCache::key(
             model_name,
             model.spec().version,
-            &instance.entities,
+            &entities,
             &instance.features,
         )
     });
