@@ -413,8 +413,9 @@ async fn a_slower_canary_is_rolled_back_by_the_comparison_with_the_control() {
     let windows = &decision["windows"];
     let (canary, control) = (&windows["canary"], &windows["control"]);
     let slower = canary["p50_ms"].as_f64().unwrap() / control["p50_ms"].as_f64().unwrap();
+    // About 3x here; what the judge needs is more than its 25% margin.
     assert!(
-        slower >= 2.0,
+        slower > 1.25,
         "the canary was only {slower:.2}x slower: {windows}"
     );
     // Judged at its first chance (100 requests, every 100 ms), far inside its step.
@@ -498,8 +499,10 @@ async fn a_shadow_phase_judges_a_version_on_mirrored_traffic_before_any_user_see
     let (code, answer) = server
         .post(
             "/v1/models/pricing/deploy",
+            // (Mirrored requests run after the answer, competing with the next one on a busy
+            // machine: their latency is not this test's subject.)
             json!({"version": 3, "shadow": true, "steps": [50, 100], "step_requests": 30,
-                   "guardrails": {"min_requests": 20}}),
+                   "guardrails": {"min_requests": 20, "max_latency_increase": 100.0}}),
         )
         .await;
     assert_eq!(code, 201, "{answer}");

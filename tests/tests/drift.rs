@@ -79,9 +79,19 @@ async fn until_judged(server: &TestServer, windows: u64) -> Value {
 
 /// scipy's `ks_2samp` of every column, `{column: [statistic, pvalue]}`.
 fn scipy_ks(reference: &BTreeMap<String, Vec<f64>>, current: &BTreeMap<String, Vec<f64>>) -> Value {
-    let python = marquee_tests::root().join(".marquee/venv/bin/python");
     let script = "import json, sys\nfrom scipy import stats\nd = json.load(sys.stdin)\n\
         print(json.dumps({c: list(stats.ks_2samp(d['reference'][c], d['current'][c])[:2]) for c in d['reference']}))";
+    windows_through_python(script, reference, current)
+}
+
+/// What the test venv's python prints (JSON) for `script` given both windows on its stdin, as
+/// `{"reference": {column: values}, "current": …}`.
+fn windows_through_python(
+    script: &str,
+    reference: &BTreeMap<String, Vec<f64>>,
+    current: &BTreeMap<String, Vec<f64>>,
+) -> Value {
+    let python = marquee_tests::root().join(".marquee/venv/bin/python");
     let mut child = std::process::Command::new(python)
         .args(["-c", script])
         .stdin(std::process::Stdio::piped())
@@ -91,7 +101,7 @@ fn scipy_ks(reference: &BTreeMap<String, Vec<f64>>, current: &BTreeMap<String, V
     let input = json!({"reference": reference, "current": current}).to_string();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
     let output = child.wait_with_output().unwrap();
-    assert!(output.status.success());
+    assert!(output.status.success(), "{script}");
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
@@ -285,7 +295,6 @@ fn evidently(
     reference: &BTreeMap<String, Vec<f64>>,
     current: &BTreeMap<String, Vec<f64>>,
 ) -> Value {
-    let python = marquee_tests::root().join(".marquee/venv/bin/python");
     let script = r#"
 import json, sys, warnings
 warnings.filterwarnings("ignore")
@@ -306,17 +315,7 @@ for metric in report.as_dict()["metrics"]:
         out["prediction" if column == "answer" else column] = [r["stattest_name"], r["drift_score"], r["drift_detected"]]
 print(json.dumps(out))
 "#;
-    let mut child = std::process::Command::new(python)
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("the test venv's python");
-    let input = json!({"reference": reference, "current": current}).to_string();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "evidently failed");
-    serde_json::from_slice(&output.stdout).unwrap()
+    windows_through_python(script, reference, current)
 }
 
 /// Same test, same verdict, and the score within `tolerance` (p-values, or the distance).

@@ -933,17 +933,10 @@ impl Deployments {
         // follows another's decision loads the canary at its next registry poll; until then its
         // users stay on production rather than meet a version it cannot answer with).
         let here = |version: u64| loaded.contains(&version);
-        match deployment.policy() {
-            Some(_) if !(here(deployment.version) && here(deployment.control)) => {
-                if self
-                    .router
-                    .policy(&model)
-                    .is_some_and(|p| p.salt == deployment.id)
-                {
-                    self.router.clear(&model);
-                }
-                return Ok(());
-            }
+        let routable = deployment
+            .policy()
+            .filter(|_| here(deployment.version) && here(deployment.control));
+        match routable {
             Some(policy) if self.router.policy(&model).as_ref() != Some(&policy) => {
                 self.router.set(&model, policy)?;
                 return Ok(());
