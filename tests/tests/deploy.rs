@@ -91,6 +91,13 @@ async fn status(server: &TestServer, id: &str) -> Value {
     body
 }
 
+/// Starts a deployment of pricing on `server`; its id.
+async fn deploy(server: &TestServer, request: Value) -> String {
+    let (code, answer) = server.post("/v1/models/pricing/deploy", request).await;
+    assert_eq!(code, 201, "{answer}");
+    answer["deployment_id"].as_str().unwrap().to_string()
+}
+
 /// What a run of traffic saw, per user: the variants in the order they answered.
 #[derive(Default)]
 struct Seen {
@@ -275,14 +282,11 @@ async fn a_canary_failing_on_some_inputs_is_rolled_back_and_control_users_never_
         c.events_dir = events_dir;
     })
     .await;
-    let (code, answer) = server
-        .post(
-            "/v1/models/pricing/deploy",
-            json!({"version": 2, "steps": [50, 100], "step_requests": 100000}),
-        )
-        .await;
-    assert_eq!(code, 201, "{answer}");
-    let id = answer["deployment_id"].as_str().unwrap().to_string();
+    let id = deploy(
+        &server,
+        json!({"version": 2, "steps": [50, 100], "step_requests": 100000}),
+    )
+    .await;
     let mut seen = Seen::default();
     let started = Instant::now();
     // A third of the users send what the canary cannot take.
@@ -376,15 +380,12 @@ async fn a_slower_canary_is_rolled_back_by_the_comparison_with_the_control() {
     // `slow` answers every request, a few times slower than gbr (256 dense layers it discards).
     let registry = registry(dir.path(), &["slow"]).await;
     let server = TestServer::start_registry(dir.path()).await;
-    let (code, answer) = server
-        .post(
-            "/v1/models/pricing/deploy",
-            json!({"version": 2, "steps": [50, 100], "step_requests": 100000,
-                   "guardrails": {"min_requests": 100}}),
-        )
-        .await;
-    assert_eq!(code, 201, "{answer}");
-    let id = answer["deployment_id"].as_str().unwrap().to_string();
+    let id = deploy(
+        &server,
+        json!({"version": 2, "steps": [50, 100], "step_requests": 100000,
+               "guardrails": {"min_requests": 100}}),
+    )
+    .await;
     let mut seen = Seen::default();
     let state = drive(
         &server,
@@ -441,14 +442,11 @@ async fn a_shadow_phase_judges_a_version_on_mirrored_traffic_before_any_user_see
 
     // A broken version in shadow: judged on the mirrored answers and rolled back, while every
     // client is answered by production and none fails.
-    let (code, answer) = server
-        .post(
-            "/v1/models/pricing/deploy",
-            json!({"version": 2, "shadow": true, "steps": [50, 100], "step_requests": 100000}),
-        )
-        .await;
-    assert_eq!(code, 201, "{answer}");
-    let id = answer["deployment_id"].as_str().unwrap().to_string();
+    let id = deploy(
+        &server,
+        json!({"version": 2, "shadow": true, "steps": [50, 100], "step_requests": 100000}),
+    )
+    .await;
     let mut seen = Seen::default();
     let state = drive(
         &server,
@@ -496,17 +494,14 @@ async fn a_shadow_phase_judges_a_version_on_mirrored_traffic_before_any_user_see
     );
 
     // A healthy version passes its shadow phase, then ramps and is promoted.
-    let (code, answer) = server
-        .post(
-            "/v1/models/pricing/deploy",
-            // (Mirrored requests run after the answer, competing with the next one on a busy
-            // machine: their latency is not this test's subject.)
-            json!({"version": 3, "shadow": true, "steps": [50, 100], "step_requests": 30,
-                   "guardrails": {"min_requests": 20, "max_latency_increase": 100.0}}),
-        )
-        .await;
-    assert_eq!(code, 201, "{answer}");
-    let id = answer["deployment_id"].as_str().unwrap().to_string();
+    let id = deploy(
+        &server,
+        // (Mirrored requests run after the answer, competing with the next one on a busy
+        // machine: their latency is not this test's subject.)
+        json!({"version": 3, "shadow": true, "steps": [50, 100], "step_requests": 30,
+               "guardrails": {"min_requests": 20, "max_latency_increase": 100.0}}),
+    )
+    .await;
     let mut seen = Seen::default();
     let state = drive(
         &server,
@@ -545,15 +540,12 @@ async fn two_servers_on_one_registry_agree_on_a_deployment_and_its_users() {
         TestServer::start_registry(dir.path()).await,
         TestServer::start_registry(dir.path()).await,
     ];
-    let (code, answer) = servers[0]
-        .post(
-            "/v1/models/pricing/deploy",
-            json!({"version": 2, "steps": [50, 100], "step_requests": 200,
-                   "guardrails": {"min_requests": 20}}),
-        )
-        .await;
-    assert_eq!(code, 201, "{answer}");
-    let id = answer["deployment_id"].as_str().unwrap().to_string();
+    let id = deploy(
+        &servers[0],
+        json!({"version": 2, "steps": [50, 100], "step_requests": 200,
+               "guardrails": {"min_requests": 20}}),
+    )
+    .await;
     // The second server finds it in the registry; a deployment on it is refused as a conflict.
     let started = Instant::now();
     while servers[1].get(&format!("/v1/deployments/{id}")).await.0 != 200 {
