@@ -176,6 +176,16 @@ async fn canary_alias_after_the_decision(registry: &Registry) -> Option<u64> {
     alias
 }
 
+/// A deployment's latest decision.
+fn last_decision(state: &Value) -> Value {
+    state["decisions"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone()
+}
+
 fn actions(state: &Value) -> Vec<String> {
     state["decisions"]
         .as_array()
@@ -300,12 +310,7 @@ async fn a_canary_failing_on_some_inputs_is_rolled_back_and_control_users_never_
     )
     .await;
     assert_eq!(state["status"], "rolled_back", "{state}");
-    let decision = state["decisions"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .clone();
+    let decision = last_decision(&state);
     assert_eq!(decision["action"], "rolled_back");
     assert!(
         decision["reason"].as_str().unwrap().contains("error rate"),
@@ -399,12 +404,7 @@ async fn a_slower_canary_is_rolled_back_by_the_comparison_with_the_control() {
     )
     .await;
     assert_eq!(state["status"], "rolled_back", "{state}");
-    let decision = state["decisions"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .clone();
+    let decision = last_decision(&state);
     let reason = decision["reason"].as_str().unwrap();
     assert!(
         reason.contains("median latency") && reason.contains("Mann-Whitney"),
@@ -465,12 +465,7 @@ async fn a_shadow_phase_judges_a_version_on_mirrored_traffic_before_any_user_see
         ["started", "loaded", "rolled_back"],
         "{state}"
     );
-    let decision = state["decisions"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .clone();
+    let decision = last_decision(&state);
     assert!(
         decision["reason"].as_str().unwrap().contains("error rate"),
         "{decision}"

@@ -30,20 +30,35 @@ fn uniform(seed: u64, n: u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Sends one window of rows; returns every column's values as the server saw them.
+/// Sends one window of rows, each uniform with `f2` and `f5` shifted when `shift`; returns every
+/// column's values as the server saw them.
 async fn send(server: &TestServer, seed: u64, shift: bool) -> BTreeMap<String, Vec<f64>> {
-    let mut columns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for row in 0..ROWS as u64 {
-        let mut features = serde_json::Map::new();
-        for k in 0..10u64 {
-            let name = format!("f{k}");
-            let mut value = uniform(seed, row * 10 + k);
-            if shift && SHIFTED.contains(&name.as_str()) {
-                value = value * 1.2 + 0.25;
+    let rows = (0..ROWS as u64).map(|row| {
+        let mut values = [0.0; 10];
+        for (k, value) in values.iter_mut().enumerate() {
+            *value = uniform(seed, row * 10 + k as u64);
+            if shift && SHIFTED.contains(&format!("f{k}").as_str()) {
+                *value = *value * 1.2 + 0.25;
             }
-            columns.entry(name.clone()).or_default().push(value);
-            features.insert(name, value.into());
         }
+        values
+    });
+    send_rows(server, rows).await
+}
+
+/// Sends each row as `f0`-`f9` of one request; returns every column's values (and the
+/// prediction) as the server saw them.
+async fn send_rows(
+    server: &TestServer,
+    rows: impl IntoIterator<Item = [f64; 10]>,
+) -> BTreeMap<String, Vec<f64>> {
+    let mut columns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for values in rows {
+        let features: serde_json::Map<String, Value> = values
+            .iter()
+            .enumerate()
+            .map(|(k, v)| (format!("f{k}"), json!(v)))
+            .collect();
         let (status, answer) = server
             .post(
                 "/v1/predict",
@@ -51,6 +66,9 @@ async fn send(server: &TestServer, seed: u64, shift: bool) -> BTreeMap<String, V
             )
             .await;
         assert_eq!(status, 200, "{answer}");
+        for (k, v) in values.iter().enumerate() {
+            columns.entry(format!("f{k}")).or_default().push(*v);
+        }
         columns
             .entry("prediction".into())
             .or_default()
@@ -263,30 +281,7 @@ async fn send_mixed(
     rows: u64,
     shift: bool,
 ) -> BTreeMap<String, Vec<f64>> {
-    let mut columns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for row in 0..rows {
-        let values = mixed_row(seed, row, shift);
-        let features: serde_json::Map<String, Value> = values
-            .iter()
-            .enumerate()
-            .map(|(k, v)| (format!("f{k}"), json!(v)))
-            .collect();
-        let (status, answer) = server
-            .post(
-                "/v1/predict",
-                json!({"model": "pricing", "features": features}),
-            )
-            .await;
-        assert_eq!(status, 200, "{answer}");
-        for (k, v) in values.iter().enumerate() {
-            columns.entry(format!("f{k}")).or_default().push(*v);
-        }
-        columns
-            .entry("prediction".into())
-            .or_default()
-            .push(answer["prediction"].as_f64().unwrap());
-    }
-    columns
+    send_rows(server, (0..rows).map(|row| mixed_row(seed, row, shift))).await
 }
 
 /// Evidently's data drift report (its default test per column) on the same windows:

@@ -87,6 +87,16 @@ fn pricing() -> Repository {
         .write("pricing/pipeline.json", &request_only_pipeline())
 }
 
+/// The pricing model, logging to Parquet files under `dir`.
+async fn logged_to_parquet(dir: &std::path::Path) -> TestServer {
+    let dir = dir.to_path_buf();
+    TestServer::start_with(pricing(), move |c| {
+        c.event_sink = EventSinkKind::Parquet;
+        c.events_dir = dir;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predictions_reach_kafka_and_none_is_lost_while_the_broker_is_down() {
     let mut broker = KafkaBroker::start().await;
@@ -153,12 +163,7 @@ async fn predictions_reach_kafka_and_none_is_lost_while_the_broker_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_parquet_log_keeps_every_prediction_as_columns() {
     let events = tempfile::tempdir().unwrap();
-    let dir = events.path().to_path_buf();
-    let server = TestServer::start_with(pricing(), move |c| {
-        c.event_sink = EventSinkKind::Parquet;
-        c.events_dir = dir;
-    })
-    .await;
+    let server = logged_to_parquet(events.path()).await;
     let mut sent = BTreeSet::new();
     for i in 0..40 {
         sent.insert(predict(&server, i).await);
@@ -222,12 +227,7 @@ async fn the_parquet_log_keeps_every_prediction_as_columns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_parquet_log_is_an_offline_source_for_training_sets() {
     let events = tempfile::tempdir().unwrap();
-    let dir = events.path().to_path_buf();
-    let server = TestServer::start_with(pricing(), move |c| {
-        c.event_sink = EventSinkKind::Parquet;
-        c.events_dir = dir;
-    })
-    .await;
+    let server = logged_to_parquet(events.path()).await;
     // Each user's last answer (u0 is answered twice: its training row must get the second).
     let mut last: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for (user, f0) in [("u0", 1.0), ("u1", 2.0), ("u2", 3.0), ("u0", 4.0)] {

@@ -794,10 +794,16 @@ fn prepare(
         }
         keys.push(entity_key(&parts));
     }
+    let reads = |name: &str| {
+        pipeline
+            .views
+            .iter()
+            .any(|v| v.join_keys.iter().any(|k| k == name))
+    };
     for name in instance.entities.keys() {
         // The entity a user-level traffic split hashes may be sent to any model under one
         // (asked only of entities the pipeline does not read: it takes the router's lock).
-        if !pipeline.views.iter().any(|v| v.join_keys.contains(name)) && !routing_entity(name) {
+        if !reads(name) && !routing_entity(name) {
             return Err(ServingError::InvalidInput(format!(
                 "{at}entities.{name} is not an entity model '{model_name}' uses (entities: {})",
                 pipeline
@@ -812,21 +818,15 @@ fn prepare(
     let cache_key = declared.cache.as_ref().map(|_| {
         // Only the entities the pipeline reads shape the answer: a split's (`user_id` on a model
         // that does not read it) must not give every user a cache of their own.
-        let read = |name: &str| {
-            pipeline
-                .views
-                .iter()
-                .any(|v| v.join_keys.iter().any(|k| k == name))
-        };
         let entities: Cow<'_, serde_json::Map<String, Value>> =
-            if instance.entities.keys().all(|name| read(name)) {
+            if instance.entities.keys().all(|name| reads(name)) {
                 Cow::Borrowed(&instance.entities)
             } else {
                 Cow::Owned(
                     instance
                         .entities
                         .iter()
-                        .filter(|(name, _)| read(name))
+                        .filter(|(name, _)| reads(name))
                         .map(|(name, value)| (name.clone(), value.clone()))
                         .collect(),
                 )
