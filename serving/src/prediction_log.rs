@@ -10,10 +10,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use marquee_events::{EventLog, Record, now_ms};
-use serde_json::{Map, Value};
+use std::sync::Arc;
 
-use crate::predict::pipeline::Pipeline;
+use marquee_events::{EventLog, Features, PredictionFields, Record, now_ms};
+use marquee_feature_store::FeatureValue;
+use serde_json::Value;
+
 use crate::predict::{Instance, Prediction};
 
 pub struct PredictionLog {
@@ -51,58 +53,36 @@ impl PredictionLog {
         self.sample >= 1.0 || takes(counter.fetch_add(1, Ordering::Relaxed), self.sample)
     }
 
-    /// Logs one request's answers, instance by instance.
+    /// Logs one request's answers, instance by instance (their entities and request features
+    /// move into the records).
     pub fn predictions(
         &self,
         answered: Answered<'_>,
-        instances: &[Instance],
+        instances: Vec<Instance>,
         predictions: &[Prediction],
     ) {
         let time_ms = now_ms();
-        for (instance, prediction) in instances.iter().zip(predictions) {
+        for (instance, prediction) in instances.into_iter().zip(predictions) {
             let features = match &prediction.inputs {
-                Some(values) => answered
-                    .pipeline
-                    .features
-                    .iter()
-                    .zip(values)
-                    .map(|(feature, value)| (feature.name.clone(), value.to_json()))
-                    .collect(),
-                None => instance.features.clone(),
+                Some(values) => Features::Named {
+                    names: answered.feature_names.clone(),
+                    values: values.iter().map(FeatureValue::to_json).collect(),
+                },
+                None => Features::Json(instance.features),
             };
-            let mut fields = Map::new();
-            fields.insert(
-                "prediction_id".into(),
-                prediction.prediction_id.clone().into(),
-            );
-            fields.insert("model".into(), answered.model.into());
-            fields.insert("version".into(), answered.version.into());
-            fields.insert(
-                "variant".into(),
-                answered.variant.map_or(Value::Null, Value::from),
-            );
-            fields.insert("entities".into(), Value::Object(instance.entities.clone()));
-            fields.insert("features".into(), Value::Object(features));
-            fields.insert(
-                "prediction".into(),
-                prediction.prediction.clone().unwrap_or(Value::Null),
-            );
-            fields.insert(
-                "label".into(),
-                prediction.label.clone().map_or(Value::Null, Value::from),
-            );
-            fields.insert("cache_hit".into(), prediction.cache_hit.into());
-            fields.insert(
-                "degraded".into(),
-                Value::from(
-                    prediction
-                        .degraded
-                        .iter()
-                        .map(|d| Value::from(*d))
-                        .collect::<Vec<_>>(),
-                ),
-            );
-            fields.insert("latency_ms".into(), answered.latency_ms.into());
+            let fields = PredictionFields {
+                cache_hit: prediction.cache_hit,
+                degraded: prediction.degraded.clone(),
+                entities: instance.entities,
+                features,
+                label: prediction.label.clone(),
+                latency_ms: answered.latency_ms,
+                model: answered.model.to_string(),
+                prediction: prediction.prediction.clone().unwrap_or(Value::Null),
+                prediction_id: prediction.prediction_id.clone(),
+                variant: answered.variant.map(str::to_string),
+                version: answered.version,
+            };
             self.events
                 .log(Record::prediction(answered.model, time_ms, fields));
         }
@@ -121,7 +101,8 @@ pub struct Answered<'a> {
     pub model: &'a str,
     pub version: u64,
     pub variant: Option<&'a str>,
-    pub pipeline: &'a Pipeline,
+    /// The pipeline's features, in the order of each prediction's `inputs`.
+    pub feature_names: &'a Arc<[String]>,
     pub latency_ms: f64,
 }
 

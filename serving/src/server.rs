@@ -294,10 +294,13 @@ fn event_log(config: &ServeConfig, metrics: &Metrics) -> Result<Option<EventLog>
     }
     let sink: Arc<dyn Sink> = match config.event_sink {
         EventSinkKind::None => return Ok(None),
-        EventSinkKind::Parquet => Arc::new(ParquetSink::new(
-            &config.events_dir,
-            Duration::from_secs_f64(config.event_file_roll_seconds.max(1.0)),
-        )),
+        EventSinkKind::Parquet => Arc::new(
+            ParquetSink::new(
+                &config.events_dir,
+                Duration::from_secs_f64(config.event_file_roll_seconds.max(1.0)),
+            )
+            .map_err(|e| StartError::Config(e.to_string()))?,
+        ),
         EventSinkKind::Kafka => {
             let brokers = config.event_brokers.clone().ok_or_else(|| {
                 StartError::Config("--event-sink kafka needs --event-brokers host:port".into())

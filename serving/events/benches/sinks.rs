@@ -7,29 +7,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use marquee_events::{ParquetSink, Record, Sink};
+use marquee_events::{Features, ParquetSink, PredictionFields, Record, Sink};
 use serde_json::{Value, json};
 
 const BATCH: usize = 2_048;
 
-fn prediction(i: usize) -> Record {
-    let Value::Object(fields) = json!({
-        "prediction_id": format!("0190d4c8-7f1e-7a3b-9c2d-{i:012}"),
-        "model": "pricing",
-        "version": 2,
-        "variant": "canary",
-        "entities": {"user_id": format!("user-{i}"), "show_id": "show-7"},
-        "features": {
-            "hours_to_show": i as f64 % 96.0, "seats_left": 40.0, "is_peak_hour": 1.0,
-            "occupancy_7d": 0.61, "price_band": 2.0, "screen_size": 180.0
-        },
-        "prediction": 11.25 + (i % 7) as f64,
-        "label": null,
-        "cache_hit": false,
-        "degraded": [],
-        "latency_ms": 0.42,
-    }) else {
+/// A prediction as serving logs it (typed fields, the pipeline's feature names shared).
+fn prediction(i: usize, names: &Arc<[String]>) -> Record {
+    let Value::Object(entities) = json!({"user_id": format!("user-{i}"), "show_id": "show-7"})
+    else {
         unreachable!()
+    };
+    let values = [i as f64 % 96.0, 40.0, 1.0, 0.61, 2.0, 180.0];
+    let fields = PredictionFields {
+        cache_hit: false,
+        degraded: Vec::new(),
+        entities,
+        features: Features::Named {
+            names: names.clone(),
+            values: values.iter().map(|&v| json!(v)).collect(),
+        },
+        label: None,
+        latency_ms: 0.42,
+        model: "pricing".into(),
+        prediction: json!(11.25 + (i % 7) as f64),
+        prediction_id: format!("0190d4c8-7f1e-7a3b-9c2d-{i:012}"),
+        variant: Some("canary".into()),
+        version: 2,
     };
     Record::prediction("pricing", 1_767_225_600_000 + i as i64, fields)
 }
@@ -40,12 +44,22 @@ fn sinks(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let records: Vec<Record> = (0..BATCH).map(prediction).collect();
+    let names: Arc<[String]> = [
+        "hours_to_show",
+        "seats_left",
+        "is_peak_hour",
+        "occupancy_7d",
+        "price_band",
+        "screen_size",
+    ]
+    .map(String::from)
+    .into();
+    let records: Vec<Record> = (0..BATCH).map(|i| prediction(i, &names)).collect();
     let mut group = c.benchmark_group("sinks");
     group.throughput(Throughput::Elements(BATCH as u64));
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let sink = ParquetSink::new(dir.path(), Duration::from_secs(3_600));
+    let sink = ParquetSink::new(dir.path(), Duration::from_secs(3_600)).expect("sink");
     group.bench_function("parquet_2048_predictions", |b| {
         b.iter_batched(
             || Arc::new(records.clone()),
@@ -61,8 +75,8 @@ fn sinks(c: &mut Criterion) {
     group.bench_function("build_and_drop_2048_predictions", |b| {
         b.iter(|| {
             (0..BATCH)
-                .map(prediction)
-                .map(|r| r.fields.len())
+                .map(|i| prediction(i, &names))
+                .map(|r| r.key.len())
                 .sum::<usize>()
         })
     });

@@ -26,7 +26,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use serde_json::{Map, Value};
 
-use crate::{EventError, Record, Sink, SinkFailure};
+use crate::background::Background;
+use crate::{EventError, Record, Sink, SinkFailure, topic_of};
 
 /// Where the brokers are and how topics are named and made.
 #[derive(Debug, Clone)]
@@ -84,6 +85,8 @@ pub struct KafkaSink {
     config: KafkaConfig,
     /// Topics known to exist since the last failure.
     ensured: Mutex<HashSet<String>>,
+    /// Where records are encoded and handed to librdkafka (see `background.rs`).
+    background: Background,
 }
 
 impl KafkaSink {
@@ -104,6 +107,7 @@ impl KafkaSink {
             admin,
             config,
             ensured: Mutex::new(HashSet::new()),
+            background: Background::spawn("kafka-sink")?,
         })
     }
 
@@ -170,13 +174,53 @@ impl Sink for KafkaSink {
     }
 
     async fn write(&self, records: Arc<Vec<Record>>) -> Result<(), SinkFailure> {
-        let topics: Vec<String> = records
-            .iter()
-            .map(|r| self.config.topic(&r.topic()))
+        let families: BTreeSet<Option<&str>> = records.iter().map(Record::family).collect();
+        let topics: Vec<(Option<String>, String)> = families
+            .into_iter()
+            .map(|family| {
+                let topic = self.config.topic(&topic_of(family));
+                (family.map(str::to_string), topic)
+            })
             .collect();
         if self.config.create_topics {
-            self.ensure_topics(topics.iter().cloned().collect()).await;
+            self.ensure_topics(topics.iter().map(|(_, t)| t.clone()).collect())
+                .await;
         }
+        let producer = self.producer.clone();
+        let batch = records.clone();
+        let sent = self
+            .background
+            .run(move || {
+                let mut deliveries = Vec::with_capacity(batch.len());
+                let mut unsent = Vec::new();
+                for (i, record) in batch.iter().enumerate() {
+                    let family = record.family();
+                    let Some((_, topic)) = topics.iter().find(|(f, _)| f.as_deref() == family)
+                    else {
+                        unreachable!("every record's family has its topic");
+                    };
+                    let payload = record.body_json();
+                    let message = FutureRecord::to(topic)
+                        .key(&record.key)
+                        .payload(&payload)
+                        .timestamp(record.time_ms);
+                    match producer.send_result(message) {
+                        Ok(delivery) => deliveries.push((i, delivery)),
+                        Err((e, _)) => unsent.push((i, e)),
+                    }
+                }
+                (deliveries, unsent)
+            })
+            .await;
+        let (deliveries, unsent) = match sent {
+            Ok(sent) => sent,
+            Err(why) => {
+                return Err(SinkFailure::all(
+                    records.len(),
+                    format!("kafka writer: {why}"),
+                ));
+            }
+        };
         let (mut failed, mut rejected) = (Vec::new(), Vec::new());
         let mut reason = String::new();
         let mut fail = |i: usize, e: &KafkaError| {
@@ -187,17 +231,8 @@ impl Sink for KafkaSink {
                 failed.push(i);
             }
         };
-        let mut deliveries = Vec::with_capacity(records.len());
-        for (i, (record, topic)) in records.iter().zip(&topics).enumerate() {
-            let payload = record.body_json();
-            let message = FutureRecord::to(topic)
-                .key(&record.key)
-                .payload(&payload)
-                .timestamp(record.time_ms);
-            match self.producer.send_result(message) {
-                Ok(delivery) => deliveries.push((i, delivery)),
-                Err((e, _)) => fail(i, &e),
-            }
+        for (i, e) in &unsent {
+            fail(*i, e);
         }
         let outcomes =
             futures::future::join_all(deliveries.into_iter().map(|(i, d)| d.map(move |r| (i, r))))

@@ -8,6 +8,7 @@
 //! Delivery is at least once: a record a sink half-accepted before failing may arrive twice, and
 //! records replayed from the spill arrive after newer ones.
 
+mod background;
 mod kafka;
 mod log;
 mod parquet_sink;
@@ -34,7 +35,7 @@ pub enum Stream {
     Event { kind: String },
 }
 
-/// One thing to log: a prediction or an event, with its fields as JSON.
+/// One thing to log: a prediction or an event, with its fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     #[serde(flatten)]
@@ -43,17 +44,122 @@ pub struct Record {
     pub key: String,
     /// When it happened, in ms since the epoch.
     pub time_ms: i64,
-    pub fields: Map<String, Value>,
+    pub fields: Fields,
+}
+
+/// A record's fields: JSON for events (and for any record read back from the spill); typed for a
+/// prediction as serving hands it over, so that logging one builds no map and leaves a handful
+/// of allocations to free, not one per field. Both encode as the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fields {
+    Json(Map<String, Value>),
+    Prediction(Box<PredictionFields>),
+}
+
+impl From<Map<String, Value>> for Fields {
+    fn from(fields: Map<String, Value>) -> Self {
+        Fields::Json(fields)
+    }
+}
+
+impl From<PredictionFields> for Fields {
+    fn from(fields: PredictionFields) -> Self {
+        Fields::Prediction(Box::new(fields))
+    }
+}
+
+impl Serialize for Fields {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Fields::Json(fields) => fields.serialize(serializer),
+            Fields::Prediction(fields) => fields.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Map::deserialize(deserializer).map(Fields::Json)
+    }
+}
+
+/// The prediction log's fields (serving's `prediction_log.rs` says what each holds), in the
+/// order a JSON object's keys sort, so a prediction read back from the spill writes the same
+/// columns in the same order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PredictionFields {
+    pub cache_hit: bool,
+    pub degraded: Vec<&'static str>,
+    pub entities: Map<String, Value>,
+    pub features: Features,
+    pub label: Option<String>,
+    pub latency_ms: f64,
+    pub model: String,
+    pub prediction: Value,
+    pub prediction_id: String,
+    pub variant: Option<String>,
+    pub version: u64,
+}
+
+impl PredictionFields {
+    /// The names of the fields other than `entities` and `features`.
+    pub const SCALARS: [&'static str; 9] = [
+        "cache_hit",
+        "degraded",
+        "label",
+        "latency_ms",
+        "model",
+        "prediction",
+        "prediction_id",
+        "variant",
+        "version",
+    ];
+}
+
+/// The features a prediction saw: one value per name, the names shared by every record of a
+/// pipeline (computed answers), or the request's own object (cached answers).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Features {
+    Named {
+        names: Arc<[String]>,
+        values: Vec<Value>,
+    },
+    Json(Map<String, Value>),
+}
+
+impl Features {
+    /// The features as (name, value) pairs.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &Value)> {
+        let (named, json) = match self {
+            Features::Named { names, values } => (Some(names.iter().zip(values)), None),
+            Features::Json(fields) => (None, Some(fields.iter())),
+        };
+        let named = named
+            .into_iter()
+            .flatten()
+            .map(|(name, value)| (name.as_str(), value));
+        let json = json
+            .into_iter()
+            .flatten()
+            .map(|(name, value)| (name.as_str(), value));
+        named.chain(json)
+    }
+}
+
+impl Serialize for Features {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.pairs())
+    }
 }
 
 impl Record {
     /// A prediction of `model`, with the prediction log's fields.
-    pub fn prediction(model: &str, time_ms: i64, fields: Map<String, Value>) -> Self {
+    pub fn prediction(model: &str, time_ms: i64, fields: impl Into<Fields>) -> Self {
         Self {
             stream: Stream::Prediction,
             key: model.to_string(),
             time_ms,
-            fields,
+            fields: fields.into(),
         }
     }
 
@@ -66,42 +172,63 @@ impl Record {
             },
             key: key.to_string(),
             time_ms,
-            fields,
+            fields: Fields::Json(fields),
         }
     }
 
     /// The record's topic, before the deployment's prefix: `predictions`, or `events.` and the
     /// event kind's family (`events.model` for `model.deployed`).
     pub fn topic(&self) -> String {
+        topic_of(self.family())
+    }
+
+    /// What names the topic, without building its name: `None` for predictions, else the event
+    /// kind's family.
+    fn family(&self) -> Option<&str> {
         match &self.stream {
-            Stream::Prediction => "predictions".into(),
-            Stream::Event { kind } => {
-                let family = kind.split('.').next().unwrap_or(kind);
-                format!("events.{family}")
-            }
+            Stream::Prediction => None,
+            Stream::Event { kind } => Some(kind.split('.').next().unwrap_or(kind)),
         }
     }
 
     /// What a consumer reads, as JSON: the fields and the time as RFC 3339 (`timestamp`, in
     /// place of a field of that name), encoded without a copy of the fields.
     pub fn body_json(&self) -> Vec<u8> {
-        struct Body<'a>(&'a Record);
-        impl Serialize for Body<'_> {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                let timestamp = Value::String(rfc3339(self.0.time_ms));
-                let fields = self
-                    .0
-                    .fields
-                    .iter()
-                    .filter(|(name, _)| *name != "timestamp");
-                serializer.collect_map(
-                    fields
-                        .map(|(name, value)| (name.as_str(), value))
-                        .chain(std::iter::once(("timestamp", &timestamp))),
-                )
-            }
-        }
-        serde_json::to_vec(&Body(self)).expect("records encode as JSON")
+        let timestamp = rfc3339(self.time_ms);
+        let encoded = match &self.fields {
+            Fields::Json(fields) => serde_json::to_vec(&JsonBody(fields, Value::String(timestamp))),
+            Fields::Prediction(fields) => serde_json::to_vec(&PredictionBody { fields, timestamp }),
+        };
+        encoded.expect("records encode as JSON")
+    }
+}
+
+/// JSON fields and the record's `timestamp` in place of a field of that name.
+struct JsonBody<'a>(&'a Map<String, Value>, Value);
+
+impl Serialize for JsonBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let fields = self.0.iter().filter(|(name, _)| *name != "timestamp");
+        serializer.collect_map(
+            fields
+                .map(|(name, value)| (name.as_str(), value))
+                .chain(std::iter::once(("timestamp", &self.1))),
+        )
+    }
+}
+
+#[derive(Serialize)]
+struct PredictionBody<'a> {
+    #[serde(flatten)]
+    fields: &'a PredictionFields,
+    timestamp: String,
+}
+
+/// The topic of records of an event `family` (`None`: predictions).
+fn topic_of(family: Option<&str>) -> String {
+    match family {
+        None => "predictions".into(),
+        Some(family) => format!("events.{family}"),
     }
 }
 
@@ -183,7 +310,10 @@ mod tests {
         assert_eq!(prediction.topic(), "predictions");
         let event = Record::event("model.rolled_back", "fraud", 0, Map::new());
         assert_eq!(event.topic(), "events.model");
-        assert_eq!(event.fields["kind"], json!("model.rolled_back"));
+        let Fields::Json(fields) = &event.fields else {
+            panic!("events carry JSON fields");
+        };
+        assert_eq!(fields["kind"], json!("model.rolled_back"));
     }
 
     #[test]

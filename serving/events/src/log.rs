@@ -16,6 +16,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::background::Background;
 use crate::spill::{Segment, Spill, Spilled};
 use crate::{EventError, Record, Sink, SinkFailure};
 
@@ -201,6 +202,7 @@ impl EventLog {
             last_write: None,
             last_fresh: None,
             in_flight_records: 0,
+            background: Background::spawn("event-log")?,
         };
         let task = tokio::spawn(writer.run());
         *shared.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
@@ -293,6 +295,8 @@ struct Writer {
     last_fresh: Option<Instant>,
     /// Records of the write in flight (counted as dropped should it panic).
     in_flight_records: usize,
+    /// Frees written batches off the runtime's threads.
+    background: Background,
 }
 
 /// One sink write, failed when it takes longer than `timeout` or is called off.
@@ -471,6 +475,7 @@ impl Writer {
         }
         let left = |records: Arc<Vec<Record>>| -> Vec<Record> {
             let Some(failure) = &failure else {
+                self.background.discard(records);
                 return Vec::new();
             };
             let records = Arc::try_unwrap(records).unwrap_or_else(|shared| (*shared).clone());

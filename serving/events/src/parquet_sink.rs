@@ -28,9 +28,14 @@ use async_trait::async_trait;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
-use serde_json::Value;
+use parquet::schema::types::ColumnPath;
+use serde_json::{Map, Value};
 
-use crate::{EventError, Record, Sink, SinkFailure, Stream, rfc3339};
+use crate::background::Background;
+use crate::{EventError, Fields, PredictionFields, Record, Sink, SinkFailure, Stream, rfc3339};
+
+/// Rows per Parquet row group.
+const ROW_GROUP: usize = 65_536;
 
 /// Objects of a prediction record that open into columns of their own.
 const OPENED: [&str; 2] = ["features", "entities"];
@@ -39,6 +44,8 @@ pub struct ParquetSink {
     dir: PathBuf,
     roll: Duration,
     open: Arc<Mutex<HashMap<PathBuf, OpenFile>>>,
+    /// Where batches are encoded and written (see `background.rs`).
+    background: Background,
 }
 
 struct OpenFile {
@@ -51,12 +58,13 @@ struct OpenFile {
 
 impl ParquetSink {
     /// Files under `dir`, each closed at the latest `roll` after it opened.
-    pub fn new(dir: impl Into<PathBuf>, roll: Duration) -> Self {
-        Self {
+    pub fn new(dir: impl Into<PathBuf>, roll: Duration) -> Result<Self, EventError> {
+        Ok(Self {
             dir: dir.into(),
             roll,
             open: Arc::new(Mutex::new(HashMap::new())),
-        }
+            background: Background::spawn("parquet-sink")?,
+        })
     }
 }
 
@@ -71,33 +79,30 @@ impl Sink for ParquetSink {
         let dir = self.dir.clone();
         let roll = self.roll;
         let open = self.open.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
-            write_records(&dir, roll, &mut open, &records)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(SinkFailure::all(
-                len,
-                format!("parquet writer panicked: {e}"),
-            ))
-        })
+        self.background
+            .run(move || {
+                let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+                write_records(&dir, roll, &mut open, &records)
+            })
+            .await
+            .unwrap_or_else(|e| Err(SinkFailure::all(len, format!("parquet writer: {e}"))))
     }
 
     async fn flush(&self) -> Result<(), EventError> {
         let open = self.open.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
-            let mut first_error = None;
-            for (_, file) in open.drain() {
-                if let Err(e) = file.close() {
-                    first_error.get_or_insert(e);
+        self.background
+            .run(move || {
+                let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+                let mut first_error = None;
+                for (_, file) in open.drain() {
+                    if let Err(e) = file.close() {
+                        first_error.get_or_insert(e);
+                    }
                 }
-            }
-            first_error.map_or(Ok(()), Err)
-        })
-        .await
-        .map_err(|e| EventError::Parquet(format!("flush panicked: {e}")))?
+                first_error.map_or(Ok(()), Err)
+            })
+            .await
+            .map_err(|e| EventError::Parquet(format!("flush: {e}")))?
     }
 }
 
@@ -211,8 +216,13 @@ impl OpenFile {
         let partial = path.with_extension("parquet.partial");
         let file = File::create(&partial)
             .map_err(|e| EventError::Parquet(format!("{}: {e}", partial.display())))?;
+        // Row groups of ROW_GROUP rows: the writer holds a row group's pages in memory until it
+        // fills (a million rows by default, tens of MB per open file, grown by reallocation).
+        // Prediction ids are unique: a dictionary would only be hashed and thrown away.
         let properties = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(ROW_GROUP))
+            .set_column_dictionary_enabled(ColumnPath::from("prediction_id"), false)
             .build();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(properties))
             .map_err(|e| EventError::Parquet(format!("{}: {e}", partial.display())))?;
@@ -238,37 +248,140 @@ impl OpenFile {
 /// key that is also a field's name, `timestamp` (the record's time, a column of its own), or a
 /// key of an object opened before (an entity named like a feature), becomes `entities.KEY` /
 /// `features.KEY`, so no value hides another.
-fn columns_of(record: &Record) -> Vec<(Cow<'_, str>, &Value)> {
+fn columns_of(record: &Record) -> Vec<(Cow<'_, str>, Cell<'_>)> {
+    match &record.fields {
+        Fields::Json(fields) => json_columns(fields),
+        Fields::Prediction(fields) => prediction_columns(fields),
+    }
+}
+
+/// `key` of the opened object `object`, prefixed when its name is `taken`.
+fn opened_column<'a>(object: &str, key: &'a str, taken: bool) -> Cow<'a, str> {
+    if taken || key == "timestamp" {
+        Cow::Owned(format!("{object}.{key}"))
+    } else {
+        Cow::Borrowed(key)
+    }
+}
+
+fn json_columns(fields: &Map<String, Value>) -> Vec<(Cow<'_, str>, Cell<'_>)> {
     let opened = |name: &str, value: &Value| OPENED.contains(&name) && value.is_object();
-    let is_field = |key: &str| {
-        record
-            .fields
-            .get(key)
-            .is_some_and(|value| !opened(key, value))
-    };
-    let mut opened_before: Vec<&serde_json::Map<String, Value>> = Vec::new();
-    let mut columns = Vec::with_capacity(record.fields.len() + 8);
-    for (name, value) in &record.fields {
+    let is_field = |key: &str| fields.get(key).is_some_and(|value| !opened(key, value));
+    let mut opened_before: Vec<&Map<String, Value>> = Vec::new();
+    let mut columns = Vec::with_capacity(fields.len() + 8);
+    for (name, value) in fields {
         match value {
             Value::Object(inner) if opened(name, value) => {
                 for (key, value) in inner {
-                    let taken = key == "timestamp"
-                        || is_field(key)
+                    let taken = is_field(key)
                         || opened_before.iter().any(|before| before.contains_key(key));
-                    let column = if taken {
-                        Cow::Owned(format!("{name}.{key}"))
-                    } else {
-                        Cow::Borrowed(key.as_str())
-                    };
-                    columns.push((column, value));
+                    columns.push((opened_column(name, key, taken), Cell::Json(value)));
                 }
                 opened_before.push(inner);
             }
             _ if name == "timestamp" => {}
-            _ => columns.push((Cow::Borrowed(name.as_str()), value)),
+            _ => columns.push((Cow::Borrowed(name.as_str()), Cell::Json(value))),
         }
     }
     columns
+}
+
+/// The same columns as [`json_columns`] gives the prediction's JSON object, in the same order,
+/// read from the typed fields.
+fn prediction_columns(p: &PredictionFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
+    let is_field = |key: &str| PredictionFields::SCALARS.contains(&key);
+    fn text(value: &Option<String>) -> Cell<'_> {
+        value.as_deref().map_or(Cell::Json(&NULL), Cell::Text)
+    }
+    let mut columns = Vec::with_capacity(PredictionFields::SCALARS.len() + p.entities.len() + 16);
+    columns.push(("cache_hit".into(), Cell::Bool(p.cache_hit)));
+    columns.push(("degraded".into(), Cell::Texts(&p.degraded)));
+    for (key, value) in &p.entities {
+        columns.push((
+            opened_column("entities", key, is_field(key)),
+            Cell::Json(value),
+        ));
+    }
+    for (key, value) in p.features.pairs() {
+        let taken = is_field(key) || p.entities.contains_key(key);
+        columns.push((opened_column("features", key, taken), Cell::Json(value)));
+    }
+    columns.push(("label".into(), text(&p.label)));
+    columns.push(("latency_ms".into(), Cell::Float(p.latency_ms)));
+    columns.push(("model".into(), Cell::Text(&p.model)));
+    columns.push(("prediction".into(), Cell::Json(&p.prediction)));
+    columns.push(("prediction_id".into(), Cell::Text(&p.prediction_id)));
+    columns.push(("variant".into(), text(&p.variant)));
+    columns.push(("version".into(), Cell::Int(p.version as i64)));
+    columns
+}
+
+static NULL: Value = Value::Null;
+
+/// One value of a column, as the record holds it: JSON, or a typed prediction field.
+#[derive(Debug, Clone, Copy)]
+enum Cell<'a> {
+    Json(&'a Value),
+    Text(&'a str),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Texts(&'a [&'static str]),
+}
+
+impl Cell<'_> {
+    fn is_null(&self) -> bool {
+        matches!(self, Cell::Json(Value::Null))
+    }
+
+    fn kind(&self) -> Option<Kind> {
+        Some(match self {
+            Cell::Json(value) => return kind_of(value),
+            Cell::Text(_) => Kind::Text,
+            Cell::Int(_) => Kind::Int,
+            Cell::Float(_) => Kind::Float,
+            Cell::Bool(_) => Kind::Bool,
+            Cell::Texts(_) => Kind::TextList,
+        })
+    }
+
+    fn as_bool(&self) -> Option<bool> {
+        match self {
+            Cell::Json(value) => value.as_bool(),
+            Cell::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    fn as_i64(&self) -> Option<i64> {
+        match self {
+            Cell::Json(value) => value.as_i64(),
+            Cell::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    fn as_f64(&self) -> Option<f64> {
+        match self {
+            Cell::Json(value) => value.as_f64(),
+            Cell::Int(i) => Some(*i as f64),
+            Cell::Float(f) => Some(*f),
+            _ => None,
+        }
+    }
+
+    /// The value as text: a string as it is, anything else as JSON.
+    fn text(&self) -> Cow<'_, str> {
+        match self {
+            Cell::Json(Value::String(s)) => Cow::Borrowed(s),
+            Cell::Json(value) => Cow::Owned(value.to_string()),
+            Cell::Text(s) => Cow::Borrowed(s),
+            Cell::Int(i) => Cow::Owned(i.to_string()),
+            Cell::Float(f) => Cow::Owned(Value::from(*f).to_string()),
+            Cell::Bool(b) => Cow::Owned(b.to_string()),
+            Cell::Texts(items) => Cow::Owned(Value::from(items.to_vec()).to_string()),
+        }
+    }
 }
 
 /// The Arrow type a column's values share.
@@ -309,7 +422,7 @@ fn unify(a: Kind, b: Kind) -> Kind {
 struct Gathered<'a> {
     name: Cow<'a, str>,
     kind: Option<Kind>,
-    values: Vec<Option<&'a Value>>,
+    values: Vec<Option<Cell<'a>>>,
 }
 
 fn to_batch(rows: &[&Record]) -> Result<RecordBatch, EventError> {
@@ -341,7 +454,7 @@ fn to_batch(rows: &[&Record]) -> Result<RecordBatch, EventError> {
             }
             column.values.resize(row, None);
             column.values.push(Some(value).filter(|v| !v.is_null()));
-            if let Some(kind) = kind_of(value) {
+            if let Some(kind) = value.kind() {
                 column.kind = Some(column.kind.map_or(kind, |k| unify(k, kind)));
             }
         }
@@ -359,8 +472,7 @@ fn to_batch(rows: &[&Record]) -> Result<RecordBatch, EventError> {
     let mut arrays: Vec<ArrayRef> = vec![Arc::new(timestamps.finish())];
     for mut column in gathered {
         column.values.resize(rows.len(), None);
-        let (data_type, array) =
-            column_array(column.kind.unwrap_or(Kind::Text), column.values.into_iter());
+        let (data_type, array) = column_array(column.kind.unwrap_or(Kind::Text), &column.values);
         fields.push(Field::new(column.name, data_type, true));
         arrays.push(array);
     }
@@ -368,37 +480,41 @@ fn to_batch(rows: &[&Record]) -> Result<RecordBatch, EventError> {
     RecordBatch::try_new(schema, arrays).map_err(|e| EventError::Parquet(e.to_string()))
 }
 
-fn column_array<'a>(
-    kind: Kind,
-    values: impl Iterator<Item = Option<&'a Value>>,
-) -> (DataType, ArrayRef) {
+fn column_array(kind: Kind, values: &[Option<Cell<'_>>]) -> (DataType, ArrayRef) {
+    let len = values.len();
     match kind {
         Kind::Bool => {
-            let mut b = BooleanBuilder::new();
-            values.for_each(|v| b.append_option(v.and_then(Value::as_bool)));
+            let mut b = BooleanBuilder::with_capacity(len);
+            values
+                .iter()
+                .for_each(|v| b.append_option(v.and_then(|v| v.as_bool())));
             (DataType::Boolean, Arc::new(b.finish()))
         }
         Kind::Int => {
-            let mut b = Int64Builder::new();
-            values.for_each(|v| b.append_option(v.and_then(Value::as_i64)));
+            let mut b = Int64Builder::with_capacity(len);
+            values
+                .iter()
+                .for_each(|v| b.append_option(v.and_then(|v| v.as_i64())));
             (DataType::Int64, Arc::new(b.finish()))
         }
         Kind::Float => {
-            let mut b = Float64Builder::new();
-            values.for_each(|v| b.append_option(v.and_then(Value::as_f64)));
+            let mut b = Float64Builder::with_capacity(len);
+            values
+                .iter()
+                .for_each(|v| b.append_option(v.and_then(|v| v.as_f64())));
             (DataType::Float64, Arc::new(b.finish()))
         }
         Kind::FloatList => {
             let mut b = ListBuilder::new(Float64Builder::new());
             for value in values {
-                match value.and_then(Value::as_array) {
-                    Some(items) => {
+                match value {
+                    Some(Cell::Json(Value::Array(items))) => {
                         items
                             .iter()
                             .for_each(|i| b.values().append_option(i.as_f64()));
                         b.append(true);
                     }
-                    None => b.append(false),
+                    _ => b.append(false),
                 }
             }
             let array = b.finish();
@@ -407,26 +523,29 @@ fn column_array<'a>(
         Kind::TextList => {
             let mut b = ListBuilder::new(StringBuilder::new());
             for value in values {
-                match value.and_then(Value::as_array) {
-                    Some(items) => {
+                match value {
+                    Some(Cell::Json(Value::Array(items))) => {
                         items
                             .iter()
                             .for_each(|i| b.values().append_option(i.as_str()));
                         b.append(true);
                     }
-                    None => b.append(false),
+                    Some(Cell::Texts(items)) => {
+                        items.iter().for_each(|i| b.values().append_value(i));
+                        b.append(true);
+                    }
+                    _ => b.append(false),
                 }
             }
             let array = b.finish();
             (array.data_type().clone(), Arc::new(array))
         }
         Kind::Text | Kind::Json => {
-            let mut b = StringBuilder::new();
+            let mut b = StringBuilder::with_capacity(len, len * 16);
             for value in values {
                 match value {
                     None => b.append_null(),
-                    Some(Value::String(s)) => b.append_value(s),
-                    Some(other) => b.append_value(other.to_string()),
+                    Some(cell) => b.append_value(cell.text()),
                 }
             }
             (DataType::Utf8, Arc::new(b.finish()))
@@ -437,6 +556,7 @@ fn column_array<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Features;
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Float64Type, Int64Type};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -490,7 +610,7 @@ mod tests {
     #[tokio::test]
     async fn predictions_land_by_model_and_hour_with_features_as_columns() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = ParquetSink::new(dir.path(), Duration::from_secs(3600));
+        let sink = ParquetSink::new(dir.path(), Duration::from_secs(3600)).unwrap();
         let records: Vec<Record> = (0..10).map(prediction).collect();
         sink.write(Arc::new(records[..6].to_vec())).await.unwrap();
         sink.write(Arc::new(records[6..].to_vec())).await.unwrap();
@@ -569,6 +689,64 @@ mod tests {
         assert_eq!(kind_of(&json!([1, "a"])), Some(Kind::Json));
     }
 
+    /// A typed prediction and the JSON object it encodes to (what the spill gives back) write
+    /// the same columns, in the same order, with the same values.
+    #[test]
+    fn a_typed_prediction_writes_the_columns_of_its_json() {
+        let typed = PredictionFields {
+            cache_hit: false,
+            degraded: vec!["features"],
+            entities: json!({"user_id": "u1", "model": "entity"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            features: Features::Named {
+                names: vec!["amount".to_string(), "user_id".into(), "hour".into()].into(),
+                values: vec![json!(2.5), json!(7), json!(3)],
+            },
+            label: None,
+            latency_ms: 0.75,
+            model: "fraud".into(),
+            prediction: json!([0.1, 0.9]),
+            prediction_id: "p1".into(),
+            variant: Some("b".into()),
+            version: 3,
+        };
+        let record = Record::prediction("fraud", 5, typed);
+        let line = serde_json::to_string(&record).unwrap();
+        let replayed: Record = serde_json::from_str(&line).unwrap();
+        assert!(matches!(replayed.fields, Fields::Json(_)));
+        let texts = |record: &Record| -> Vec<(String, Option<String>)> {
+            columns_of(record)
+                .into_iter()
+                .map(|(name, cell)| {
+                    (
+                        name.into_owned(),
+                        (!cell.is_null()).then(|| cell.text().into_owned()),
+                    )
+                })
+                .collect()
+        };
+        let mut from_json = texts(&replayed);
+        let mut from_typed = texts(&record);
+        assert!(from_typed.iter().any(|(name, _)| name == "entities.model"));
+        assert!(
+            from_typed
+                .iter()
+                .any(|(name, _)| name == "features.user_id")
+        );
+        // The JSON object sorts features by name; the typed record keeps the pipeline's order.
+        from_json.sort();
+        from_typed.sort();
+        assert_eq!(from_typed, from_json);
+        let batch = to_batch(&[&record, &replayed]).unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        assert_eq!(
+            batch.column_by_name("degraded").unwrap().data_type(),
+            &DataType::new_list(DataType::Utf8, true)
+        );
+    }
+
     #[test]
     fn an_opened_key_never_hides_a_field_or_another_key() {
         let Value::Object(fields) = json!({
@@ -581,7 +759,10 @@ mod tests {
         let record = Record::prediction("fraud", 0, fields);
         let columns: BTreeMap<String, &Value> = columns_of(&record)
             .into_iter()
-            .map(|(name, value)| (name.into_owned(), value))
+            .map(|(name, cell)| match cell {
+                Cell::Json(value) => (name.into_owned(), value),
+                typed => panic!("a JSON record gives JSON cells: {typed:?}"),
+            })
             .collect();
         assert_eq!(columns.len(), 7, "{columns:?}");
         assert_eq!(columns["model"], "fraud");

@@ -42,7 +42,7 @@ pub struct ModelPipeline {
     /// The version's manifest `drift_baseline`, for the drift monitor.
     pub drift_baseline: Value,
     /// The pipeline's feature names, the drift monitor's columns.
-    pub feature_names: Vec<String>,
+    pub feature_names: Arc<[String]>,
 }
 
 impl ModelPipeline {
@@ -423,10 +423,10 @@ impl Predictor {
                 model: &request.model,
                 version: model.spec().version,
                 variant,
-                pipeline: &declared.pipeline,
+                feature_names: &declared.feature_names,
                 latency_ms,
             };
-            log.predictions(answered, &instances, &predictions);
+            log.predictions(answered, instances, &predictions);
         }
         if let Some(drift) = &self.drift {
             let rows: Vec<ObservedRow<'_>> = predictions
