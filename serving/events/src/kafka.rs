@@ -214,10 +214,10 @@ impl Sink for KafkaSink {
             .await;
         let (deliveries, unsent) = match sent {
             Ok(sent) => sent,
-            Err(why) => {
-                return Err(SinkFailure::all(
+            Err(panic) => {
+                return Err(SinkFailure::refused(
                     records.len(),
-                    format!("kafka writer: {why}"),
+                    format!("kafka writer: {panic}"),
                 ));
             }
         };

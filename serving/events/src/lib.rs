@@ -84,8 +84,8 @@ impl<'de> Deserialize<'de> for Fields {
 }
 
 /// The prediction log's fields (serving's `prediction_log.rs` says what each holds), in the
-/// order a JSON object's keys sort, so a prediction read back from the spill writes the same
-/// columns in the same order.
+/// order a JSON object's keys sort: a prediction read back from the spill writes the same
+/// columns, of the same types, in the same order (features too are written sorted by name).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PredictionFields {
     pub cache_hit: bool,
@@ -279,6 +279,16 @@ impl SinkFailure {
         Self {
             failed: (0..len).collect(),
             rejected: Vec::new(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Every record of a batch of `len` refused for good: the sink broke on it (a panic), and
+    /// trying it again would break it again.
+    pub fn refused(len: usize, reason: impl Into<String>) -> Self {
+        Self {
+            failed: Vec::new(),
+            rejected: (0..len).collect(),
             reason: reason.into(),
         }
     }

@@ -85,7 +85,12 @@ impl Sink for ParquetSink {
                 write_records(&dir, roll, &mut open, &records)
             })
             .await
-            .unwrap_or_else(|e| Err(SinkFailure::all(len, format!("parquet writer: {e}"))))
+            .unwrap_or_else(|panic| {
+                Err(SinkFailure::refused(
+                    len,
+                    format!("parquet writer: {panic}"),
+                ))
+            })
     }
 
     async fn flush(&self) -> Result<(), EventError> {
@@ -286,8 +291,8 @@ fn json_columns(fields: &Map<String, Value>) -> Vec<(Cow<'_, str>, Cell<'_>)> {
     columns
 }
 
-/// The same columns as [`json_columns`] gives the prediction's JSON object, in the same order,
-/// read from the typed fields.
+/// The same columns as [`json_columns`] gives the prediction's JSON object, in the same order
+/// (features sorted by name, as the object holds them), read from the typed fields.
 fn prediction_columns(p: &PredictionFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
     let is_field = |key: &str| PredictionFields::SCALARS.contains(&key);
     fn text(value: &Option<String>) -> Cell<'_> {
@@ -302,7 +307,9 @@ fn prediction_columns(p: &PredictionFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
             Cell::Json(value),
         ));
     }
-    for (key, value) in p.features.pairs() {
+    let mut features: Vec<(&str, &Value)> = p.features.pairs().collect();
+    features.sort_unstable_by_key(|(key, _)| *key);
+    for (key, value) in features {
         let taken = is_field(key) || p.entities.contains_key(key);
         columns.push((opened_column("features", key, taken), Cell::Json(value)));
     }
@@ -341,6 +348,7 @@ impl Cell<'_> {
             Cell::Int(_) => Kind::Int,
             Cell::Float(_) => Kind::Float,
             Cell::Bool(_) => Kind::Bool,
+            Cell::Texts([]) => Kind::EmptyList,
             Cell::Texts(_) => Kind::TextList,
         })
     }
@@ -393,6 +401,9 @@ enum Kind {
     Text,
     FloatList,
     TextList,
+    /// An empty list: either list, whichever the column's other rows hold (texts when none do,
+    /// as an empty `degraded` is a list of none).
+    EmptyList,
     /// Mixed or nested: JSON text.
     Json,
 }
@@ -404,6 +415,7 @@ fn kind_of(value: &Value) -> Option<Kind> {
         Value::Number(n) if n.is_i64() => Kind::Int,
         Value::Number(_) => Kind::Float,
         Value::String(_) => Kind::Text,
+        Value::Array(items) if items.is_empty() => Kind::EmptyList,
         Value::Array(items) if items.iter().all(Value::is_number) => Kind::FloatList,
         Value::Array(items) if items.iter().all(Value::is_string) => Kind::TextList,
         _ => Kind::Json,
@@ -414,6 +426,8 @@ fn unify(a: Kind, b: Kind) -> Kind {
     match (a, b) {
         _ if a == b => a,
         (Kind::Int, Kind::Float) | (Kind::Float, Kind::Int) => Kind::Float,
+        (Kind::EmptyList, list @ (Kind::FloatList | Kind::TextList))
+        | (list @ (Kind::FloatList | Kind::TextList), Kind::EmptyList) => list,
         _ => Kind::Json,
     }
 }
@@ -520,7 +534,7 @@ fn column_array(kind: Kind, values: &[Option<Cell<'_>>]) -> (DataType, ArrayRef)
             let array = b.finish();
             (array.data_type().clone(), Arc::new(array))
         }
-        Kind::TextList => {
+        Kind::TextList | Kind::EmptyList => {
             let mut b = ListBuilder::new(StringBuilder::new());
             for value in values {
                 match value {
@@ -690,61 +704,62 @@ mod tests {
     }
 
     /// A typed prediction and the JSON object it encodes to (what the spill gives back) write
-    /// the same columns, in the same order, with the same values.
+    /// the same columns, in the same order, of the same types, with the same values.
     #[test]
     fn a_typed_prediction_writes_the_columns_of_its_json() {
-        let typed = PredictionFields {
-            cache_hit: false,
-            degraded: vec!["features"],
-            entities: json!({"user_id": "u1", "model": "entity"})
-                .as_object()
-                .cloned()
-                .unwrap(),
-            features: Features::Named {
-                names: vec!["amount".to_string(), "user_id".into(), "hour".into()].into(),
-                values: vec![json!(2.5), json!(7), json!(3)],
-            },
-            label: None,
-            latency_ms: 0.75,
-            model: "fraud".into(),
-            prediction: json!([0.1, 0.9]),
-            prediction_id: "p1".into(),
-            variant: Some("b".into()),
-            version: 3,
-        };
-        let record = Record::prediction("fraud", 5, typed);
-        let line = serde_json::to_string(&record).unwrap();
-        let replayed: Record = serde_json::from_str(&line).unwrap();
-        assert!(matches!(replayed.fields, Fields::Json(_)));
-        let texts = |record: &Record| -> Vec<(String, Option<String>)> {
-            columns_of(record)
-                .into_iter()
-                .map(|(name, cell)| {
-                    (
-                        name.into_owned(),
-                        (!cell.is_null()).then(|| cell.text().into_owned()),
-                    )
-                })
-                .collect()
-        };
-        let mut from_json = texts(&replayed);
-        let mut from_typed = texts(&record);
-        assert!(from_typed.iter().any(|(name, _)| name == "entities.model"));
-        assert!(
-            from_typed
-                .iter()
-                .any(|(name, _)| name == "features.user_id")
-        );
-        // The JSON object sorts features by name; the typed record keeps the pipeline's order.
-        from_json.sort();
-        from_typed.sort();
-        assert_eq!(from_typed, from_json);
-        let batch = to_batch(&[&record, &replayed]).unwrap();
-        assert_eq!(batch.num_rows(), 2);
-        assert_eq!(
-            batch.column_by_name("degraded").unwrap().data_type(),
-            &DataType::new_list(DataType::Utf8, true)
-        );
+        for degraded in [vec!["features"], Vec::new()] {
+            let typed = PredictionFields {
+                cache_hit: false,
+                degraded,
+                entities: json!({"user_id": "u1", "model": "entity"})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+                features: Features::Named {
+                    names: vec!["amount".to_string(), "user_id".into(), "hour".into()].into(),
+                    values: vec![json!(2.5), json!(7), json!(3)],
+                },
+                label: None,
+                latency_ms: 0.75,
+                model: "fraud".into(),
+                prediction: json!([0.1, 0.9]),
+                prediction_id: "p1".into(),
+                variant: Some("b".into()),
+                version: 3,
+            };
+            let record = Record::prediction("fraud", 5, typed);
+            let line = serde_json::to_string(&record).unwrap();
+            let replayed: Record = serde_json::from_str(&line).unwrap();
+            assert!(matches!(replayed.fields, Fields::Json(_)));
+            let texts = |record: &Record| -> Vec<(String, Option<String>)> {
+                columns_of(record)
+                    .into_iter()
+                    .map(|(name, cell)| {
+                        (
+                            name.into_owned(),
+                            (!cell.is_null()).then(|| cell.text().into_owned()),
+                        )
+                    })
+                    .collect()
+            };
+            let from_typed = texts(&record);
+            assert!(from_typed.iter().any(|(name, _)| name == "entities.model"));
+            assert!(
+                from_typed
+                    .iter()
+                    .any(|(name, _)| name == "features.user_id")
+            );
+            assert_eq!(from_typed, texts(&replayed));
+            let schema = |record: &Record| to_batch(&[record]).unwrap().schema();
+            assert_eq!(schema(&record), schema(&replayed), "one file takes both");
+            assert_eq!(
+                schema(&record)
+                    .field_with_name("degraded")
+                    .unwrap()
+                    .data_type(),
+                &DataType::new_list(DataType::Utf8, true)
+            );
+        }
     }
 
     #[test]
