@@ -8,9 +8,8 @@
 //! `entities`, `features` (merged request + store + defaults; a cached answer carries the
 //! request's own), `prediction`, `label`, `cache_hit`, `degraded`, `latency_ms`, `timestamp`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use marquee_events::{EventLog, Features, PredictionFields, Record, now_ms};
 use marquee_feature_store::FeatureValue;

@@ -2,10 +2,10 @@
 //! Kafka messages takes milliseconds of CPU, and done on the runtime (or on a blocking thread
 //! of equal priority) it lands on the prediction path as a latency spike for whichever requests
 //! wait behind it. One OS thread per sink, at a lower scheduling priority ([`NICE`] steps
-//! nicer than the process, on Linux), takes the jobs in order: the scheduler lets waiting requests in first
-//! and spreads the encoding over the time in between, and a saturated machine still gives it a
-//! share (a nice-5 thread weighs a third of a normal one), so the buffer does not fill behind
-//! it. Records a job owns are also freed there.
+//! nicer than the process, on Linux), takes the jobs in order: the scheduler lets waiting
+//! requests in first and spreads the encoding over the time in between, and a saturated machine
+//! still gives it a share (a nice-5 thread weighs a third of a normal one), so the buffer does
+//! not fill behind it. Records a job owns are also freed there.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
@@ -72,9 +72,7 @@ impl Background {
             .await
             .map_err(|_| "the sink's thread dropped the job".to_string())?
     }
-}
 
-impl Background {
     /// Frees `value` on the thread (a batch of records takes a while to free).
     pub fn discard<T: Send + 'static>(&self, value: T) {
         // Were the thread gone, the value comes back in the error and is freed here.

@@ -24,9 +24,9 @@ use crate::{EventError, Record, Sink, SinkFailure};
 const TICK: Duration = Duration::from_millis(50);
 
 /// How long fresh records wait for a batch to fill before they are written anyway. Each sink
-/// write has a fixed cost (a task and a job on the sink's thread, a record batch for the Parquet writer,
-/// a round of Kafka deliveries), so a busy log writes whole batches; a quiet one is at most this
-/// late (plus the write).
+/// write has a fixed cost (a task and a job on the sink's thread, a record batch for the Parquet
+/// writer, a round of Kafka deliveries), so a busy log writes whole batches; a quiet one is at
+/// most this late (plus the write).
 const LINGER: Duration = Duration::from_millis(50);
 
 /// After this long without records written, the sink flushes (Parquet files close and become
