@@ -11,6 +11,9 @@ one at a time, in interleaved rounds, by the same closed-loop client (tests/exam
 * `kafka`: the same with the log on a Kafka-protocol broker (tansu, loopback);
 * `route`, `log`, `drift`: each part alone (the split; the Parquet log; the drift monitor), to
   say where the cost is;
+* `two`: two versions served and no policy, each request naming its version (alternately, as a
+  client-side 50/50 split would): what serving two versions costs without any routing, so that
+  `route` against `two` is the router's own cost;
 * `canary`: the split at 10% (a canary's first step), beside `route`'s 50%: each version has its
   own batcher, so a split makes smaller batches of each, and that costs more than the routing;
 * `shadow`: every request also mirrored to version 2 after its answer went out. Besides the
@@ -20,6 +23,15 @@ one at a time, in interleaved rounds, by the same closed-loop client (tests/exam
 
 A first round of one second per server warms it up (heap, caches, ONNX Runtime) and is not
 counted.
+
+At full load the client, the server and the broker share two cores, so any CPU the log spends
+shows up as queueing in every request's latency. What "p99 unchanged" means for production is the
+latency at a load the machine carries: `off`, `log`, `kafka` and `on` then take turns under the
+open-loop client (tests/examples/open_load.rs) at the same offered rate, a fifth of `off`'s
+measured throughput (`--offered-share`; at half, the open-loop client, which starts a task per
+request, saturates the cores itself and even `off` fails requests), latency counted from each
+request's scheduled send time (tokio's timer sends in 1 ms ticks, so p50 is about 1 ms for
+every configuration).
 
 Then the time from a broken canary to its rollback: a registry with gbr in production and
 `fails_on_large` (tests/fixtures: a data-dependent Reshape that fails every batch holding a
@@ -54,6 +66,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOME = ROOT / ".marquee"
 MARQUEE = ROOT / "target" / "release" / "marquee"
 LOAD = ROOT / "target" / "release" / "examples" / "http_load"
+OPEN_LOAD = ROOT / "target" / "release" / "examples" / "open_load"
 TANSU = HOME / "bin" / "tansu"
 OUT = HOME / "bench"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -72,17 +85,17 @@ BROKEN_BODY = ('{"model": "gbr", "entities": {"user_id": "user-{i}", "show_id": 
                ' "features": {"hours_to_show": {i}, "seats_left": 3, "occupancy": 9}}')
 
 
-def repository(work):
-    """deploy/models/gbr as versions 1 and 2, both served."""
-    model = work / "models" / "gbr"
+def repository(work, folder="models", versions=("1", "2")):
+    """deploy/models/gbr as two versions (1 and 2), both served."""
+    model = work / folder / "gbr"
     model.mkdir(parents=True)
     source = ROOT / "deploy" / "models" / "gbr"
     config = (source / "config.pbtxt").read_text() + "\nversion_policy { all { } }\n"
     (model / "config.pbtxt").write_text(config)
     shutil.copy(source / "pipeline.json", model / "pipeline.json")
-    for version in ("1", "2"):
+    for version in versions:
         (model / version).symlink_to(source / "1")
-    return work / "models"
+    return work / folder
 
 
 def metric(port, series):
@@ -99,8 +112,9 @@ def cpu_seconds(pid):
 
 
 class Served:
-    def __init__(self, name, args, work, share=None, source=None):
+    def __init__(self, name, args, work, share=None, source=None, body=BODY):
         self.name, self.share, self.http, self.metrics = name, share, free_port(), free_port()
+        self.body = body
         source = source or ["--model-repository", str(work / "models")]
         self.process = subprocess.Popen(
             [str(MARQUEE), "serve", *source, "--features",
@@ -108,7 +122,7 @@ class Served:
              "--grpc-port", str(free_port()), "--metrics-port", str(self.metrics), *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MARQUEE_LOG": "error"})
         self.base = f"http://127.0.0.1:{self.http}"
-        self.rounds, self.light_rounds = [], []
+        self.rounds, self.light_rounds, self.offered_rounds = [], [], []
 
     def ready(self):
         wait_http(f"{self.base}/v2/health/ready", self.process)
@@ -116,14 +130,14 @@ class Served:
             send(f"{self.base}/v1/models/gbr/traffic", POLICIES[self.share], "PUT")
 
     def warm_up(self, args):
-        body = BODY.replace("ROUND", "-1")
+        body = self.body.replace("ROUND", "-1")
         subprocess.run([str(LOAD), f"{self.base}/v1/predict", body, str(args.concurrency), "1"],
                        check=True, capture_output=True)
 
     def load(self, args, round_number, concurrency=None):
         written = metric(self.metrics, 'marquee_event_log_records_total{outcome="written",sink="kafka"}')
         cpu = cpu_seconds(self.process.pid)
-        body = BODY.replace("ROUND", str(round_number))
+        body = self.body.replace("ROUND", str(round_number))
         output = subprocess.run([str(LOAD), f"{self.base}/v1/predict", body, str(concurrency or args.concurrency),
                                  str(args.seconds)], check=True, capture_output=True, text=True)
         result = json.loads(output.stdout)
@@ -136,8 +150,19 @@ class Served:
             self.metrics, 'marquee_event_log_records_total{outcome="written",sink="kafka"}') - written
         (self.light_rounds if concurrency == 1 else self.rounds).append(result)
 
-    def median(self, key, light=False):
-        return statistics.median(r[key] for r in (self.light_rounds if light else self.rounds))
+    def offer(self, args, round_number, rate):
+        """One open-loop round at `rate` requests per second."""
+        cpu = cpu_seconds(self.process.pid)
+        body = self.body.replace("ROUND", str(round_number))
+        output = subprocess.run([str(OPEN_LOAD), f"{self.base}/v1/predict", body, f"{rate:.0f}", str(args.seconds)],
+                                check=True, capture_output=True, text=True)
+        result = json.loads(output.stdout)
+        result["cpu_ms_per_request"] = (cpu_seconds(self.process.pid) - cpu) * 1e3 / max(result["answered"], 1)
+        self.offered_rounds.append(result)
+
+    def median(self, key, light=False, offered=False):
+        rounds = self.offered_rounds if offered else self.light_rounds if light else self.rounds
+        return statistics.median(r[key] for r in rounds)
 
     def stop(self):
         self.process.terminate()
@@ -209,6 +234,8 @@ def main():
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--offered-share", type=float, default=0.2,
+                        help="the open-loop rounds' rate, as a share of off's throughput")
     parser.add_argument("--skip-prepare", action="store_true")
     args = parser.parse_args()
     if not args.skip_prepare:
@@ -225,12 +252,15 @@ def main():
         with tempfile.TemporaryDirectory(dir=HOME) as tmp:
             work = pathlib.Path(tmp)
             repository(work)
+            repository(work, "models-two", ("10", "11"))
             nothing = ["--event-sink", "none", "--drift-window-rows", "0"]
             servers = [
                 Served("off", nothing, work),
                 Served("on", ["--event-sink", "parquet", "--events-dir", str(work / "events-on")], work, share=50),
                 Served("kafka", ["--event-sink", "kafka", "--event-brokers", f"127.0.0.1:{broker_port}",
                                  "--events-dir", str(work / "events-kafka")], work, share=50),
+                Served("two", nothing, work, source=["--model-repository", str(work / "models-two")],
+                       body=BODY.replace('"model": "gbr",', '"model": "gbr", "version": "1{i%2}",')),
                 Served("route", nothing, work, share=50),
                 Served("canary", nothing, work, share=10),
                 Served("shadow", nothing, work, share="shadow"),
@@ -249,6 +279,11 @@ def main():
             for round_number in range(args.rounds):
                 for served in light:
                     served.load(args, args.rounds + round_number, concurrency=1)
+            offered_rate = args.offered_share * servers[0].median("per_second")
+            offered = [s for s in servers if s.name in ("off", "log", "kafka", "on")]
+            for round_number in range(args.rounds):
+                for served in offered:
+                    served.offer(args, 2 * args.rounds + round_number, offered_rate)
             for served in servers:
                 served.stop()
             rollback = time_to_rollback(args, work)
@@ -278,7 +313,9 @@ def main():
         "kafka_over_off_p99": kafka["p99_ms"] / off["p99_ms"],
         "kafka_records_per_second": kafka_rate,
         **{f"{name}_over_off_throughput": summary[name]["per_second"] / off["per_second"]
-           for name in ("route", "canary", "shadow", "log", "drift")},
+           for name in ("two", "route", "canary", "shadow", "log", "drift")},
+        "route_over_two_throughput": summary["route"]["per_second"] / summary["two"]["per_second"],
+        "on_over_two_throughput": on["per_second"] / summary["two"]["per_second"],
     }
     off_light, shadow_light = ({key: served.median(key, light=True) for key in ("per_second", "p50_ms", "p99_ms")}
                                for served in light)
@@ -288,6 +325,20 @@ def main():
     print(f"\none connection: off p50 {off_light['p50_ms']:.3f} ms p99 {off_light['p99_ms']:.3f} ms "
           f"({off_light['per_second']:.0f} req/s); with a 100% shadow p50 {shadow_light['p50_ms']:.3f} ms "
           f"p99 {shadow_light['p99_ms']:.3f} ms ({shadow_light['per_second']:.0f} req/s)\n")
+    print(f"open loop at {offered_rate:.0f} req/s offered ({args.offered_share:.0%} of off's throughput):")
+    print(f"{'':7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>11} {'errors':>7}")
+    summary["offered"] = {"rate": offered_rate}
+    for served in offered:
+        failed = sum(r["errors"] + r["dropped"] for r in served.offered_rounds)
+        print(f"{served.name:7} {served.median('per_second', offered=True):8.0f} "
+              f"{served.median('p50_ms', offered=True):8.3f} {served.median('p99_ms', offered=True):8.3f} "
+              f"{served.median('cpu_ms_per_request', offered=True):11.3f} {failed:7d}")
+        summary["offered"][served.name] = {key: served.median(key, offered=True) for key in
+                                           ("per_second", "p50_ms", "p99_ms", "cpu_ms_per_request")}
+    for name in ("log", "kafka", "on"):
+        summary["ratios"][f"{name}_over_off_p99_offered"] = (summary["offered"][name]["p99_ms"]
+                                                             / summary["offered"]["off"]["p99_ms"])
+    print()
     for key, value in summary["ratios"].items():
         print(f"{key:36} {value:10.2f}")
     print(f"\nbroken canary: {rollback['status']} {rollback['seconds']:.2f} s after the deploy call, after "
@@ -296,6 +347,7 @@ def main():
     summary["rollback"] = rollback
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "traffic.json").write_text(json.dumps({"rounds": {s.name: s.rounds for s in servers},
+                                                  "offered_rounds": {s.name: s.offered_rounds for s in offered},
                                                   "summary": summary}, indent=2))
 
 

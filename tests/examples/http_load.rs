@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use marquee_tests::body::BodyTemplate;
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -19,13 +21,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let concurrency: usize = concurrency.parse()?;
     let duration = Duration::from_secs_f64(seconds.parse()?);
-    let bodies: Arc<Vec<Body>> = Arc::new(match body.strip_prefix('@') {
+    let bodies: Arc<Vec<BodyTemplate>> = Arc::new(match body.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path)?
             .lines()
             .filter(|line| !line.trim().is_empty())
-            .map(Body::parse)
+            .map(BodyTemplate::parse)
             .collect::<Result<_, _>>()?,
-        None => vec![Body::parse(body)?],
+        None => vec![BodyTemplate::parse(body)?],
     });
     if bodies.is_empty() {
         return Err(format!("{body} holds no bodies").into());
@@ -80,64 +82,4 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         at(0.99)
     );
     Ok(())
-}
-
-/// A request body with its `{i}` and `{i%N}` places, filled in per request.
-struct Body {
-    /// Literal text, each followed by what is written after it.
-    parts: Vec<(String, Place)>,
-}
-
-/// What follows a literal part of a body.
-enum Place {
-    Nothing,
-    /// `{i}`: the request's number.
-    Number,
-    /// `{i%N}`: the request's number modulo N.
-    Modulo(u64),
-}
-
-impl Body {
-    fn parse(text: &str) -> Result<Self, String> {
-        let mut parts = Vec::new();
-        let mut rest = text;
-        while let Some(start) = rest.find("{i") {
-            let after = &rest[start + 2..];
-            let (place, tail) = if let Some(tail) = after.strip_prefix('}') {
-                (Place::Number, tail)
-            } else if let Some(tail) = after.strip_prefix('%') {
-                let end = tail
-                    .find('}')
-                    .ok_or_else(|| format!("an unclosed {{i%N}} in {text}"))?;
-                let modulus: u64 =
-                    tail[..end].parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                        format!("{{i%{}}}: N must be a positive number", &tail[..end])
-                    })?;
-                (Place::Modulo(modulus), &tail[end + 1..])
-            } else {
-                (Place::Nothing, after)
-            };
-            let literal = match place {
-                Place::Nothing => &rest[..start + 2],
-                _ => &rest[..start],
-            };
-            parts.push((literal.to_string(), place));
-            rest = tail;
-        }
-        parts.push((rest.to_string(), Place::Nothing));
-        Ok(Self { parts })
-    }
-
-    fn render(&self, i: u64) -> String {
-        let mut out = String::new();
-        for (text, place) in &self.parts {
-            out.push_str(text);
-            match place {
-                Place::Nothing => {}
-                Place::Number => out.push_str(&i.to_string()),
-                Place::Modulo(modulus) => out.push_str(&(i % modulus).to_string()),
-            }
-        }
-        out
-    }
 }

@@ -2,14 +2,16 @@
 //! whether or not earlier ones were answered (as production traffic does; a closed loop would slow
 //! down with the server and hide its queueing). Latency is measured from each request's scheduled
 //! send time, so a client that falls behind counts against the server, not for it. At most
-//! MAX_OUTSTANDING requests are in flight; one that cannot be sent is counted as dropped. Prints
-//! one JSON object.
+//! MAX_OUTSTANDING requests are in flight; one that cannot be sent is counted as dropped. `{i}` and
+//! `{i%N}` in BODY are filled in per request, as in http_load. Prints one JSON object.
 //!
 //!     cargo run --release -p marquee-tests --example open_load -- URL BODY RATE SECONDS
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use marquee_tests::body::BodyTemplate;
 
 const MAX_OUTSTANDING: usize = 4096;
 
@@ -20,6 +22,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: open_load URL BODY RATE SECONDS".into());
     };
     let rate: f64 = rate.parse()?;
+    let body = BodyTemplate::parse(body)?;
     let duration = Duration::from_secs_f64(seconds.parse()?);
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
@@ -37,12 +40,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             break;
         }
         tokio::time::sleep_until(due.into()).await;
+        let number = sent;
         sent += 1;
         let Ok(place) = outstanding.clone().try_acquire_owned() else {
             dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        let (client, url, body) = (client.clone(), url.clone(), body.render(number));
         let (errors, sender) = (errors.clone(), sender.clone());
         tokio::spawn(async move {
             let _place = place;

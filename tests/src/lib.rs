@@ -2,6 +2,8 @@
 //! assembles model repositories from them, and starts a real `marquee serve` on free loopback
 //! ports inside the test process.
 
+pub mod body;
+
 use std::path::{Path, PathBuf};
 
 use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
