@@ -304,12 +304,10 @@ pub fn run_trainer(
             ))
         })?;
     if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let last: Vec<&str> = stderr.lines().rev().take(12).collect();
         return Err(TrainingError::Trainer(format!(
             "{script_name} failed ({}):\n{}",
             output.status,
-            last.into_iter().rev().collect::<Vec<_>>().join("\n")
+            trainer_failure(&String::from_utf8_lossy(&output.stderr))
         )));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -320,6 +318,36 @@ pub fn run_trainer(
         .ok_or_else(|| TrainingError::Trainer(format!("{script_name} printed no JSON report")))?;
     serde_json::from_str(line)
         .map_err(|e| TrainingError::Trainer(format!("{script_name}'s report: {e}")))
+}
+
+/// What a failed trainer's standard error says, briefly: the exception lines of a Python
+/// traceback (a chained one names its cause first; the last one's message can be a whole
+/// model's attributes, so each line is cut), else its last 12 lines.
+fn trainer_failure(stderr: &str) -> String {
+    const LINE: usize = 300;
+    let cut = |line: &str| match line.char_indices().nth(LINE) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line.to_string(),
+    };
+    let is_exception = |line: &&str| {
+        line.split_once(": ").is_some_and(|(name, _)| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
+                && (name.ends_with("Error") || name.ends_with("Exception"))
+        })
+    };
+    let exceptions: Vec<String> = stderr.lines().filter(is_exception).map(cut).collect();
+    if !exceptions.is_empty() {
+        return exceptions.join("\n");
+    }
+    let last: Vec<&str> = stderr.lines().rev().take(12).collect();
+    last.into_iter()
+        .rev()
+        .map(cut)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// An exported ONNX model loaded the way the server loads it, one instance on this thread.
@@ -562,5 +590,31 @@ impl Candidate {
 
     pub async fn stop(self) {
         self.server.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trainer_failure;
+
+    #[test]
+    fn a_failed_trainer_is_told_by_its_exceptions() {
+        let attributes = format!("{{'nodes_values': [{}]}}", "0, ".repeat(400));
+        let stderr = format!(
+            "Traceback (most recent call last):\n  File \"x.py\", line 735, in add_node\n    node = make_node(op_type)\nTypeError: Field onnx.AttributeProto.ints: Expected an int, got a boolean.\n\nThe above exception was the direct cause of the following exception:\n\nTraceback (most recent call last):\n  File \"fraud.py\", line 125, in <module>\nValueError: Unable to create node with attributes={attributes}\n   0,\n   0]}}.\n"
+        );
+        let told = trainer_failure(&stderr);
+        let lines: Vec<&str> = told.lines().collect();
+        assert_eq!(
+            lines[0],
+            "TypeError: Field onnx.AttributeProto.ints: Expected an int, got a boolean."
+        );
+        assert!(lines[1].starts_with("ValueError: Unable to create node"));
+        assert!(lines[1].ends_with('…') && lines[1].chars().count() == 301);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            trainer_failure("no module\nnamed x\n"),
+            "no module\nnamed x"
+        );
     }
 }
