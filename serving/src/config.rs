@@ -148,7 +148,7 @@ pub struct ServeConfig {
     #[arg(long = "event-kafka-option")]
     pub event_kafka_options: Vec<String>,
 
-    /// Share of `/v1/predict` requests whose answers are logged, in [0, 1].
+    /// Share of `/v1/predict` and `/v2` inference requests whose answers are logged, in [0, 1].
     #[arg(long, default_value_t = 1.0)]
     pub prediction_log_sample: f64,
 

@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::model::{LoadedModel, TensorSpec};
 use crate::models::{IndexEntry, ModelManager};
 use crate::predict::{PredictRequest, PredictResponse, Predictor};
+use crate::prediction_log::InferenceAnswered;
 use crate::server::ServerInfo;
 use crate::traffic::{Feedback, Outcome, Policy, REMEMBERED_PREDICTIONS, Router};
 
@@ -248,24 +249,43 @@ impl Service {
         } else {
             None
         };
-        let Some(route) = route else {
-            let result = model.infer(request).await;
-            return self.count_rejection(result);
-        };
+        // What the log needs of a sampled request once it is answered (tensors share their
+        // bytes, so this copies no data).
+        let logged = self
+            .predictor
+            .log
+            .as_ref()
+            .filter(|log| log.sampled(false))
+            .map(|log| (log, request.inputs.clone(), request.id.clone()));
         let started = Instant::now();
-        let result = match self.models.get(name, &route.version.to_string()) {
-            Ok(routed) => routed.infer(request).await.map(|mut response| {
-                response.variant = Some(route.variant.to_string());
-                response
-            }),
-            Err(error) => Err(error),
+        let result = match &route {
+            None => model.infer(request).await,
+            Some(route) => match self.models.get(name, &route.version.to_string()) {
+                Ok(routed) => routed.infer(request).await.map(|mut response| {
+                    response.variant = Some(route.variant.to_string());
+                    response
+                }),
+                Err(error) => Err(error),
+            },
         };
-        router.observe(
-            name,
-            &route.variant,
-            Outcome::of(&result),
-            started.elapsed(),
-        );
+        if let Some(route) = &route {
+            router.observe(
+                name,
+                &route.variant,
+                Outcome::of(&result),
+                started.elapsed(),
+            );
+        }
+        if let (Some((log, inputs, request_id)), Ok(response)) = (logged, &result) {
+            let answered = InferenceAnswered {
+                model: name,
+                version: response.model_version,
+                variant: response.variant.as_deref(),
+                request_id: &request_id,
+                latency_ms: started.elapsed().as_secs_f64() * 1e3,
+            };
+            log.inference(&answered, &inputs, &response.outputs);
+        }
         self.count_rejection(result)
     }
 

@@ -2,8 +2,9 @@
 //! loopback; the clients are librdkafka's, as against Apache Kafka) and in local Parquet files:
 //! records arrive with their fields, a broker that dies and comes back empty loses none of the
 //! records logged meanwhile (spilled and replayed, counted exactly), serving never fails for it,
-//! and domain events on Kafka feed the feature store's streaming aggregates. The Parquet log is
-//! an offline source `marquee features dataset` builds a training set from.
+//! and domain events on Kafka feed the feature store's streaming aggregates; `/v2` inferences
+//! (REST and gRPC) are logged with their tensors on a stream of their own. The Parquet log is an
+//! offline source `marquee features dataset` builds a training set from.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -157,6 +158,19 @@ async fn predictions_reach_kafka_and_none_is_lost_while_the_broker_is_down() {
             .await,
         0.0
     );
+    // A /v2 inference goes to its own topic, keyed by model too.
+    let row: Vec<f64> = (0..10).map(f64::from).collect();
+    let (status, body) = server
+        .post(
+            "/v2/models/pricing/infer",
+            json!({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 10], "data": row}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let inferences = consumer(&broker, "check-3", "marquee.inferences");
+    let bodies = consume(&inferences, |b| !b.is_empty()).await;
+    assert_eq!(bodies[0]["inputs"]["X"]["data"], json!(row));
+    assert_eq!(bodies[0]["request_id"], Value::Null);
     server.stop().await;
 }
 
@@ -222,6 +236,88 @@ async fn the_parquet_log_keeps_every_prediction_as_columns() {
     assert_eq!(logged, sent, "one row per answered instance");
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     assert_eq!(rows, sent.len(), "no row twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_inferences_are_logged_with_their_tensors() {
+    let events = tempfile::tempdir().unwrap();
+    let server = logged_to_parquet(events.path()).await;
+    let values: Vec<f64> = (0..20).map(|i| f64::from(i) / 4.0).collect();
+    let (status, rest) = server
+        .post(
+            "/v2/models/pricing/infer",
+            json!({"id": "rest-1", "inputs": [{"name": "X", "datatype": "FP32", "shape": [2, 10], "data": values}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{rest}");
+    let mut client = server.grpc_client().await;
+    let mut request = marquee_tests::gbr_grpc_request("pricing", 3);
+    request.id = "grpc-1".into();
+    let grpc = client.model_infer(request).await.unwrap().into_inner();
+    // A request that fails is not a prediction: nothing is logged for it.
+    let (status, _) = server
+        .post(
+            "/v2/models/pricing/infer",
+            json!({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    server.stop().await;
+
+    let batches = read_parquet_tree(&events.path().join("inferences/model=pricing"));
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 2, "one row per answered request");
+    let mut logged = BTreeMap::new();
+    for batch in &batches {
+        let ids = string_column(batch, "request_id");
+        let inputs = string_column(batch, "inputs");
+        let outputs = string_column(batch, "outputs");
+        for (i, id) in ids.into_iter().enumerate() {
+            let input: Value = serde_json::from_str(&inputs[i]).unwrap();
+            let output: Value = serde_json::from_str(&outputs[i]).unwrap();
+            logged.insert(id, (input, output));
+        }
+        for column in [
+            "prediction_id",
+            "model",
+            "version",
+            "latency_ms",
+            "timestamp",
+        ] {
+            assert!(batch.column_by_name(column).is_some(), "{column}");
+        }
+    }
+    let (input, output) = &logged["rest-1"];
+    assert_eq!(input["X"]["datatype"], "FP32");
+    assert_eq!(input["X"]["shape"], json!([2, 10]));
+    assert_eq!(input["X"]["data"], json!(values));
+    let name = rest["outputs"][0]["name"].as_str().unwrap();
+    assert_eq!(output[name]["data"], rest["outputs"][0]["data"]);
+    assert_eq!(output[name]["shape"], rest["outputs"][0]["shape"]);
+
+    let (input, output) = &logged["grpc-1"];
+    assert_eq!(input["X"]["shape"], json!([3, 10]));
+    let sent: Vec<f64> = (0..30).map(|i| f64::from(i as f32 / 7.0)).collect();
+    let got: Vec<f64> = input["X"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    marquee_tests::assert_close(&got, &sent, 1e-6, "logged gRPC input");
+    let answered = marquee_tests::f32_values(&grpc.raw_output_contents[0]);
+    let got: Vec<f64> = output[&grpc.outputs[0].name]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let want: Vec<f64> = answered.iter().map(|v| f64::from(*v)).collect();
+    marquee_tests::assert_close(&got, &want, 1e-6, "logged gRPC output");
+    assert!(
+        !events.path().join("predictions").exists(),
+        "no /v1/predict record for a /v2 request"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

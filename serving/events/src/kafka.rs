@@ -9,7 +9,7 @@
 //! are created (when allowed) before the first write and again after a failed one: a broker that
 //! lost its topics gets them back when it returns.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -111,12 +111,13 @@ impl KafkaSink {
         })
     }
 
-    async fn ensure_topics(&self, topics: BTreeSet<String>) {
+    async fn ensure_topics(&self, topics: &[String]) {
         let missing: Vec<String> = {
             let ensured = self.ensured.lock().unwrap_or_else(|p| p.into_inner());
             topics
-                .into_iter()
-                .filter(|t| !ensured.contains(t))
+                .iter()
+                .filter(|t| !ensured.contains(*t))
+                .cloned()
                 .collect()
         };
         if missing.is_empty() {
@@ -174,17 +175,27 @@ impl Sink for KafkaSink {
     }
 
     async fn write(&self, records: Arc<Vec<Record>>) -> Result<(), SinkFailure> {
-        let families: BTreeSet<Option<&str>> = records.iter().map(Record::family).collect();
-        let topics: Vec<(Option<String>, String)> = families
-            .into_iter()
-            .map(|family| {
-                let topic = self.config.topic(&topic_of(family));
-                (family.map(str::to_string), topic)
+        // Each record's topic, by its place in `topics`.
+        let mut families = Vec::new();
+        let topic_of_record: Vec<usize> = records
+            .iter()
+            .map(|record| {
+                let family = record.family();
+                families
+                    .iter()
+                    .position(|f| *f == family)
+                    .unwrap_or_else(|| {
+                        families.push(family);
+                        families.len() - 1
+                    })
             })
             .collect();
+        let topics: Vec<String> = families
+            .into_iter()
+            .map(|family| self.config.topic(&topic_of(family)))
+            .collect();
         if self.config.create_topics {
-            self.ensure_topics(topics.iter().map(|(_, t)| t.clone()).collect())
-                .await;
+            self.ensure_topics(&topics).await;
         }
         let producer = self.producer.clone();
         let batch = records.clone();
@@ -194,11 +205,7 @@ impl Sink for KafkaSink {
                 let mut deliveries = Vec::with_capacity(batch.len());
                 let mut unsent = Vec::new();
                 for (i, record) in batch.iter().enumerate() {
-                    let family = record.family();
-                    let Some((_, topic)) = topics.iter().find(|(f, _)| f.as_deref() == family)
-                    else {
-                        unreachable!("every record's family has its topic");
-                    };
+                    let topic = &topics[topic_of_record[i]];
                     let payload = record.body_json();
                     let message = FutureRecord::to(topic)
                         .key(&record.key)

@@ -31,6 +31,9 @@ pub use parquet_sink::ParquetSink;
 pub enum Stream {
     /// One prediction of one model (its key is the model's name).
     Prediction,
+    /// One `/v2` inference request of one model, its tensors as they came and went (its key is
+    /// the model's name).
+    Inference,
     /// A domain event such as `model.rolled_back` or `booking.created`.
     Event { kind: String },
 }
@@ -163,6 +166,16 @@ impl Record {
         }
     }
 
+    /// A `/v2` inference of `model`, with the inference log's fields.
+    pub fn inference(model: &str, time_ms: i64, fields: Map<String, Value>) -> Self {
+        Self {
+            stream: Stream::Inference,
+            key: model.to_string(),
+            time_ms,
+            fields: Fields::Json(fields),
+        }
+    }
+
     /// A domain event of `kind` (e.g. `model.deployed`) about `key` (e.g. the model).
     pub fn event(kind: &str, key: &str, time_ms: i64, mut fields: Map<String, Value>) -> Self {
         fields.insert("kind".into(), kind.into());
@@ -176,18 +189,18 @@ impl Record {
         }
     }
 
-    /// The record's topic, before the deployment's prefix: `predictions`, or `events.` and the
-    /// event kind's family (`events.model` for `model.deployed`).
+    /// The record's topic, before the deployment's prefix: `predictions`, `inferences`, or
+    /// `events.` and the event kind's family (`events.model` for `model.deployed`).
     pub fn topic(&self) -> String {
         topic_of(self.family())
     }
 
-    /// What names the topic, without building its name: `None` for predictions, else the event
-    /// kind's family.
-    fn family(&self) -> Option<&str> {
+    /// What names the topic, without building its name.
+    fn family(&self) -> Family<'_> {
         match &self.stream {
-            Stream::Prediction => None,
-            Stream::Event { kind } => Some(kind.split('.').next().unwrap_or(kind)),
+            Stream::Prediction => Family::Predictions,
+            Stream::Inference => Family::Inferences,
+            Stream::Event { kind } => Family::Event(kind.split('.').next().unwrap_or(kind)),
         }
     }
 
@@ -224,11 +237,20 @@ struct PredictionBody<'a> {
     timestamp: String,
 }
 
-/// The topic of records of an event `family` (`None`: predictions).
-fn topic_of(family: Option<&str>) -> String {
+/// What a record's topic is named after: its stream, and an event's family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Family<'a> {
+    Predictions,
+    Inferences,
+    Event(&'a str),
+}
+
+/// The topic of records of a `family`.
+fn topic_of(family: Family<'_>) -> String {
     match family {
-        None => "predictions".into(),
-        Some(family) => format!("events.{family}"),
+        Family::Predictions => "predictions".into(),
+        Family::Inferences => "inferences".into(),
+        Family::Event(family) => format!("events.{family}"),
     }
 }
 
@@ -318,6 +340,10 @@ mod tests {
     fn topics_follow_the_stream_and_the_event_family() {
         let prediction = Record::prediction("fraud", 0, Map::new());
         assert_eq!(prediction.topic(), "predictions");
+        assert_eq!(
+            Record::inference("fraud", 0, Map::new()).topic(),
+            "inferences"
+        );
         let event = Record::event("model.rolled_back", "fraud", 0, Map::new());
         assert_eq!(event.topic(), "events.model");
         let Fields::Json(fields) = &event.fields else {
@@ -336,5 +362,8 @@ mod tests {
         let body: Value = serde_json::from_slice(&record.body_json()).unwrap();
         assert_eq!(body["timestamp"], json!("2026-01-01T00:00:00.000Z"));
         assert_eq!(body["score"], json!(0.25));
+        let inference = Record::inference("gbr", 1_767_225_600_000, Map::new());
+        let line = serde_json::to_string(&inference).unwrap();
+        assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), inference);
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! DIR/predictions/model=fraud/date=2025-12-04/hour=17/part-1764867600000-1a2b3c4d.parquet
+//! DIR/inferences/model=fraud/date=2025-12-04/hour=17/part-….parquet
 //! DIR/events/model/date=2025-12-04/hour=17/part-….parquet
 //! ```
 //!
@@ -160,13 +161,18 @@ fn write_records(
     }
 }
 
-/// `predictions/model=NAME/date=D/hour=H` or `events/FAMILY/date=D/hour=H`.
+/// `predictions/model=NAME/date=D/hour=H`, `inferences/model=NAME/…` or
+/// `events/FAMILY/date=D/hour=H`.
 fn folder_of(record: &Record) -> PathBuf {
     let time = rfc3339(record.time_ms);
     let partition = format!("date={}/hour={}", &time[..10], &time[11..13]);
     match &record.stream {
         Stream::Prediction => PathBuf::from(format!(
             "predictions/model={}/{partition}",
+            safe(&record.key)
+        )),
+        Stream::Inference => PathBuf::from(format!(
+            "inferences/model={}/{partition}",
             safe(&record.key)
         )),
         Stream::Event { .. } => PathBuf::from(record.topic().replace('.', "/")).join(partition),

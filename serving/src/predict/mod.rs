@@ -859,7 +859,7 @@ fn routing_id<'a>(request: &'a PredictRequest, key: &str) -> Option<Cow<'a, str>
     }
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
