@@ -33,7 +33,9 @@ import suite_build
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAISS = "faiss-cpu==1.15.1"
 K = 10
-BREADTHS = [K + 22, K + 64, 150, 200, 300, 400, 600]
+# Fine steps where the bar is crossed (a coarse grid charges each engine for the next breadth up
+# from where it reaches the bar), coarser past it.
+BREADTHS = [16, 24, 32, 40, 48, 56, 64, 74, 88, 100, 120, 150, 200, 250, 300, 400, 600]
 RECALL_BAR = 0.95
 
 
