@@ -320,27 +320,40 @@ pub fn run_trainer(
         .map_err(|e| TrainingError::Trainer(format!("{script_name}'s report: {e}")))
 }
 
-/// What a failed trainer's standard error says, briefly: the exception lines of a Python
-/// traceback (a chained one names its cause first; the last one's message can be a whole
-/// model's attributes, so each line is cut), else its last 12 lines.
+/// What a failed trainer's standard error says, briefly: each exception of a Python traceback
+/// (a chained one names its cause first) with the place it was raised, each line cut (the last
+/// one's message can be a whole model's attributes); else its last 12 lines.
 fn trainer_failure(stderr: &str) -> String {
     const LINE: usize = 300;
     let cut = |line: &str| match line.char_indices().nth(LINE) {
         Some((at, _)) => format!("{}…", &line[..at]),
         None => line.to_string(),
     };
-    let is_exception = |line: &&str| {
-        line.split_once(": ").is_some_and(|(name, _)| {
-            !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
-                && (name.ends_with("Error") || name.ends_with("Exception"))
-        })
+    // `ValueError: …`, `AssertionError`, `SystemExit: 2`, `subprocess.TimeoutExpired: …`.
+    let is_exception = |line: &str| {
+        let name = line.split_once(": ").map_or(line, |(name, _)| name);
+        let last = name.rsplit('.').next().unwrap_or(name);
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
+            && last.starts_with(|c: char| c.is_ascii_uppercase())
+            && (["Error", "Exception", "Exit", "Interrupt", "Expired"]
+                .iter()
+                .any(|end| last.ends_with(end)))
     };
-    let exceptions: Vec<String> = stderr.lines().filter(is_exception).map(cut).collect();
-    if !exceptions.is_empty() {
-        return exceptions.join("\n");
+    let mut told = Vec::new();
+    let mut place = None;
+    for line in stderr.lines() {
+        if line.trim_start().starts_with("File \"") {
+            place = Some(line.trim());
+        } else if is_exception(line) {
+            told.extend(place.take().map(cut));
+            told.push(cut(line));
+        }
+    }
+    if !told.is_empty() {
+        return told.join("\n");
     }
     let last: Vec<&str> = stderr.lines().rev().take(12).collect();
     last.into_iter()
@@ -605,13 +618,21 @@ mod tests {
         );
         let told = trainer_failure(&stderr);
         let lines: Vec<&str> = told.lines().collect();
+        assert_eq!(lines[0], r#"File "x.py", line 735, in add_node"#);
         assert_eq!(
-            lines[0],
+            lines[1],
             "TypeError: Field onnx.AttributeProto.ints: Expected an int, got a boolean."
         );
-        assert!(lines[1].starts_with("ValueError: Unable to create node"));
-        assert!(lines[1].ends_with('…') && lines[1].chars().count() == 301);
-        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[2], r#"File "fraud.py", line 125, in <module>"#);
+        assert!(lines[3].starts_with("ValueError: Unable to create node"));
+        assert!(lines[3].ends_with('…') && lines[3].chars().count() == 301);
+        assert_eq!(lines.len(), 4);
+        let bare = "Traceback (most recent call last):\n  File \"t.py\", line 3, in <module>\n    assert ok\nAssertionError\n";
+        assert_eq!(
+            trainer_failure(bare),
+            "File \"t.py\", line 3, in <module>\nAssertionError"
+        );
+        assert_eq!(trainer_failure("SystemExit: 2\n"), "SystemExit: 2");
         assert_eq!(
             trainer_failure("no module\nnamed x\n"),
             "no module\nnamed x"
