@@ -148,9 +148,14 @@ pub struct ServeConfig {
     #[arg(long = "event-kafka-option")]
     pub event_kafka_options: Vec<String>,
 
-    /// Share of `/v1/predict` and `/v2` inference requests whose answers are logged, in [0, 1].
+    /// Share of `/v1/predict` requests whose answers are logged, in [0, 1].
     #[arg(long, default_value_t = 1.0)]
     pub prediction_log_sample: f64,
+
+    /// Share of `/v2` inference requests (REST and gRPC) logged with their tensors, in [0, 1];
+    /// 0 logs none.
+    #[arg(long, default_value_t = 1.0)]
+    pub inference_log_sample: f64,
 
     /// Records the event log holds in memory; while the sink is slow or down they go to the
     /// spill folder, and past both bounds they are dropped (and counted).
@@ -236,6 +241,7 @@ impl Default for ServeConfig {
             event_topic_prefix: "marquee.".into(),
             event_kafka_options: Vec::new(),
             prediction_log_sample: 1.0,
+            inference_log_sample: 1.0,
             event_buffer: 65_536,
             event_spill_max_mb: 1024,
             event_file_roll_seconds: 300.0,

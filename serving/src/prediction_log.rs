@@ -8,42 +8,68 @@
 //! `entities`, `features` (merged request + store + defaults; a cached answer carries the
 //! request's own), `prediction`, `label`, `cache_hit`, `degraded`, `latency_ms`, `timestamp`.
 //!
-//! A `/v2` inference (REST or gRPC) is logged too, sampled the same way, as one record per
-//! request on its own stream (`inferences`: its tensors are not named features, so its columns
-//! differ): `prediction_id` (new), `request_id` (the client's `id`, or null), `model`, `version`,
-//! `variant`, `inputs` and `outputs` (each `{name: {datatype, shape, data}}` as the v2 REST
-//! protocol writes tensors; `data` is null for a tensor over [`LOGGED_ELEMENTS`] elements, so one
-//! large request cannot swamp the log), `latency_ms`, `timestamp`.
+//! An answered `/v2` inference (REST or gRPC) is logged too, sampled apart by
+//! `--inference-log-sample`, as one record per request on its own stream (`inferences`: its
+//! tensors are not named features, so its columns differ): `prediction_id` (new, for
+//! deduplication), `request_id` (the client's `id`, or null), `model`, `version`, `variant`,
+//! `inputs` and `outputs` (each `{name: {datatype, shape, data}}` as the v2 REST protocol writes
+//! tensors, written as JSON text once, here), `latency_ms`, `timestamp`. A record carries at most
+//! [`LOGGED_BYTES`] of tensor data, inputs first: a tensor past what is left (and a BYTES tensor
+//! that is not UTF-8) is logged with `data` null, so a large request cannot swamp the log.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use marquee_events::{EventLog, Features, PredictionFields, Record, now_ms};
+use marquee_events::{
+    EventLog, Features, InferenceFields, PredictionFields, RawValue, Record, now_ms,
+};
 use marquee_feature_store::FeatureValue;
-use serde_json::{Map, Value, json};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::Value;
 
 use crate::predict::{Instance, Prediction, new_id};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, TensorData};
 
-/// Most elements of one tensor an inference record carries the data of.
-pub const LOGGED_ELEMENTS: usize = 4096;
+/// Most bytes of tensor data (as the tensors hold them) one inference record carries.
+pub const LOGGED_BYTES: usize = 16 * 1024;
 
 pub struct PredictionLog {
     events: EventLog,
-    /// Share of requests logged, in (0, 1].
-    sample: f64,
-    /// Requests seen, clients' and mirrored ones apart, so each is sampled at its share.
-    requests: AtomicU64,
-    mirrored: AtomicU64,
+    /// Clients' `/v1/predict` requests, mirrored ones and `/v2` inferences apart, so each is
+    /// sampled at its own share.
+    requests: Sampler,
+    mirrored: Sampler,
+    inferences: Sampler,
+}
+
+/// Takes exactly `share` of what it is asked about, spread evenly (the n-th is taken when
+/// n × share passes a whole number).
+struct Sampler {
+    share: f64,
+    seen: AtomicU64,
+}
+
+impl Sampler {
+    fn new(share: f64) -> Self {
+        Self {
+            share: share.clamp(0.0, 1.0),
+            seen: AtomicU64::new(0),
+        }
+    }
+
+    fn take(&self) -> bool {
+        self.share >= 1.0
+            || (self.share > 0.0 && takes(self.seen.fetch_add(1, Ordering::Relaxed), self.share))
+    }
 }
 
 impl PredictionLog {
-    pub fn new(events: EventLog, sample: f64) -> Self {
+    pub fn new(events: EventLog, sample: f64, inference_sample: f64) -> Self {
         Self {
             events,
-            sample: sample.clamp(0.0, 1.0),
-            requests: AtomicU64::new(0),
-            mirrored: AtomicU64::new(0),
+            requests: Sampler::new(sample),
+            mirrored: Sampler::new(sample),
+            inferences: Sampler::new(inference_sample),
         }
     }
 
@@ -52,15 +78,19 @@ impl PredictionLog {
         &self.events
     }
 
-    /// Whether this request is logged: exactly `sample` of all requests (and of all mirrored
-    /// ones), spread evenly (the n-th is logged when n × sample passes a whole number).
+    /// Whether this `/v1/predict` request is logged: exactly `sample` of all requests (and of
+    /// all mirrored ones), spread evenly.
     pub fn sampled(&self, mirrored: bool) -> bool {
-        let counter = if mirrored {
-            &self.mirrored
+        if mirrored {
+            self.mirrored.take()
         } else {
-            &self.requests
-        };
-        self.sample >= 1.0 || takes(counter.fetch_add(1, Ordering::Relaxed), self.sample)
+            self.requests.take()
+        }
+    }
+
+    /// Whether this `/v2` inference is logged once answered: exactly `inference_sample` of all.
+    pub fn inference_sampled(&self) -> bool {
+        self.inferences.take()
     }
 
     /// Logs one request's answers, instance by instance (their entities and request features
@@ -105,18 +135,19 @@ impl PredictionLog {
         inputs: &[Tensor],
         outputs: &[Tensor],
     ) {
-        let mut fields = Map::new();
-        fields.insert("prediction_id".into(), new_id().into());
-        fields.insert(
-            "request_id".into(),
-            Some(answered.request_id).filter(|id| !id.is_empty()).into(),
-        );
-        fields.insert("model".into(), answered.model.into());
-        fields.insert("version".into(), answered.version.into());
-        fields.insert("variant".into(), answered.variant.into());
-        fields.insert("inputs".into(), tensors_json(inputs));
-        fields.insert("outputs".into(), tensors_json(outputs));
-        fields.insert("latency_ms".into(), answered.latency_ms.into());
+        let mut budget = LOGGED_BYTES;
+        let fields = InferenceFields {
+            inputs: tensors_json(inputs, &mut budget),
+            latency_ms: answered.latency_ms,
+            model: answered.model.to_string(),
+            outputs: tensors_json(outputs, &mut budget),
+            prediction_id: new_id(),
+            request_id: Some(answered.request_id)
+                .filter(|id| !id.is_empty())
+                .map(str::to_string),
+            variant: answered.variant.map(str::to_string),
+            version: answered.version,
+        };
         self.events
             .log(Record::inference(answered.model, now_ms(), fields));
     }
@@ -132,23 +163,65 @@ pub struct InferenceAnswered<'a> {
     pub latency_ms: f64,
 }
 
-/// Tensors as `{name: {datatype, shape, data}}`, data only up to [`LOGGED_ELEMENTS`].
-fn tensors_json(tensors: &[Tensor]) -> Value {
-    let mut object = Map::new();
-    for tensor in tensors {
-        // Through the text the v2 REST protocol writes: a value built directly would widen each
-        // FP32 to the f64 digits of its binary value (0.2615099251270294 for 0.26150993).
-        let data = (tensor.len() <= LOGGED_ELEMENTS)
-            .then(|| serde_json::to_string(&tensor.json_data()).ok())
-            .flatten()
-            .and_then(|text| serde_json::from_str(&text).ok())
-            .unwrap_or(Value::Null);
-        object.insert(
-            tensor.name.clone(),
-            json!({"datatype": tensor.dtype.name(), "shape": tensor.shape, "data": data}),
-        );
+/// Tensors as the JSON text `{name: {"data", "datatype", "shape"}}` (names and keys sorted, as
+/// a JSON object read back from the spill writes them), with the data of those that fit in
+/// `budget` (bytes, taken from it in turn) and are JSON (BYTES must be UTF-8).
+fn tensors_json(tensors: &[Tensor], budget: &mut usize) -> Box<RawValue> {
+    let mut logged: Vec<LoggedTensor<'_>> = tensors
+        .iter()
+        .map(|tensor| {
+            let bytes = match &tensor.data {
+                TensorData::Fixed(bytes) => bytes.len(),
+                TensorData::Strings(items) => items.iter().map(|item| item.len()).sum(),
+            };
+            let text = match &tensor.data {
+                TensorData::Fixed(_) => true,
+                TensorData::Strings(items) => {
+                    items.iter().all(|item| std::str::from_utf8(item).is_ok())
+                }
+            };
+            let with_data = bytes <= *budget && text;
+            if with_data {
+                *budget -= bytes;
+            }
+            LoggedTensor { tensor, with_data }
+        })
+        .collect();
+    logged.sort_unstable_by_key(|logged| logged.tensor.name.as_str());
+    serde_json::value::to_raw_value(&LoggedTensors(&logged))
+        .unwrap_or_else(|_| RawValue::from_string("{}".into()).expect("an empty object"))
+}
+
+struct LoggedTensors<'a>(&'a [LoggedTensor<'a>]);
+
+struct LoggedTensor<'a> {
+    tensor: &'a Tensor,
+    with_data: bool,
+}
+
+impl Serialize for LoggedTensors<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for logged in self.0 {
+            map.serialize_entry(&logged.tensor.name, logged)?;
+        }
+        map.end()
     }
-    Value::Object(object)
+}
+
+impl Serialize for LoggedTensor<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let tensor = self.tensor;
+        let mut map = serializer.serialize_map(Some(3))?;
+        if self.with_data {
+            map.serialize_entry("data", &tensor.json_data())?;
+        } else {
+            map.serialize_entry("data", &())?;
+        }
+        map.serialize_entry("datatype", tensor.dtype.name())?;
+        map.serialize_entry("shape", &tensor.shape)?;
+        map.end()
+    }
 }
 
 /// Whether the n-th request (from 0) is among a `sample` share spread evenly.
@@ -173,39 +246,76 @@ mod tests {
     use super::*;
 
     #[test]
-    fn inference_tensors_carry_their_data_up_to_the_bound() {
-        use crate::tensor::{DataType, TensorData};
-        let tensor = |name: &str, rows: usize| {
+    fn inference_tensors_carry_their_data_within_the_budget() {
+        use crate::tensor::DataType;
+        let ints = |name: &str, rows: usize| {
             let bytes: Vec<u8> = (0..rows * 4)
                 .flat_map(|i| (i as i32).to_le_bytes())
                 .collect();
             let data = TensorData::Fixed(bytes.into());
             Tensor::new(name, DataType::Int32, vec![rows as i64, 4], data).unwrap()
         };
-        let small = tensor("small", 2);
-        let large = tensor("large", LOGGED_ELEMENTS / 4 + 1);
-        let text = Tensor::new(
-            "text",
-            DataType::Bytes,
+        let texts = |name: &str, item: &'static [u8]| {
+            let data = TensorData::Strings(vec![bytes::Bytes::from_static(item)]);
+            Tensor::new(name, DataType::Bytes, vec![1], data).unwrap()
+        };
+        let fp32 = Tensor::new(
+            "score",
+            DataType::Fp32,
             vec![1],
-            TensorData::Strings(vec![bytes::Bytes::from_static(b"two tickets")]),
+            TensorData::Fixed(0.26150993f32.to_le_bytes().to_vec().into()),
         )
         .unwrap();
-        let json = tensors_json(&[small, large, text]);
+        let mut budget = LOGGED_BYTES;
+        let inputs = [
+            ints("small", 2),
+            texts("text", b"two tickets"),
+            texts("raw", b"\xff\xfe"),
+        ];
+        let json = tensors_json(&inputs, &mut budget);
+        assert!(
+            json.get().starts_with(r#"{"raw":{"data":null,"#),
+            "sorted: {}",
+            json.get()
+        );
+        let json: Value = serde_json::from_str(json.get()).unwrap();
         assert_eq!(
             json["small"],
             serde_json::json!({"datatype": "INT32", "shape": [2, 4], "data": [0, 1, 2, 3, 4, 5, 6, 7]})
         );
-        assert_eq!(
-            json["large"]["shape"],
-            serde_json::json!([LOGGED_ELEMENTS / 4 + 1, 4])
-        );
-        assert_eq!(
-            json["large"]["data"],
-            Value::Null,
-            "over the bound: shape only"
-        );
         assert_eq!(json["text"]["data"], serde_json::json!(["two tickets"]));
+        assert_eq!(
+            json["raw"]["data"],
+            Value::Null,
+            "not UTF-8: shape and type only"
+        );
+        assert_eq!(budget, LOGGED_BYTES - 32 - 11);
+        // The outputs get what the inputs left: a tensor past it is logged without its data.
+        let rows = budget / 16 + 1;
+        let large = ints("large", rows);
+        let json = tensors_json(&[large, fp32], &mut budget);
+        assert!(
+            json.get().contains(r#""data":[0.26150993]"#),
+            "FP32 as written: {}",
+            json.get()
+        );
+        let json: Value = serde_json::from_str(json.get()).unwrap();
+        assert_eq!(json["large"]["data"], Value::Null);
+        assert_eq!(json["large"]["shape"][0], serde_json::json!(rows));
+    }
+
+    #[test]
+    fn each_sampler_takes_its_own_share() {
+        let none = Sampler::new(0.0);
+        assert!((0..100).all(|_| !none.take()));
+        assert_eq!(
+            none.seen.load(Ordering::Relaxed),
+            0,
+            "a share of 0 counts nothing"
+        );
+        let half = Sampler::new(0.5);
+        assert_eq!((0..1000).filter(|_| half.take()).count(), 500);
+        assert!((0..100).all(|_| Sampler::new(1.0).take()));
     }
 
     #[test]

@@ -140,9 +140,13 @@ impl Server {
             metrics: metrics.clone(),
             router: Arc::new(crate::traffic::Router::new(metrics.clone())),
             max_instances: config.max_predict_instances.max(1),
-            log: events
-                .clone()
-                .map(|events| PredictionLog::new(events, config.prediction_log_sample)),
+            log: events.clone().map(|events| {
+                PredictionLog::new(
+                    events,
+                    config.prediction_log_sample,
+                    config.inference_log_sample,
+                )
+            }),
             drift: drift_monitor(config, events.clone(), &metrics)?,
         });
         if let Some(drift) = &predictor.drift {
@@ -286,11 +290,15 @@ const EVENT_CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 /// The event log `--event-sink` asks for, its series on the server's metrics.
 fn event_log(config: &ServeConfig, metrics: &Metrics) -> Result<Option<EventLog>, StartError> {
-    if !(0.0..=1.0).contains(&config.prediction_log_sample) {
-        return Err(StartError::Config(format!(
-            "--prediction-log-sample must be within [0, 1], not {}",
-            config.prediction_log_sample
-        )));
+    for (flag, sample) in [
+        ("--prediction-log-sample", config.prediction_log_sample),
+        ("--inference-log-sample", config.inference_log_sample),
+    ] {
+        if !(0.0..=1.0).contains(&sample) {
+            return Err(StartError::Config(format!(
+                "{flag} must be within [0, 1], not {sample}"
+            )));
+        }
     }
     let sink: Arc<dyn Sink> = match config.event_sink {
         EventSinkKind::None => return Ok(None),

@@ -234,7 +234,7 @@ impl Service {
     /// [`Service::model`] found for `version` (transports look it up first, so an unknown model
     /// is reported before a malformed request, as Triton does). A request that names no version
     /// goes where the model's traffic policy routes it (by its `routing_key`), and its answer
-    /// names the variant.
+    /// names the variant. An answered request is logged (sampled, `prediction_log.rs`).
     pub async fn infer(
         &self,
         _admitted: &Admitted,
@@ -255,9 +255,9 @@ impl Service {
             .predictor
             .log
             .as_ref()
-            .filter(|log| log.sampled(false))
-            .map(|log| (log, request.inputs.clone(), request.id.clone()));
-        let started = Instant::now();
+            .filter(|log| log.inference_sampled())
+            .map(|log| (log, request.inputs.clone()));
+        let started = (route.is_some() || logged.is_some()).then(Instant::now);
         let result = match &route {
             None => model.infer(request).await,
             Some(route) => match self.models.get(name, &route.version.to_string()) {
@@ -268,21 +268,17 @@ impl Service {
                 Err(error) => Err(error),
             },
         };
+        let elapsed = started.map(|started| started.elapsed()).unwrap_or_default();
         if let Some(route) = &route {
-            router.observe(
-                name,
-                &route.variant,
-                Outcome::of(&result),
-                started.elapsed(),
-            );
+            router.observe(name, &route.variant, Outcome::of(&result), elapsed);
         }
-        if let (Some((log, inputs, request_id)), Ok(response)) = (logged, &result) {
+        if let (Some((log, inputs)), Ok(response)) = (logged, &result) {
             let answered = InferenceAnswered {
                 model: name,
                 version: response.model_version,
                 variant: response.variant.as_deref(),
-                request_id: &request_id,
-                latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                request_id: &response.id,
+                latency_ms: elapsed.as_secs_f64() * 1e3,
             };
             log.inference(&answered, &inputs, &response.outputs);
         }

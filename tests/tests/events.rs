@@ -277,13 +277,11 @@ async fn v2_inferences_are_logged_with_their_tensors() {
             let output: Value = serde_json::from_str(&outputs[i]).unwrap();
             logged.insert(id, (input, output));
         }
-        for column in [
-            "prediction_id",
-            "model",
-            "version",
-            "latency_ms",
-            "timestamp",
-        ] {
+        assert!(string_column(batch, "model").iter().all(|m| m == "pricing"));
+        let versions = batch.column_by_name("version").unwrap();
+        let versions = versions.as_primitive::<arrow_array::types::Int64Type>();
+        assert!(versions.iter().all(|v| v == Some(1)));
+        for column in ["prediction_id", "latency_ms", "timestamp", "variant"] {
             assert!(batch.column_by_name(column).is_some(), "{column}");
         }
     }
@@ -297,23 +295,20 @@ async fn v2_inferences_are_logged_with_their_tensors() {
 
     let (input, output) = &logged["grpc-1"];
     assert_eq!(input["X"]["shape"], json!([3, 10]));
-    let sent: Vec<f64> = (0..30).map(|i| f64::from(i as f32 / 7.0)).collect();
-    let got: Vec<f64> = input["X"]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    marquee_tests::assert_close(&got, &sent, 1e-6, "logged gRPC input");
+    // The FP32 values exactly, written as the shortest text that reads back as them (as v2 JSON
+    // writes them), not widened to f64 digits.
+    let as_f32 = |data: &Value| -> Vec<f32> {
+        data.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let sent: Vec<f32> = (0..30).map(|i| i as f32 / 7.0).collect();
+    assert_eq!(as_f32(&input["X"]["data"]), sent);
+    assert_eq!(input["X"]["data"][1], json!(0.14285715));
     let answered = marquee_tests::f32_values(&grpc.raw_output_contents[0]);
-    let got: Vec<f64> = output[&grpc.outputs[0].name]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    let want: Vec<f64> = answered.iter().map(|v| f64::from(*v)).collect();
-    marquee_tests::assert_close(&got, &want, 1e-6, "logged gRPC output");
+    assert_eq!(as_f32(&output[&grpc.outputs[0].name]["data"]), answered);
     assert!(
         !events.path().join("predictions").exists(),
         "no /v1/predict record for a /v2 request"

@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 pub use kafka::{KafkaConfig, KafkaEventSource, KafkaSink, event_record};
 pub use log::{EventLog, LogConfig, LogStats};
 pub use parquet_sink::ParquetSink;
+pub use serde_json::value::RawValue;
 
 /// Which stream a record belongs to; it names the record's topic and folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,12 +39,13 @@ pub enum Stream {
     Event { kind: String },
 }
 
-/// One thing to log: a prediction or an event, with its fields.
+/// One thing to log: a prediction, an inference or an event, with its fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     #[serde(flatten)]
     pub stream: Stream,
-    /// The Kafka message key: the model for predictions, the event's subject for events.
+    /// The Kafka message key: the model for predictions and inferences, the event's subject for
+    /// events.
     pub key: String,
     /// When it happened, in ms since the epoch.
     pub time_ms: i64,
@@ -51,12 +53,14 @@ pub struct Record {
 }
 
 /// A record's fields: JSON for events (and for any record read back from the spill); typed for a
-/// prediction as serving hands it over, so that logging one builds no map and leaves a handful
-/// of allocations to free, not one per field. Both encode as the same JSON object.
+/// prediction or an inference as serving hands it over, so that logging one builds no map and
+/// leaves a handful of allocations to free, not one per field. Each encodes as the same JSON
+/// object as its JSON form.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fields {
     Json(Map<String, Value>),
     Prediction(Box<PredictionFields>),
+    Inference(Box<InferenceFields>),
 }
 
 impl From<Map<String, Value>> for Fields {
@@ -71,11 +75,18 @@ impl From<PredictionFields> for Fields {
     }
 }
 
+impl From<InferenceFields> for Fields {
+    fn from(fields: InferenceFields) -> Self {
+        Fields::Inference(Box::new(fields))
+    }
+}
+
 impl Serialize for Fields {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
             Fields::Json(fields) => fields.serialize(serializer),
             Fields::Prediction(fields) => fields.serialize(serializer),
+            Fields::Inference(fields) => fields.serialize(serializer),
         }
     }
 }
@@ -117,6 +128,34 @@ impl PredictionFields {
         "variant",
         "version",
     ];
+}
+
+/// The inference log's fields (serving's `prediction_log.rs` says what each holds), in the order
+/// a JSON object's keys sort, as [`PredictionFields`]. The tensors are JSON text already (an
+/// object by tensor name, keys sorted), written once on the request path and kept compact.
+#[derive(Debug, Clone, Serialize)]
+pub struct InferenceFields {
+    pub inputs: Box<RawValue>,
+    pub latency_ms: f64,
+    pub model: String,
+    pub outputs: Box<RawValue>,
+    pub prediction_id: String,
+    pub request_id: Option<String>,
+    pub variant: Option<String>,
+    pub version: u64,
+}
+
+impl PartialEq for InferenceFields {
+    fn eq(&self, other: &Self) -> bool {
+        self.inputs.get() == other.inputs.get()
+            && self.latency_ms == other.latency_ms
+            && self.model == other.model
+            && self.outputs.get() == other.outputs.get()
+            && self.prediction_id == other.prediction_id
+            && self.request_id == other.request_id
+            && self.variant == other.variant
+            && self.version == other.version
+    }
 }
 
 /// The features a prediction saw: one value per name, the names shared by every record of a
@@ -167,12 +206,12 @@ impl Record {
     }
 
     /// A `/v2` inference of `model`, with the inference log's fields.
-    pub fn inference(model: &str, time_ms: i64, fields: Map<String, Value>) -> Self {
+    pub fn inference(model: &str, time_ms: i64, fields: impl Into<Fields>) -> Self {
         Self {
             stream: Stream::Inference,
             key: model.to_string(),
             time_ms,
-            fields: Fields::Json(fields),
+            fields: fields.into(),
         }
     }
 
@@ -210,7 +249,8 @@ impl Record {
         let timestamp = rfc3339(self.time_ms);
         let encoded = match &self.fields {
             Fields::Json(fields) => serde_json::to_vec(&JsonBody(fields, Value::String(timestamp))),
-            Fields::Prediction(fields) => serde_json::to_vec(&PredictionBody { fields, timestamp }),
+            Fields::Prediction(fields) => serde_json::to_vec(&TypedBody { fields, timestamp }),
+            Fields::Inference(fields) => serde_json::to_vec(&TypedBody { fields, timestamp }),
         };
         encoded.expect("records encode as JSON")
     }
@@ -230,15 +270,16 @@ impl Serialize for JsonBody<'_> {
     }
 }
 
+/// Typed fields and the record's `timestamp`.
 #[derive(Serialize)]
-struct PredictionBody<'a> {
+struct TypedBody<'a, F: Serialize> {
     #[serde(flatten)]
-    fields: &'a PredictionFields,
+    fields: &'a F,
     timestamp: String,
 }
 
 /// What a record's topic is named after: its stream, and an event's family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family<'a> {
     Predictions,
     Inferences,
@@ -362,8 +403,34 @@ mod tests {
         let body: Value = serde_json::from_slice(&record.body_json()).unwrap();
         assert_eq!(body["timestamp"], json!("2026-01-01T00:00:00.000Z"));
         assert_eq!(body["score"], json!(0.25));
-        let inference = Record::inference("gbr", 1_767_225_600_000, Map::new());
+        let inference = Record::inference("gbr", 1_767_225_600_000, inference_fields());
         let line = serde_json::to_string(&inference).unwrap();
-        assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), inference);
+        let replayed = serde_json::from_str::<Record>(&line).unwrap();
+        assert_eq!(replayed.stream, Stream::Inference);
+        let Fields::Json(fields) = &replayed.fields else {
+            panic!("the spill gives JSON back");
+        };
+        assert_eq!(fields["inputs"]["X"]["data"], json!([0.26150993, 8.5]));
+        assert_eq!(fields["request_id"], Value::Null);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&inference.body_json()).unwrap(),
+            serde_json::from_slice::<Value>(&replayed.body_json()).unwrap(),
+            "the same body typed and replayed"
+        );
+    }
+
+    /// An inference as serving logs it.
+    pub(crate) fn inference_fields() -> InferenceFields {
+        let raw = |text: &str| RawValue::from_string(text.to_string()).unwrap();
+        InferenceFields {
+            inputs: raw(r#"{"X":{"data":[0.26150993,8.5],"datatype":"FP32","shape":[1,2]}}"#),
+            latency_ms: 0.5,
+            model: "gbr".into(),
+            outputs: raw(r#"{"variable":{"data":[1.25],"datatype":"FP32","shape":[1,1]}}"#),
+            prediction_id: "p-1".into(),
+            request_id: None,
+            variant: Some("b".into()),
+            version: 2,
+        }
     }
 }

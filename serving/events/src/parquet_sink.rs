@@ -33,10 +33,15 @@ use parquet::schema::types::ColumnPath;
 use serde_json::{Map, Value};
 
 use crate::background::Background;
-use crate::{EventError, Fields, PredictionFields, Record, Sink, SinkFailure, Stream, rfc3339};
+use crate::{
+    EventError, Fields, InferenceFields, PredictionFields, Record, Sink, SinkFailure, Stream,
+    rfc3339,
+};
 
-/// Rows per Parquet row group.
+/// Rows per Parquet row group, at most.
 const ROW_GROUP: usize = 65_536;
+/// Bytes per Parquet row group, at most.
+const ROW_GROUP_BYTES: usize = 64 << 20;
 
 /// Objects of a prediction record that open into columns of their own.
 const OPENED: [&str; 2] = ["features", "entities"];
@@ -227,14 +232,18 @@ impl OpenFile {
         let partial = path.with_extension("parquet.partial");
         let file = File::create(&partial)
             .map_err(|e| EventError::Parquet(format!("{}: {e}", partial.display())))?;
-        // Row groups of ROW_GROUP rows: the writer holds a row group's pages in memory until it
-        // fills (a million rows by default, tens of MB per open file, grown by reallocation).
-        // Prediction ids are unique: a dictionary would only be hashed and thrown away.
-        let properties = WriterProperties::builder()
+        // Row groups of ROW_GROUP rows or ROW_GROUP_BYTES: the writer holds a row group's pages
+        // in memory until it fills (a million rows by default, tens of MB per open file, grown
+        // by reallocation; an inference's tensors make rows large). Ids and tensors are unique
+        // per row: a dictionary would only be hashed and thrown away.
+        let mut properties = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(ROW_GROUP))
-            .set_column_dictionary_enabled(ColumnPath::from("prediction_id"), false)
-            .build();
+            .set_max_row_group_bytes(Some(ROW_GROUP_BYTES));
+        for unique in ["prediction_id", "request_id", "inputs", "outputs"] {
+            properties = properties.set_column_dictionary_enabled(ColumnPath::from(unique), false);
+        }
+        let properties = properties.build();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(properties))
             .map_err(|e| EventError::Parquet(format!("{}: {e}", partial.display())))?;
         Ok(Self {
@@ -263,6 +272,7 @@ fn columns_of(record: &Record) -> Vec<(Cow<'_, str>, Cell<'_>)> {
     match &record.fields {
         Fields::Json(fields) => json_columns(fields),
         Fields::Prediction(fields) => prediction_columns(fields),
+        Fields::Inference(fields) => inference_columns(fields),
     }
 }
 
@@ -329,6 +339,24 @@ fn prediction_columns(p: &PredictionFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
     columns
 }
 
+/// The same columns as [`json_columns`] gives the inference's JSON object, in the same order,
+/// read from the typed fields (the tensors as the JSON text they already are).
+fn inference_columns(f: &InferenceFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
+    fn text(value: &Option<String>) -> Cell<'_> {
+        value.as_deref().map_or(Cell::Json(&NULL), Cell::Text)
+    }
+    vec![
+        ("inputs".into(), Cell::JsonText(f.inputs.get())),
+        ("latency_ms".into(), Cell::Float(f.latency_ms)),
+        ("model".into(), Cell::Text(&f.model)),
+        ("outputs".into(), Cell::JsonText(f.outputs.get())),
+        ("prediction_id".into(), Cell::Text(&f.prediction_id)),
+        ("request_id".into(), text(&f.request_id)),
+        ("variant".into(), text(&f.variant)),
+        ("version".into(), Cell::Int(f.version as i64)),
+    ]
+}
+
 static NULL: Value = Value::Null;
 
 /// One value of a column, as the record holds it: JSON, or a typed prediction field.
@@ -340,6 +368,8 @@ enum Cell<'a> {
     Float(f64),
     Bool(bool),
     Texts(&'a [&'static str]),
+    /// A nested value written as JSON already: a JSON text column.
+    JsonText(&'a str),
 }
 
 impl Cell<'_> {
@@ -356,6 +386,7 @@ impl Cell<'_> {
             Cell::Bool(_) => Kind::Bool,
             Cell::Texts([]) => Kind::EmptyList,
             Cell::Texts(_) => Kind::TextList,
+            Cell::JsonText(_) => Kind::Json,
         })
     }
 
@@ -394,6 +425,7 @@ impl Cell<'_> {
             Cell::Float(f) => Cow::Owned(Value::from(*f).to_string()),
             Cell::Bool(b) => Cow::Owned(b.to_string()),
             Cell::Texts(items) => Cow::Owned(Value::from(items.to_vec()).to_string()),
+            Cell::JsonText(text) => Cow::Borrowed(text),
         }
     }
 }
@@ -766,6 +798,39 @@ mod tests {
                 &DataType::new_list(DataType::Utf8, true)
             );
         }
+    }
+
+    #[test]
+    fn a_typed_inference_writes_the_columns_of_its_json() {
+        let record = Record::inference("gbr", 1_767_225_600_000, crate::tests::inference_fields());
+        let line = serde_json::to_string(&record).unwrap();
+        let replayed: Record = serde_json::from_str(&line).unwrap();
+        let (typed, json) = (
+            to_batch(&[&record]).unwrap(),
+            to_batch(&[&replayed]).unwrap(),
+        );
+        assert_eq!(typed.schema(), json.schema(), "one file takes both");
+        let both = to_batch(&[&record, &replayed]).unwrap();
+        assert_eq!(both.schema(), typed.schema());
+        let inputs = both.column_by_name("inputs").unwrap().as_string::<i32>();
+        let parsed: Vec<Value> = inputs
+            .iter()
+            .map(|t| serde_json::from_str(t.unwrap()).unwrap())
+            .collect();
+        assert_eq!(parsed[0], parsed[1]);
+        assert_eq!(parsed[0]["X"]["data"], json!([0.26150993, 8.5]));
+        assert_eq!(
+            typed
+                .schema()
+                .field_with_name("request_id")
+                .unwrap()
+                .data_type(),
+            &DataType::Utf8
+        );
+        assert_eq!(
+            folder_of(&record),
+            PathBuf::from("inferences/model=gbr/date=2026-01-01/hour=00")
+        );
     }
 
     #[test]
