@@ -12,10 +12,11 @@
 //! `--inference-log-sample`, as one record per request on its own stream (`inferences`: its
 //! tensors are not named features, so its columns differ): `prediction_id` (new, for
 //! deduplication), `request_id` (the client's `id`, or null), `model`, `version`, `variant`,
-//! `inputs` and `outputs` (each `{name: {datatype, shape, data}}` as the v2 REST protocol writes
+//! `inputs` and `outputs` (each `{name: {data, datatype, shape}}` as the v2 REST protocol writes
 //! tensors, written as JSON text once, here), `latency_ms`, `timestamp`. A record carries at most
-//! [`LOGGED_BYTES`] of tensor data, inputs first: a tensor past what is left (and a BYTES tensor
-//! that is not UTF-8) is logged with `data` null, so a large request cannot swamp the log.
+//! [`LOGGED_BYTES`] of tensor data (BYTES counted as their JSON text), inputs first: a tensor past
+//! what is left (and a BYTES tensor that is not UTF-8) is logged with `data` null, so a large
+//! request cannot swamp the log.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +31,8 @@ use serde_json::Value;
 use crate::predict::{Instance, Prediction, new_id};
 use crate::tensor::{Tensor, TensorData};
 
-/// Most bytes of tensor data (as the tensors hold them) one inference record carries.
+/// Most bytes of tensor data one inference record carries (as the tensors hold them; BYTES as
+/// their JSON text).
 pub const LOGGED_BYTES: usize = 16 * 1024;
 
 pub struct PredictionLog {
@@ -164,32 +166,63 @@ pub struct InferenceAnswered<'a> {
 }
 
 /// Tensors as the JSON text `{name: {"data", "datatype", "shape"}}` (names and keys sorted, as
-/// a JSON object read back from the spill writes them), with the data of those that fit in
-/// `budget` (bytes, taken from it in turn) and are JSON (BYTES must be UTF-8).
+/// a JSON object read back from the spill holds them), with the data of those whose cost fits in
+/// what is left of `budget` (taken from it in turn) and that can be JSON (BYTES must be UTF-8).
 fn tensors_json(tensors: &[Tensor], budget: &mut usize) -> Box<RawValue> {
     let mut logged: Vec<LoggedTensor<'_>> = tensors
         .iter()
         .map(|tensor| {
-            let bytes = match &tensor.data {
-                TensorData::Fixed(bytes) => bytes.len(),
-                TensorData::Strings(items) => items.iter().map(|item| item.len()).sum(),
-            };
-            let text = match &tensor.data {
-                TensorData::Fixed(_) => true,
-                TensorData::Strings(items) => {
-                    items.iter().all(|item| std::str::from_utf8(item).is_ok())
-                }
-            };
-            let with_data = bytes <= *budget && text;
-            if with_data {
-                *budget -= bytes;
+            let cost = data_cost(tensor, *budget).filter(|cost| *cost <= *budget);
+            if let Some(cost) = cost {
+                *budget -= cost;
             }
-            LoggedTensor { tensor, with_data }
+            LoggedTensor {
+                tensor,
+                with_data: cost.is_some(),
+            }
         })
         .collect();
     logged.sort_unstable_by_key(|logged| logged.tensor.name.as_str());
-    serde_json::value::to_raw_value(&LoggedTensors(&logged))
-        .unwrap_or_else(|_| RawValue::from_string("{}".into()).expect("an empty object"))
+    match serde_json::value::to_raw_value(&LoggedTensors(&logged)) {
+        Ok(json) => json,
+        Err(error) => {
+            // Unreachable while data_cost refuses what cannot be JSON; shapes only, then.
+            tracing::warn!(%error, "an inference's tensors could not be logged as JSON");
+            logged
+                .iter_mut()
+                .for_each(|logged| logged.with_data = false);
+            serde_json::value::to_raw_value(&LoggedTensors(&logged))
+                .expect("names, types and shapes are JSON")
+        }
+    }
+}
+
+/// What logging a tensor's data costs of the budget: its bytes as the tensor holds them, and for
+/// BYTES what each element costs as JSON text (quotes, separator, escapes: a control byte is six
+/// characters); `None` when it cannot be JSON (BYTES that are not UTF-8). Past `budget` already
+/// by its cheapest reading, it is not read further.
+fn data_cost(tensor: &Tensor, budget: usize) -> Option<usize> {
+    let items = match &tensor.data {
+        TensorData::Fixed(bytes) => return Some(bytes.len()),
+        TensorData::Strings(items) => items,
+    };
+    let floor: usize = items.iter().map(|item| item.len() + 3).sum();
+    if floor > budget {
+        return Some(floor);
+    }
+    let mut cost = 0;
+    for item in items {
+        std::str::from_utf8(item).ok()?;
+        cost += 3 + item
+            .iter()
+            .map(|&byte| match byte {
+                b'"' | b'\\' => 2,
+                0..0x20 => 6,
+                _ => 1,
+            })
+            .sum::<usize>();
+    }
+    Some(cost)
 }
 
 struct LoggedTensors<'a>(&'a [LoggedTensor<'a>]);
@@ -289,7 +322,26 @@ mod tests {
             Value::Null,
             "not UTF-8: shape and type only"
         );
-        assert_eq!(budget, LOGGED_BYTES - 32 - 11);
+        assert_eq!(
+            budget,
+            LOGGED_BYTES - 32 - (11 + 3),
+            "BYTES as their JSON text"
+        );
+        // Empty strings still cost their quotes: many of them are no free ride.
+        let empties = Tensor::new(
+            "empties",
+            DataType::Bytes,
+            vec![LOGGED_BYTES as i64],
+            TensorData::Strings(vec![bytes::Bytes::new(); LOGGED_BYTES]),
+        )
+        .unwrap();
+        let escaped = texts("escaped", b"\x01\"");
+        assert_eq!(data_cost(&escaped, LOGGED_BYTES), Some(3 + 6 + 2));
+        let mut fresh = LOGGED_BYTES;
+        let json = tensors_json(&[empties], &mut fresh);
+        let json: Value = serde_json::from_str(json.get()).unwrap();
+        assert_eq!(json["empties"]["data"], Value::Null);
+        assert_eq!(fresh, LOGGED_BYTES);
         // The outputs get what the inputs left: a tensor past it is logged without its data.
         let rows = budget / 16 + 1;
         let large = ints("large", rows);

@@ -234,7 +234,8 @@ impl Service {
     /// [`Service::model`] found for `version` (transports look it up first, so an unknown model
     /// is reported before a malformed request, as Triton does). A request that names no version
     /// goes where the model's traffic policy routes it (by its `routing_key`), and its answer
-    /// names the variant. An answered request is logged (sampled, `prediction_log.rs`).
+    /// names the variant. With an event sink, an answered request is logged (sampled,
+    /// `prediction_log.rs`).
     pub async fn infer(
         &self,
         _admitted: &Admitted,

@@ -240,7 +240,7 @@ impl OpenFile {
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(ROW_GROUP))
             .set_max_row_group_bytes(Some(ROW_GROUP_BYTES));
-        for unique in ["prediction_id", "request_id", "inputs", "outputs"] {
+        for unique in ["prediction_id", "inputs", "outputs"] {
             properties = properties.set_column_dictionary_enabled(ColumnPath::from(unique), false);
         }
         let properties = properties.build();
