@@ -86,7 +86,7 @@ BROKEN_BODY = ('{"model": "gbr", "entities": {"user_id": "user-{i}", "show_id": 
 
 
 def repository(work, folder="models", versions=("1", "2")):
-    """deploy/models/gbr as two versions (1 and 2), both served."""
+    """deploy/models/gbr as two versions (`versions`), both served, in `work/folder`."""
     model = work / folder / "gbr"
     model.mkdir(parents=True)
     source = ROOT / "deploy" / "models" / "gbr"

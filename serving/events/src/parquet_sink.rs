@@ -172,12 +172,9 @@ fn folder_of(record: &Record) -> PathBuf {
     let time = rfc3339(record.time_ms);
     let partition = format!("date={}/hour={}", &time[..10], &time[11..13]);
     match &record.stream {
-        Stream::Prediction => PathBuf::from(format!(
-            "predictions/model={}/{partition}",
-            safe(&record.key)
-        )),
-        Stream::Inference => PathBuf::from(format!(
-            "inferences/model={}/{partition}",
+        Stream::Prediction | Stream::Inference => PathBuf::from(format!(
+            "{}/model={}/{partition}",
+            record.topic(),
             safe(&record.key)
         )),
         Stream::Event { .. } => PathBuf::from(record.topic().replace('.', "/")).join(partition),
@@ -311,9 +308,6 @@ fn json_columns(fields: &Map<String, Value>) -> Vec<(Cow<'_, str>, Cell<'_>)> {
 /// (features sorted by name, as the object holds them), read from the typed fields.
 fn prediction_columns(p: &PredictionFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
     let is_field = |key: &str| PredictionFields::SCALARS.contains(&key);
-    fn text(value: &Option<String>) -> Cell<'_> {
-        value.as_deref().map_or(Cell::Json(&NULL), Cell::Text)
-    }
     let mut columns = Vec::with_capacity(PredictionFields::SCALARS.len() + p.entities.len() + 16);
     columns.push(("cache_hit".into(), Cell::Bool(p.cache_hit)));
     columns.push(("degraded".into(), Cell::Texts(&p.degraded)));
@@ -329,12 +323,12 @@ fn prediction_columns(p: &PredictionFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
         let taken = is_field(key) || p.entities.contains_key(key);
         columns.push((opened_column("features", key, taken), Cell::Json(value)));
     }
-    columns.push(("label".into(), text(&p.label)));
+    columns.push(("label".into(), optional_text(&p.label)));
     columns.push(("latency_ms".into(), Cell::Float(p.latency_ms)));
     columns.push(("model".into(), Cell::Text(&p.model)));
     columns.push(("prediction".into(), Cell::Json(&p.prediction)));
     columns.push(("prediction_id".into(), Cell::Text(&p.prediction_id)));
-    columns.push(("variant".into(), text(&p.variant)));
+    columns.push(("variant".into(), optional_text(&p.variant)));
     columns.push(("version".into(), Cell::Int(p.version as i64)));
     columns
 }
@@ -342,22 +336,24 @@ fn prediction_columns(p: &PredictionFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
 /// The same columns as [`json_columns`] gives the inference's JSON object, in the same order,
 /// read from the typed fields (the tensors as the JSON text they already are).
 fn inference_columns(f: &InferenceFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
-    fn text(value: &Option<String>) -> Cell<'_> {
-        value.as_deref().map_or(Cell::Json(&NULL), Cell::Text)
-    }
     vec![
         ("inputs".into(), Cell::JsonText(f.inputs.get())),
         ("latency_ms".into(), Cell::Float(f.latency_ms)),
         ("model".into(), Cell::Text(&f.model)),
         ("outputs".into(), Cell::JsonText(f.outputs.get())),
         ("prediction_id".into(), Cell::Text(&f.prediction_id)),
-        ("request_id".into(), text(&f.request_id)),
-        ("variant".into(), text(&f.variant)),
+        ("request_id".into(), optional_text(&f.request_id)),
+        ("variant".into(), optional_text(&f.variant)),
         ("version".into(), Cell::Int(f.version as i64)),
     ]
 }
 
 static NULL: Value = Value::Null;
+
+/// A typed field that may be missing: its text, or null as its JSON form has it.
+fn optional_text(value: &Option<String>) -> Cell<'_> {
+    value.as_deref().map_or(Cell::Json(&NULL), Cell::Text)
+}
 
 /// One value of a column, as the record holds it: JSON, or a typed prediction field.
 #[derive(Debug, Clone, Copy)]
