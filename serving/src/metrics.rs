@@ -4,7 +4,7 @@
 //! into a [`ModelMetrics`], so the request path only touches atomics.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus::{
@@ -195,20 +195,15 @@ impl Metrics {
         self.panics.inc();
     }
 
-    /// One request a traffic policy routed to `variant`, answered with `outcome` after `latency`.
-    pub fn variant_request(
-        &self,
-        model: &str,
-        variant: &str,
-        outcome: crate::traffic::Outcome,
-        latency: Duration,
-    ) {
-        self.variant_requests
-            .with_label_values(&[model, variant, outcome.as_str()])
-            .inc();
-        self.variant_duration
-            .with_label_values(&[model, variant])
-            .observe(latency.as_secs_f64());
+    /// The series one traffic variant of a model is counted in.
+    pub fn variant_series(&self, model: &str, variant: &str) -> VariantSeries {
+        VariantSeries {
+            labels: [model.to_string(), variant.to_string()],
+            requests: self.variant_requests.clone(),
+            duration: self.variant_duration.clone(),
+            by_outcome: Default::default(),
+            duration_series: OnceLock::new(),
+        }
     }
 
     /// A request not mirrored to a model's shadow version: the shadow places were full.
@@ -362,6 +357,37 @@ impl ModelMetrics {
 
     pub fn queue_depth(&self, depth: usize) {
         self.queue_depth.set(depth as i64);
+    }
+}
+
+/// The outcome label of a routed request: success, the client's fault, the version's fault.
+pub const OUTCOME_LABELS: [&str; 3] = ["success", "client_error", "server_error"];
+
+/// One traffic variant's series, resolved at its first request under a policy (not before, so
+/// an outcome that never happened shows no series), so a routed request hashes no labels.
+pub struct VariantSeries {
+    /// Model and variant.
+    labels: [String; 2],
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    /// By outcome, in [`OUTCOME_LABELS`]' order.
+    by_outcome: [OnceLock<IntCounter>; 3],
+    duration_series: OnceLock<Histogram>,
+}
+
+impl VariantSeries {
+    /// One request answered after `latency` with the outcome at `outcome` in [`OUTCOME_LABELS`].
+    pub fn record(&self, outcome: usize, latency: Duration) {
+        let [model, variant] = &self.labels;
+        self.by_outcome[outcome]
+            .get_or_init(|| {
+                self.requests
+                    .with_label_values(&[model.as_str(), variant, OUTCOME_LABELS[outcome]])
+            })
+            .inc();
+        self.duration_series
+            .get_or_init(|| self.duration.with_label_values(&[model.as_str(), variant]))
+            .observe(latency.as_secs_f64());
     }
 }
 

@@ -263,7 +263,7 @@ impl Service {
             None => model.infer(request).await,
             Some(route) => match self.models.get(name, &route.version.to_string()) {
                 Ok(routed) => routed.infer(request).await.map(|mut response| {
-                    response.variant = Some(route.variant.to_string());
+                    response.variant = Some(route.variant().to_string());
                     response
                 }),
                 Err(error) => Err(error),
@@ -271,7 +271,7 @@ impl Service {
         };
         let elapsed = started.map(|started| started.elapsed()).unwrap_or_default();
         if let Some(route) = &route {
-            router.observe(name, &route.variant, Outcome::of(&result), elapsed);
+            router.finished(route, Outcome::of(&result), elapsed, &[]);
         }
         if let (Some((log, inputs)), Ok(response)) = (logged, &result) {
             let answered = InferenceAnswered {

@@ -11,13 +11,13 @@
 //! ratio), so shares are exact over any run of requests without a random number generator.
 //!
 //! Routing only answers "which version"; the request path (`predict/mod.rs`, `service.rs`) runs
-//! the request there and reports each answer back through [`Router::observe`] (and, for
-//! `/v1/predict`, [`Router::answered`]: the predictions themselves) for the per-variant metrics
-//! that guardrails judge and the A/B readout shows (`experiments.rs`). Outcomes fed back later
+//! the request there and reports each answer back through [`Router::finished`] (for
+//! `/v1/predict` with the predictions themselves) for the per-variant metrics that guardrails
+//! judge and the A/B readout shows (`experiments.rs`). Outcomes fed back later
 //! (`POST /v1/feedback`) find their variant through the ids of recent answers the router keeps.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ServingError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, VariantSeries};
 use crate::stats::Moments;
 
 /// Buckets a split divides traffic into: a share is a whole number of hundredths of a percent.
@@ -196,27 +196,48 @@ impl Policy {
         Ok(())
     }
 
-    /// The variant that owns `bucket`: variants own consecutive ranges from 0, the control the rest.
-    fn owner(&self, bucket: u32) -> (&str, u64) {
+    /// The variant that owns `bucket` (its position; `None`: the control): variants own
+    /// consecutive ranges from 0, the control the rest.
+    fn owner(&self, bucket: u32) -> Option<usize> {
         let mut end = 0;
-        for variant in &self.variants {
+        self.variants.iter().position(|variant| {
             end += variant.share.buckets();
-            if bucket < end {
-                return (&variant.name, variant.version);
-            }
-        }
-        (CONTROL, self.control)
+            bucket < end
+        })
+    }
+
+    /// The version of a variant position (`None`: the control).
+    fn version_at(&self, variant: Option<usize>) -> u64 {
+        variant.map_or(self.control, |i| self.variants[i].version)
     }
 }
 
-/// Where one request goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where one request goes, under the policy that chose it: its answer is counted there.
 pub struct Route {
     pub version: u64,
-    /// The variant's name (`control` for the control version).
-    pub variant: Arc<str>,
     /// A version to mirror this request to.
     pub shadow: Option<u64>,
+    installed: Arc<Installed>,
+    /// The answering arm's position in `installed.arms`.
+    arm: usize,
+}
+
+impl Route {
+    /// The variant's name (`control` for the control version, `shadow` for a mirrored copy).
+    pub fn variant(&self) -> &str {
+        &self.installed.arms[self.arm].name
+    }
+
+    /// The route of this request's mirrored copy, where it has one.
+    pub fn mirrored(&self) -> Option<Route> {
+        let version = self.shadow?;
+        Some(Route {
+            version,
+            shadow: None,
+            installed: self.installed.clone(),
+            arm: self.installed.arms.len() - 1,
+        })
+    }
 }
 
 /// The latencies a window keeps at most: a uniform sample of all it saw beyond that.
@@ -317,20 +338,31 @@ fn mix64(n: u64) -> u64 {
 /// One model's policy as the router holds it, with its request counters and windows.
 struct Installed {
     policy: Policy,
-    /// Variant names shared by every route, so routing allocates nothing.
-    names: BTreeMap<String, Arc<str>>,
+    /// What answers under the policy: the control first, then the variants in the policy's
+    /// order, then the shadow where it has one. A route names its arm by position.
+    arms: Vec<Arm>,
     requests: AtomicU64,
     mirrored: AtomicU64,
     /// Per variant (and `shadow`), what its requests did since this policy was set.
     windows: std::sync::Mutex<BTreeMap<Arc<str>, Window>>,
 }
 
-impl Installed {
-    fn name(&self, variant: &str) -> Arc<str> {
-        self.names
-            .get(variant)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(variant))
+/// One variant of an installed policy, with what its answers are counted in, resolved when the
+/// policy is set so that a routed request looks up no name.
+struct Arm {
+    name: Arc<str>,
+    series: VariantSeries,
+    /// Its model and variant in the router's recent answers; `None` for the shadow, whose
+    /// answers nobody saw and no outcome follows.
+    origin: Option<u32>,
+}
+
+impl Policy {
+    /// The arms a policy answers with, in [`Installed::arms`]' order: (name, counted for outcomes).
+    fn arm_names(&self) -> impl Iterator<Item = (&str, bool)> {
+        std::iter::once((CONTROL, true))
+            .chain(self.variants.iter().map(|v| (v.name.as_str(), true)))
+            .chain(self.shadow.iter().map(|_| (SHADOW, false)))
     }
 }
 
@@ -343,19 +375,64 @@ pub struct AnswerSummary<'a> {
 }
 
 /// Where a recent answer came from, for its outcome.
+#[derive(Debug, Clone, Copy)]
 struct Remembered {
-    model: Arc<str>,
-    variant: Arc<str>,
+    /// Its prediction id, a UUID, as a number.
+    id: u128,
+    /// Its model and variant: an index into [`Recent::origins`].
+    origin: u32,
     version: u64,
     /// Whether an outcome was counted for it already.
     counted: bool,
 }
 
-/// The ids of the last [`REMEMBERED_PREDICTIONS`] routed answers, oldest first out.
+/// The last [`REMEMBERED_PREDICTIONS`] routed answers: a ring whose oldest entry the next one
+/// overwrites, found by id. Entries are plain numbers (no allocation, no shared reference count
+/// touched per answer), so remembering costs a map insert and a removal.
 #[derive(Default)]
 struct Recent {
-    by_id: HashMap<Arc<str>, Remembered>,
-    order: VecDeque<Arc<str>>,
+    ring: Vec<Remembered>,
+    /// The slot the next answer takes once the ring is full.
+    next: usize,
+    by_id: HashMap<u128, usize>,
+    /// Every (model, variant) an answer was remembered for.
+    origins: Vec<(Arc<str>, Arc<str>)>,
+}
+
+impl Recent {
+    fn origin(&mut self, model: &str, variant: &str) -> u32 {
+        let known = self
+            .origins
+            .iter()
+            .position(|(m, v)| &**m == model && &**v == variant);
+        let index = known.unwrap_or_else(|| {
+            self.origins.push((Arc::from(model), Arc::from(variant)));
+            self.origins.len() - 1
+        });
+        u32::try_from(index).expect("fewer than 2^32 variants")
+    }
+
+    fn remember(&mut self, answer: Remembered) {
+        let slot = if self.ring.len() < REMEMBERED_PREDICTIONS {
+            self.ring.push(answer);
+            self.ring.len() - 1
+        } else {
+            let slot = self.next;
+            self.next = (slot + 1) % REMEMBERED_PREDICTIONS;
+            let evicted = std::mem::replace(&mut self.ring[slot], answer);
+            if self.by_id.get(&evicted.id) == Some(&slot) {
+                self.by_id.remove(&evicted.id);
+            }
+            slot
+        };
+        self.by_id.insert(answer.id, slot);
+    }
+
+    fn get_mut(&mut self, prediction_id: &str) -> Option<&mut Remembered> {
+        let id = uuid::Uuid::try_parse(prediction_id).ok()?.as_u128();
+        let slot = *self.by_id.get(&id)?;
+        self.ring.get_mut(slot).filter(|r| r.id == id)
+    }
 }
 
 /// What became of an outcome fed back.
@@ -417,12 +494,12 @@ impl Outcome {
         }
     }
 
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
+    /// Its place in the metric's labels ([`OUTCOME_LABELS`]).
+    pub fn label_index(self) -> usize {
         match self {
-            Outcome::Success => "success",
-            Outcome::ClientError => "client_error",
-            Outcome::ServerError => "server_error",
+            Outcome::Success => 0,
+            Outcome::ClientError => 1,
+            Outcome::ServerError => 2,
         }
     }
 }
@@ -445,16 +522,20 @@ impl Router {
         if let Split::User { entity } = &policy.split {
             self.allow_entity(model, entity);
         }
-        let mut names: BTreeMap<String, Arc<str>> = policy
-            .variants
-            .iter()
-            .map(|v| (v.name.clone(), Arc::from(v.name.as_str())))
-            .collect();
-        names.insert(CONTROL.to_string(), Arc::from(CONTROL));
-        names.insert(SHADOW.to_string(), Arc::from(SHADOW));
+        let arms = {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            policy
+                .arm_names()
+                .map(|(name, counted)| Arm {
+                    name: Arc::from(name),
+                    series: self.metrics.variant_series(model, name),
+                    origin: counted.then(|| recent.origin(model, name)),
+                })
+                .collect()
+        };
         let installed = Arc::new(Installed {
             policy,
-            names,
+            arms,
             requests: AtomicU64::new(0),
             mirrored: AtomicU64::new(0),
             windows: Default::default(),
@@ -497,11 +578,10 @@ impl Router {
     ) -> Option<Route> {
         let installed = self.installed(model)?;
         let policy = &installed.policy;
-        let (variant, version) = match &policy.split {
-            Split::User { entity } => match entity_id(entity) {
-                Some(id) => policy.owner(user_bucket(&policy.salt, &id)),
-                None => (CONTROL, policy.control),
-            },
+        let variant = match &policy.split {
+            Split::User { entity } => {
+                entity_id(entity).and_then(|id| policy.owner(user_bucket(&policy.salt, &id)))
+            }
             Split::Request => policy.owner(weyl_bucket(
                 installed.requests.fetch_add(1, Ordering::Relaxed),
             )),
@@ -514,9 +594,11 @@ impl Router {
                 .then_some(shadow.version)
         });
         Some(Route {
-            version,
-            variant: installed.name(variant),
+            version: policy.version_at(variant),
             shadow,
+            // The control is the first arm, the variants follow it.
+            arm: variant.map_or(0, |i| i + 1),
+            installed,
         })
     }
 
@@ -561,57 +643,44 @@ impl Router {
         }
     }
 
-    /// Records one answered request of a variant (`shadow` for mirrored ones): its metrics, and
-    /// its policy's window for that variant.
-    pub fn observe(&self, model: &str, variant: &str, outcome: Outcome, latency: Duration) {
-        self.metrics
-            .variant_request(model, variant, outcome, latency);
-        if let Some(installed) = self.installed(model) {
-            let mut windows = installed.windows.lock().unwrap_or_else(|p| p.into_inner());
-            windows
-                .entry(installed.name(variant))
-                .or_default()
-                .record(outcome, latency);
-        }
-    }
-
-    /// Records the answers of one routed `/v1/predict` request in its variant's window, and
-    /// remembers their ids for outcomes fed back later (not for a shadow's: nobody saw them).
-    pub fn answered(
+    /// Records how a routed request went (a mirrored one's too): its variant's metrics, and
+    /// its policy's window for that variant with its `answers` (the `/v1/predict` predictions;
+    /// none for `/v2`), whose ids are remembered for outcomes fed back later (not a shadow's:
+    /// nobody saw them). One lock of the window and, with answers, one of the recent ids.
+    pub fn finished(
         &self,
-        model: &str,
-        variant: &str,
-        version: u64,
+        route: &Route,
+        outcome: Outcome,
+        latency: Duration,
         answers: &[AnswerSummary<'_>],
     ) {
-        let Some(installed) = self.installed(model) else {
-            return;
-        };
+        let arm = &route.installed.arms[route.arm];
+        arm.series.record(outcome.label_index(), latency);
         {
-            let mut windows = installed.windows.lock().unwrap_or_else(|p| p.into_inner());
-            let window = windows.entry(installed.name(variant)).or_default();
+            let mut windows = route
+                .installed
+                .windows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let window = match windows.get_mut(&*arm.name) {
+                Some(window) => window,
+                None => windows.entry(arm.name.clone()).or_default(),
+            };
+            window.record(outcome, latency);
             answers.iter().for_each(|a| window.record_answer(a));
         }
-        if variant == SHADOW {
+        let Some(origin) = arm.origin.filter(|_| !answers.is_empty()) else {
             return;
-        }
-        let (model, variant): (Arc<str>, Arc<str>) = (Arc::from(model), installed.name(variant));
+        };
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         for answer in answers {
-            let id: Arc<str> = Arc::from(answer.prediction_id);
-            let remembered = Remembered {
-                model: model.clone(),
-                variant: variant.clone(),
-                version,
-                counted: false,
-            };
-            if recent.by_id.insert(id.clone(), remembered).is_none() {
-                recent.order.push_back(id);
-            }
-            while recent.order.len() > REMEMBERED_PREDICTIONS {
-                if let Some(oldest) = recent.order.pop_front() {
-                    recent.by_id.remove(&oldest);
-                }
+            if let Ok(id) = uuid::Uuid::try_parse(answer.prediction_id) {
+                recent.remember(Remembered {
+                    id: id.as_u128(),
+                    origin,
+                    version: route.version,
+                    counted: false,
+                });
             }
         }
     }
@@ -620,23 +689,21 @@ impl Router {
     /// policy (a ramp step keeps the variant's name, so late outcomes still count).
     pub fn feedback(&self, prediction_id: &str, outcome: f64) -> Feedback {
         let (model, variant, version) = {
-            let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            match recent.by_id.get(prediction_id) {
-                None => return Feedback::Unknown,
-                Some(remembered) if remembered.counted => return Feedback::AlreadyCounted,
-                Some(remembered) => (
-                    remembered.model.clone(),
-                    remembered.variant.clone(),
-                    remembered.version,
-                ),
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(remembered) = recent.get_mut(prediction_id).copied() else {
+                return Feedback::Unknown;
+            };
+            if remembered.counted {
+                return Feedback::AlreadyCounted;
             }
+            let (model, variant) = &recent.origins[remembered.origin as usize];
+            (model.to_string(), variant.to_string(), remembered.version)
         };
-        let (model, variant) = (model.to_string(), variant.to_string());
         match self.installed(&model) {
             Some(installed) if installed.policy.version_of(&variant) == Some(version) => {
                 // Marked under the lock, so two outcomes for one answer cannot both count.
                 let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-                match recent.by_id.get_mut(prediction_id) {
+                match recent.get_mut(prediction_id) {
                     Some(remembered) if !remembered.counted => remembered.counted = true,
                     Some(_) => return Feedback::AlreadyCounted,
                     None => return Feedback::Unknown,
@@ -644,7 +711,7 @@ impl Router {
                 drop(recent);
                 let mut windows = installed.windows.lock().unwrap_or_else(|p| p.into_inner());
                 windows
-                    .entry(installed.name(&variant))
+                    .entry(Arc::from(variant.as_str()))
                     .or_default()
                     .outcomes
                     .push(outcome);
@@ -773,14 +840,18 @@ mod tests {
             let id = format!("u{i}");
             let first = router.route("m", user(&id)).unwrap();
             for _ in 0..5 {
-                assert_eq!(router.route("m", user(&id)).unwrap(), first);
+                let again = router.route("m", user(&id)).unwrap();
+                assert_eq!(
+                    (again.version, again.variant()),
+                    (first.version, first.variant())
+                );
             }
             let name = if first.version == 2 {
                 "canary"
             } else {
                 CONTROL
             };
-            assert_eq!(&*first.variant, name);
+            assert_eq!(first.variant(), name);
         }
     }
 
@@ -809,7 +880,7 @@ mod tests {
         let router = router();
         router.set("m", canary(100.0)).unwrap();
         let route = router.route("m", |_| None).unwrap();
-        assert_eq!((route.version, &*route.variant), (1, CONTROL));
+        assert_eq!((route.version, route.variant()), (1, CONTROL));
         assert!(router.route("other", user("u1")).is_none());
     }
 
@@ -851,6 +922,52 @@ mod tests {
         assert!(router.shadow_slot("m").is_none());
         drop(held);
         assert!(router.shadow_slot("m").is_some());
+    }
+
+    #[test]
+    fn outcomes_find_their_answer_until_it_is_forgotten() {
+        let router = router();
+        let mut policy = canary(50.0);
+        policy.shadow = Some(Shadow {
+            version: 3,
+            share: Share::ALL,
+        });
+        router.set("m", policy).unwrap();
+        let route = router.route("m", user("u1")).unwrap();
+        let finish = |route: &Route, id: &str| {
+            let answer = AnswerSummary {
+                prediction_id: id,
+                value: Some(1.0),
+                label: None,
+            };
+            router.finished(route, Outcome::Success, Duration::from_millis(1), &[answer]);
+        };
+        let ids: Vec<String> = (0..REMEMBERED_PREDICTIONS + 10)
+            .map(|_| uuid::Uuid::new_v4().to_string())
+            .collect();
+        finish(&route, &ids[0]);
+        assert!(matches!(
+            router.feedback(&ids[0], 0.5),
+            Feedback::Counted { version, .. } if version == route.version
+        ));
+        assert_eq!(router.feedback(&ids[0], 0.5), Feedback::AlreadyCounted);
+        // A mirrored answer is never fed back: nobody saw it.
+        let shadow = uuid::Uuid::new_v4().to_string();
+        finish(&route.mirrored().unwrap(), &shadow);
+        assert_eq!(router.feedback(&shadow, 0.5), Feedback::Unknown);
+        assert_eq!(router.feedback("not-an-id", 0.5), Feedback::Unknown);
+        // The ring keeps the last answers: the first ten have been overwritten.
+        ids[1..].iter().for_each(|id| finish(&route, id));
+        assert_eq!(router.feedback(&ids[9], 0.5), Feedback::Unknown);
+        assert!(matches!(
+            router.feedback(&ids[10], 0.5),
+            Feedback::Counted { .. }
+        ));
+        let windows = router.windows("m");
+        let window = &windows[route.variant()];
+        assert_eq!(window.outcomes.count(), 2);
+        assert_eq!(window.requests, ids.len() as u64);
+        assert_eq!(windows[SHADOW].requests, 1);
     }
 
     #[test]
@@ -900,11 +1017,14 @@ mod tests {
             };
             let before = policy(a);
             let after = policy((a + grow).min(BUCKETS - b));
+            let name = |policy: &Policy, bucket| {
+                policy.owner(bucket).map_or(CONTROL.to_string(), |i| policy.variants[i].name.clone())
+            };
             let mut counts = BTreeMap::new();
             for bucket in 0..BUCKETS {
-                *counts.entry(before.owner(bucket).0).or_insert(0u32) += 1;
-                if before.owner(bucket).0 == "a" {
-                    prop_assert_eq!(after.owner(bucket).0, "a");
+                *counts.entry(name(&before, bucket)).or_insert(0u32) += 1;
+                if name(&before, bucket) == "a" {
+                    prop_assert_eq!(name(&after, bucket), "a");
                 }
             }
             prop_assert_eq!(counts.get("a").copied().unwrap_or(0), a);

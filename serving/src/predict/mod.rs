@@ -30,7 +30,7 @@ use crate::model::{LoadedModel, PipelineState};
 use crate::models::ModelManager;
 use crate::prediction_log::{Answered, PredictionLog};
 use crate::tensor::{DataType, Tensor, TensorData};
-use crate::traffic::{AnswerSummary, Outcome, Router, SHADOW, ShadowSlot};
+use crate::traffic::{AnswerSummary, Outcome, Route, Router, SHADOW, ShadowSlot};
 use cache::{CacheKey, ResponseCache};
 use pipeline::{Body, Pipeline, RowModel};
 use steps::Column;
@@ -259,43 +259,41 @@ impl Predictor {
             let model = self.models.get(&request.model, &reference)?;
             return self.predict_on(model, request, None, started).await;
         };
-        let mirror = route.shadow.and_then(|version| {
+        let mirror = route.mirrored().and_then(|mirrored| {
             let slot = self.router.shadow_slot(&request.model)?;
-            Some((version, slot, request.clone()))
+            Some((mirrored, slot, request.clone()))
         });
-        let name = request.model.clone();
-        let result = match self.models.get(&name, &route.version.to_string()) {
+        let result = match self.models.get(&request.model, &route.version.to_string()) {
             Ok(model) => {
-                self.predict_on(model, request, Some(&route.variant), started)
+                self.predict_on(model, request, Some(route.variant()), started)
                     .await
             }
             Err(error) => Err(error),
         };
-        self.router.observe(
-            &name,
-            &route.variant,
+        let answers = result.as_ref().map(PredictResponse::answered);
+        self.router.finished(
+            &route,
             Outcome::of(&result),
             started.elapsed(),
+            answers.as_deref().unwrap_or_default(),
         );
-        if let Ok(response) = &result {
-            self.router
-                .answered(&name, &route.variant, route.version, &response.answered());
-        }
-        if let Some((version, slot, mirrored)) = mirror {
-            self.mirror(version, slot, mirrored);
+        if let Some((mirrored, slot, request)) = mirror {
+            self.mirror(mirrored, slot, request);
         }
         result
     }
 
     /// Runs a copy of a request on the shadow version, after the answer went out: its answer is
     /// counted and dropped, and it holds a shadow place while it runs.
-    fn mirror(self: &Arc<Self>, version: u64, slot: ShadowSlot, request: PredictRequest) {
+    fn mirror(self: &Arc<Self>, route: Route, slot: ShadowSlot, request: PredictRequest) {
         let predictor = self.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let started = Instant::now();
-            let name = request.model.clone();
-            let result = match predictor.models.get(&name, &version.to_string()) {
+            let result = match predictor
+                .models
+                .get(&request.model, &route.version.to_string())
+            {
                 Ok(model) => {
                     predictor
                         .predict_on(model, request, Some(SHADOW), started)
@@ -303,11 +301,13 @@ impl Predictor {
                 }
                 Err(error) => Err(error),
             };
-            let router = &predictor.router;
-            router.observe(&name, SHADOW, Outcome::of(&result), started.elapsed());
-            if let Ok(response) = &result {
-                router.answered(&name, SHADOW, version, &response.answered());
-            }
+            let answers = result.as_ref().map(PredictResponse::answered);
+            predictor.router.finished(
+                &route,
+                Outcome::of(&result),
+                started.elapsed(),
+                answers.as_deref().unwrap_or_default(),
+            );
         });
     }
 
