@@ -34,8 +34,8 @@ use serde_json::{Map, Value};
 
 use crate::background::Background;
 use crate::{
-    EventError, Fields, InferenceFields, PredictionFields, Record, Sink, SinkFailure, Stream,
-    rfc3339,
+    EventError, Features, Fields, InferenceFields, PredictionFields, Record, Sink, SinkFailure,
+    Stream, rfc3339,
 };
 
 /// Rows per Parquet row group, at most.
@@ -45,6 +45,9 @@ const ROW_GROUP_BYTES: usize = 64 << 20;
 
 /// Objects of a prediction record that open into columns of their own.
 const OPENED: [&str; 2] = ["features", "entities"];
+
+/// An hour in milliseconds: files are partitioned by the hour of their records.
+const HOUR_MS: i64 = 3_600_000;
 
 pub struct ParquetSink {
     dir: PathBuf,
@@ -126,12 +129,30 @@ fn write_records(
     records: &[Record],
 ) -> Result<(), SinkFailure> {
     let mut groups: Vec<(PathBuf, Vec<usize>)> = Vec::new();
+    // The folder of each (stream, key, hour) met, as a group: formatted once, not per record.
+    let mut partitions: Vec<((&Stream, &str, i64), usize)> = Vec::new();
     for (i, record) in records.iter().enumerate() {
-        let folder = dir.join(folder_of(record));
-        match groups.iter_mut().find(|(f, _)| *f == folder) {
-            Some((_, members)) => members.push(i),
-            None => groups.push((folder, vec![i])),
-        }
+        let partition = (
+            &record.stream,
+            record.key.as_str(),
+            record.time_ms.div_euclid(HOUR_MS),
+        );
+        let group = match partitions.iter().find(|(p, _)| *p == partition) {
+            Some(&(_, group)) => group,
+            None => {
+                let folder = dir.join(folder_of(record));
+                let group = match groups.iter().position(|(f, _)| *f == folder) {
+                    Some(group) => group,
+                    None => {
+                        groups.push((folder, Vec::new()));
+                        groups.len() - 1
+                    }
+                };
+                partitions.push((partition, group));
+                group
+            }
+        };
+        groups[group].1.push(i);
     }
     let mut failed = Vec::new();
     let mut reason = String::new();
@@ -265,11 +286,37 @@ impl OpenFile {
 /// key that is also a field's name, `timestamp` (the record's time, a column of its own), or a
 /// key of an object opened before (an entity named like a feature), becomes `entities.KEY` /
 /// `features.KEY`, so no value hides another.
-fn columns_of(record: &Record) -> Vec<(Cow<'_, str>, Cell<'_>)> {
+fn columns_of<'a>(record: &'a Record, scratch: &mut Scratch<'a>) {
+    scratch.columns.clear();
     match &record.fields {
-        Fields::Json(fields) => json_columns(fields),
-        Fields::Prediction(fields) => prediction_columns(fields),
-        Fields::Inference(fields) => inference_columns(fields),
+        Fields::Json(fields) => json_columns(fields, &mut scratch.columns),
+        Fields::Prediction(fields) => prediction_columns(fields, scratch),
+        Fields::Inference(fields) => inference_columns(fields, &mut scratch.columns),
+    }
+}
+
+/// One row's (column name, value) pairs.
+type Columns<'a> = Vec<(Cow<'a, str>, Cell<'a>)>;
+
+/// What [`to_batch`] reuses from row to row: the row's columns, and the sorted order of the
+/// feature names it met last (the rows of one pipeline share one list of names, so it is
+/// sorted once a batch, not once a row).
+#[derive(Default)]
+struct Scratch<'a> {
+    columns: Columns<'a>,
+    feature_order: Option<(&'a [String], Vec<usize>)>,
+}
+
+impl<'a> Scratch<'a> {
+    /// The positions of `names` in name order.
+    fn feature_order(&mut self, names: &'a [String]) -> &[usize] {
+        let known = matches!(self.feature_order, Some((last, _)) if std::ptr::eq(last, names));
+        if !known {
+            let mut order: Vec<usize> = (0..names.len()).collect();
+            order.sort_by_key(|&i| &names[i]);
+            self.feature_order = Some((names, order));
+        }
+        self.feature_order.as_ref().map_or(&[], |(_, order)| order)
     }
 }
 
@@ -282,11 +329,10 @@ fn opened_column<'a>(object: &str, key: &'a str, taken: bool) -> Cow<'a, str> {
     }
 }
 
-fn json_columns(fields: &Map<String, Value>) -> Vec<(Cow<'_, str>, Cell<'_>)> {
+fn json_columns<'a>(fields: &'a Map<String, Value>, columns: &mut Columns<'a>) {
     let opened = |name: &str, value: &Value| OPENED.contains(&name) && value.is_object();
     let is_field = |key: &str| fields.get(key).is_some_and(|value| !opened(key, value));
     let mut opened_before: Vec<&Map<String, Value>> = Vec::new();
-    let mut columns = Vec::with_capacity(fields.len() + 8);
     for (name, value) in fields {
         match value {
             Value::Object(inner) if opened(name, value) => {
@@ -301,14 +347,13 @@ fn json_columns(fields: &Map<String, Value>) -> Vec<(Cow<'_, str>, Cell<'_>)> {
             _ => columns.push((Cow::Borrowed(name.as_str()), Cell::Json(value))),
         }
     }
-    columns
 }
 
 /// The same columns as [`json_columns`] gives the prediction's JSON object, in the same order
 /// (features sorted by name, as the object holds them), read from the typed fields.
-fn prediction_columns(p: &PredictionFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
+fn prediction_columns<'a>(p: &'a PredictionFields, scratch: &mut Scratch<'a>) {
     let is_field = |key: &str| PredictionFields::SCALARS.contains(&key);
-    let mut columns = Vec::with_capacity(PredictionFields::SCALARS.len() + p.entities.len() + 16);
+    let mut columns = std::mem::take(&mut scratch.columns);
     columns.push(("cache_hit".into(), Cell::Bool(p.cache_hit)));
     columns.push(("degraded".into(), Cell::Texts(&p.degraded)));
     for (key, value) in &p.entities {
@@ -317,11 +362,26 @@ fn prediction_columns(p: &PredictionFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
             Cell::Json(value),
         ));
     }
-    let mut features: Vec<(&str, &Value)> = p.features.pairs().collect();
-    features.sort_unstable_by_key(|(key, _)| *key);
-    for (key, value) in features {
+    let mut feature = |key: &'a str, value: &'a Value| {
         let taken = is_field(key) || p.entities.contains_key(key);
         columns.push((opened_column("features", key, taken), Cell::Json(value)));
+    };
+    match &p.features {
+        Features::Named { names, values } => {
+            for &i in scratch.feature_order(names) {
+                if let Some(value) = values.get(i) {
+                    feature(&names[i], value);
+                }
+            }
+        }
+        Features::Json(fields) => {
+            let mut sorted: Vec<(&str, &Value)> =
+                fields.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            sorted.sort_unstable_by_key(|(key, _)| *key);
+            sorted
+                .into_iter()
+                .for_each(|(key, value)| feature(key, value));
+        }
     }
     columns.push(("label".into(), optional_text(&p.label)));
     columns.push(("latency_ms".into(), Cell::Float(p.latency_ms)));
@@ -330,13 +390,13 @@ fn prediction_columns(p: &PredictionFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
     columns.push(("prediction_id".into(), Cell::Text(&p.prediction_id)));
     columns.push(("variant".into(), optional_text(&p.variant)));
     columns.push(("version".into(), Cell::Int(p.version as i64)));
-    columns
+    scratch.columns = columns;
 }
 
 /// The same columns as [`json_columns`] gives the inference's JSON object, in the same order,
 /// read from the typed fields (the tensors as the JSON text they already are).
-fn inference_columns(f: &InferenceFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
-    vec![
+fn inference_columns<'a>(f: &'a InferenceFields, columns: &mut Columns<'a>) {
+    columns.extend([
         ("inputs".into(), Cell::JsonText(f.inputs.get())),
         ("latency_ms".into(), Cell::Float(f.latency_ms)),
         ("model".into(), Cell::Text(&f.model)),
@@ -345,7 +405,7 @@ fn inference_columns(f: &InferenceFields) -> Vec<(Cow<'_, str>, Cell<'_>)> {
         ("request_id".into(), optional_text(&f.request_id)),
         ("variant".into(), optional_text(&f.variant)),
         ("version".into(), Cell::Int(f.version as i64)),
-    ]
+    ]);
 }
 
 static NULL: Value = Value::Null;
@@ -479,10 +539,12 @@ fn to_batch(rows: &[&Record]) -> Result<RecordBatch, EventError> {
     // Where the previous row put its n-th column: rows of one model share their layout, so a
     // name is looked up only when it moves.
     let mut previous: Vec<usize> = Vec::new();
+    let mut scratch = Scratch::default();
     for (row, record) in rows.iter().enumerate() {
-        for (n, (name, value)) in columns_of(record).into_iter().enumerate() {
+        columns_of(record, &mut scratch);
+        for (n, (name, value)) in scratch.columns.drain(..).enumerate() {
             let position = match previous.get(n) {
-                Some(&p) if gathered[p].name == name => p,
+                Some(&p) if same_name(&gathered[p].name, &name) => p,
                 _ => *index.entry(name.clone()).or_insert_with(|| {
                     gathered.push(Gathered {
                         name,
@@ -526,6 +588,12 @@ fn to_batch(rows: &[&Record]) -> Result<RecordBatch, EventError> {
     }
     let schema: SchemaRef = Arc::new(Schema::new(fields));
     RecordBatch::try_new(schema, arrays).map_err(|e| EventError::Parquet(e.to_string()))
+}
+
+/// Whether two column names are the same; a name borrowed from the same place (a static field
+/// name, a feature name of the pipeline's shared list) is told without comparing its bytes.
+fn same_name(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
 }
 
 fn column_array(kind: Kind, values: &[Option<Cell<'_>>]) -> (DataType, ArrayRef) {
@@ -604,12 +672,18 @@ fn column_array(kind: Kind, values: &[Option<Cell<'_>>]) -> (DataType, ArrayRef)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Features;
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Float64Type, Int64Type};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use serde_json::{Map, json};
     use std::collections::BTreeMap;
+
+    /// A record's columns, as one row of a batch gives them.
+    fn columns(record: &Record) -> Columns<'_> {
+        let mut scratch = Scratch::default();
+        columns_of(record, &mut scratch);
+        scratch.columns
+    }
 
     fn prediction(i: i64) -> Record {
         let fields = json!({
@@ -766,7 +840,7 @@ mod tests {
             let replayed: Record = serde_json::from_str(&line).unwrap();
             assert!(matches!(replayed.fields, Fields::Json(_)));
             let texts = |record: &Record| -> Vec<(String, Option<String>)> {
-                columns_of(record)
+                columns(record)
                     .into_iter()
                     .map(|(name, cell)| {
                         (
@@ -794,6 +868,62 @@ mod tests {
                 &DataType::new_list(DataType::Utf8, true)
             );
         }
+    }
+
+    /// Rows of two pipelines in one batch (two lists of feature names, in no order): each row's
+    /// values land in its own names' columns, whichever list came first.
+    #[test]
+    fn rows_of_other_feature_lists_keep_their_values() {
+        let typed = |names: &[&str], values: &[f64]| {
+            let fields = PredictionFields {
+                cache_hit: false,
+                degraded: Vec::new(),
+                entities: Map::new(),
+                features: Features::Named {
+                    names: names
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .into(),
+                    values: values.iter().map(|&v| json!(v)).collect(),
+                },
+                label: None,
+                latency_ms: 1.0,
+                model: "m".into(),
+                prediction: json!(0.5),
+                prediction_id: "p".into(),
+                variant: None,
+                version: 1,
+            };
+            Record::prediction("m", 0, fields)
+        };
+        let first = typed(&["b", "a"], &[2.0, 1.0]);
+        let other = typed(&["c", "a", "b"], &[30.0, 10.0, 20.0]);
+        let again = typed(&["b", "a"], &[200.0, 100.0]);
+        let batch = to_batch(&[&first, &other, &again, &other]).unwrap();
+        let column = |name: &str| -> Vec<Option<f64>> {
+            let array = batch.column_by_name(name).unwrap();
+            array.as_primitive::<Float64Type>().iter().collect()
+        };
+        assert_eq!(
+            column("a"),
+            [Some(1.0), Some(10.0), Some(100.0), Some(10.0)]
+        );
+        assert_eq!(
+            column("b"),
+            [Some(2.0), Some(20.0), Some(200.0), Some(20.0)]
+        );
+        assert_eq!(column("c"), [None, Some(30.0), None, Some(30.0)]);
+        let names: Vec<String> = columns(&other)
+            .into_iter()
+            .map(|(n, _)| n.into_owned())
+            .collect();
+        let features: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| ["a", "b", "c"].contains(n))
+            .collect();
+        assert_eq!(features, ["a", "b", "c"], "features in name order");
     }
 
     #[test]
@@ -839,7 +969,7 @@ mod tests {
             unreachable!()
         };
         let record = Record::prediction("fraud", 0, fields);
-        let columns: BTreeMap<String, &Value> = columns_of(&record)
+        let columns: BTreeMap<String, &Value> = columns(&record)
             .into_iter()
             .map(|(name, cell)| match cell {
                 Cell::Json(value) => (name.into_owned(), value),
