@@ -428,8 +428,15 @@ impl Recent {
         self.by_id.insert(answer.id, slot);
     }
 
+    /// The answer whose id is exactly `prediction_id` as it was given out (the hyphenated
+    /// lowercase form: another spelling of the same UUID is not that id).
     fn get_mut(&mut self, prediction_id: &str) -> Option<&mut Remembered> {
-        let id = uuid::Uuid::try_parse(prediction_id).ok()?.as_u128();
+        let uuid = uuid::Uuid::try_parse(prediction_id).ok()?;
+        let mut text = uuid::Uuid::encode_buffer();
+        if uuid.hyphenated().encode_lower(&mut text) != prediction_id {
+            return None;
+        }
+        let id = uuid.as_u128();
         let slot = *self.by_id.get(&id)?;
         self.ring.get_mut(slot).filter(|r| r.id == id)
     }
@@ -686,7 +693,8 @@ impl Router {
     }
 
     /// Counts an outcome for a recent answer in its variant's window under the model's current
-    /// policy (a ramp step keeps the variant's name, so late outcomes still count).
+    /// policy (a ramp step keeps the variant's name, so late outcomes still count; a request,
+    /// by contrast, is counted under the policy that routed it, in [`Router::finished`]).
     pub fn feedback(&self, prediction_id: &str, outcome: f64) -> Feedback {
         let (model, variant, version) = {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -956,9 +964,23 @@ mod tests {
         finish(&route.mirrored().unwrap(), &shadow);
         assert_eq!(router.feedback(&shadow, 0.5), Feedback::Unknown);
         assert_eq!(router.feedback("not-an-id", 0.5), Feedback::Unknown);
+        let upper = ids[0].to_uppercase();
+        assert_eq!(
+            router.feedback(&upper, 0.5),
+            Feedback::Unknown,
+            "not the id given out"
+        );
         // The ring keeps the last answers: the first ten have been overwritten.
         ids[1..].iter().for_each(|id| finish(&route, id));
         assert_eq!(router.feedback(&ids[9], 0.5), Feedback::Unknown);
+        let recent = router.recent.lock().unwrap();
+        assert_eq!(
+            recent.by_id.len(),
+            REMEMBERED_PREDICTIONS,
+            "evicted ids leave the map"
+        );
+        assert_eq!(recent.ring.len(), REMEMBERED_PREDICTIONS);
+        drop(recent);
         assert!(matches!(
             router.feedback(&ids[10], 0.5),
             Feedback::Counted { .. }

@@ -130,13 +130,14 @@ fn write_records(
 ) -> Result<(), SinkFailure> {
     let mut groups: Vec<(PathBuf, Vec<usize>)> = Vec::new();
     // The folder of each (stream, key, hour) met, as a group: formatted once, not per record.
+    // An event's folder has no key (events are keyed by subject: as many as records).
     let mut partitions: Vec<((&Stream, &str, i64), usize)> = Vec::new();
     for (i, record) in records.iter().enumerate() {
-        let partition = (
-            &record.stream,
-            record.key.as_str(),
-            record.time_ms.div_euclid(HOUR_MS),
-        );
+        let key = match record.stream {
+            Stream::Event { .. } => "",
+            Stream::Prediction | Stream::Inference => record.key.as_str(),
+        };
+        let partition = (&record.stream, key, record.time_ms.div_euclid(HOUR_MS));
         let group = match partitions.iter().find(|(p, _)| *p == partition) {
             Some(&(_, group)) => group,
             None => {
@@ -899,21 +900,21 @@ mod tests {
         };
         let first = typed(&["b", "a"], &[2.0, 1.0]);
         let other = typed(&["c", "a", "b"], &[30.0, 10.0, 20.0]);
-        let again = typed(&["b", "a"], &[200.0, 100.0]);
-        let batch = to_batch(&[&first, &other, &again, &other]).unwrap();
+        // The same length as `first`'s list, in the other order.
+        let sorted = typed(&["a", "b"], &[100.0, 200.0]);
+        let batch = to_batch(&[&first, &first, &other, &other, &sorted, &first]).unwrap();
         let column = |name: &str| -> Vec<Option<f64>> {
             let array = batch.column_by_name(name).unwrap();
             array.as_primitive::<Float64Type>().iter().collect()
         };
+        let (a, b) = (Some(1.0), Some(2.0));
+        let (other_a, other_b) = (Some(10.0), Some(20.0));
+        assert_eq!(column("a"), [a, a, other_a, other_a, Some(100.0), a]);
+        assert_eq!(column("b"), [b, b, other_b, other_b, Some(200.0), b]);
         assert_eq!(
-            column("a"),
-            [Some(1.0), Some(10.0), Some(100.0), Some(10.0)]
+            column("c"),
+            [None, None, Some(30.0), Some(30.0), None, None]
         );
-        assert_eq!(
-            column("b"),
-            [Some(2.0), Some(20.0), Some(200.0), Some(20.0)]
-        );
-        assert_eq!(column("c"), [None, Some(30.0), None, Some(30.0)]);
         let names: Vec<String> = columns(&other)
             .into_iter()
             .map(|(n, _)| n.into_owned())
