@@ -25,6 +25,8 @@ step "fixtures"
 .marquee/venv/bin/python tests/fixtures/make_fixtures.py
 step "build"
 cargo build --release --workspace --all-targets "${TORCH[@]}"
+# What the build leaves on disk (a CI run once ran out of it while linking; README, Quick start).
+echo "target/: $(du -sh target 2>/dev/null | cut -f1); free: $(df -h --output=avail . | tail -1)"
 step "the CUDA build compiles (ONNX Runtime's CUDA provider, loaded at run time)"
 cargo check --release -p marquee-serving --features cuda
 step "Rust tests"
