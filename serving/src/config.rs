@@ -125,6 +125,12 @@ pub struct ServeConfig {
     #[arg(long, default_value_t = 0)]
     pub intra_op_threads: usize,
 
+    /// Whether ONNX Runtime's intra-op threads spin while they wait for work, where the model
+    /// does not say (`session.intra_op.allow_spinning`); unset keeps ONNX Runtime's default
+    /// (spin). `false` saves the CPU the spinning burns on cores shared with clients.
+    #[arg(long)]
+    pub intra_op_spinning: Option<bool>,
+
     /// Where the prediction log and domain events go: `none`, `parquet` (files by hour under
     /// --events-dir) or `kafka` (--event-brokers).
     #[arg(long, value_enum, env = "MARQUEE_EVENT_SINK", default_value_t = EventSinkKind::None)]
@@ -235,6 +241,7 @@ impl Default for ServeConfig {
             default_max_batch_size: 4,
             default_max_queue_size: 1024,
             intra_op_threads: 0,
+            intra_op_spinning: None,
             event_sink: EventSinkKind::None,
             events_dir: PathBuf::from(".marquee/events"),
             event_brokers: None,
@@ -261,6 +268,7 @@ impl ServeConfig {
             max_batch_size: self.default_max_batch_size,
             max_queue_size: self.default_max_queue_size.max(1),
             intra_op_threads: self.intra_op_threads,
+            intra_op_spinning: self.intra_op_spinning,
         }
     }
 }

@@ -203,6 +203,11 @@ pub struct SessionConfig {
     pub intra_op_threads: usize,
     /// Inter-op threads; 0 lets the runtime choose.
     pub inter_op_threads: usize,
+    /// Whether ONNX Runtime's intra-op threads spin while they wait for work (its default: yes).
+    /// Spinning cuts a small batch's wake-up latency and burns a core per waiting thread, which
+    /// on cores the clients or the transports share is CPU taken from them. libtorch has no
+    /// such setting.
+    pub intra_op_spinning: Option<bool>,
 }
 
 /// Which tensors an instance exchanges with jobs, in the order jobs carry them.

@@ -89,6 +89,11 @@ impl Backend for OnnxRuntime {
                 .with_inter_threads(config.inter_op_threads)
                 .map_err(|e| failed(e.to_string()))?;
         }
+        if let Some(spinning) = config.intra_op_spinning {
+            builder = builder
+                .with_intra_op_spinning(spinning)
+                .map_err(|e| failed(e.to_string()))?;
+        }
         if let Some(device) = config.gpu {
             builder = with_cuda(builder, device)?;
         }

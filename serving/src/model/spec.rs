@@ -32,6 +32,9 @@ pub struct ModelDefaults {
     pub max_queue_size: usize,
     /// Intra-op threads (ONNX Runtime's, libtorch's) when the configuration sets none.
     pub intra_op_threads: usize,
+    /// Whether ONNX Runtime's intra-op threads spin, when the configuration does not say
+    /// (`None`: ONNX Runtime's default).
+    pub intra_op_spinning: Option<bool>,
 }
 
 /// One input or output as clients must send or will receive it.
@@ -264,7 +267,12 @@ pub fn build_spec(
 
     let instances = complete_instances(name, &mut config, defaults)?;
     for key in config.parameters.keys() {
-        let known = [INTRA_OP_THREADS, INTER_OP_THREADS, LATENCY_BUDGET];
+        let known = [
+            INTRA_OP_THREADS,
+            INTER_OP_THREADS,
+            INTRA_OP_SPINNING,
+            LATENCY_BUDGET,
+        ];
         if !known.iter().any(|k| k.eq_ignore_ascii_case(key)) {
             warnings.push(format!("parameter '{key}' is ignored"));
         }
@@ -287,6 +295,9 @@ pub fn build_spec(
 /// case, its PyTorch backend in upper case (`INTRA_OP_THREAD_COUNT`); either spelling is taken.
 const INTRA_OP_THREADS: &str = "intra_op_thread_count";
 const INTER_OP_THREADS: &str = "inter_op_thread_count";
+/// Whether ONNX Runtime's intra-op threads spin while waiting: its own session option's name,
+/// `0` or `1` (also `false` / `true`).
+const INTRA_OP_SPINNING: &str = "session.intra_op.allow_spinning";
 /// At most this many instances per model: each is a thread with its own copy of the model.
 const MAX_INSTANCES: usize = 256;
 /// Beyond Triton: a p99 latency target (queue wait plus compute, milliseconds) that makes the
@@ -309,6 +320,15 @@ fn torch_checks(config: &ModelConfig, warnings: &mut Vec<String>) -> Result<(), 
     {
         warnings.push(format!(
             "parameter {INTER_OP_THREADS} is not applied to TorchScript models (libtorch has one inter-op pool per process)"
+        ));
+    }
+    if config
+        .parameters
+        .keys()
+        .any(|k| k.eq_ignore_ascii_case(INTRA_OP_SPINNING))
+    {
+        warnings.push(format!(
+            "parameter {INTRA_OP_SPINNING} is not applied to TorchScript models (an ONNX Runtime setting)"
         ));
     }
     Ok(())
@@ -347,10 +367,24 @@ fn complete_instances(
     };
     let intra_op_threads = thread_parameter(INTRA_OP_THREADS)?.unwrap_or(defaults.intra_op_threads);
     let inter_op_threads = thread_parameter(INTER_OP_THREADS)?.unwrap_or(0);
+    let intra_op_spinning = config
+        .parameters
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(INTRA_OP_SPINNING))
+        .map(|(_, p)| match p.string_value.trim() {
+            "1" | "true" => Ok(true),
+            "0" | "false" => Ok(false),
+            other => Err(format!(
+                "parameter {INTRA_OP_SPINNING} must be 0 or 1, got '{other}'"
+            )),
+        })
+        .transpose()?
+        .or(defaults.intra_op_spinning);
     let session = |gpu: Option<i32>| SessionConfig {
         gpu,
         intra_op_threads,
         inter_op_threads,
+        intra_op_spinning,
     };
     if config.instance_group.is_empty() {
         config.instance_group.push(ModelInstanceGroup {
@@ -771,6 +805,7 @@ mod tests {
             max_batch_size: 4,
             max_queue_size: 100,
             intra_op_threads: 0,
+            intra_op_spinning: None,
         }
     }
 
@@ -913,10 +948,55 @@ mod tests {
             gpu: None,
             intra_op_threads: 1,
             inter_op_threads: 0,
+            intra_op_spinning: None,
         };
         assert_eq!(spec.instances, vec![cpu_one_thread.clone(), cpu_one_thread]);
         assert!(warnings.iter().any(|w| w.contains("optimization")));
         assert!(warnings.iter().any(|w| w.contains("preserve_ordering")));
+    }
+
+    /// ONNX Runtime's spinning is the model's to set, else the server's, else ONNX Runtime's.
+    #[test]
+    fn intra_op_spinning_comes_from_the_model_then_the_server() {
+        let config = |parameters: &str| {
+            marquee_proto::parse_config_text(&format!(
+                "instance_group [ {{ count: 1 kind: KIND_CPU }} ] {parameters}"
+            ))
+            .unwrap()
+        };
+        let spinning = |config: &ModelConfig, server: Option<bool>| {
+            let defaults = ModelDefaults {
+                intra_op_spinning: server,
+                ..defaults()
+            };
+            session_configs("m", config, &defaults).map(|s| s[0].intra_op_spinning)
+        };
+        let off = config(
+            r#"parameters { key: "session.intra_op.allow_spinning" value { string_value: "0" } }"#,
+        );
+        assert_eq!(spinning(&off, None), Ok(Some(false)));
+        assert_eq!(
+            spinning(&off, Some(true)),
+            Ok(Some(false)),
+            "the model's word first"
+        );
+        assert_eq!(spinning(&config(""), Some(false)), Ok(Some(false)));
+        assert_eq!(spinning(&config(""), None), Ok(None));
+        let bad = config(
+            r#"parameters { key: "session.intra_op.allow_spinning" value { string_value: "maybe" } }"#,
+        );
+        assert!(
+            spinning(&bad, None)
+                .unwrap_err()
+                .contains("must be 0 or 1, got 'maybe'")
+        );
+        let inputs = [graph("x", DataType::Fp32, &[-1, 2])];
+        let outputs = [graph("y", DataType::Fp32, &[-1, 1])];
+        let (_, warnings) = build_spec("m", 1, off, &inputs, &outputs, &defaults()).unwrap();
+        assert!(
+            warnings.iter().all(|w| !w.contains("allow_spinning")),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -394,6 +394,7 @@ impl Evaluator {
                     gpu: None,
                     intra_op_threads: 1,
                     inter_op_threads: 1,
+                    intra_op_spinning: None,
                 },
             )
             .map_err(failed)?;
