@@ -313,25 +313,30 @@ fn torch_checks(config: &ModelConfig, warnings: &mut Vec<String>) -> Result<(), 
     {
         return Err("reshape is not supported for TorchScript models: declare the dims forward() takes and returns".into());
     }
-    if config
-        .parameters
-        .keys()
-        .any(|k| k.eq_ignore_ascii_case(INTER_OP_THREADS))
-    {
-        warnings.push(format!(
-            "parameter {INTER_OP_THREADS} is not applied to TorchScript models (libtorch has one inter-op pool per process)"
-        ));
-    }
-    if config
-        .parameters
-        .keys()
-        .any(|k| k.eq_ignore_ascii_case(INTRA_OP_SPINNING))
-    {
-        warnings.push(format!(
-            "parameter {INTRA_OP_SPINNING} is not applied to TorchScript models (an ONNX Runtime setting)"
-        ));
+    let not_applied = [
+        (
+            INTER_OP_THREADS,
+            "libtorch has one inter-op pool per process",
+        ),
+        (INTRA_OP_SPINNING, "an ONNX Runtime setting"),
+    ];
+    for (key, why) in not_applied {
+        if parameter(config, key).is_some() {
+            warnings.push(format!(
+                "parameter {key} is not applied to TorchScript models ({why})"
+            ));
+        }
     }
     Ok(())
+}
+
+/// The text of the model parameter `key`, its name in either case.
+fn parameter<'a>(config: &'a ModelConfig, key: &str) -> Option<&'a str> {
+    config
+        .parameters
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, p)| p.string_value.as_str())
 }
 
 /// The sessions to create for a model, one per instance, from its `instance_group` and thread
@@ -351,27 +356,18 @@ fn complete_instances(
     defaults: &ModelDefaults,
 ) -> Result<Vec<SessionConfig>, String> {
     let thread_parameter = |key: &str| -> Result<Option<usize>, String> {
-        config
-            .parameters
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, p)| {
-                p.string_value.trim().parse().map_err(|_| {
-                    format!(
-                        "parameter {key} must be a whole number, got '{}'",
-                        p.string_value
-                    )
-                })
+        parameter(config, key)
+            .map(|text| {
+                text.trim()
+                    .parse()
+                    .map_err(|_| format!("parameter {key} must be a whole number, got '{text}'"))
             })
             .transpose()
     };
     let intra_op_threads = thread_parameter(INTRA_OP_THREADS)?.unwrap_or(defaults.intra_op_threads);
     let inter_op_threads = thread_parameter(INTER_OP_THREADS)?.unwrap_or(0);
-    let intra_op_spinning = config
-        .parameters
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(INTRA_OP_SPINNING))
-        .map(|(_, p)| match p.string_value.trim() {
+    let intra_op_spinning = parameter(config, INTRA_OP_SPINNING)
+        .map(|text| match text.trim() {
             "1" | "true" => Ok(true),
             "0" | "false" => Ok(false),
             other => Err(format!(
