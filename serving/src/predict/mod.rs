@@ -263,20 +263,7 @@ impl Predictor {
             let slot = self.router.shadow_slot(&request.model)?;
             Some((mirrored, slot, request.clone()))
         });
-        let result = match self.models.get(&request.model, &route.version.to_string()) {
-            Ok(model) => {
-                self.predict_on(model, request, Some(route.variant()), started)
-                    .await
-            }
-            Err(error) => Err(error),
-        };
-        let answers = result.as_ref().map(PredictResponse::answered);
-        self.router.finished(
-            &route,
-            Outcome::of(&result),
-            started.elapsed(),
-            answers.as_deref().unwrap_or_default(),
-        );
+        let result = self.predict_routed(&route, request, started).await;
         if let Some((mirrored, slot, request)) = mirror {
             self.mirror(mirrored, slot, request);
         }
@@ -289,26 +276,36 @@ impl Predictor {
         let predictor = self.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let started = Instant::now();
-            let result = match predictor
-                .models
-                .get(&request.model, &route.version.to_string())
-            {
-                Ok(model) => {
-                    predictor
-                        .predict_on(model, request, Some(SHADOW), started)
-                        .await
-                }
-                Err(error) => Err(error),
-            };
-            let answers = result.as_ref().map(PredictResponse::answered);
-            predictor.router.finished(
-                &route,
-                Outcome::of(&result),
-                started.elapsed(),
-                answers.as_deref().unwrap_or_default(),
-            );
+            // Counted in the shadow's window by the router; nobody waits for the answer.
+            let _ = predictor
+                .predict_routed(&route, request, Instant::now())
+                .await;
         });
+    }
+
+    /// Answers a request on the version its route names, as that variant (`shadow` for a
+    /// mirrored copy), and reports how it went to the router.
+    async fn predict_routed(
+        &self,
+        route: &Route,
+        request: PredictRequest,
+        started: Instant,
+    ) -> Result<PredictResponse, ServingError> {
+        let result = match self.models.get(&request.model, &route.version.to_string()) {
+            Ok(model) => {
+                self.predict_on(model, request, Some(route.variant()), started)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        let answers = result.as_ref().map(PredictResponse::answered);
+        self.router.finished(
+            route,
+            Outcome::of(&result),
+            started.elapsed(),
+            answers.as_deref().unwrap_or_default(),
+        );
+        result
     }
 
     /// Answers a request on one version.
