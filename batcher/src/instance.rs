@@ -47,11 +47,13 @@ fn execute<X: Executor>(
         waiting.push((pending.reply, started - pending.enqueued));
     }
     if jobs.is_empty() {
+        shared.executed();
         return;
     }
     let rows: usize = jobs.iter().map(crate::Job::rows).sum();
     let result = catch_unwind(AssertUnwindSafe(|| executor.execute(&jobs)));
     let compute = started.elapsed();
+    shared.executed();
     shared.observer().batch_executed(jobs.len(), rows, compute);
     latencies.extend(waiting.iter().map(|(_, queue)| *queue + compute));
     let answers: Vec<(Reply<X>, Outcome<X>)> = match result {

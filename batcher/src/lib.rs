@@ -14,6 +14,7 @@
 //! batcher was started on (one cross-thread wake-up per batch, not per job).
 
 mod adaptive;
+mod company;
 mod instance;
 mod policy;
 mod queue;

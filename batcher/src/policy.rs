@@ -20,6 +20,10 @@ pub struct BatchPolicy {
     /// between zero and `max_queue_delay` (or the budget, when that is zero) to keep the p99 within
     /// it while batches grow as large as it allows.
     pub latency_budget: Option<Duration>,
+    /// Beyond Triton: wait out the queue delay only while another job is likely to arrive in it
+    /// (from the rate of arrivals while instances execute), so a lone caller is not kept waiting
+    /// for a batch that stays at one job. Off is Triton's rule: the delay is always waited.
+    pub wait_only_for_company: bool,
     /// Number of priority levels; level 1 is served first.
     pub priority_levels: u32,
     /// Level for jobs that name none.
@@ -88,6 +92,7 @@ impl BatchPolicy {
             preferred_batch_sizes: Vec::new(),
             max_queue_delay: Duration::ZERO,
             latency_budget: None,
+            wait_only_for_company: false,
             priority_levels: 1,
             default_priority_level: 1,
             default_queue_policy: QueuePolicy::bounded(max_queue_size),

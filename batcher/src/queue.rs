@@ -7,7 +7,9 @@
 //! delay, or once its oldest job has waited `max_queue_delay`. Otherwise the instance waits for
 //! more jobs or for the delay to run out. Without dynamic batching each job runs alone. Jobs whose
 //! callers left, or whose deadline passed, are dropped unexecuted. With a latency budget the delay
-//! is not fixed but follows the model's measured latency (`adaptive.rs`).
+//! is not fixed but follows the model's measured latency (`adaptive.rs`); with
+//! `wait_only_for_company` it is waited only while another job is likely to arrive in it
+//! (`company.rs`).
 //!
 //! A batch is exactly the jobs that formation judged: their positions are recorded while deciding
 //! and taken as they are, so a caller leaving in between cannot pull an unjudged job (too large, or
@@ -24,6 +26,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::adaptive::AdaptiveDelay;
+use crate::company::CompanyEstimate;
 use crate::{BatchError, BatchObserver, BatchPolicy, Executor, Job, Pending};
 
 /// State shared by the batcher handle and its instances.
@@ -55,6 +58,9 @@ struct State<X: Executor> {
     timed_out: usize,
     /// The queue delay under a latency budget; `None` means the policy's fixed delay.
     adaptive: Option<AdaptiveDelay>,
+    /// The arrival rate that says whether the delay is worth waiting, under
+    /// `wait_only_for_company`; `None` means it is always waited.
+    company: Option<CompanyEstimate>,
 }
 
 /// What batch formation decided.
@@ -83,6 +89,9 @@ impl<X: Executor> Shared<X> {
                 adaptive: policy
                     .latency_budget
                     .map(|budget| AdaptiveDelay::new(budget, policy.delay_ceiling())),
+                company: policy
+                    .wait_only_for_company
+                    .then(|| CompanyEstimate::new(Instant::now())),
             }),
             arrived: Condvar::new(),
             runtime: tokio::runtime::Handle::try_current().ok(),
@@ -139,6 +148,9 @@ impl<X: Executor> Shared<X> {
             }
         }
         queue.push_back(pending);
+        if let Some(company) = &mut state.company {
+            company.arrived();
+        }
         let wake = if state.waiting == 0 {
             Wake::None
         } else {
@@ -201,6 +213,17 @@ impl<X: Executor> Shared<X> {
         }
     }
 
+    /// An instance finished executing its batch and is about to answer it. Told before the
+    /// answers go, so a caller's next request, sent because its answer came, is never counted as
+    /// arriving while the batch executed.
+    pub(crate) fn executed(&self) {
+        if self.policy.wait_only_for_company
+            && let Some(company) = &mut self.lock().company
+        {
+            company.finished(Instant::now());
+        }
+    }
+
     /// Takes the latencies of the jobs of the batch an instance just finished (they steer the
     /// adaptive delay), then blocks until a batch is ready and returns it; `None` once the
     /// batcher shuts down. The batch may be empty when every judged job's caller gave up.
@@ -223,9 +246,14 @@ impl<X: Executor> Shared<X> {
                 judged,
                 timed_out,
                 adaptive,
+                company,
                 ..
             } = &mut *state;
-            let decision = decide(&self.policy, delay, queues, judged, timed_out, now);
+            let waits = Waits {
+                delay,
+                company: company.as_ref(),
+            };
+            let decision = decide(&self.policy, waits, queues, judged, timed_out, now);
             let batch = match decision {
                 Decision::Take(n) => Some(take(queues, &judged[..n], timed_out, now)),
                 _ => None,
@@ -237,6 +265,9 @@ impl<X: Executor> Shared<X> {
             match decision {
                 Decision::Take(_) => {
                     let batch = batch.expect("taken above");
+                    if let Some(company) = &mut state.company {
+                        company.started(now);
+                    }
                     let depth = state.queues.iter().map(VecDeque::len).sum();
                     self.observer.queue_depth(depth);
                     // Jobs left behind (they did not fit) wake an idle instance, which would
@@ -324,11 +355,18 @@ fn dismiss<X: Executor>(pending: Pending<X>, timed_out: &mut usize, now: Instant
     }
 }
 
+/// How long a batch that can grow may wait: the queue delay in force, and the estimate that says
+/// whether it is worth waiting at all.
+struct Waits<'a> {
+    delay: Duration,
+    company: Option<&'a CompanyEstimate>,
+}
+
 /// Looks at the queue heads and decides whether a batch is ready, recording the live jobs it
 /// judged in `judged`.
 fn decide<X: Executor>(
     policy: &BatchPolicy,
-    delay: Duration,
+    waits: Waits<'_>,
     queues: &mut [VecDeque<Pending<X>>],
     judged: &mut Vec<(usize, usize)>,
     timed_out: &mut usize,
@@ -374,13 +412,19 @@ fn decide<X: Executor>(
         }
         cannot_grow = rows >= policy.max_batch_size;
     }
-    let delay_over = now >= oldest + delay;
-    if cannot_grow || delay.is_zero() || delay_over {
+    let deadline = oldest + waits.delay;
+    let delay_over = now >= deadline;
+    let alone = || {
+        waits
+            .company
+            .is_some_and(|company| !company.worth_waiting(deadline - now, now))
+    };
+    if cannot_grow || waits.delay.is_zero() || delay_over || alone() {
         Decision::Take(judged.len())
     } else if let Some(prefix) = preferred_prefix {
         Decision::Take(prefix)
     } else {
-        Decision::WaitUntil(oldest + delay)
+        Decision::WaitUntil(deadline)
     }
 }
 

@@ -156,6 +156,7 @@ struct HostileCase {
     max_batch_size: usize,
     delay_us: u64,
     budget_ms: Option<u64>,
+    wait_only_for_company: bool,
     work_us: u64,
     instances: usize,
     levels: u32,
@@ -167,12 +168,21 @@ fn hostile_case() -> impl Strategy<Value = HostileCase> {
         1usize..=8,
         0u64..=3_000,
         proptest::option::of(1u64..=20),
+        any::<bool>(),
         0u64..=3_000,
         1usize..=3,
         1u32..=3,
     )
         .prop_flat_map(
-            |(max_batch_size, delay_us, budget_ms, work_us, instances, levels)| {
+            |(
+                max_batch_size,
+                delay_us,
+                budget_ms,
+                wait_only_for_company,
+                work_us,
+                instances,
+                levels,
+            )| {
                 let job = (
                     1..=max_batch_size,
                     0u32..=1,
@@ -197,6 +207,7 @@ fn hostile_case() -> impl Strategy<Value = HostileCase> {
                     max_batch_size,
                     delay_us,
                     budget_ms,
+                    wait_only_for_company,
                     work_us,
                     instances,
                     levels,
@@ -219,6 +230,7 @@ fn run_hostile(case: &HostileCase) -> (Vec<Answer>, Vec<Vec<FakeJob>>) {
     let mut policy = BatchPolicy::new(case.max_batch_size, 1_000);
     policy.max_queue_delay = Duration::from_micros(case.delay_us);
     policy.latency_budget = case.budget_ms.map(Duration::from_millis);
+    policy.wait_only_for_company = case.wait_only_for_company;
     policy.priority_levels = case.levels;
     policy.default_queue_policy = QueuePolicy::bounded(1_000);
     policy.validate().unwrap();

@@ -367,6 +367,69 @@ async fn queue_delay_gathers_a_batch_and_holds_a_lone_job() {
     assert_eq!(record.lock().unwrap().batches.len(), 2);
 }
 
+/// With `wait_only_for_company`, a caller alone is not held for the delay once the batcher has
+/// seen that nobody else sends, while concurrent callers still get batched by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_caller_is_not_held_for_company_that_never_comes() {
+    let mut policy = BatchPolicy::new(8, 64);
+    policy.max_queue_delay = Duration::from_millis(100);
+    policy.wait_only_for_company = true;
+    let (batcher, record, _) = start_with(policy, 1, Gate::opened(), Duration::from_millis(2));
+    // Nothing is known before the first batch: it waits, as Triton's rule does.
+    let first = batcher.submit(job(0, 1), Default::default()).await.unwrap();
+    assert!(
+        first.queue >= Duration::from_millis(100),
+        "{:?}",
+        first.queue
+    );
+    // Nothing arrived while it executed: the next lone jobs go at once.
+    let started = Instant::now();
+    for id in 1..=10 {
+        let lone = batcher
+            .submit(job(id, 1), Default::default())
+            .await
+            .unwrap();
+        assert_eq!(lone.batch_rows, 1);
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "ten lone jobs took {:?}; each would wait 100 ms under the fixed delay",
+        started.elapsed()
+    );
+
+    // Eight callers in closed loops, each thinking 1-3 ms between requests: the ones arriving
+    // while a batch executes raise the rate, and the delay gathers them into full batches again
+    // (without it, each batch would be whoever came back during the last one).
+    let batches_before = record.lock().unwrap().batches.len();
+    let callers: Vec<_> = (0..8u64)
+        .map(|caller| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move {
+                for round in 0..20u64 {
+                    let id = 1_000 + caller * 100 + round;
+                    batcher
+                        .submit(job(id, 1), Default::default())
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(1 + caller % 3)).await;
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let record = record.lock().unwrap();
+    let batches = &record.batches[batches_before..];
+    let jobs: usize = batches.iter().map(Vec::len).sum();
+    assert_eq!(jobs, 160);
+    assert!(
+        batches.len() <= 40,
+        "160 jobs of 8 concurrent callers ran in {} batches",
+        batches.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preferred_size_and_full_batches_go_without_the_delay() {
     let long_delay = |preferred: Vec<usize>| {

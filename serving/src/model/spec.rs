@@ -272,6 +272,7 @@ pub fn build_spec(
             INTER_OP_THREADS,
             INTRA_OP_SPINNING,
             LATENCY_BUDGET,
+            WAIT_ONLY_FOR_COMPANY,
         ];
         if !known.iter().any(|k| k.eq_ignore_ascii_case(key)) {
             warnings.push(format!("parameter '{key}' is ignored"));
@@ -303,6 +304,9 @@ const MAX_INSTANCES: usize = 256;
 /// Beyond Triton: a p99 latency target (queue wait plus compute, milliseconds) that makes the
 /// queue delay adaptive, between zero and `max_queue_delay_microseconds`.
 const LATENCY_BUDGET: &str = "latency_budget_ms";
+/// Beyond Triton: `1` waits out the queue delay only while another request is likely to arrive in
+/// it, so a lone caller is not kept waiting for company that never comes.
+const WAIT_ONLY_FOR_COMPANY: &str = "wait_only_for_company";
 
 /// What a TorchScript configuration cannot ask for. Nothing checks a TorchScript model's dims
 /// against a graph, so `reshape` would silently feed the model other shapes: refused. libtorch's
@@ -339,6 +343,15 @@ fn parameter<'a>(config: &'a ModelConfig, key: &str) -> Option<&'a str> {
         .map(|(_, p)| p.string_value.as_str())
 }
 
+/// A switch given as a model parameter: `0` or `1`, also `false` or `true`.
+fn boolean_parameter(key: &str, text: &str) -> Result<bool, String> {
+    match text.trim() {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        other => Err(format!("parameter {key} must be 0 or 1, got '{other}'")),
+    }
+}
+
 /// The sessions to create for a model, one per instance, from its `instance_group` and thread
 /// parameters. Needs no artifact, so sessions can be made before the graph is inspected.
 pub fn session_configs(
@@ -367,13 +380,7 @@ fn complete_instances(
     let intra_op_threads = thread_parameter(INTRA_OP_THREADS)?.unwrap_or(defaults.intra_op_threads);
     let inter_op_threads = thread_parameter(INTER_OP_THREADS)?.unwrap_or(0);
     let intra_op_spinning = parameter(config, INTRA_OP_SPINNING)
-        .map(|text| match text.trim() {
-            "1" | "true" => Ok(true),
-            "0" | "false" => Ok(false),
-            other => Err(format!(
-                "parameter {INTRA_OP_SPINNING} must be 0 or 1, got '{other}'"
-            )),
-        })
+        .map(|text| boolean_parameter(INTRA_OP_SPINNING, text))
         .transpose()?
         .or(defaults.intra_op_spinning);
     let session = |gpu: Option<i32>| SessionConfig {
@@ -605,6 +612,13 @@ fn batch_policy(
         // Triton's default scheduler: each request executes alone.
         let mut policy = BatchPolicy::new(max_batch_size, defaults.max_queue_size);
         policy.dynamic_batching = false;
+        for key in [LATENCY_BUDGET, WAIT_ONLY_FOR_COMPANY] {
+            if parameter(config, key).is_some() {
+                warnings.push(format!(
+                    "parameter {key} is ignored: the model does not batch dynamically"
+                ));
+            }
+        }
         return Ok(policy);
     };
     let mut policy = BatchPolicy::new(max_batch_size, defaults.max_queue_size);
@@ -639,17 +653,15 @@ fn batch_policy(
             Ok((level, queue_policy(queue, defaults, warnings)))
         })
         .collect::<Result<HashMap<_, _>, String>>()?;
-    if let Some(budget) = config.parameters.get(LATENCY_BUDGET) {
+    if let Some(budget) = parameter(config, LATENCY_BUDGET) {
         let ms: f64 = budget
-            .string_value
             .trim()
             .parse()
             .ok()
             .filter(|ms: &f64| ms.is_finite() && *ms > 0.0 && *ms <= 3_600_000.0)
             .ok_or_else(|| {
                 format!(
-                    "parameter {LATENCY_BUDGET} must be a positive number of milliseconds, got '{}'",
-                    budget.string_value
+                    "parameter {LATENCY_BUDGET} must be a positive number of milliseconds, got '{budget}'"
                 )
             })?;
         if policy.dynamic_batching {
@@ -657,6 +669,16 @@ fn batch_policy(
         } else {
             warnings.push(format!(
                 "parameter {LATENCY_BUDGET} is ignored: the model does not batch dynamically"
+            ));
+        }
+    }
+    if let Some(text) = parameter(config, WAIT_ONLY_FOR_COMPANY) {
+        let on = boolean_parameter(WAIT_ONLY_FOR_COMPANY, text)?;
+        if policy.dynamic_batching {
+            policy.wait_only_for_company = on;
+        } else if on {
+            warnings.push(format!(
+                "parameter {WAIT_ONLY_FOR_COMPANY} is ignored: the model does not batch dynamically"
             ));
         }
     }
@@ -904,6 +926,38 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn wait_only_for_company_is_a_switch_of_dynamic_batching() {
+        let inputs = [graph("X", DataType::Fp32, &[-1, 10])];
+        let outputs = [graph("y", DataType::Fp32, &[-1, 1])];
+        let with = |batching: &str, value: &str| {
+            let text = format!(
+                "max_batch_size: 8\n{batching}\nparameters {{ key: \"wait_only_for_company\" value {{ string_value: \"{value}\" }} }}"
+            );
+            let config = marquee_proto::parse_config_text(&text).unwrap();
+            build_spec("m", 1, config, &inputs, &outputs, &defaults())
+        };
+        let dynamic = "dynamic_batching { max_queue_delay_microseconds: 2000 }";
+        for (value, on) in [("1", true), ("true", true), ("0", false), ("false", false)] {
+            let (spec, warnings) = with(dynamic, value).unwrap();
+            assert_eq!(spec.batching.wait_only_for_company, on, "{value}");
+            assert!(warnings.is_empty(), "{warnings:?}");
+        }
+        let err = with(dynamic, "sometimes").unwrap_err();
+        assert!(
+            err.contains("wait_only_for_company must be 0 or 1, got 'sometimes'"),
+            "{err}"
+        );
+        let (spec, warnings) = with("", "1").unwrap();
+        assert!(!spec.batching.wait_only_for_company);
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("wait_only_for_company is ignored")),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -125,6 +125,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
             "config": {
                 "max_batch_size": 32,
                 "dynamic_batching": {"max_queue_delay_microseconds": 500},
+                "parameters": {"wait_only_for_company": {"string_value": "1"}},
                 "instance_group": [{"count": 1, "kind": "KIND_CPU"}]
             },
             "metrics": metrics,

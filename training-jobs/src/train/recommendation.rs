@@ -173,7 +173,7 @@ pub async fn train(options: &TrainOptions) -> Result<Trained, TrainingError> {
                 "max_batch_size": 4096,
                 "dynamic_batching": {"max_queue_delay_microseconds": 200},
                 "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-                "parameters": {"intra_op_thread_count": {"string_value": "1"}}
+                "parameters": {"intra_op_thread_count": {"string_value": "1"}, "wait_only_for_company": {"string_value": "1"}}
             },
             "metrics": metrics,
             "gates": gates,
