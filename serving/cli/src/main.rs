@@ -46,8 +46,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(config) => config.worker_threads,
         _ => 0,
     };
-    // One thread: tokio's single-threaded scheduler, which runs woken tasks in order (the
-    // multi-threaded one runs the last woken first, so each answer would be written alone).
+    // One thread: tokio's single-threaded scheduler, which runs woken tasks in order and has no
+    // work stealing to pay for (the least CPU per inference).
     let mut runtime = if worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -56,6 +56,14 @@ fn main() -> anyhow::Result<()> {
     runtime.enable_all();
     if worker_threads > 1 {
         runtime.worker_threads(worker_threads);
+    }
+    // The multi-threaded scheduler runs the task woken last first (its LIFO slot): a connection's
+    // task woken by one answer of a batch would write it before the next answer is ready, one
+    // write each. Without the slot woken tasks run in order and the batch leaves in one write.
+    // The setting is tokio-unstable: `.cargo/config.toml` builds with `--cfg tokio_unstable`.
+    #[cfg(tokio_unstable)]
+    if worker_threads != 1 {
+        runtime.disable_lifo_slot();
     }
     let runtime = runtime.build().context("cannot start the async runtime")?;
     runtime.block_on(async {
