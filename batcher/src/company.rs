@@ -4,14 +4,18 @@
 //! job. With `wait_only_for_company` the delay is waited only while the recent arrival rate makes
 //! another job likely before it runs out; otherwise the batch goes at once.
 //!
-//! The rate is counted while an instance executes: a job that arrives then cannot be the answer's
-//! follow-up from a caller waiting on that batch, so a lone closed-loop caller measures zero and
-//! many independent callers measure their true rate. (Arrivals while the instances idle would
-//! count a lone caller's next request, sent because its answer came, as company.)
+//! An arrival counts as company when another job is in the system: executing (its caller cannot
+//! be the one sending, it is still waiting) or queued. A lone closed-loop caller never has two
+//! jobs in at once, so it measures zero; many callers measure their rate, also when they all sit
+//! in one executing batch and come back together (the first to return finds nobody, the others
+//! find it queued). Counted per executing time, which overstates the rate while jobs wait with no
+//! instance busy: the error leans toward waiting, Triton's rule. Nothing decays while instances
+//! idle, so after a busy spell a lone caller waits until a few horizons of executing time pass.
 
 use std::time::{Duration, Instant};
 
-/// Executing time over which the count is kept; older arrivals weigh half at each horizon.
+/// Executing time over which the count is kept: both are halved whenever it passes this, so
+/// older arrivals lose half their weight every half horizon or so.
 const HORIZON: Duration = Duration::from_millis(50);
 /// Expected arrivals within the remaining delay worth waiting for: at 0.5 a Poisson stream brings
 /// at least one job 39% of the time.
@@ -38,9 +42,9 @@ impl CompanyEstimate {
         }
     }
 
-    /// A job was queued.
-    pub(crate) fn arrived(&mut self) {
-        if self.executing > 0 {
+    /// A job was queued; `others_queued` says whether jobs were waiting already.
+    pub(crate) fn arrived(&mut self, others_queued: bool) {
+        if self.executing > 0 || others_queued {
             self.arrivals += 1.0;
         }
     }
@@ -101,12 +105,12 @@ mod tests {
         for _ in 0..batches {
             estimate.started(now);
             for _ in 0..arrivals {
-                estimate.arrived();
+                estimate.arrived(false);
             }
             now += compute;
             estimate.finished(now);
-            // The callers' round trip, instances idle: arrivals here do not count.
-            estimate.arrived();
+            // A caller's next request after its answer, nothing else in: it does not count.
+            estimate.arrived(false);
             now += Duration::from_micros(300);
         }
         now
@@ -152,12 +156,31 @@ mod tests {
     }
 
     #[test]
+    fn callers_returning_together_count_as_company() {
+        let start = Instant::now();
+        let mut estimate = CompanyEstimate::new(start);
+        let mut now = start;
+        for _ in 0..20 {
+            // All eight callers were in the last batch: they come back with no instance busy,
+            // the first finds the queue empty, the other seven find it queued.
+            estimate.arrived(false);
+            for _ in 0..7 {
+                estimate.arrived(true);
+            }
+            estimate.started(now);
+            now += Duration::from_micros(2_200);
+            estimate.finished(now);
+        }
+        assert!(estimate.worth_waiting(DELAY, now));
+    }
+
+    #[test]
     fn concurrent_instances_count_their_time_once() {
         let start = Instant::now();
         let mut estimate = CompanyEstimate::new(start);
         estimate.started(start);
         estimate.started(start);
-        estimate.arrived();
+        estimate.arrived(false);
         let later = start + Duration::from_millis(4);
         estimate.finished(later);
         estimate.finished(later);

@@ -109,9 +109,10 @@ fn fail_all<X: Executor>(
 /// Hands a batch's answers to their callers. Sent from this thread, each answer would wake its
 /// caller's task from outside the async runtime: one cross-thread wake-up (and often a thread
 /// unpark) per request. A batch of several goes instead as one task onto the runtime the batcher
-/// was started on, which answers them all from inside: one wake-up per batch, and on the
-/// single-threaded runtime the callers' tasks then run one after another, so answers bound for
-/// one connection leave together.
+/// was started on, which answers them all from inside: one wake-up per batch, and on a runtime
+/// that runs woken tasks in order (the single-threaded one, or the multi-threaded one without its
+/// LIFO slot) the callers' tasks then run one after another, so answers bound for one connection
+/// leave together.
 fn deliver<X: Executor>(shared: &Shared<X>, answers: Vec<(Reply<X>, Outcome<X>)>) {
     let delivery = Delivery::<X>(answers);
     match shared.runtime() {

@@ -132,6 +132,7 @@ impl<X: Executor> Shared<X> {
         let State {
             queues, timed_out, ..
         } = &mut *state;
+        let others_queued = queues.iter().any(|q| !q.is_empty());
         let queue = &mut queues[level as usize - 1];
         if queue.len() >= capacity {
             // Jobs whose callers left hold no place.
@@ -149,7 +150,7 @@ impl<X: Executor> Shared<X> {
         }
         queue.push_back(pending);
         if let Some(company) = &mut state.company {
-            company.arrived();
+            company.arrived(others_queued);
         }
         let wake = if state.waiting == 0 {
             Wake::None
@@ -314,8 +315,8 @@ enum Wake {
 
 /// The runtime to defer a wake-up onto: tokio's single-threaded one, when the push runs in one
 /// of its tasks. It runs woken tasks in order, so the wake-up runs after the tasks already queued
-/// there. (The multi-threaded scheduler runs the task spawned last first, which would defer
-/// nothing.)
+/// there. (The multi-threaded scheduler may run the spawned task on another worker at once, which
+/// would defer nothing.)
 fn deferrable_runtime() -> Option<tokio::runtime::Handle> {
     tokio::task::try_id()?;
     let runtime = tokio::runtime::Handle::try_current().ok()?;

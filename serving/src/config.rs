@@ -97,8 +97,9 @@ pub struct ServeConfig {
     /// Threads of the async runtime (transports, pre/post-processing); 0: one per core. Model
     /// instances run on threads of their own, so on a small machine fewer runtime threads leave
     /// the instances their cores and cut wake-ups between threads. 1 runs tokio's single-threaded
-    /// scheduler: the answers of a batch then leave in one write per connection (the least CPU
-    /// per inference, while one core keeps up with the transports).
+    /// scheduler (the least CPU per inference, while one core keeps up with the transports); more
+    /// run the multi-threaded one without its LIFO slot. Either way the answers of a batch leave
+    /// in one write per connection.
     #[arg(long, env = "MARQUEE_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 
