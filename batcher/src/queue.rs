@@ -132,7 +132,6 @@ impl<X: Executor> Shared<X> {
         let State {
             queues, timed_out, ..
         } = &mut *state;
-        let others_queued = queues.iter().any(|q| !q.is_empty());
         let queue = &mut queues[level as usize - 1];
         if queue.len() >= capacity {
             // Jobs whose callers left hold no place.
@@ -149,8 +148,9 @@ impl<X: Executor> Shared<X> {
             }
         }
         queue.push_back(pending);
+        let depth = state.queues.iter().map(VecDeque::len).sum();
         if let Some(company) = &mut state.company {
-            company.arrived(others_queued);
+            company.arrived(depth > 1);
         }
         let wake = if state.waiting == 0 {
             Wake::None
@@ -178,8 +178,7 @@ impl<X: Executor> Shared<X> {
             }
         };
         // Reported under the lock, so reports reach the observer in the order the queue changed.
-        self.observer
-            .queue_depth(state.queues.iter().map(VecDeque::len).sum());
+        self.observer.queue_depth(depth);
         drop(state);
         // Notified after unlocking, so the woken instance does not block on the lock at once.
         match wake {

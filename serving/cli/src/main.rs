@@ -51,20 +51,20 @@ fn main() -> anyhow::Result<()> {
     let mut runtime = if worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if worker_threads > 1 {
+            builder.worker_threads(worker_threads);
+        }
+        // The multi-threaded scheduler runs the task woken last first (its LIFO slot): a
+        // connection's task woken by one answer of a batch would write it before the next answer
+        // is ready, one write each. Without the slot woken tasks run in order and the batch leaves
+        // in one write. The setting is tokio-unstable: `.cargo/config.toml` builds with
+        // `--cfg tokio_unstable`.
+        #[cfg(tokio_unstable)]
+        builder.disable_lifo_slot();
+        builder
     };
     runtime.enable_all();
-    if worker_threads > 1 {
-        runtime.worker_threads(worker_threads);
-    }
-    // The multi-threaded scheduler runs the task woken last first (its LIFO slot): a connection's
-    // task woken by one answer of a batch would write it before the next answer is ready, one
-    // write each. Without the slot woken tasks run in order and the batch leaves in one write.
-    // The setting is tokio-unstable: `.cargo/config.toml` builds with `--cfg tokio_unstable`.
-    #[cfg(tokio_unstable)]
-    if worker_threads != 1 {
-        runtime.disable_lifo_slot();
-    }
     let runtime = runtime.build().context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cli.command {
