@@ -36,6 +36,10 @@ fn execute<X: Executor>(
     latencies: &mut Vec<Duration>,
 ) {
     let started = Instant::now();
+    let mut executing = Executing {
+        shared,
+        told: false,
+    };
     let mut jobs = Vec::with_capacity(batch.len());
     let mut waiting = Vec::with_capacity(batch.len());
     for pending in batch {
@@ -47,13 +51,12 @@ fn execute<X: Executor>(
         waiting.push((pending.reply, started - pending.enqueued));
     }
     if jobs.is_empty() {
-        shared.executed();
         return;
     }
     let rows: usize = jobs.iter().map(crate::Job::rows).sum();
     let result = catch_unwind(AssertUnwindSafe(|| executor.execute(&jobs)));
     let compute = started.elapsed();
-    shared.executed();
+    executing.finish();
     shared.observer().batch_executed(jobs.len(), rows, compute);
     latencies.extend(waiting.iter().map(|(_, queue)| *queue + compute));
     let answers: Vec<(Reply<X>, Outcome<X>)> = match result {
@@ -94,6 +97,30 @@ fn execute<X: Executor>(
         }
     };
     deliver(shared, answers);
+}
+
+/// Tells the queue that the batch it handed out is done executing ([`Shared::executed`]): when
+/// the batch's compute ends, or, if the batch is dropped without answers (every caller left, or a
+/// panic outside the executor unwinds the instance), when this guard goes, so the company
+/// estimate never counts a batch as executing forever.
+struct Executing<'a, X: Executor> {
+    shared: &'a Shared<X>,
+    told: bool,
+}
+
+impl<X: Executor> Executing<'_, X> {
+    fn finish(&mut self) {
+        if !self.told {
+            self.told = true;
+            self.shared.executed();
+        }
+    }
+}
+
+impl<X: Executor> Drop for Executing<'_, X> {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 fn fail_all<X: Executor>(

@@ -34,6 +34,30 @@ enum Command {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Says at start-up which scheduler serves requests, so a build that lost `--cfg tokio_unstable`
+/// (a `RUSTFLAGS` variable replaces `.cargo/config.toml`'s flags) and answers a batch in one write
+/// per request shows in the log instead of only as lost throughput.
+fn log_scheduler(worker_threads: usize) {
+    if worker_threads == 1 {
+        tracing::info!("async runtime: one thread, tasks run in the order woken");
+        return;
+    }
+    // tokio's default, as its builder computes it: one worker per core.
+    let workers = match worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    if cfg!(tokio_unstable) {
+        tracing::info!(workers, "async runtime: multi-threaded, LIFO slot off");
+    } else {
+        tracing::warn!(
+            workers,
+            "async runtime: multi-threaded with tokio's LIFO slot (built without \
+             `--cfg tokio_unstable`): a batch's answers leave a connection one write each"
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -66,6 +90,9 @@ fn main() -> anyhow::Result<()> {
     };
     runtime.enable_all();
     let runtime = runtime.build().context("cannot start the async runtime")?;
+    if matches!(cli.command, Command::Serve(_)) {
+        log_scheduler(worker_threads);
+    }
     runtime.block_on(async {
         match cli.command {
             Command::Serve(config) => serve(config).await,
