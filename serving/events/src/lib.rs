@@ -320,6 +320,13 @@ pub trait Sink: Send + Sync + 'static {
     /// copy), or names those it could not take.
     async fn write(&self, records: Arc<Vec<Record>>) -> Result<(), SinkFailure>;
 
+    /// Most records one write should carry, when the sink wants fewer than the log's batch. It
+    /// also bounds the spill's segments, as each replays as one write (a segment an earlier
+    /// process spilled with a larger batch still replays whole).
+    fn most_per_write(&self) -> Option<usize> {
+        None
+    }
+
     /// Makes everything written so far readable (Parquet closes its open files; Kafka waits for
     /// the broker's acknowledgements).
     async fn flush(&self) -> Result<(), EventError>;

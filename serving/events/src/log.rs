@@ -38,7 +38,8 @@ const IDLE_FLUSH: Duration = Duration::from_secs(1);
 pub struct LogConfig {
     /// Records that may wait in memory; past it, records are dropped (and counted).
     pub buffer: usize,
-    /// Most records per sink write.
+    /// Most records per sink write (and per spill segment); a sink's `most_per_write` may
+    /// lower it.
     pub batch: usize,
     pub spill_dir: std::path::PathBuf,
     /// Bound of the spill folder, in bytes.
@@ -134,6 +135,8 @@ impl Counters {
 struct Shared {
     queue: Mutex<VecDeque<Record>>,
     capacity: usize,
+    /// Most records per sink write and per spill segment: the config's, or the sink's
+    /// `most_per_write` where that is lower.
     batch: usize,
     wake: Notify,
     closing: AtomicBool,
@@ -185,7 +188,10 @@ impl EventLog {
         let shared = Arc::new(Shared {
             queue: Mutex::new(VecDeque::new()),
             capacity: config.buffer.max(1),
-            batch: config.batch.max(1),
+            batch: sink
+                .most_per_write()
+                .map_or(config.batch, |most| most.min(config.batch))
+                .max(1),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
             deadline: Mutex::new(None),
@@ -623,6 +629,10 @@ mod tests {
         down: AtomicBool,
         taken: Mutex<Vec<i64>>,
         writes: std::sync::atomic::AtomicUsize,
+        /// What it asks for as its `most_per_write`.
+        most: Option<usize>,
+        /// The most records one write brought.
+        largest_write: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait]
@@ -636,6 +646,8 @@ mod tests {
                 return Err(SinkFailure::all(records.len(), "down"));
             }
             self.writes.fetch_add(1, Ordering::SeqCst);
+            self.largest_write
+                .fetch_max(records.len(), Ordering::SeqCst);
             let mut taken = self.taken.lock().unwrap();
             taken.extend(records.iter().map(|r| r.time_ms));
             Ok(())
@@ -643,6 +655,10 @@ mod tests {
 
         async fn flush(&self) -> Result<(), EventError> {
             Ok(())
+        }
+
+        fn most_per_write(&self) -> Option<usize> {
+            self.most
         }
     }
 
@@ -694,6 +710,31 @@ mod tests {
         let mut taken = sink.taken.lock().unwrap().clone();
         taken.sort_unstable();
         assert_eq!(taken, (0..6_000).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sink_that_asks_for_smaller_writes_gets_them_live_and_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(Flaky {
+            most: Some(100),
+            ..Flaky::default()
+        });
+        sink.down.store(true, Ordering::SeqCst);
+        let log = EventLog::start(sink.clone(), config(dir.path()), None).unwrap();
+        for i in 0..1_000 {
+            assert!(log.log(record(i)));
+        }
+        until("the spill", || log.stats().spilled == 1_000).await;
+        sink.down.store(false, Ordering::SeqCst);
+        until("the replay", || log.stats().replayed == 1_000).await;
+        for i in 1_000..5_000 {
+            assert!(log.log(record(i)));
+        }
+        log.close(Duration::from_secs(5)).await;
+        let mut taken = sink.taken.lock().unwrap().clone();
+        taken.sort_unstable();
+        assert_eq!(taken, (0..5_000).collect::<Vec<_>>());
+        assert_eq!(sink.largest_write.load(Ordering::SeqCst), 100);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
