@@ -37,16 +37,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Says at start-up which scheduler serves requests, so a build that lost `--cfg tokio_unstable`
 /// (a `RUSTFLAGS` variable replaces `.cargo/config.toml`'s flags) and answers a batch in one write
 /// per request shows in the log instead of only as lost throughput.
-fn log_scheduler(worker_threads: usize) {
-    if worker_threads == 1 {
+fn log_scheduler(runtime: &tokio::runtime::Runtime) {
+    if runtime.handle().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
         tracing::info!("async runtime: one thread, tasks run in the order woken");
         return;
     }
-    // tokio's default, as its builder computes it: one worker per core.
-    let workers = match worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        n => n,
-    };
+    // As the runtime counts them (tokio's default also reads TOKIO_WORKER_THREADS).
+    let workers = runtime.metrics().num_workers();
     if cfg!(tokio_unstable) {
         tracing::info!(workers, "async runtime: multi-threaded, LIFO slot off");
     } else {
@@ -91,7 +88,7 @@ fn main() -> anyhow::Result<()> {
     runtime.enable_all();
     let runtime = runtime.build().context("cannot start the async runtime")?;
     if matches!(cli.command, Command::Serve(_)) {
-        log_scheduler(worker_threads);
+        log_scheduler(&runtime);
     }
     runtime.block_on(async {
         match cli.command {
